@@ -35,7 +35,7 @@ setup(
     description="Go With The Flow: crash-tolerant pipeline-parallel training on volunteer swarms",
     python_requires=">=3.11",
     packages=find_packages(include=["gwtf", "gwtf.*", "models", "models.*", "launch", "launch.*", "benchmarks", "benchmarks.*"]),
-    package_data={"benchmarks": ["scenarios/*.toml"]},
+    package_data={"benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gwtf=gwtf.cli:main"]},

@@ -16,6 +16,7 @@ Files:
     recovery.py    stage rebuild strategies: CheckFree, CheckFree+, checkpoint, redundant, copy, random
     faults.py      the fault injector shared by tests and benchmarks
     metrics.py     JSON-lines metrics
+    errors.py      UserError (one-line CLI errors), BadMessage, PeerError
     cli.py         the `gwtf` command line
 """
 

@@ -1,0 +1,78 @@
+"""The `gwtf` command line: a thin dispatcher over the modules that own each command.
+
+Every command module exposes `add_arguments(parser)` and `run(args) -> int`. Errors a user can fix (a missing
+file, a wrong config, an unreachable peer) are raised as `gwtf.errors.UserError` and end as one line on stderr
+with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gwtf.errors import UserError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("launch.local_swarm", "run a local swarm on 127.0.0.1 with a crash injected and recovered"),
+    "bootstrap": ("launch.bootstrap", "start a run: DHT peer and run record; prints the address to join"),
+    "join": ("launch.join", "join a run as a relay or data node"),
+    "status": ("gwtf.membership", "print the stages, replicas and data nodes of a run"),
+    "train-local": ("gwtf.trainer", "single-process reference training"),
+    "convert": ("models.checkpoint", "convert a HF directory or GGUF file into a staged checkpoint"),
+    "export": ("models.checkpoint", "export a staged checkpoint as a Hugging Face directory"),
+    "finetune": ("launch.finetune", "fine-tune a pretrained checkpoint on a local swarm and export it"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gwtf", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module_name, _command=name)
+        module = _import_command(module_name)
+        if module is not None:
+            module.add_arguments(cmd, name) if _takes_name(module) else module.add_arguments(cmd)
+    return parser
+
+
+def _import_command(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:  # the command is not built yet: it is listed but refuses to run
+            return None
+        raise
+
+
+def _takes_name(module) -> bool:
+    return getattr(module, "COMMAND_TAKES_NAME", False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    module = _import_command(args._module)
+    if module is None:
+        print(f"gwtf {args._command}: not available in this version", file=sys.stderr)
+        return 2
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"gwtf {args._command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gwtf {args._command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """The `gwtf` command line: a thin dispatcher over the modules that own each command.
 
-Every command module exposes `add_arguments(parser)` and `run(args) -> int`. Errors a user can fix (a missing
+Every command module exposes `add_arguments(parser, command)` and `run(args) -> int` (`args._command` names
+the command, for modules that own several). Errors a user can fix (a missing
 file, a wrong config, an unreachable peer) are raised as `gwtf.errors.UserError` and end as one line on stderr
 with a non-zero exit, never a traceback.
 """
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.set_defaults(_module=module_name, _command=name)
         module = _import_command(module_name)
         if module is not None:
-            module.add_arguments(cmd, name) if _takes_name(module) else module.add_arguments(cmd)
+            module.add_arguments(cmd, name)
     return parser
 
 
@@ -47,10 +48,6 @@ def _import_command(module_name: str):
         if exc.name == module_name:  # the command is not built yet: it is listed but refuses to run
             return None
         raise
-
-
-def _takes_name(module) -> bool:
-    return getattr(module, "COMMAND_TAKES_NAME", False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,1 +1,17 @@
-"""Routing microbatches through stage replicas (GWTF flows). Files are listed as they land."""
+"""Routing microbatches through stage replicas (GWTF flows, design.md section 5).
+
+Files:
+    base.py        the interface the runtime uses: RelayInfo, DataInfo, SwarmView, Router, make_router
+    cost.py        link figures (region matrix from gwtf/resources/regions.json, measured overrides), d_ij
+    baselines.py   round-robin and SWARM (earliest expected finish by a moving average of measured speed)
+    graph.py       the flow graph (networkx): relays split into in/out vertices, networkx reference solver
+    optimum.py     the yardstick with ortools: min-cost max-flow, worst path, multi-commodity LP / MIP; OracleRouter
+    agent.py       the decentralized GWTF agent, its messages and the message bus abstraction
+    gwtf_router.py GWTFRouter: runs the agents over a SwarmView, re-runs only the affected ones on crash/join
+    simulator.py   topologies from the region matrix, protocol rounds and discrete-event iteration timing
+"""
+
+from gwtf.routing.base import DataInfo, RelayInfo, Router, SwarmView, make_router
+from gwtf.routing.cost import LinkModel
+
+__all__ = ["DataInfo", "LinkModel", "RelayInfo", "Router", "SwarmView", "make_router"]

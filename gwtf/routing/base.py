@@ -1,0 +1,158 @@
+"""The router interface the runtime uses, the swarm view it routes over, and `make_router`."""
+
+from __future__ import annotations
+
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gwtf.errors import UserError
+from gwtf.routing.cost import LinkModel
+
+logger = logging.getLogger(__name__)
+
+Plan = dict[str, list[list[str]]]
+
+
+@dataclass(frozen=True)
+class RelayInfo:
+    """A relay as its membership record describes it. capacity: microbatches it can hold in one iteration."""
+
+    peer_id: str
+    stage: int
+    capacity: int
+    compute_s: float
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage < 1 or self.capacity < 0 or not self.compute_s >= 0:
+            raise ValueError(f"relay {self.peer_id}: need stage >= 1, capacity >= 0, compute_s >= 0")
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """A data node (stage 0, source and sink of its own microbatches)."""
+
+    peer_id: str
+    region: str | None = None
+    compute_s: float = 0.0
+
+
+@dataclass
+class SwarmView:
+    """What a router knows of the swarm: relays, data nodes, activation size and link figures."""
+
+    n_stages: int
+    relays: dict[str, RelayInfo]
+    data_nodes: dict[str, DataInfo]
+    activation_bytes: int
+    links: LinkModel = field(default_factory=LinkModel)
+
+    def __post_init__(self) -> None:
+        if self.n_stages < 1 or self.activation_bytes < 0:
+            raise ValueError("SwarmView needs n_stages >= 1 and activation_bytes >= 0")
+        for relay in self.relays.values():
+            if relay.stage > self.n_stages:
+                raise ValueError(f"relay {relay.peer_id} has stage {relay.stage} > n_stages {self.n_stages}")
+            self.links.set_region(relay.peer_id, relay.region)
+        for data in self.data_nodes.values():
+            self.links.set_region(data.peer_id, data.region)
+
+    def replicas(self, stage: int) -> list[RelayInfo]:
+        """Replicas of a stage in a fixed (sorted) order, so routers are deterministic."""
+        return sorted((r for r in self.relays.values() if r.stage == stage), key=lambda r: r.peer_id)
+
+    def compute_s(self, peer: str) -> float:
+        info = self.relays.get(peer) or self.data_nodes.get(peer)
+        return info.compute_s if info is not None else 0.0
+
+    def cost(self, a: str, b: str) -> float:
+        """d_ab of design.md section 5."""
+        half = (self.compute_s(a) + self.compute_s(b)) / 2
+        return half + self.links.link_term(a, b, self.activation_bytes)
+
+    def path_cost(self, origin: str, path: list[str]) -> float:
+        """Cost of origin -> path[0] -> ... -> path[-1] -> origin."""
+        hops = [origin, *path, origin]
+        return sum(self.cost(a, b) for a, b in zip(hops, hops[1:]))
+
+    def stage_capacity(self, stage: int) -> int:
+        return sum(r.capacity for r in self.relays.values() if r.stage == stage)
+
+
+class Router(ABC):
+    """Chooses, for each data node, one path (a replica of every stage) per microbatch."""
+
+    name: str = "abstract"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.load: Counter[str] = Counter()  # microbatches per relay in the last plan
+
+    @abstractmethod
+    def plan(self, view: SwarmView, demands: dict[str, int]) -> Plan:
+        """For each data node, one path per microbatch; never more microbatches on a relay than its capacity."""
+
+    def reroute(self, view: SwarmView, path: list[str], stage: int, dead: set[str]) -> str | None:
+        """A live replica of `stage` (1-based) to replace path[stage-1]: spare capacity first, then lowest cost."""
+        if not 1 <= stage <= len(path):
+            raise ValueError(f"stage {stage} outside path of {len(path)} stages")
+        prev = path[stage - 2] if stage >= 2 else None
+        nxt = path[stage] if stage < len(path) else None
+        best: tuple[tuple[int, float, str], str] | None = None
+        for relay in view.replicas(stage):
+            if relay.peer_id in dead or relay.capacity <= 0:
+                continue
+            spare = relay.capacity - self.load[relay.peer_id]
+            cost = sum(view.cost(p, relay.peer_id) for p in (prev, nxt) if p is not None and p not in dead)
+            key = (0 if spare > 0 else 1, cost, relay.peer_id)
+            if best is None or key < best[0]:
+                best = (key, relay.peer_id)
+        if best is None:
+            return None
+        self.load[best[1]] += 1
+        return best[1]
+
+    def observe(self, peer_id: str, seconds_per_microbatch: float) -> None:
+        """A measured speed; routers that do not use it ignore it."""
+        return None
+
+    def _record(self, plan: Plan) -> Plan:
+        self.load = Counter(peer for paths in plan.values() for path in paths for peer in path)
+        return plan
+
+
+def validate_demands(view: SwarmView, demands: dict[str, int]) -> None:
+    for peer, count in demands.items():
+        if peer not in view.data_nodes:
+            raise ValueError(f"demand for {peer}, which is not a data node of the view")
+        if count < 0:
+            raise ValueError(f"negative demand {count} for {peer}")
+
+
+ROUTERS = ("gwtf", "swarm", "round-robin", "oracle")
+
+
+def make_router(name: str, seed: int = 0) -> Router:
+    """A router by config name: gwtf | swarm | round-robin | oracle."""
+    # Imported here: the implementations import this module.
+    if name == "round-robin":
+        from gwtf.routing.baselines import RoundRobinRouter
+
+        return RoundRobinRouter(seed)
+    if name == "swarm":
+        from gwtf.routing.baselines import SwarmRouter
+
+        return SwarmRouter(seed)
+    if name == "oracle":
+        from gwtf.routing.optimum import OracleRouter
+
+        return OracleRouter(seed)
+    if name == "gwtf":
+        from gwtf.routing.gwtf_router import GWTFRouter
+
+        return GWTFRouter(seed)
+    raise UserError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

@@ -22,6 +22,7 @@ import importlib.resources
 import json
 import logging
 import math
+import secrets
 import socket
 import struct
 import time
@@ -30,11 +31,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from gwtf.errors import BadMessage, PeerError
+
+if TYPE_CHECKING:
+    from hivemind.p2p import P2P
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +177,7 @@ def encode_frame(msg: Message, *, extra: dict[str, Any]) -> list[bytes | memoryv
         buffers += [data, pad]
         body_len += data.nbytes + len(pad)
     header = {
+        **extra,  # first, so that an error frame starts with its "error" key (see `is_error_frame`)
         "kind": msg.kind,
         "run_id": msg.run_id,
         "iteration": msg.iteration,
@@ -181,7 +186,6 @@ def encode_frame(msg: Message, *, extra: dict[str, Any]) -> list[bytes | memoryv
         "meta": msg.meta,
         "tensors": [[_dtype_name(t.dtype), list(t.shape)] for t in msg.tensors],
         "crc32": crc,
-        **extra,
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     return [_PREFIX.pack(_MAGIC, len(header_bytes), body_len), header_bytes, *buffers]
@@ -192,7 +196,7 @@ def error_frame(reason: str, run_id: str) -> list[bytes | memoryview]:
 
 
 def is_error_frame(frame: list[bytes | memoryview]) -> bool:
-    return len(frame) > 1 and isinstance(frame[1], bytes) and b'"error":' in frame[1]
+    return len(frame) > 1 and isinstance(frame[1], bytes) and frame[1].startswith(b'{"error":')
 
 
 def _parse_prefix(prefix: bytes, limits: MessageLimits) -> tuple[int, int]:
@@ -624,3 +628,220 @@ class InProcessTransport(Transport):
     async def shutdown(self) -> None:
         if self.network.get(self.peer_id) is self:
             self.network.unregister(self.peer_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hivemind backend
+
+_HELLO = "_gwtf.tcp_hello"  # internal handler: hands out this node's direct TCP endpoint and an access token
+_TOKEN_BYTES = 16
+_TCP_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_DIRECT_TCP_MIN_BYTES = 256 << 10
+
+
+class HivemindTransport(Transport):
+    """Calls over hivemind P2P streams; request frames of at least `direct_tcp_min_bytes` take a direct TCP path.
+
+    The P2P stream authenticates the caller (libp2p identity). A caller that wants the direct path first asks the
+    peer, over P2P, for its TCP endpoint; the peer answers with a random token bound to the caller's peer id, and
+    every TCP connection starts with that token, so the sender of a TCP frame is as trustworthy as on P2P (the
+    bytes themselves are not encrypted on that path). The reply to a call returns on the channel of the request.
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        run_id: str,
+        region: str | None = None,
+        emulator: LinkEmulator | None = None,
+        limits: MessageLimits | None = None,
+        direct_tcp_min_bytes: int | None = DEFAULT_DIRECT_TCP_MIN_BYTES,
+    ) -> None:
+        super().__init__(p2p.peer_id.to_base58(), run_id, region, emulator, limits)
+        self.p2p = p2p
+        self.direct_tcp_min_bytes = direct_tcp_min_bytes
+        self._protocol = f"gwtf/{run_id}/call"
+        self._server: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._peer_of_token: dict[bytes, str] = {}
+        self._token_of_peer: dict[str, bytes] = {}
+        self._endpoints: dict[str, tuple[str, int, bytes] | None] = {}  # None: that peer offers no direct path
+        self._idle: dict[str, list[socket.socket]] = {}
+
+    @classmethod
+    async def create(
+        cls,
+        p2p: P2P,
+        run_id: str,
+        region: str | None = None,
+        emulator: LinkEmulator | None = None,
+        limits: MessageLimits | None = None,
+        direct_tcp_min_bytes: int | None = DEFAULT_DIRECT_TCP_MIN_BYTES,
+        tcp_host: str | None = None,
+    ) -> HivemindTransport:
+        """Register on `p2p` (which the caller owns) and, unless disabled, open the direct TCP listener on
+        `tcp_host` (default: the first IPv4 address p2p listens on)."""
+        self = cls(p2p, run_id, region, emulator, limits, direct_tcp_min_bytes)
+        await p2p.add_binary_stream_handler(self._protocol, self._on_stream)
+        if direct_tcp_min_bytes is not None:
+            self._listen(tcp_host or await _p2p_ipv4(p2p))
+        self.add_handler(_HELLO, self._hello)
+        return self
+
+    # --- serving
+
+    async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            reply = await self._serve_request(info.peer_id.to_base58(), _StreamReader(reader))
+            for buf in reply:
+                writer.write(buf)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            logger.debug("%s: P2P stream from %s broke: %s", self.peer_id, info.peer_id, exc)
+        finally:
+            writer.close()
+
+    def _listen(self, host: str) -> None:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.bind((host, 0))
+        server.listen(64)
+        server.setblocking(False)
+        self._server = server
+        self._spawn(self._accept_loop(server))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, server: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:  # ends when shutdown cancels it
+            conn, _ = await loop.sock_accept(server)
+            _tune(conn)
+            self._spawn(self._serve_connection(conn))
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
+        reader = _SocketReader(conn)
+        try:
+            token = await asyncio.wait_for(reader.read_exactly(_TOKEN_BYTES), _TCP_HANDSHAKE_TIMEOUT)
+            sender = self._peer_of_token.get(token)
+            if sender is None:
+                logger.warning("%s: TCP connection with an unknown token refused", self.peer_id)
+                return
+            while True:  # one request after another until the caller closes the connection
+                reply = await self._serve_request(sender, reader)
+                await _sock_send(conn, reply)
+                if is_error_frame(reply):
+                    return
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the caller went away; nothing to answer
+        finally:
+            conn.close()
+
+    async def _hello(self, msg: Message) -> Message:
+        if self._server is None:
+            return Message("control", self.run_id)
+        token = self._token_of_peer.get(msg.sender)
+        if token is None:
+            token = secrets.token_bytes(_TOKEN_BYTES)
+            self._token_of_peer[msg.sender], self._peer_of_token[token] = token, msg.sender
+        host, port = self._server.getsockname()[:2]
+        return Message("control", self.run_id, meta={"host": host, "port": port, "token": token.hex()})
+
+    # --- calling
+
+    async def _call_frame(self, peer_id: str, frame: list[bytes | memoryview], nbytes: int) -> Message:
+        if self.direct_tcp_min_bytes is not None and nbytes >= self.direct_tcp_min_bytes:
+            endpoint = await self._endpoint(peer_id)
+            if endpoint is not None:
+                return await self._call_tcp(peer_id, endpoint, frame)
+        return await self._call_p2p(peer_id, frame)
+
+    async def _call_p2p(self, peer_id: str, frame: list[bytes | memoryview]) -> Message:
+        from hivemind.p2p import P2PDaemonError, PeerID
+        from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
+
+        try:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), self._protocol)
+        except (P2PDaemonError, ControlFailure, ValueError) as exc:
+            raise PeerError(f"unreachable: {exc}") from None
+        try:
+            for buf in frame:
+                writer.write(buf)
+            await writer.drain()
+            return await self._read_reply(peer_id, _StreamReader(reader))
+        finally:
+            writer.close()
+
+    async def _endpoint(self, peer_id: str) -> tuple[str, int, bytes] | None:
+        if peer_id not in self._endpoints:
+            hello = encode_frame(Message("control", self.run_id), extra={"handler": _HELLO, "region": self.region})
+            meta = (await self._call_p2p(peer_id, hello)).meta
+            ok = isinstance(meta.get("host"), str) and isinstance(meta.get("port"), int)
+            self._endpoints[peer_id] = (meta["host"], meta["port"], bytes.fromhex(meta["token"])) if ok else None
+        return self._endpoints[peer_id]
+
+    async def _call_tcp(
+        self, peer_id: str, endpoint: tuple[str, int, bytes], frame: list[bytes | memoryview]
+    ) -> Message:
+        idle = self._idle.setdefault(peer_id, [])
+        sock = idle.pop() if idle else await self._connect(peer_id, endpoint)
+        reusable = False
+        try:
+            await _sock_send(sock, frame)
+            reply = await self._read_reply(peer_id, _SocketReader(sock))
+            reusable = True
+            return reply
+        finally:
+            if reusable:
+                idle.append(sock)
+            else:  # cancelled or failed mid-frame: the connection is out of step
+                sock.close()
+
+    async def _connect(self, peer_id: str, endpoint: tuple[str, int, bytes]) -> socket.socket:
+        host, port, token = endpoint
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            _tune(sock)
+            await _sock_send(sock, [token])
+        except OSError:
+            sock.close()
+            self._endpoints.pop(peer_id, None)  # it may have restarted elsewhere: ask again next time
+            raise
+        return sock
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+        for socks in self._idle.values():
+            for sock in socks:
+                sock.close()
+        self._idle.clear()
+        with contextlib.suppress(Exception):  # the daemon may already be gone; nothing left to unregister then
+            await self.p2p.remove_binary_stream_handler(self._protocol)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _sock_send(sock: socket.socket, frame: Sequence[bytes | memoryview]) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, b"".join(frame[:2]))  # prefix + header in one segment
+    for buf in frame[2:]:
+        if len(buf):
+            await loop.sock_sendall(sock, buf)
+
+
+async def _p2p_ipv4(p2p: P2P) -> str:
+    for maddr in await p2p.get_visible_maddrs():
+        with contextlib.suppress(Exception):
+            return maddr.value_for_protocol("ip4")
+    return "127.0.0.1"

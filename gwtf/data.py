@@ -1,0 +1,410 @@
+"""Training data: tokenizers, corpora, packing into fixed-length rows, and the microbatch schedule.
+
+The pipeline, from text to microbatches:
+
+1. A corpus is a list of *documents*. A file is one document, cut at line boundaries into pieces of at most
+   `DOC_CHARS` characters so that even a single large text file yields many documents to split.
+   Corpora: "embedded" (the Python standard library's own sources: offline, nothing stored in the repo),
+   a file or folder of text files, or "hf:NAME[:CONFIG]" (the `datasets` package, online).
+2. Documents are split into train and validation BY DOCUMENT with a seeded permutation, so no validation text
+   is ever trained on.
+3. Each side is tokenized as `bos + text + eos` per document, concatenated in order, and cut into rows of
+   `seq_len` tokens (the tail that does not fill a row is dropped). The packed tensors are cached under
+   `~/.cache/gwtf/data/` (or `$GWTF_CACHE_DIR/data/`) keyed by everything that determines them.
+4. `MicrobatchSchedule` deals train rows to data nodes: each node owns a disjoint shard and walks it in a
+   fresh seeded order every epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gwtf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DOC_CHARS = 32_768  # longest document; longer files are cut at line boundaries
+TEXT_SUFFIXES = {
+    ".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java",
+    ".toml", ".json", ".yaml", ".yml", ".html", ".css", ".sh", ".tex",
+}  # fmt: skip
+_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_CACHE_VERSION = 1  # bump when the packing rule changes, so old caches are not reused
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def identity(self) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, plus bos=256, eos=257, pad=258. Needs no files and never fails."""
+
+    vocab_size = 259
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def identity(self) -> str:
+        return "byte"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the same small interface as ByteTokenizer."""
+
+    def __init__(self, tok: Any, spec: str):
+        self._tok = tok
+        self._spec = spec
+        self.vocab_size = len(tok)
+        # Models without a pad (or bos) token use eos: padding is masked out and bos only marks a start.
+        self.eos_id = _first_id(tok.eos_token_id, tok.sep_token_id, default=0)
+        self.bos_id = _first_id(tok.bos_token_id, tok.cls_token_id, default=self.eos_id)
+        self.pad_id = _first_id(tok.pad_token_id, default=self.eos_id)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(self._tok.encode(text, add_special_tokens=False))
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=True))
+
+    def identity(self) -> str:
+        # The vocabulary itself, not the path, decides the tokens: two copies of a tokenizer share a cache.
+        vocab = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False)
+        return f"hf:{hashlib.sha256(vocab.encode()).hexdigest()[:16]}:{self.bos_id}:{self.eos_id}"
+
+
+def _first_id(*candidates: int | None, default: int) -> int:
+    return next((int(c) for c in candidates if c is not None), default)
+
+
+def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
+    """ "byte", a Hugging Face tokenizer directory, or a GGUF file (its embedded tokenizer)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"tokenizer {spec!r} not found; use 'byte', a Hugging Face tokenizer folder or a .gguf file")
+    from transformers import AutoTokenizer
+
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"cannot load tokenizer from {spec!r}: {exc}") from exc
+    return HFTokenizer(tok, spec)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpora
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "embedded"  # "embedded" | a text file or folder | "hf:NAME[:CONFIG]"
+    tokenizer: str = "byte"  # "byte" | Hugging Face tokenizer folder | .gguf file
+    max_bytes: int = 2_000_000  # cap on the corpus bytes read (keeps the debug preset fast)
+    val_fraction: float = 0.05  # share of DOCUMENTS held out for validation
+    seed: int = 0  # seeds the train/validation split
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0:
+            raise UserError(f"data.max_bytes must be positive, got {self.max_bytes}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def embedded_corpus_files() -> list[Path]:
+    """The standard library's .py sources, sorted; test folders and installed packages left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _text_files(root, suffixes={".py"})
+
+
+def _text_files(root: Path, suffixes: set[str]) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place so skipped trees (site-packages, tests, .git) are never walked.
+        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_DIRS and not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1] in suffixes:
+                files.append(Path(dirpath) / name)
+    return sorted(files)
+
+
+def _corpus_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
+    if cfg.corpus == "embedded":
+        return Path(sysconfig.get_paths()["stdlib"]), embedded_corpus_files()
+    path = Path(cfg.corpus).expanduser()
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        files = _text_files(path, TEXT_SUFFIXES)
+        if not files:
+            raise UserError(f"corpus folder {cfg.corpus!r} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+        return path, files
+    raise UserError(f"corpus {cfg.corpus!r} is not a file or folder; use 'embedded', a path, or 'hf:NAME[:CONFIG]'")
+
+
+def _select_files(root: Path, files: list[Path], max_bytes: int) -> list[tuple[Path, int]]:
+    """Files in a stable pseudo-random order (by hash of their relative path, so a capped corpus samples all of
+    a folder rather than its alphabetical head), until max_bytes; the last file is read only in part."""
+    order = sorted(files, key=lambda f: hashlib.sha1(f.relative_to(root).as_posix().encode()).hexdigest())
+    chosen, total = [], 0
+    for f in order:
+        if total >= max_bytes:
+            break
+        size = min(f.stat().st_size, max_bytes - total)
+        if size > 0:
+            chosen.append((f, size))
+            total += size
+    return chosen
+
+
+def _split_document(text: str) -> list[str]:
+    """Cut a long text at line boundaries into pieces of at most DOC_CHARS characters."""
+    pieces, start = [], 0
+    while len(text) - start > DOC_CHARS:
+        cut = text.rfind("\n", start, start + DOC_CHARS)
+        end = cut + 1 if cut > start else start + DOC_CHARS
+        pieces.append(text[start:end])
+        start = end
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def _file_documents(chosen: list[tuple[Path, int]]) -> list[str]:
+    docs = []
+    for path, size in chosen:
+        with open(path, "rb") as fh:
+            text = fh.read(size).decode("utf-8", errors="replace")
+        docs.extend(_split_document(text))
+    return [d for d in docs if d.strip()]
+
+
+def _hf_documents(spec: str, max_bytes: int) -> Iterator[str]:
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise UserError(f"corpus {spec!r} needs the `datasets` package (pip install datasets)") from exc
+    try:
+        ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+    except Exception as exc:  # datasets raises many types (network, missing config); all mean "cannot load"
+        raise UserError(f"cannot load Hugging Face dataset {spec!r} (needs network access): {exc}") from exc
+    total = 0
+    for row in ds:
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"dataset {spec!r} has no 'text' column")
+        total += len(text.encode("utf-8"))
+        yield from _split_document(text)
+        if total >= max_bytes:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing and the cache
+
+
+@dataclass
+class PackedData:
+    train: torch.Tensor  # (N, seq_len) int64
+    val: torch.Tensor  # (M, seq_len) int64
+    corpus_hash: str  # sha256 of the packed train and val tokens: equal hashes mean equal data everywhere
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split by document; both sides keep the corpus order. At least one document on each side."""
+    if len(docs) < 2:
+        raise UserError(f"the corpus has {len(docs)} document(s); at least 2 are needed for a validation split")
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(docs), generator=gen).tolist()
+    n_val = min(max(1, round(val_fraction * len(docs))), len(docs) - 1)
+    val_ids = set(perm[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+
+
+def pack(docs: list[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
+    """bos + text + eos per document, concatenated, cut into rows of seq_len tokens; the tail is dropped."""
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer.encode(doc, add_bos=True))
+        ids.append(tokenizer.eos_id)
+    n_rows = len(ids) // seq_len
+    return torch.tensor(ids[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("GWTF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gwtf")
+    return Path(base) / "data"
+
+
+def _cache_key(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer, source: Any) -> str:
+    key = {"v": _CACHE_VERSION, "cfg": asdict(cfg), "seq_len": seq_len, "tok": tokenizer.identity(), "src": source}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tensor_hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None, use_cache: bool = True) -> PackedData:
+    """Read, split, tokenize and pack the corpus; deterministic from (cfg, seq_len, tokenizer)."""
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    if cfg.corpus.startswith("hf:"):
+        chosen: list[tuple[Path, int]] = []
+        source: Any = cfg.corpus  # a remote dataset cannot be stat'ed: keyed by name only
+    else:
+        root, files = _corpus_files(cfg)
+        chosen = _select_files(root, files, cfg.max_bytes)
+        # Sizes and mtimes of what is read: an edited corpus is packed again. The stdlib carries its version.
+        source = [sys.version, [(str(f), s, f.stat().st_mtime_ns) for f, s in chosen]]
+    cache_path = _cache_dir() / f"{_cache_key(cfg, seq_len, tokenizer, source)}.pt"
+    if use_cache and cache_path.exists():
+        try:
+            blob = torch.load(cache_path, weights_only=True)
+            return PackedData(blob["train"], blob["val"], blob["corpus_hash"])
+        except (OSError, RuntimeError, KeyError) as exc:  # a torn or foreign file: rebuild it
+            logger.warning("ignoring unreadable data cache %s: %s", cache_path, exc)
+    docs = list(_hf_documents(cfg.corpus, cfg.max_bytes)) if cfg.corpus.startswith("hf:") else _file_documents(chosen)
+    data = _pack_split(docs, cfg, seq_len, tokenizer)
+    if use_cache:
+        _save_cache(cache_path, data)
+    return data
+
+
+def _pack_split(docs: list[str], cfg: DataConfig, seq_len: int, tokenizer: Tokenizer) -> PackedData:
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+    train, val = pack(train_docs, tokenizer, seq_len), pack(val_docs, tokenizer, seq_len)
+    if len(train) == 0 or len(val) == 0:
+        raise UserError(
+            f"corpus {cfg.corpus!r} is too small for seq_len {seq_len}: {len(train)} train and {len(val)} "
+            "validation rows; raise data.max_bytes or data.val_fraction, or use a larger corpus"
+        )
+    logger.info("packed %d train and %d validation rows of %d tokens from %d documents", len(train), len(val),
+                seq_len, len(docs))  # fmt: skip
+    return PackedData(train, val, _tensor_hash(train, val))
+
+
+def _save_cache(path: Path, data: PackedData) -> None:
+    # Write then rename: several processes of a local swarm may build the same cache at once.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"train": data.train, "val": data.val, "corpus_hash": data.corpus_hash}, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home is no reason to stop training
+        logger.warning("cannot write data cache %s: %s", path, exc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Microbatch schedule
+
+
+class MicrobatchSchedule:
+    """Which train rows each data node feeds at each step.
+
+    The rows are permuted once with `seed` and cut into `n_data_nodes` contiguous, disjoint shards that cover
+    all rows (sizes differ by at most one). Data node `rank` reads its shard as an endless stream: epoch e is
+    the shard in a permutation seeded by (seed, rank, e). At every step it takes the next
+    `microbatches_per_step / n_data_nodes` microbatches of `microbatch_size` rows from its stream.
+
+    The global batch of a step is the concatenation over ranks, in rank order, of their microbatches: that is
+    exactly the set of microbatches a swarm with these data nodes processes in that step. With one data node
+    the global batch walks all train rows once per epoch; with n nodes each epoch of each shard does the same
+    for that shard, so the union over nodes still sees every row once per (shard) epoch.
+    """
+
+    def __init__(self, train: torch.Tensor, microbatch_size: int, microbatches_per_step: int, n_data_nodes: int,
+                 seed: int):  # fmt: skip
+        if n_data_nodes < 1 or microbatches_per_step % n_data_nodes != 0:
+            raise UserError(
+                f"train.microbatches_per_step ({microbatches_per_step}) must be a multiple of the number of data "
+                f"nodes ({n_data_nodes}); change one of them"
+            )
+        self.train = train
+        self.microbatch_size = microbatch_size
+        self.per_node = microbatches_per_step // n_data_nodes  # microbatches per node per step
+        self.n_data_nodes = n_data_nodes
+        self.seed = seed
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        self.shards = [s.clone() for s in torch.tensor_split(perm, n_data_nodes)]  # row ids, disjoint, covering
+        need = self.per_node * microbatch_size
+        if min(len(s) for s in self.shards) < need:
+            raise UserError(
+                f"each of the {n_data_nodes} data node shard(s) needs at least {need} rows per step but the "
+                f"smallest has {min(len(s) for s in self.shards)}; use a larger corpus (data.max_bytes) or "
+                "smaller batches"
+            )
+        self._epoch_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _epoch_order(self, rank: int, epoch: int) -> torch.Tensor:
+        key = (rank, epoch)
+        if key not in self._epoch_cache:
+            if len(self._epoch_cache) > 4 * self.n_data_nodes:  # only the current epochs are needed
+                self._epoch_cache.clear()
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, rank, epoch))
+            shard = self.shards[rank]
+            self._epoch_cache[key] = shard[torch.randperm(len(shard), generator=gen)]
+        return self._epoch_cache[key]
+
+    def row_ids(self, step: int, rank: int) -> torch.Tensor:
+        """Train row indices data node `rank` uses at `step`, in microbatch order."""
+        if not 0 <= rank < self.n_data_nodes:
+            raise ValueError(f"rank {rank} out of range for {self.n_data_nodes} data nodes")
+        size = len(self.shards[rank])
+        need = self.per_node * self.microbatch_size
+        positions = range(step * need, (step + 1) * need)
+        return torch.stack([self._epoch_order(rank, p // size)[p % size] for p in positions])
+
+    def microbatches(self, step: int, rank: int) -> list[torch.Tensor]:
+        """The microbatches, each (microbatch_size, seq_len), that data node `rank` handles at `step`."""
+        rows = self.train[self.row_ids(step, rank)]
+        return list(rows.split(self.microbatch_size))
+
+    def global_batch(self, step: int) -> list[torch.Tensor]:
+        """All microbatches of `step`: the concatenation over ranks, in rank order, of `microbatches`."""
+        return [mb for rank in range(self.n_data_nodes) for mb in self.microbatches(step, rank)]
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -199,3 +199,19 @@ def test_schedule_user_errors():
         MicrobatchSchedule(rows_table(64), 2, 3, 2, seed=0)
     with pytest.raises(UserError, match="rows per step"):
         MicrobatchSchedule(rows_table(10), 4, 4, 2, seed=0)
+
+
+def test_hf_tokenizer_folder(tmp_path):
+    """A Hugging Face tokenizer folder (built here, offline) behind the ByteTokenizer interface, packed likewise."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (5, 1, 2, 2)  # no pad token: eos pads
+    assert tok.encode("hello world") == [1, 3, 4] and tok.decode([1, 3, 4, 2]) == "hello world"
+    assert pack(["hello world", "world"], tok, seq_len=3).tolist() == [[1, 3, 4], [2, 1, 4]]

@@ -242,13 +242,14 @@ def stages_from_hf(hf_model: nn.Module, cfg: ModelConfig) -> list[nn.Module]:
     per_stage: list[dict[str, Tensor]] = [{} for _ in range(cfg.n_stages + 1)]
     for hf_name, (k, local) in mapping.items():
         per_stage[k][local] = hf_state[hf_name]
-    stages = [_empty_stage(cfg, k) for k in range(cfg.n_stages + 1)]
+    stages = [empty_stage(cfg, k) for k in range(cfg.n_stages + 1)]
     for stage, state in zip(stages, per_stage):
         stage.load_state_dict(state, strict=True)
     return stages
 
 
-def _empty_stage(cfg: ModelConfig, k: int) -> nn.Module:
+def empty_stage(cfg: ModelConfig, k: int) -> nn.Module:
+    """Stage k with untouched constructor weights, to be overwritten by a load (cheaper than build_stage)."""
     with torch.random.fork_rng(devices=[]):  # its weights are overwritten next; the global RNG stays as it was
         return HeadStage(cfg) if k == 0 else BlockStage(cfg, k)
 

@@ -1,16 +1,17 @@
 """The single-process reference trainer on the real debug model: it learns, it is deterministic, and its batch
 semantics with several data nodes are the ones a swarm reproduces."""
 
+import argparse
 import json
 
 import pytest
 import torch
 
-from gwtf.cli import main
 from gwtf.config import load_config
 from gwtf.data import MicrobatchSchedule, load_data
+from gwtf.errors import UserError
 from gwtf.optim import lr_at, make_optimizer
-from gwtf.trainer import pipeline_loss, train_local, train_step
+from gwtf.trainer import add_arguments, pipeline_loss, run, train_local, train_step
 from models.staged import build_stages
 
 SMALL_DATA = ["data.max_bytes=300000", "train.eval_every=0", "train.val_batches=2"]
@@ -81,12 +82,19 @@ def test_train_local_two_nodes_follows_their_global_batches():
     assert one_node["losses"] != result["losses"]  # other shards, other batches: documented, not an accident
 
 
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "train-local")
+    return parser.parse_args(argv)
+
+
 def test_cli_train_local(tmp_path, capsys):
+    """The command's own parser and run() (gwtf.cli only dispatches to them and prints UserErrors)."""
     out = tmp_path / "r.json"
-    args = ["train-local", "--steps", "3", "--seed", "2", "--json", str(out), "--no-progress"]
-    assert main([*args, *(a for s in SMALL_DATA for a in ("--set", s))]) == 0
+    args = ["--steps", "3", "--seed", "2", "--json", str(out), "--no-progress"]
+    assert run(parse([*args, *(a for s in SMALL_DATA for a in ("--set", s))])) == 0
     result = json.loads(out.read_text())
     assert len(result["losses"]) == 3 and result["config"]["train"]["seed"] == 2
     assert "loss" in capsys.readouterr().out
-    assert main(["train-local", "--set", "train.nope=1"]) == 2
-    assert "nope" in capsys.readouterr().err
+    with pytest.raises(UserError, match="nope"):
+        run(parse(["--set", "train.nope=1"]))

@@ -1,0 +1,330 @@
+"""Who is in a run: the run's own record and one signed, expiring record per node; `gwtf status`.
+
+Every node re-announces its `NodeRecord` every few seconds with a short time to live, so a node whose record has
+expired is dead. Two backends: `InMemoryMembership` (one shared dict, for in-process swarms and tests) and
+`DHTMembership` over hivemind's DHT, where each node writes under a subkey that carries its RSA public key and
+hivemind's `RSASignatureValidator` rejects any write to that subkey not signed by the matching private key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gwtf.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("relay", "data")
+STATUSES = ("joining", "serving", "leaving")
+RUN_TTL_S = 7 * 24 * 3600.0  # the run record outlives any node; bootstrap may publish it again
+DHT_TIMEOUT_S = 10.0  # bound on one DHT store or lookup
+LOOPBACK_KW: dict[str, Any] = {
+    "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
+    "nat_port_map": False,
+    "auto_nat": False,
+    "use_relay": False,
+}
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    model: dict[str, Any]  # ModelConfig.to_dict()
+    model_hash: str
+    config: dict[str, Any]  # the whole run config
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class NodeRecord:
+    peer_id: str
+    role: str  # "relay" | "data"
+    stage: int
+    status: str  # "joining" | "serving" | "leaving"
+    capacity: int
+    compute_s: float
+    region: str | None
+    state_version: int
+    holds_weights: bool
+    grad_norm: float | None
+    throughput: float
+    microbatches_done: int
+    maddrs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"NodeRecord.role must be one of {ROLES}, got {self.role!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"NodeRecord.status must be one of {STATUSES}, got {self.status!r}")
+        if self.stage < 0 or self.capacity < 0:
+            raise ValueError("NodeRecord.stage and capacity must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NodeRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_model_hash(run: RunRecord, local_hash: str) -> None:
+    if run.model_hash != local_hash:
+        raise UserError(
+            f"run {run.run_id} uses model hash {run.model_hash}, this node has {local_hash}: "
+            "join with the run's preset and model overrides (see `gwtf status`), or join another run"
+        )
+
+
+class Membership(ABC):
+    """Run and node records. Methods are blocking: call them from a thread or via asyncio.to_thread."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    @abstractmethod
+    def publish_run(self, rec: RunRecord) -> None: ...
+
+    @abstractmethod
+    def get_run(self, timeout: float) -> RunRecord | None:
+        """The run record, waiting up to `timeout` seconds for it to become visible; None if it does not."""
+
+    @abstractmethod
+    def announce(self, rec: NodeRecord, ttl: float) -> None:
+        """Write this node's record, valid for `ttl` seconds. Only the owner of a record can write it."""
+
+    @abstractmethod
+    def live_nodes(self) -> dict[str, NodeRecord]:
+        """Unexpired node records by peer id."""
+
+    def start_heartbeat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:
+        """Announce `get_record()` every `period` seconds until `close()`."""
+        if period <= 0 or ttl <= period:
+            raise ValueError("heartbeat needs 0 < period < ttl, or records expire between beats")
+        if self._heartbeat is not None:
+            raise RuntimeError("heartbeat already running")
+        self._heartbeat = threading.Thread(target=self._beat, args=(get_record, period, ttl), daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self.announce(get_record(), ttl)
+            except Exception:  # a missed beat is survivable (the ttl covers a few); a dead thread is not
+                logger.exception("heartbeat: announce failed")
+            self._stop.wait(period)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=DHT_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In memory
+
+
+@dataclass
+class MembershipStore:
+    """What in-memory memberships of one process share: run records and (record, expiry, owner) per node."""
+
+    runs: dict[str, RunRecord] = field(default_factory=dict)
+    nodes: dict[str, dict[str, tuple[NodeRecord, float, str | None]]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class InMemoryMembership(Membership):
+    """Membership over a shared `MembershipStore`. `peer_id` is the owner: it can only announce itself."""
+
+    def __init__(
+        self,
+        store: MembershipStore,
+        run_id: str,
+        peer_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.store, self.run_id, self.peer_id, self.clock = store, run_id, peer_id, clock
+
+    @staticmethod
+    def shared_store() -> MembershipStore:
+        return MembershipStore()
+
+    def publish_run(self, rec: RunRecord) -> None:
+        with self.store.lock:
+            self.store.runs[rec.run_id] = dataclasses.replace(rec)
+
+    def get_run(self, timeout: float) -> RunRecord | None:
+        with self.store.lock:
+            rec = self.store.runs.get(self.run_id)
+        return dataclasses.replace(rec) if rec is not None else None
+
+    def announce(self, rec: NodeRecord, ttl: float) -> None:
+        if self.peer_id is not None and rec.peer_id != self.peer_id:
+            raise PermissionError(f"{self.peer_id} cannot write the record of {rec.peer_id}")
+        with self.store.lock:
+            nodes = self.store.nodes.setdefault(self.run_id, {})
+            previous = nodes.get(rec.peer_id)
+            if previous is not None and previous[2] != self.peer_id:
+                raise PermissionError(f"the record of {rec.peer_id} belongs to another writer")
+            nodes[rec.peer_id] = (NodeRecord.from_dict(rec.to_dict()), self.clock() + ttl, self.peer_id)
+
+    def live_nodes(self) -> dict[str, NodeRecord]:
+        now = self.clock()
+        with self.store.lock:
+            nodes = self.store.nodes.get(self.run_id, {})
+            return {p: NodeRecord.from_dict(r.to_dict()) for p, (r, expiry, _) in nodes.items() if expiry > now}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hivemind DHT
+
+_OWNER_KEYS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
+def make_dht(initial_peers: list[str] | None, loopback: bool = True, **kw: Any) -> Any:
+    """A started hivemind.DHT with its own RSA key and signature validator (for `DHTMembership`).
+
+    `loopback` keeps it on 127.0.0.1 without NAT traversal or relays (tests, demo, benchmarks); a person joining a
+    real network passes loopback=False and their own host_maddrs. Other keyword arguments go to hivemind.DHT.
+    """
+    import hivemind
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    validator = RSASignatureValidator(RSAPrivateKey())  # not the process-wide key: several nodes may share a process
+    validators = [validator, *kw.pop("record_validators", [])]
+    options = {**(LOOPBACK_KW if loopback else {}), **kw}
+    try:
+        dht = hivemind.DHT(initial_peers=initial_peers or None, start=True, record_validators=validators, **options)
+    except Exception as exc:  # hivemind raises assorted errors for bad or unreachable addresses
+        raise UserError(
+            f"cannot start a DHT peer with initial peers {initial_peers}: {exc}; check the address"
+        ) from exc
+    _OWNER_KEYS[dht] = validator.local_public_key
+    return dht
+
+
+def dht_addresses(dht: Any) -> list[str]:
+    """The multiaddrs others pass as --initial-peers to reach this DHT peer."""
+    return [str(m) for m in dht.get_visible_maddrs()]
+
+
+class DHTMembership(Membership):
+    """Records in hivemind's DHT: key `gwtf/<run>/nodes`, one subkey per node carrying the node's public key."""
+
+    def __init__(self, dht: Any, run_id: str, owner_key: bytes | None = None) -> None:
+        super().__init__()
+        self.dht, self.run_id = dht, run_id
+        key = owner_key if owner_key is not None else _OWNER_KEYS.get(dht)
+        if key is None:
+            raise ValueError("DHTMembership needs a DHT from make_dht (or its validator's owner_key)")
+        self.owner_key = key
+        self._run_key = f"gwtf/{run_id}/run"
+        self._nodes_key = f"gwtf/{run_id}/nodes"
+
+    def _store(self, key: str, value: dict[str, Any], ttl: float) -> None:
+        from hivemind.utils import get_dht_time
+
+        future = self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner_key, return_future=True)
+        if not future.result(timeout=DHT_TIMEOUT_S):
+            raise RuntimeError(f"DHT store of {key} was refused or reached no peer")
+
+    def _get_subkeys(self, key: str) -> dict[Any, Any]:
+        from hivemind.utils import get_dht_time
+
+        found = self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_TIMEOUT_S)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        now = get_dht_time()
+        return {sub: item.value for sub, item in found.value.items() if item.expiration_time > now}
+
+    def publish_run(self, rec: RunRecord) -> None:
+        self._store(self._run_key, dataclasses.asdict(rec), RUN_TTL_S)
+
+    def get_run(self, timeout: float) -> RunRecord | None:
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:  # the record may not have propagated yet right after bootstrap
+            records = [v for v in self._get_subkeys(self._run_key).values() if isinstance(v, dict)]
+            if records:
+                if len(records) > 1:
+                    logger.warning("run %s has %d run records; using the oldest", self.run_id, len(records))
+                return RunRecord(**min(records, key=lambda r: r.get("created", 0.0)))
+            if time.monotonic() + delay > deadline:
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def announce(self, rec: NodeRecord, ttl: float) -> None:
+        self._store(self._nodes_key, rec.to_dict(), ttl)
+
+    def live_nodes(self) -> dict[str, NodeRecord]:
+        nodes = {}
+        for value in self._get_subkeys(self._nodes_key).values():
+            try:
+                rec = NodeRecord.from_dict(value)
+            except (TypeError, ValueError) as exc:
+                logger.warning("ignoring a malformed node record: %s", exc)
+                continue
+            nodes[rec.peer_id] = rec
+        return nodes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gwtf status
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, metavar="ADDR", help="a multiaddr of the run")
+    parser.add_argument("--run", required=True, help="run name")
+    parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the run record")
+    parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+
+
+def run(args: argparse.Namespace) -> int:
+    dht = make_dht(args.initial_peers, loopback=not args.public, client_mode=True)
+    try:
+        membership = DHTMembership(dht, args.run)
+        rec = membership.get_run(timeout=args.timeout)
+        if rec is None:
+            raise UserError(
+                f"run {args.run!r} not found via {args.initial_peers} within {args.timeout:g}s; check the name"
+            )
+        print(format_status(rec, membership.live_nodes()))
+    finally:
+        dht.shutdown()
+    return 0
+
+
+def format_status(run: RunRecord, nodes: dict[str, NodeRecord]) -> str:
+    n_stages = int(run.model.get("n_stages", 0))
+    relays = [r for r in nodes.values() if r.role == "relay"]
+    data = sorted((r for r in nodes.values() if r.role == "data"), key=lambda r: r.peer_id)
+    lines = [f"run {run.run_id}  model hash {run.model_hash}  stages {n_stages}  nodes {len(nodes)}"]
+    header = f"  {'peer':<14} {'status':<8} {'cap':>4} {'mbatch/s':>9} {'state':>6} {'done':>6} region"
+    for stage in sorted({*range(1, n_stages + 1), *(r.stage for r in relays)}):
+        replicas = sorted((r for r in relays if r.stage == stage), key=lambda r: r.peer_id)
+        total = sum(r.capacity for r in replicas if r.status == "serving")
+        lines += [f"stage {stage}: {len(replicas)} replica(s), serving capacity {total}", header]
+        lines += [_row(r) for r in replicas] or ["  (none)"]
+    lines += [f"data nodes: {len(data)}", header, *(_row(r) for r in data)]
+    return "\n".join(lines)
+
+
+def _row(r: NodeRecord) -> str:
+    peer = r.peer_id[-12:]
+    return (
+        f"  ..{peer:<12} {r.status:<8} {r.capacity:>4} {r.throughput:>9.2f} {r.state_version:>6} "
+        f"{r.microbatches_done:>6} {r.region or '-'}"
+    )

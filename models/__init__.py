@@ -1,8 +1,11 @@
 """Models split into pipeline stages, on Hugging Face transformers' own modules.
 
 Files:
-    presets.py     ModelConfig and the presets (debug, 124m, 500m, 1.5b, gpt-500m), config hash
-    staged.py      stage 0 (embedding, final norm, LM head, loss) and relay stages 1..S (runs of decoder layers)
-                   with stable parameter names; building from a seed or from a transformers model, and back
-    checkpoint.py  pretrained checkpoints in (HF directory, GGUF) and out (HF directory): `gwtf convert|export`
+    presets.py     ModelConfig (validated, hashable, to/from transformers configs), the presets (debug, debug-gpt,
+                   124m, 500m, 1.5b, gpt-500m), get_preset, require_equal_stages
+    staged.py      stage 0 (HeadStage: embedding, final norm, LM head, loss) and relay stages 1..S (BlockStage: runs
+                   of decoder layers) with stable local parameter names; build_stage(s) from a seed,
+                   stages_from_hf / stages_to_hf, hf_name_map, forward_stages / loss_stages
+    checkpoint.py  staged checkpoints (save_staged, load_staged, weights_hash), pretrained import from a HF directory
+                   or GGUF file (load_pretrained) and export to a HF directory (export_hf): `gwtf convert|export`
 """

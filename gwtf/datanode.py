@@ -1,0 +1,447 @@
+"""A data node: holds stage 0 (embedding, final norm, LM head, loss) and a data shard, and drives iterations.
+
+One iteration on a data node:
+    1. route its microbatches (the router gives one path through a replica of every stage per microbatch; what the
+       swarm cannot carry at once goes in a later wave);
+    2. per microbatch: embed, send to stage 1, receive stage S's output, loss, send the gradient back, receive the
+       embedding's gradient; a dead hop on the way is routed around (forward: resend to another replica; backward:
+       the upstream of the dead replica resends its activation to a new one, which recomputes that one stage);
+    3. average stage 0 with the other data nodes, step; tell every relay the iteration is done (they average within
+       their stage and step) and wait for them.
+Every microbatch started is accounted: finished, finished after a re-route, partial (its backward stopped at a dead
+replica; the stages it reached keep its gradient), or lost (no path through the swarm within `max_attempts`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from gwtf.averaging import GroupAverager
+from gwtf.errors import BadMessage, PeerError
+from gwtf.membership import Membership, NodeRecord
+from gwtf.node import NodeBase, RunSpec, SwarmConfig, serving
+from gwtf.routing.base import Router, SwarmView
+from gwtf.stage import StageReplica
+from gwtf.transport import Message, Transport
+
+log = logging.getLogger(__name__)
+
+
+class _Restart(Exception):
+    """A hop of this microbatch's route died before its forward came back: start it again elsewhere."""
+
+
+@dataclass
+class Flight:
+    """One microbatch in flight."""
+
+    mb: int
+    x: torch.Tensor  # (batch, seq) token ids
+    route: list[str]
+    attempt: int = 0
+    h0: torch.Tensor | None = None  # embedding output, with its graph, until the embedding's gradient comes back
+    head: asyncio.Future | None = None
+    grad: asyncio.Future | None = None
+    loss: float | None = None
+    reroutes: int = 0
+    outcome: str = "started"
+
+
+@dataclass
+class IterationReport:
+    iteration: int
+    loss: float
+    started: int = 0
+    finished: int = 0
+    rerouted: int = 0  # microbatches that finished after at least one re-route or restart
+    partial: int = 0
+    lost: int = 0
+    waves: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.started != self.finished + self.partial + self.lost:
+            raise AssertionError(f"iteration {self.iteration}: accounting broken {asdict(self)}")
+
+
+class DataNode(NodeBase):
+    role = "data"
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        transport: Transport,
+        membership: Membership,
+        cfg: SwarmConfig,
+        rank: int,
+        schedule,
+        router: Router,
+        build_module,
+        view_builder,
+    ):
+        super().__init__(spec, transport, membership, cfg)
+        self.rank, self.schedule, self.router = rank, schedule, router
+        self.view_builder = view_builder  # (live records) -> SwarmView
+        self.stage0 = StageReplica(0, build_module(0), spec.optim, spec.total_steps, capacity=1 << 30)
+        self.head: Any = self.stage0.module  # models.staged.HeadStage: embed / loss
+        self.iteration = 0
+        self.flights: dict[int, Flight] = {}
+        self.averager = GroupAverager(transport, spec.run_id, "stage0", timeout=cfg.average_timeout)
+        for name, fn in {
+            "head": self.rpc_head,
+            "embed_grad": self.rpc_embed_grad,
+            "route": self.rpc_route,
+            "recover": self.rpc_recover,
+            "get_state": self.rpc_get_state,
+        }.items():
+            transport.add_handler(name, fn, validator=self.validate)
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(
+            peer_id=self.peer_id,
+            role="data",
+            stage=0,
+            status=self.status,
+            capacity=0,
+            compute_s=0.0,
+            region=self.cfg.region,
+            state_version=self.stage0.version,
+            holds_weights=True,
+            grad_norm=self.stage0.last_grad_norm,
+            throughput=0.0,
+            microbatches_done=self.stage0.stats.backward,
+            maddrs=[],
+        )
+
+    async def start(self) -> None:
+        self.status = "serving"
+        await self.announce()
+        self.start_heartbeat()
+
+    # ---- validation of what relays send back -------------------------------------------------------------------
+    def validate(self, msg: Message) -> None:
+        if msg.kind not in ("head", "embed_grad", "recover"):
+            return
+        m = self.spec.model
+        fl = self.flights.get(msg.microbatch_id)
+        if fl is None or msg.iteration != self.iteration:
+            raise BadMessage(f"no microbatch {msg.microbatch_id} in flight at iteration {msg.iteration}")
+        expected = (*fl.x.shape, m.d_model)
+        for t in msg.tensors:
+            if tuple(t.shape) != expected or t.dtype != torch.float32:
+                raise BadMessage(f"expected float32 {expected}, got {t.dtype} {tuple(t.shape)}")
+
+    def _current(self, msg: Message) -> Flight | None:
+        fl = self.flights.get(msg.microbatch_id)
+        if fl is None or int(msg.meta.get("attempt", -1)) != fl.attempt:
+            return None  # a stale attempt's late answer: acknowledged and ignored
+        return fl
+
+    async def rpc_head(self, msg: Message) -> Message:
+        fl = self._current(msg)
+        if fl is not None and fl.head is not None and not fl.head.done():
+            fl.head.set_result(msg.tensors[0])
+        return self.message("ack")
+
+    async def rpc_embed_grad(self, msg: Message) -> Message:
+        fl = self._current(msg)
+        if fl is not None and fl.grad is not None and not fl.grad.done():
+            fl.route = list(msg.meta["route"])
+            fl.grad.set_result(msg.tensors[0])
+        return self.message("ack")
+
+    async def rpc_route(self, msg: Message) -> Message:
+        """A relay's next hop died: give it (and remember) a new replica of that stage."""
+        fl = self._current(msg)
+        if fl is None:
+            raise BadMessage(f"microbatch {msg.microbatch_id} is not in flight")
+        stage = int(msg.meta["stage"])
+        new = await self._replace(fl, stage, {str(msg.meta["dead"])})
+        return self.message("route", meta={"route": fl.route, "replica": new})
+
+    async def _replace(self, fl: Flight, stage: int, dead: set[str]) -> str:
+        view = await self.view()
+        new = self.router.reroute(view, fl.route, stage, dead)
+        if new is None:
+            raise BadMessage(f"no live replica of stage {stage}")
+        fl.route[stage - 1] = new
+        fl.reroutes += 1
+        return new
+
+    async def rpc_recover(self, msg: Message) -> Message:
+        """Stage k's replica died after its forward: have its upstream resend to a new replica, which recomputes."""
+        fl = self._current(msg)
+        if fl is None:
+            raise BadMessage(f"microbatch {msg.microbatch_id} is not in flight")
+        k = int(msg.meta["dead_stage"])
+        fl.route = list(msg.meta["route"])
+        new = await self._replace(fl, k, {str(msg.meta["dead"])})
+        meta = {"route": fl.route, "origin": self.peer_id, "attempt": fl.attempt}
+        if k == 1:
+            assert fl.h0 is not None
+            req = self.message(
+                "recompute",
+                iteration=self.iteration,
+                microbatch_id=fl.mb,
+                stage=0,
+                tensors=[fl.h0.detach(), msg.tensors[0]],
+                meta=meta,
+            )
+            await self.call(new, "recompute", req)
+        else:
+            req = self.message(
+                "resend", iteration=self.iteration, microbatch_id=fl.mb, stage=0, tensors=[msg.tensors[0]], meta=meta
+            )
+            await self.call(fl.route[k - 2], "resend", req)
+        log.info("mb %d: stage %d recomputed on %s", fl.mb, k, new[:8])
+        return self.message("ack")
+
+    async def rpc_get_state(self, msg: Message) -> Message:
+        tensors, meta = await self.compute(self.stage0.state)
+        keys = list(tensors)
+        return self.message("state", tensors=[tensors[k] for k in keys], meta={**meta, "keys": keys})
+
+    # ---- the view and readiness ----------------------------------------------------------------------------------
+    async def view(self) -> SwarmView:
+        return self.view_builder(await self.live_nodes())
+
+    async def wait_for_stages(self, timeout: float) -> None:
+        """Until every relay stage has a serving replica at this iteration's version."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = await self.live_nodes()
+            missing = [
+                k
+                for k in range(1, self.spec.model.n_stages + 1)
+                if not any(r.state_version == self.iteration for r in serving(nodes, "relay", k).values())
+            ]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(f"stages {missing} have no serving replica at version {self.iteration}")
+            await asyncio.sleep(0.1)
+
+    # ---- one iteration ---------------------------------------------------------------------------------------------
+    async def run_iteration(self) -> IterationReport:
+        i, t0 = self.iteration, time.perf_counter()
+        await self.wait_for_stages(self.cfg.iteration_timeout)
+        pending = list(enumerate(self.schedule.microbatches(i, self.rank)))
+        report = IterationReport(iteration=i, loss=float("nan"))
+        while pending:
+            flights = await self._plan_wave(pending)
+            report.waves += 1
+            pending = pending[len(flights) :]
+            await asyncio.gather(*(self._run_flight(fl, report) for fl in flights))
+        report.check()
+        report.loss = sum(report.losses) / max(len(report.losses), 1)
+        await self._finish_iteration(i)
+        report.seconds = time.perf_counter() - t0
+        self.flights.clear()
+        self.iteration += 1
+        return report
+
+    async def _plan_wave(self, pending: list[tuple[int, torch.Tensor]]) -> list[Flight]:
+        view = await self.view()
+        data_nodes = sorted(view.data_nodes)
+        demands = {d: len(pending) for d in data_nodes}
+        for _ in range(50):  # bounded: the swarm may be between a crash and a join
+            paths = self.router.plan(view, demands).get(self.peer_id, [])
+            if paths:
+                break
+            await asyncio.sleep(0.1)
+            view = await self.view()
+        else:
+            raise PeerError("the router finds no path through the swarm")
+        flights = [Flight(mb, x, list(p)) for (mb, x), p in zip(pending, paths)]
+        for fl in flights:
+            self.flights[fl.mb] = fl
+        return flights
+
+    async def _run_flight(self, fl: Flight, report: IterationReport) -> None:
+        report.started += 1
+        report.tokens += fl.x.numel()
+        hidden = await self._forward_leg(fl)
+        if hidden is None:
+            fl.outcome = "lost"
+            report.lost += 1
+            log.error("mb %d lost: no route through the swarm in %d attempts", fl.mb, self.cfg.max_attempts)
+            return
+        loss, grad = await self.compute(self._head_backward, hidden, fl.x)
+        fl.loss = loss
+        report.losses.append(loss)
+        if await self._backward_leg(fl, grad):
+            fl.outcome = "finished"
+            report.finished += 1
+            report.rerouted += int(fl.reroutes > 0)
+        else:
+            fl.outcome = "partial"
+            report.partial += 1
+
+    async def _forward_leg(self, fl: Flight) -> torch.Tensor | None:
+        for attempt in range(self.cfg.max_attempts):
+            fl.attempt = attempt
+            loop = asyncio.get_running_loop()
+            fl.head, fl.grad = loop.create_future(), loop.create_future()
+            if attempt:
+                fl.reroutes += 1
+                await self._fresh_route(fl)
+            fl.h0 = await self.compute(self._embed, fl.x)
+            try:
+                await self._send_first(fl)
+                return await self._await(fl, fl.head, on_dead=self._restart)
+            except (PeerError, _Restart) as exc:
+                log.info("mb %d attempt %d: %s; restarting", fl.mb, attempt, exc)
+        return None
+
+    async def _fresh_route(self, fl: Flight) -> None:
+        live = set(await self.live_nodes())
+        for k, peer in enumerate(list(fl.route), start=1):
+            if peer not in live:
+                await self._replace(fl, k, {peer})
+
+    async def _send_first(self, fl: Flight) -> None:
+        assert fl.h0 is not None
+        for _ in range(self.cfg.max_attempts):
+            msg = self.message(
+                "forward",
+                iteration=self.iteration,
+                microbatch_id=fl.mb,
+                stage=0,
+                tensors=[fl.h0.detach()],
+                meta={"route": fl.route, "origin": self.peer_id, "attempt": fl.attempt},
+            )
+            try:
+                await self.call(fl.route[0], "forward", msg)
+                return
+            except PeerError as exc:
+                if "full" in str(exc):
+                    await asyncio.sleep(0.05)
+                    continue
+                await self._replace(fl, 1, {fl.route[0]})
+        raise PeerError(f"stage 1 refused microbatch {fl.mb}")
+
+    async def _await(self, fl: Flight, fut: asyncio.Future, on_dead) -> torch.Tensor:
+        """Wait for a leg to come back, calling `on_dead(stage, peer)` when a hop of the route has died."""
+        deadline = time.monotonic() + self.cfg.microbatch_timeout
+        while time.monotonic() < deadline:
+            try:
+                return await asyncio.wait_for(asyncio.shield(fut), timeout=0.25)
+            except TimeoutError:
+                live = await self.live_nodes()
+                dead = [(k, p) for k, p in enumerate(fl.route, start=1) if p not in live]
+                if dead:
+                    await on_dead(*dead[-1])
+        raise _Restart(f"no answer within {self.cfg.microbatch_timeout:.0f}s")
+
+    async def _restart(self, stage: int, peer: str) -> None:
+        raise _Restart(f"stage {stage} replica {peer[:8]} died")
+
+    async def _backward_leg(self, fl: Flight, grad: torch.Tensor) -> bool:
+        msg = self.message(
+            "backward",
+            iteration=self.iteration,
+            microbatch_id=fl.mb,
+            stage=0,
+            tensors=[grad],
+            meta={"route": fl.route, "origin": self.peer_id, "attempt": fl.attempt},
+        )
+        try:
+            await self.call(fl.route[-1], "backward", msg)
+        except PeerError as exc:  # stage S died after its forward: recompute it elsewhere
+            log.info("mb %d: last stage %s failed on backward (%s)", fl.mb, fl.route[-1][:8], exc)
+            recover = self.message(
+                "recover",
+                iteration=self.iteration,
+                microbatch_id=fl.mb,
+                tensors=[grad],
+                meta={
+                    "route": fl.route,
+                    "attempt": fl.attempt,
+                    "dead_stage": self.spec.model.n_stages,
+                    "dead": fl.route[-1],
+                },
+            )
+            try:
+                await self.rpc_recover(recover)
+            except (PeerError, BadMessage) as exc2:
+                log.warning("mb %d: backward recovery failed: %s", fl.mb, exc2)
+                return False
+        recovered: set[str] = set()
+
+        async def recover_dead(stage: int, peer: str) -> None:
+            """A replica died during its backward: the next hop (or this node, for stage S) resends its gradient."""
+            if peer in recovered:
+                return
+            recovered.add(peer)
+            meta = {"route": list(fl.route), "origin": self.peer_id, "attempt": fl.attempt}
+            try:
+                if stage == self.spec.model.n_stages:
+                    req = self.message(
+                        "recover",
+                        iteration=self.iteration,
+                        microbatch_id=fl.mb,
+                        tensors=[grad],
+                        meta={**meta, "dead_stage": stage, "dead": peer},
+                    )
+                    await self.rpc_recover(req)
+                else:
+                    req = self.message("regrad", iteration=self.iteration, microbatch_id=fl.mb, meta=meta)
+                    await self.call(fl.route[stage], "regrad", req)
+            except (PeerError, BadMessage) as exc:
+                log.warning("mb %d: recovery of stage %d failed: %s", fl.mb, stage, exc)
+
+        try:
+            assert fl.grad is not None
+            g0 = await self._await(fl, fl.grad, on_dead=recover_dead)
+        except _Restart as exc:
+            log.warning("mb %d: backward incomplete (%s)", fl.mb, exc)
+            return False
+        await self.compute(self._embed_backward, fl, g0)
+        return True
+
+    # ---- stage-0 compute (on the node's compute thread) --------------------------------------------------------------
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head.embed(x)
+
+    def _head_backward(self, hidden: torch.Tensor, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        h = hidden.detach().requires_grad_(True)
+        loss = self.head.loss(h, x)
+        loss.backward()
+        self.stage0.count += 1
+        self.stage0.stats.backward += 1
+        assert h.grad is not None
+        return float(loss.detach()), h.grad.detach()
+
+    def _embed_backward(self, fl: Flight, g0: torch.Tensor) -> None:
+        assert fl.h0 is not None
+        fl.h0.backward(g0)
+        fl.h0 = None
+
+    # ---- iteration end -----------------------------------------------------------------------------------------------
+    async def _finish_iteration(self, i: int) -> None:
+        nodes = await self.live_nodes(max_age=0)
+        peers = [p for p, r in serving(nodes, "data").items() if r.state_version == i]
+        result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
+        await self.compute(self.stage0.apply_averaged, result.grads, i)
+        relays = sorted(p for p, r in serving(nodes, "relay").items() if r.state_version == i)
+        used: dict[str, set[str]] = {}
+        for fl in self.flights.values():
+            for k, peer in enumerate(fl.route, start=1):
+                used.setdefault(str(k), set()).add(peer)
+        done = self.message("end_iteration", iteration=i, meta={"used": {k: sorted(v) for k, v in used.items()}})
+        replies = await asyncio.gather(
+            *(self.call(p, "end_iteration", done, timeout=3 * self.cfg.iteration_timeout) for p in relays),
+            return_exceptions=True,
+        )
+        for p, r in zip(relays, replies):
+            if isinstance(r, Exception):
+                log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
+        await self.announce()

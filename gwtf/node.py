@@ -1,0 +1,445 @@
+"""Node lifecycle and the relay node: join, stage choice, state download, serving forward and backward.
+
+A node is an asyncio program over a `Transport` (in-process or hivemind) and a `Membership` (in-memory or DHT).
+Compute runs on one worker thread per node, so the event loop keeps answering calls and heartbeats while a
+stage computes, and a node's gradient accumulation never races with itself.
+
+Relay protocol (all calls ack on receipt; the work runs after the ack):
+    forward      input activation of microbatch (origin, id, attempt) with its route; compute, pass it on
+    backward     gradient of this stage's output; backward, pass the input gradient to the previous hop
+    recompute    input activation + output gradient, for a microbatch whose replica died after its forward
+    resend       "your output of this microbatch, please, to this new replica, with this gradient"
+    regrad       "the replica before you died during its backward: recover it with the gradient you sent it"
+    end_iteration  a data node is done with iteration i; once all live data nodes are, average and step
+    get_state    parameters + optimizer state, for a joiner
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gwtf.averaging import GroupAverager
+from gwtf.errors import BadMessage, PeerError, UserError
+from gwtf.membership import Membership, NodeRecord
+from gwtf.optim import OptimConfig
+from gwtf.stage import Key, StageReplica
+from gwtf.transport import Message, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SwarmConfig:
+    """Timing and capacity settings of a node (every wait on a peer is bounded by one of these)."""
+
+    capacity: int = 4  # microbatches a relay holds at once
+    call_timeout: float = 10.0  # one call to a peer
+    microbatch_timeout: float = 30.0  # a microbatch's forward or backward leg, end to end
+    iteration_timeout: float = 60.0  # waiting for the other data nodes at an iteration's end
+    average_timeout: float = 10.0
+    heartbeat_s: float = 1.0
+    record_ttl_s: float = 4.0
+    max_attempts: int = 3  # restarts of one microbatch
+    router: str = "round-robin"
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise UserError(f"capacity must be >= 1, got {self.capacity}")
+        if self.record_ttl_s <= self.heartbeat_s:
+            raise UserError("record_ttl_s must exceed heartbeat_s, or live nodes would look dead between heartbeats")
+
+
+@dataclass
+class RunSpec:
+    """What every node of a run agrees on (from the run record)."""
+
+    run_id: str
+    model: Any  # models.presets.ModelConfig
+    optim: OptimConfig
+    total_steps: int
+    seed: int
+
+
+class NodeBase:
+    """Transport, membership record and heartbeat, the compute thread, and bounded peer calls."""
+
+    role = "node"
+
+    def __init__(self, spec: RunSpec, transport: Transport, membership: Membership, cfg: SwarmConfig):
+        self.spec, self.transport, self.membership, self.cfg = spec, transport, membership, cfg
+        self.peer_id = transport.peer_id
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.peer_id[:6]}")
+        self.status = "joining"
+        self.started = time.time()
+        self.closed = False
+        self._view: tuple[float, dict[str, NodeRecord]] | None = None
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    async def compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:
+        return await self.transport.call(peer, name, msg, timeout=timeout or self.cfg.call_timeout)
+
+    def message(self, kind: str, **kw) -> Message:
+        return Message(kind=kind, run_id=self.spec.run_id, **kw)
+
+    def record(self) -> NodeRecord:
+        raise NotImplementedError
+
+    async def live_nodes(self, max_age: float = 0.2) -> dict[str, NodeRecord]:
+        """The live records, cached for `max_age` seconds: many waits poll it, a DHT read is not free."""
+        now = time.monotonic()
+        if self._view is None or now - self._view[0] > max_age:
+            self._view = (now, await asyncio.to_thread(self.membership.live_nodes))
+        return self._view[1]
+
+    async def announce(self) -> None:
+        await asyncio.to_thread(self.membership.announce, self.record(), self.cfg.record_ttl_s)
+
+    def start_heartbeat(self) -> None:
+        self.membership.start_heartbeat(self.record, self.cfg.heartbeat_s, self.cfg.record_ttl_s)
+
+    async def close(self) -> None:
+        self.closed = True
+        self.membership.close()
+        await self.transport.shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -> dict[str, NodeRecord]:
+    return {
+        p: r
+        for p, r in nodes.items()
+        if r.role == role and r.status == "serving" and (stage is None or r.stage == stage)
+    }
+
+
+def choose_stage(nodes: dict[str, NodeRecord], n_stages: int) -> int:
+    """The stage where a new relay adds the most throughput: an empty stage first, then the least total capacity
+    (per unit of compute time), ties to the lowest index."""
+    load = {k: 0.0 for k in range(1, n_stages + 1)}
+    for r in nodes.values():
+        if r.role == "relay" and r.status in ("joining", "serving") and r.stage in load:
+            load[r.stage] += r.capacity / max(r.compute_s, 1e-3)
+    return min(load, key=lambda k: (load[k] > 0, load[k], k))
+
+
+class RelayNode(NodeBase):
+    """Serves one stage: forward, backward, recompute; averages with its stage's replicas at each iteration end."""
+
+    role = "relay"
+
+    def __init__(self, spec: RunSpec, transport: Transport, membership: Membership, cfg: SwarmConfig, stage: int):
+        super().__init__(spec, transport, membership, cfg)
+        if not 1 <= stage <= spec.model.n_stages:
+            raise UserError(f"stage must be in 1..{spec.model.n_stages}, got {stage}")
+        self.stage = stage
+        self.replica: StageReplica | None = None
+        self.compute_s = 0.0
+        self.iteration_done: dict[int, set[str]] = {}
+        self.iteration_used: dict[int, set[str]] = {}  # replicas of this stage the data nodes routed through
+        self.iteration_steps: dict[int, asyncio.Future] = {}
+        self.averager = GroupAverager(transport, spec.run_id, f"stage{stage}", timeout=cfg.average_timeout)
+        self.tasks: set[asyncio.Task] = set()
+        self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
+        for name, fn in {
+            "regrad": self.rpc_regrad,
+            "forward": self.rpc_forward,
+            "backward": self.rpc_backward,
+            "recompute": self.rpc_recompute,
+            "resend": self.rpc_resend,
+            "end_iteration": self.rpc_end_iteration,
+            "get_state": self.rpc_get_state,
+        }.items():
+            transport.add_handler(name, fn, validator=self.validate)
+
+    def record(self) -> NodeRecord:
+        r = self.replica
+        return NodeRecord(
+            peer_id=self.peer_id,
+            role="relay",
+            stage=self.stage,
+            status=self.status,
+            capacity=self.cfg.capacity,
+            compute_s=self.compute_s,
+            region=self.cfg.region,
+            state_version=r.version if r else -1,
+            holds_weights=r is not None,
+            grad_norm=r.last_grad_norm if r else None,
+            throughput=(r.stats.backward / max(time.time() - self.started, 1e-6)) if r else 0.0,
+            microbatches_done=r.stats.backward if r else 0,
+            maddrs=[],
+        )
+
+    # ---- joining -----------------------------------------------------------------------------------------------
+    async def start(self, build_module, timeout: float = 60.0) -> None:
+        """Announce, take the stage's state (from live replicas, or from the seed at a run's start), serve."""
+        await self.announce()
+        module = await self.compute(build_module, self.stage)
+        self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.cfg.capacity)
+        donors = serving(await self.live_nodes(), "relay", self.stage)
+        if donors:
+            await self.download_state(sorted(donors), timeout)
+        self.status = "serving"
+        await self.announce()
+        self.start_heartbeat()
+        log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
+
+    async def download_state(self, donors: list[str], timeout: float) -> None:
+        """Fetch parameters and optimizer state, parameter names spread over the donors (one version for all)."""
+        assert self.replica is not None
+        names = [n for n, _ in self.replica.module.named_parameters()]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                tensors, meta = await self._fetch_from(donors, names)
+                await self.compute(self.replica.load_state, tensors, meta)
+                log.info(
+                    "relay %s downloaded stage %d v%d from %d donor(s)",
+                    self.peer_id[:8],
+                    self.stage,
+                    meta["version"],
+                    len(donors),
+                )
+                return
+            except (PeerError, BadMessage) as exc:
+                log.warning("state download failed (%s); retrying", exc)
+                donors = sorted(serving(await self.live_nodes(), "relay", self.stage)) or donors
+                await asyncio.sleep(0.2)
+        raise PeerError(f"could not download stage {self.stage} within {timeout:.0f}s")
+
+    async def _fetch_from(self, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+        parts = [names[i :: len(donors)] for i in range(len(donors))]
+        replies = await asyncio.gather(
+            *(self.call(d, "get_state", self.message("state", meta={"names": part})) for d, part in zip(donors, parts))
+        )
+        versions = {r.meta["version"] for r in replies}
+        if len(versions) != 1:
+            raise BadMessage(f"donors are at different versions {sorted(versions)}")
+        tensors: dict[str, torch.Tensor] = {}
+        steps: dict[str, float] = {}
+        for r in replies:
+            tensors.update(zip(r.meta["keys"], r.tensors))
+            steps.update(r.meta["steps"])
+        return tensors, {"version": versions.pop(), "steps": steps, "lr_scale": replies[0].meta["lr_scale"]}
+
+    async def rpc_get_state(self, msg: Message) -> Message:
+        if self.replica is None or self.status != "serving":
+            raise BadMessage("this replica holds no state yet")
+        tensors, meta = await self.compute(self.replica.state)
+        wanted = set(msg.meta.get("names") or [n.split("/", 1)[1] for n in tensors])
+        keys = [k for k in tensors if k.split("/", 1)[1] in wanted]
+        meta["steps"] = {n: s for n, s in meta["steps"].items() if n in wanted}
+        return self.message("state", tensors=[tensors[k] for k in keys], meta={**meta, "keys": keys})
+
+    # ---- validation --------------------------------------------------------------------------------------------
+    def validate(self, msg: Message) -> None:
+        """Shape and dtype of activations and gradients against the model config; route sanity."""
+        if msg.kind in ("forward", "backward", "recompute"):
+            m = self.spec.model
+            for t in msg.tensors:
+                if t.dim() != 3 or t.shape[1] > m.seq_len or t.shape[2] != m.d_model or t.dtype != torch.float32:
+                    raise BadMessage(
+                        f"expected float32 (batch, <= {m.seq_len}, {m.d_model}), got {t.dtype} {tuple(t.shape)}"
+                    )
+            route = msg.meta.get("route")
+            if not isinstance(route, list) or len(route) != m.n_stages or route[self.stage - 1] != self.peer_id:
+                raise BadMessage(f"route does not send stage {self.stage} through this replica")
+            n_expected = {"forward": 1, "backward": 1, "recompute": 2}[msg.kind]
+            if len(msg.tensors) != n_expected:
+                raise BadMessage(f"{msg.kind} carries {n_expected} tensor(s), got {len(msg.tensors)}")
+
+    def _key(self, msg: Message) -> Key:
+        return (str(msg.meta["origin"]), msg.microbatch_id, int(msg.meta.get("attempt", 0)))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("relay %s: %s", self.peer_id[:8], task.exception())
+
+    def _check_iteration(self, msg: Message) -> None:
+        assert self.replica is not None
+        if msg.iteration != self.replica.version:
+            raise BadMessage(f"iteration {msg.iteration} but this replica is at version {self.replica.version}")
+        if len(self.replica.held) >= self.replica.capacity:
+            raise BadMessage(f"replica full ({self.replica.capacity} microbatches held)")
+
+    # ---- forward / backward ------------------------------------------------------------------------------------
+    async def rpc_forward(self, msg: Message) -> Message:
+        if self.replica is None:
+            raise BadMessage("not serving yet")
+        self._check_iteration(msg)
+        self._spawn(self._forward(msg))
+        return self.message("ack")
+
+    async def _forward(self, msg: Message) -> None:
+        assert self.replica is not None
+        t0 = time.perf_counter()
+        out = await self.compute(self.replica.forward, self._key(msg), msg.tensors[0])
+        self.compute_s = (
+            0.8 * self.compute_s + 0.2 * (time.perf_counter() - t0) if self.compute_s else (time.perf_counter() - t0)
+        )
+        route, origin = list(msg.meta["route"]), str(msg.meta["origin"])
+        if self.stage == self.spec.model.n_stages:
+            await self._deliver(origin, "head", msg, out, route)
+            return
+        for _ in range(self.cfg.max_attempts):  # bounded: re-route around a dead next hop
+            nxt = route[self.stage]
+            try:
+                await self.call(nxt, "forward", self._relay_msg(msg, "forward", [out], route))
+                return
+            except PeerError as exc:
+                log.info(
+                    "forward mb %d: next hop %s failed (%s); asking %s for a new one",
+                    msg.microbatch_id,
+                    nxt[:8],
+                    exc,
+                    origin[:8],
+                )
+                route = await self._reroute(origin, msg, self.stage + 1, nxt, route)
+        raise PeerError(f"forward of microbatch {msg.microbatch_id} found no live next hop")
+
+    async def _reroute(self, origin: str, msg: Message, stage: int, dead: str, route: list[str]) -> list[str]:
+        req = self.message(
+            "route",
+            microbatch_id=msg.microbatch_id,
+            iteration=msg.iteration,
+            meta={"stage": stage, "dead": dead, "attempt": msg.meta.get("attempt", 0)},
+        )
+        reply = await self.call(origin, "route", req)
+        return list(reply.meta["route"])
+
+    def _relay_msg(self, msg: Message, kind: str, tensors: list[torch.Tensor], route: list[str]) -> Message:
+        meta = {"route": route, "origin": msg.meta["origin"], "attempt": msg.meta.get("attempt", 0)}
+        return self.message(
+            kind, iteration=msg.iteration, microbatch_id=msg.microbatch_id, stage=self.stage, tensors=tensors, meta=meta
+        )
+
+    async def _deliver(self, origin: str, name: str, msg: Message, tensor: torch.Tensor, route: list[str]) -> None:
+        await self.call(origin, name, self._relay_msg(msg, name, [tensor], route))
+
+    async def rpc_backward(self, msg: Message) -> Message:
+        if self.replica is None:
+            raise BadMessage("not serving yet")
+        if self._key(msg) not in self.replica.held:
+            raise BadMessage(f"no held forward for microbatch {msg.microbatch_id}")
+        self._spawn(self._backward(msg, recompute=False))
+        return self.message("ack")
+
+    async def rpc_recompute(self, msg: Message) -> Message:
+        if self.replica is None:
+            raise BadMessage("not serving yet")
+        if msg.iteration != self.replica.version:
+            raise BadMessage(f"iteration {msg.iteration} but this replica is at version {self.replica.version}")
+        self._spawn(self._backward(msg, recompute=True))
+        return self.message("ack")
+
+    async def _backward(self, msg: Message, recompute: bool) -> None:
+        assert self.replica is not None
+        key = self._key(msg)
+        if recompute:
+            grad_in = await self.compute(self.replica.recompute_backward, key, msg.tensors[0], msg.tensors[1])
+        else:
+            grad_in = await self.compute(self.replica.backward, key, msg.tensors[0])
+        route, origin = list(msg.meta["route"]), str(msg.meta["origin"])
+        self.sent_grads[key] = (grad_in, route)
+        if self.stage == 1:
+            await self._deliver(origin, "embed_grad", msg, grad_in, route)
+            return
+        prev = route[self.stage - 2]
+        try:
+            await self.call(prev, "backward", self._relay_msg(msg, "backward", [grad_in], route))
+        except PeerError as exc:
+            # The previous stage's replica died after its forward: its upstream resends the activation to a new
+            # replica, which recomputes that one stage (design.md section 4). The data node coordinates it.
+            log.info(
+                "backward mb %d: stage %d replica %s failed (%s); recovering",
+                msg.microbatch_id,
+                self.stage - 1,
+                prev[:8],
+                exc,
+            )
+            req = self._relay_msg(msg, "recover", [grad_in], route)
+            req.meta.update({"dead_stage": self.stage - 1, "dead": prev})
+            await self.call(origin, "recover", req)
+
+    async def rpc_regrad(self, msg: Message) -> Message:
+        """The previous stage's replica died during its backward: recover it with the gradient sent to it."""
+        sent = self.sent_grads.get(self._key(msg))
+        if sent is None:
+            raise BadMessage(f"no input gradient kept for microbatch {msg.microbatch_id}")
+        grad_in, route = sent
+        req = self._relay_msg(msg, "recover", [grad_in], route)
+        req.meta.update({"dead_stage": self.stage - 1, "dead": route[self.stage - 2]})
+        await self.call(str(msg.meta["origin"]), "recover", req)
+        return self.message("ack")
+
+    async def rpc_resend(self, msg: Message) -> Message:
+        """Send this replica's held output of a microbatch to a new replica of the next stage, to recompute."""
+        assert self.replica is not None
+        held = self.replica.held.get(self._key(msg))
+        if held is None:
+            raise BadMessage(f"no held output for microbatch {msg.microbatch_id}")
+        route = list(msg.meta["route"])
+        fwd = self._relay_msg(msg, "recompute", [held.out.detach(), msg.tensors[0]], route)
+        await self.call(route[self.stage], "recompute", fwd)
+        return self.message("ack")
+
+    # ---- iteration end -----------------------------------------------------------------------------------------
+    async def rpc_end_iteration(self, msg: Message) -> Message:
+        """Return once this replica has averaged with its stage and stepped (or the iteration timed out)."""
+        assert self.replica is not None
+        i = msg.iteration
+        if i < self.replica.version:
+            return self.message("stepped", meta={"version": self.replica.version})
+        if i > self.replica.version:
+            raise BadMessage(f"end of iteration {i} but this replica is at version {self.replica.version}")
+        self.iteration_done.setdefault(i, set()).add(msg.sender)
+        used = msg.meta.get("used", {}).get(str(self.stage), [])
+        self.iteration_used.setdefault(i, set()).update(str(p) for p in used)
+        if i not in self.iteration_steps:
+            self.iteration_steps[i] = asyncio.ensure_future(self._finish_iteration(i))
+        await asyncio.wait_for(asyncio.shield(self.iteration_steps[i]), timeout=self.cfg.iteration_timeout * 2)
+        return self.message("stepped", meta={"version": self.replica.version})
+
+    async def _finish_iteration(self, i: int) -> None:
+        assert self.replica is not None
+        deadline = time.monotonic() + self.cfg.iteration_timeout
+        while time.monotonic() < deadline:  # wait for every live data node to be done with i
+            data_nodes = set(serving(await self.live_nodes(max_age=0.05), "data"))
+            if data_nodes <= self.iteration_done.get(i, set()):
+                break
+            await asyncio.sleep(0.05)
+        await self._drain_tasks()
+        replicas = [p for p, r in serving(await self.live_nodes(), "relay", self.stage).items() if r.state_version == i]
+        result = await self.averager.average(i, self.replica.grad_tensors(), self.replica.count, replicas)
+        await self.compute(self.replica.apply_averaged, result.grads, i)
+        self.sent_grads.clear()
+        self.iteration_done.pop(i, None)
+        self.iteration_steps = {k: v for k, v in self.iteration_steps.items() if k >= i}
+        await self.announce()
+
+    async def _drain_tasks(self) -> None:
+        """Let in-flight backward work finish (bounded) before the gradients are read."""
+        pending = [t for t in self.tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=self.cfg.call_timeout)
+
+    async def close(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        await super().close()

@@ -1,0 +1,81 @@
+"""`gwtf bootstrap`: start a run. A DHT peer holds the run record; its address is what volunteers join.
+
+    gwtf bootstrap --run myrun --preset debug --stages 4 [--config run.toml] [--set optim.lr=1e-3]
+
+It prints the multiaddress to pass as `--initial-peers` (and writes it to `--addr-file`), then keeps the DHT peer
+and the run record alive until it is stopped. Loopback only unless `--public` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from gwtf.config import load_config, to_dict
+from gwtf.membership import RunRecord, make_dht
+from gwtf.node import SwarmConfig
+
+log = logging.getLogger(__name__)
+
+RECORD_REFRESH_S = 30.0
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -> None:
+    parser.add_argument("--run", required=True, help="run name (the DHT key prefix of all its records)")
+    parser.add_argument("--preset", default=None, help="model preset (overrides the config file)")
+    parser.add_argument("--stages", type=int, default=None, help="relay stages")
+    parser.add_argument("--config", default=None, help="run config TOML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--data-nodes", type=int, default=1, help="data nodes that drive the run")
+    parser.add_argument("--router", default="gwtf", help="gwtf | swarm | round-robin | oracle")
+    parser.add_argument("--addr-file", default=None, help="also write the address here")
+    parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+
+
+def build_record(args: argparse.Namespace) -> RunRecord:
+    cfg = load_config(args.config, args.set)
+    if args.preset:
+        cfg.preset = args.preset
+    if args.stages:
+        cfg.stages = args.stages
+    model = cfg.model_config()
+    swarm = SwarmConfig(router=args.router)
+    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, "swarm": swarm.__dict__}
+    return RunRecord(
+        run_id=args.run, model=model.to_dict(), model_hash=model.config_hash(), config=config, created=time.time()
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from gwtf.membership import DHTMembership
+
+    record = build_record(args)
+    dht = make_dht(None, loopback=not args.public)
+    membership = DHTMembership(dht, args.run)
+    addrs = [str(a) for a in dht.get_visible_maddrs()]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        membership.publish_run(record)
+        print(" ".join(addrs), flush=True)
+        if args.addr_file:
+            Path(args.addr_file).write_text(" ".join(addrs))
+        log.info(
+            "run %s: %s, %d stages, model hash %s",
+            args.run,
+            record.model["family"],
+            record.model["n_stages"],
+            record.model_hash,
+        )
+        while not stop.wait(RECORD_REFRESH_S):
+            membership.publish_run(record)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        membership.close()
+        dht.shutdown()
+    return 0

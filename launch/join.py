@@ -1,0 +1,139 @@
+"""`gwtf join`: a volunteer joins a run as a relay (serves one stage) or as a data node (drives iterations).
+
+    gwtf join --initial-peers ADDR --run myrun                       # relay; picks the stage that needs it
+    gwtf join --initial-peers ADDR --run myrun --role data --rank 0 --metrics data0.jsonl
+
+The node reads the run record, refuses a run whose model hash differs from the config it builds, then serves
+until it is stopped (a relay) or until the run's steps are done (a data node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+
+from gwtf.config import from_dict
+from gwtf.errors import UserError
+from gwtf.membership import RunRecord, check_model_hash, make_dht
+from gwtf.metrics import MetricsWriter
+from gwtf.node import RunSpec, SwarmConfig, choose_stage, serving
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> None:
+    parser.add_argument("--initial-peers", nargs="+", required=True, help="multiaddress(es) printed by bootstrap")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--role", choices=("relay", "data"), default="relay")
+    parser.add_argument("--stage", type=int, default=None, help="relay stage (default: where it adds most)")
+    parser.add_argument("--rank", type=int, default=0, help="data node rank (its data shard)")
+    parser.add_argument("--capacity", type=int, default=None, help="microbatches held at once")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--region", default=None, help="emulate this region's links (shared/data/regions.json)")
+    parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
+    parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+    parser.add_argument("--join-timeout", type=float, default=60.0)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from gwtf.membership import DHTMembership
+    from gwtf.transport import HivemindTransport, LinkEmulator
+
+    dht = make_dht(args.initial_peers, loopback=not args.public)
+    membership = DHTMembership(dht, args.run)
+    try:
+        record = await asyncio.to_thread(membership.get_run, args.join_timeout)
+        if record is None:
+            raise UserError(f"run {args.run!r} not found via {args.initial_peers[0]}: check --run and --initial-peers")
+        spec, swarm_cfg = _spec(args, record)
+        p2p = await dht.replicate_p2p()
+        emulator = LinkEmulator() if args.region else None
+        transport = await HivemindTransport.create(p2p, args.run, region=args.region, emulator=emulator)
+        if args.role == "relay":
+            return await _serve_relay(args, spec, swarm_cfg, transport, membership)
+        return await _drive_data(args, record, spec, swarm_cfg, transport, membership)
+    finally:
+        dht.shutdown()
+
+
+def _spec(args: argparse.Namespace, record: RunRecord) -> tuple[RunSpec, SwarmConfig]:
+    from gwtf.swarm import run_spec
+
+    cfg = from_dict(record.config["run"])
+    check_model_hash(record, cfg.model_config().config_hash())
+    swarm = {**record.config.get("swarm", {}), "region": args.region}
+    if args.capacity:
+        swarm["capacity"] = args.capacity
+    return run_spec(args.run, cfg), SwarmConfig(**swarm)
+
+
+async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
+    from gwtf.node import RelayNode
+    from gwtf.swarm import module_builder
+
+    stage = args.stage or choose_stage(await asyncio.to_thread(membership.live_nodes), spec.model.n_stages)
+    node = RelayNode(spec, transport, membership, swarm_cfg, stage)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await node.start(module_builder(spec), timeout=args.join_timeout)
+    print(f"relay {transport.peer_id} serving stage {stage}", flush=True)
+    await stop.wait()
+    await node.close()
+    return 0
+
+
+async def _drive_data(args, record, spec, swarm_cfg, transport, membership) -> int:
+    from gwtf.config import RunConfig
+    from gwtf.data import load_data
+    from gwtf.datanode import DataNode
+    from gwtf.routing.base import make_router
+    from gwtf.swarm import make_schedule, module_builder, view_builder
+
+    cfg: RunConfig = from_dict(record.config["run"])
+    data = load_data(cfg.data, spec.model.seq_len)
+    schedule = make_schedule(cfg, data, int(record.config.get("data_nodes", 1)))
+    node = DataNode(
+        spec,
+        transport,
+        membership,
+        swarm_cfg,
+        args.rank,
+        schedule,
+        make_router(swarm_cfg.router, spec.seed),
+        module_builder(spec),
+        view_builder(spec, cfg.train.microbatch_size),
+    )
+    await node.start()
+    metrics = MetricsWriter(args.metrics)
+    t0 = time.perf_counter()
+    try:
+        while node.iteration < spec.total_steps:
+            report = await node.run_iteration()
+            live = await node.live_nodes()
+            per_stage = [len(serving(live, "relay", k)) for k in range(1, spec.model.n_stages + 1)]
+            metrics.write(
+                event="iteration",
+                iteration=report.iteration,
+                loss=report.loss,
+                tokens_per_s=report.tokens / max(report.seconds, 1e-9),
+                seconds=report.seconds,
+                started=report.started,
+                finished=report.finished,
+                rerouted=report.rerouted,
+                partial=report.partial,
+                lost=report.lost,
+                waves=report.waves,
+                live_per_stage=per_stage,
+            )
+        metrics.write(event="done", seconds=time.perf_counter() - t0)
+    finally:
+        metrics.close()
+        await node.close()
+    return 0

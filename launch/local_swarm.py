@@ -1,0 +1,234 @@
+"""A whole swarm of processes on 127.0.0.1: bootstrap, relays, data nodes; a crash injected and recovered.
+
+    gwtf demo                                   # the README's main job: debug model, embedded corpus
+    python -m launch.local_swarm --stages 3 --replicas 2 --steps 40 --crash-at 15 --out runs/demo
+
+Every node is a real process on hivemind (DHT + P2P on loopback). At `--crash-at`, one relay is killed with
+SIGKILL in the middle of an iteration; its stage goes on with the surviving replica, and a new volunteer joins
+(choosing the stage that lacks capacity and downloading its state from the live replica). Every process this
+starts is ended by its pid when the run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gwtf.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessGroup:
+    """Child processes started by this launcher, ended by pid (SIGTERM, then SIGKILL) whatever happens."""
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process group)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gwtf.cli", *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        """The crash: SIGKILL, no goodbye."""
+        self.procs[name].send_signal(signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def failed(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> None:
+    parser.add_argument("--preset", default="debug")
+    parser.add_argument("--stages", type=int, default=3, help="relay stages")
+    parser.add_argument("--replicas", type=int, default=2, help="replicas per relay stage at the start")
+    parser.add_argument("--data-nodes", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crash-at", type=int, default=10, help="step at which a relay is SIGKILLed (-1: never)")
+    parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")
+    parser.add_argument("--router", default="gwtf", help="gwtf | swarm | round-robin | oracle")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
+    parser.add_argument("--out", default="runs/demo", help="logs, metrics and the summary JSON")
+    parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*"):
+        if stale.is_file():
+            stale.unlink()
+    group = ProcessGroup(out)
+    try:
+        summary = _run_swarm(args, group, out)
+    finally:
+        group.stop_all()
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"summary: {out / 'summary.json'}; node logs in {out}/")
+    return 0 if summary["ok"] else 1
+
+
+def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path) -> dict:
+    run_id = f"demo-{os.getpid()}"
+    addr_file = out / "initial_peers.txt"
+    overrides = [f"train.steps={args.steps}", f"train.seed={args.seed}", *args.set]
+    group.start(
+        "bootstrap",
+        [
+            "bootstrap",
+            "--run",
+            run_id,
+            "--preset",
+            args.preset,
+            "--stages",
+            str(args.stages),
+            "--data-nodes",
+            str(args.data_nodes),
+            "--router",
+            args.router,
+            "--addr-file",
+            str(addr_file),
+            *sum((["--set", o] for o in overrides), []),
+        ],
+    )
+    peers = _wait_for_file(addr_file, group, timeout=60).split()
+    join = ["join", "--run", run_id, "--initial-peers", *peers]
+    for stage in range(1, args.stages + 1):
+        for r in range(args.replicas):
+            group.start(f"relay-s{stage}-{r}", [*join, "--role", "relay", "--stage", str(stage)])
+    metrics = [out / f"data-{rank}.jsonl" for rank in range(args.data_nodes)]
+    for rank, path in enumerate(metrics):
+        group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path)])
+    print(
+        f"swarm {run_id}: {args.stages} stages x {args.replicas} replicas, {args.data_nodes} data node(s), "
+        f"{args.steps} steps; initial peers {peers[0]}"
+    )
+    return _monitor(args, group, join, metrics)
+
+
+def _wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if group.failed():
+            raise UserError(f"{group.failed()} exited early; see {group.log_dir}")
+        time.sleep(0.1)
+    raise UserError(f"bootstrap did not publish its address within {timeout:.0f}s; see {group.log_dir}")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written
+    return rows
+
+
+def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], metrics: list[Path]) -> dict:
+    deadline = time.monotonic() + args.timeout
+    crashed: dict = {}
+    shown = 0
+    while time.monotonic() < deadline:
+        rows = [r for r in _read_metrics(metrics[0]) if r.get("event") == "iteration"]
+        for row in rows[shown:]:
+            print(
+                f"step {row['iteration']:4d}  loss {row['loss']:.4f}  {row['tokens_per_s']:8.0f} tok/s  "
+                f"live per stage {row['live_per_stage']}  rerouted {row['rerouted']}  lost {row['lost']}",
+                flush=True,
+            )
+        shown = len(rows)
+        if args.crash_at >= 0 and not crashed and shown >= args.crash_at:
+            crashed = _crash_and_rejoin(args, group, join, shown)
+        done = [p for p in metrics if any(r.get("event") == "done" for r in _read_metrics(p))]
+        if len(done) == len(metrics):
+            break
+        if group.failed():
+            log.error("processes failed: %s", group.failed())
+            break
+        time.sleep(0.2)
+    return _summarize(args, group, metrics, crashed)
+
+
+def _crash_and_rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step: int) -> dict:
+    victim = f"relay-s{args.crash_stage}-0"
+    time.sleep(0.1)  # land inside the iteration, with microbatches in flight
+    group.kill(victim)
+    print(f"** crash: SIGKILL {victim} (stage {args.crash_stage}) during step {step}", flush=True)
+    group.start("joiner-0", [*join, "--role", "relay"])  # chooses the stage that lacks capacity
+    print("** a new volunteer joins (no --stage: it picks the stage that needs it)", flush=True)
+    return {"victim": victim, "stage": args.crash_stage, "step": step, "wall_time": time.time()}
+
+
+def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path], crashed: dict) -> dict:
+    per_node = [_read_metrics(p) for p in metrics]
+    iters = [[r for r in rows if r.get("event") == "iteration"] for rows in per_node]
+    totals = {
+        k: sum(r[k] for rows in iters for r in rows) for k in ("started", "finished", "rerouted", "partial", "lost")
+    }
+    losses = [r["loss"] for r in iters[0]]
+    done = all(any(r.get("event") == "done" for r in rows) for rows in per_node)
+    joiner = (group.log_dir / "joiner-0.log").read_text() if (group.log_dir / "joiner-0.log").exists() else ""
+    summary = {
+        "ok": done and totals["lost"] == 0 and len(losses) == args.steps and not group.failed(),
+        "steps": len(losses),
+        "losses": losses,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "microbatches": totals,
+        "crash": crashed,
+        "joiner_served": "serving stage" in joiner,
+        "failed_processes": group.failed(),
+    }
+    if losses:
+        print(
+            f"done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; microbatches {totals}; "
+            f"crash recovered: {bool(crashed) and summary['ok']}; joiner served: {summary['joiner_served']}"
+        )
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,6 +49,8 @@ _MAGIC = b"GWT1"
 _PREFIX = struct.Struct("!4sIQ")  # magic, header length, body length
 _ALIGN = 64  # each tensor starts at a multiple of this in the body, so decoded views are aligned
 _DRAIN_CHUNK = 1 << 20
+_THREAD_IO_BYTES = 4 << 20  # socket transfers from this size on run in a worker thread
+_THREAD_IO_TIMEOUT = 300.0  # bounds a worker thread stuck on a silent peer (callers time out much sooner)
 DEFAULT_DTYPES = frozenset(
     {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 )
@@ -270,7 +272,7 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
-def _decode_body(header: _Header, body: bytearray, sender: str) -> Message:
+def _decode_body(header: _Header, body: Any, sender: str) -> Message:
     """Checksum, tensors as views of `body` (which the message then owns), finite values."""
     if zlib.crc32(body) != header.crc:
         raise BadMessage("checksum mismatch")
@@ -344,6 +346,9 @@ class _SocketReader:
         return bytes(buf)
 
     async def read_into(self, buf: memoryview) -> None:
+        if len(buf) >= _THREAD_IO_BYTES:
+            await _in_thread(self._sock, _recv_exactly, buf)
+            return
         loop = asyncio.get_running_loop()
         pos = 0
         while pos < len(buf):
@@ -351,6 +356,25 @@ class _SocketReader:
             if got == 0:
                 raise asyncio.IncompleteReadError(b"", len(buf) - pos)
             pos += got
+
+
+def _recv_exactly(sock: socket.socket, buf: memoryview) -> None:
+    pos = 0
+    while pos < len(buf):
+        got = sock.recv_into(buf[pos:])
+        if got == 0:
+            raise asyncio.IncompleteReadError(b"", len(buf) - pos)
+        pos += got
+
+
+async def _in_thread(sock: socket.socket, fn: Callable[[socket.socket, memoryview], None], buf: memoryview) -> None:
+    """Big transfers run as blocking socket calls in a worker thread: they release the GIL and move megabytes per
+    call, where the event loop's non-blocking path costs a loop iteration per socket-buffer's worth."""
+    sock.settimeout(_THREAD_IO_TIMEOUT)
+    try:
+        await asyncio.to_thread(fn, sock, buf)
+    finally:
+        sock.setblocking(False)
 
 
 async def _skip(reader: _Reader, n: int) -> None:
@@ -366,8 +390,9 @@ async def _read_header(reader: _Reader, limits: MessageLimits) -> _Header:
     return _parse_header(await reader.read_exactly(header_len), body_len)
 
 
-async def _read_body(reader: _Reader, header: _Header) -> bytearray:
-    body = bytearray(header.body_len)
+async def _read_body(reader: _Reader, header: _Header) -> Any:
+    """A fresh writable buffer holding the body (a numpy array: allocated without zero-filling)."""
+    body = torch.empty(header.body_len, dtype=torch.uint8).numpy()
     await reader.read_into(memoryview(body))
     return body
 
@@ -737,7 +762,7 @@ class HivemindTransport(Transport):
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the caller went away; nothing to answer
         finally:
-            conn.close()
+            _close(conn)
 
     async def _hello(self, msg: Message) -> Message:
         if self._server is None:
@@ -797,7 +822,7 @@ class HivemindTransport(Transport):
             if reusable:
                 idle.append(sock)
             else:  # cancelled or failed mid-frame: the connection is out of step
-                sock.close()
+                _close(sock)
 
     async def _connect(self, peer_id: str, endpoint: tuple[str, int, bytes]) -> socket.socket:
         host, port, token = endpoint
@@ -827,6 +852,12 @@ class HivemindTransport(Transport):
             await self.p2p.remove_binary_stream_handler(self._protocol)
 
 
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a worker thread blocked on it
+    sock.close()
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -836,8 +867,14 @@ async def _sock_send(sock: socket.socket, frame: Sequence[bytes | memoryview]) -
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(sock, b"".join(frame[:2]))  # prefix + header in one segment
     for buf in frame[2:]:
-        if len(buf):
+        if len(buf) >= _THREAD_IO_BYTES:
+            await _in_thread(sock, _send_all, memoryview(buf))
+        elif len(buf):
             await loop.sock_sendall(sock, buf)
+
+
+def _send_all(sock: socket.socket, buf: memoryview) -> None:
+    sock.sendall(buf)
 
 
 async def _p2p_ipv4(p2p: P2P) -> str:

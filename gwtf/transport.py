@@ -393,7 +393,7 @@ async def _read_header(reader: _Reader, limits: MessageLimits) -> _Header:
 async def _read_body(reader: _Reader, header: _Header) -> Any:
     """A fresh writable buffer holding the body (a numpy array: allocated without zero-filling)."""
     body = torch.empty(header.body_len, dtype=torch.uint8).numpy()
-    await reader.read_into(memoryview(body))
+    await reader.read_into(body.data)
     return body
 
 

@@ -1,0 +1,54 @@
+"""GWTFRouter: the decentralized agents behind the Router interface.
+
+How it maps to a deployment: in a swarm every node runs its own `Agent` and the messages go over the
+runtime's transport; here one process holds all agents of the view and steps them over the in-process bus
+(the simulator does the same). The state carries over between plans: on a crash or a join only the agents
+that knew the departed peer, and the newcomer, renegotiate; everyone else keeps its slots.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gwtf.routing.agent import AgentConfig
+from gwtf.routing.base import Plan, Router, SwarmView, validate_demands
+from gwtf.routing.protocol import ProtocolRun, card_of
+
+logger = logging.getLogger(__name__)
+
+
+class GWTFRouter(Router):
+    name = "gwtf"
+
+    def __init__(self, seed: int = 0, rounds: int = 40, reconverge_rounds: int = 20, cfg: AgentConfig | None = None):
+        super().__init__(seed)
+        self.rounds, self.reconverge_rounds = rounds, reconverge_rounds
+        self.cfg = cfg or AgentConfig()
+        self.run: ProtocolRun | None = None
+        self._demands: dict[str, int] = {}
+        self.trace: list[tuple[int, float]] = []
+
+    def plan(self, view: SwarmView, demands: dict[str, int]) -> Plan:
+        validate_demands(view, demands)
+        run = self.run
+        if run is None or demands != self._demands or set(view.data_nodes) != set(run.view.data_nodes):
+            self.run = ProtocolRun(view, demands, self.cfg, self.seed)
+            self._demands = dict(demands)
+            self.trace = self.run.run(self.rounds)
+        else:
+            self._update(run, view)
+            self.trace = run.run(self.reconverge_rounds)
+        assert self.run is not None
+        return self._record(self.run.plan())
+
+    def _update(self, run: ProtocolRun, view: SwarmView) -> None:
+        """Crash the relays that left, add the ones that joined; the agents renegotiate locally."""
+        gone = set(run.view.relays) - set(view.relays)
+        new = sorted(set(view.relays) - set(run.view.relays))
+        run.view = view
+        run.directory.costs.view = view
+        if gone:
+            affected = run.crash(gone)
+            logger.debug("gwtf: %d relays gone, %d agents renegotiate", len(gone), len(affected))
+        if new:
+            run.join([card_of(view, p) for p in new])

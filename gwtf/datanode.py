@@ -89,7 +89,7 @@ class DataNode(NodeBase):
     ):
         super().__init__(spec, transport, membership, cfg)
         self.rank, self.schedule, self.router = rank, schedule, router
-        self.view_builder = view_builder  # (live records) -> SwarmView
+        self.view_builder = view_builder  # (live records, iteration) -> SwarmView
         self.stage0 = StageReplica(0, build_module(0), spec.optim, spec.total_steps, capacity=1 << 30)
         self.head: Any = self.stage0.module  # models.staged.HeadStage: embed / loss
         self.iteration = 0
@@ -211,7 +211,7 @@ class DataNode(NodeBase):
 
     # ---- the view and readiness ----------------------------------------------------------------------------------
     async def view(self) -> SwarmView:
-        return self.view_builder(await self.live_nodes())
+        return self.view_builder(await self.live_nodes(), self.iteration)
 
     async def wait_for_stages(self, timeout: float) -> None:
         """Until every relay stage has a serving replica at this iteration's version."""

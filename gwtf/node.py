@@ -103,7 +103,11 @@ class NodeBase:
         return self._view[1]
 
     async def announce(self) -> None:
-        await asyncio.to_thread(self.membership.announce, self.record(), self.cfg.record_ttl_s)
+        """Write this node's record now; a failed write is logged, the heartbeat writes it again soon."""
+        try:
+            await asyncio.to_thread(self.membership.announce, self.record(), self.cfg.record_ttl_s)
+        except Exception as exc:  # the DHT refusing one store must not fail an iteration
+            log.warning("%s: announcing its record failed (%s); the heartbeat retries", self.peer_id[:8], exc)
 
     def start_heartbeat(self) -> None:
         self.membership.start_heartbeat(self.record, self.cfg.heartbeat_s, self.cfg.record_ttl_s)
@@ -150,6 +154,7 @@ class RelayNode(NodeBase):
         self.iteration_steps: dict[int, asyncio.Future] = {}
         self.averager = GroupAverager(transport, spec.run_id, f"stage{stage}", timeout=cfg.average_timeout)
         self.tasks: set[asyncio.Task] = set()
+        self.catching_up: asyncio.Future | None = None
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
         for name, fn in {
             "regrad": self.rpc_regrad,
@@ -232,6 +237,25 @@ class RelayNode(NodeBase):
             steps.update(r.meta["steps"])
         return tensors, {"version": versions.pop(), "steps": steps, "lr_scale": replies[0].meta["lr_scale"]}
 
+    async def _catch_up(self, version: int) -> None:
+        try:
+            donors = [
+                p
+                for p, r in serving(await self.live_nodes(max_age=0), "relay", self.stage).items()
+                if r.state_version >= version and p != self.peer_id
+            ]
+            if donors:
+                log.info(
+                    "relay %s is behind (v%d < v%d): downloading",
+                    self.peer_id[:8],
+                    self.replica.version if self.replica else -1,
+                    version,
+                )
+                await self.download_state(sorted(donors), self.cfg.iteration_timeout)
+                await self.announce()
+        finally:
+            self.catching_up = None
+
     async def rpc_get_state(self, msg: Message) -> Message:
         if self.replica is None or self.status != "serving":
             raise BadMessage("this replica holds no state yet")
@@ -273,6 +297,9 @@ class RelayNode(NodeBase):
 
     def _check_iteration(self, msg: Message) -> None:
         assert self.replica is not None
+        if msg.iteration > self.replica.version and self.catching_up is None:
+            # The swarm stepped without this replica (it joined mid-iteration, or missed an end): fetch the state.
+            self.catching_up = asyncio.ensure_future(self._catch_up(msg.iteration))
         if msg.iteration != self.replica.version:
             raise BadMessage(f"iteration {msg.iteration} but this replica is at version {self.replica.version}")
         if len(self.replica.held) >= self.replica.capacity:

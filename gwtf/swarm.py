@@ -38,15 +38,17 @@ def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
     return lambda k: build_stage(spec.model, k, spec.seed)
 
 
-def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, NodeRecord]], SwarmView]:
-    """Turn live membership records into what a router needs; only serving, up-to-date nodes carry traffic."""
+def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, NodeRecord], int], SwarmView]:
+    """Turn live membership records into what a router needs; only serving nodes at the iteration's version
+    carry traffic (a replica that is behind catches up first)."""
     m = spec.model
     activation_bytes = microbatch_size * m.seq_len * m.d_model * 4
 
-    def build(nodes: dict[str, NodeRecord]) -> SwarmView:
+    def build(nodes: dict[str, NodeRecord], iteration: int) -> SwarmView:
         relays = {
             p: RelayInfo(p, r.stage, r.capacity, max(r.compute_s, 1e-4), r.region)
             for p, r in serving(nodes, "relay").items()
+            if r.state_version == iteration
         }
         data = {p: DataInfo(p, r.region) for p, r in serving(nodes, "data").items()}
         return SwarmView(m.n_stages, relays, data, activation_bytes)

@@ -575,6 +575,8 @@ class Transport(ABC):
     async def _run_handler(self, name: str, fn: Handler, msg: Message) -> list[bytes | memoryview]:
         try:
             reply = await fn(msg)
+        except BadMessage as exc:  # the handler's own refusal (stale iteration, full replica): no traceback
+            return self._refuse(msg.sender, name, exc)
         except Exception as exc:  # a handler bug must not take the node down; the caller learns why
             logger.exception("%s: handler %r failed on a message from %s", self.peer_id, name, msg.sender)
             return error_frame(f"handler {name!r} failed: {type(exc).__name__}: {exc}", self.run_id)

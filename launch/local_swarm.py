@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
     parser.add_argument("--stages", type=int, default=3, help="relay stages")
     parser.add_argument("--replicas", type=int, default=2, help="replicas per relay stage at the start")
     parser.add_argument("--data-nodes", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crash-at", type=int, default=10, help="step at which a relay is SIGKILLed (-1: never)")
     parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")

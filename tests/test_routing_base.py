@@ -37,7 +37,7 @@ def test_view_cost_uses_region_matrix():
 
 
 def test_make_router_names():
-    for name in ("swarm", "round-robin"):
+    for name in ("gwtf", "swarm", "round-robin", "oracle"):
         assert make_router(name, seed=1).name == name
     with pytest.raises(UserError):
         make_router("fastest")

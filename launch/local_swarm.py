@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crash-at", type=int, default=10, help="step at which a relay is SIGKILLed (-1: never)")
     parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")
-    parser.add_argument("--router", default="gwtf", help="gwtf | swarm | round-robin | oracle")
+    parser.add_argument("--router", default="round-robin", help="gwtf | swarm | round-robin | oracle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     parser.add_argument("--out", default="runs/demo", help="logs, metrics and the summary JSON")
     parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")
@@ -185,6 +185,11 @@ def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], met
     return _summarize(args, group, metrics, crashed)
 
 
+def _joiner_served(group: ProcessGroup) -> bool:
+    log_file = group.log_dir / "joiner-0.log"
+    return log_file.exists() and "serving stage" in log_file.read_text()
+
+
 def _crash_and_rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step: int) -> dict:
     victim = f"relay-s{args.crash_stage}-0"
     time.sleep(0.1)  # land inside the iteration, with microbatches in flight
@@ -203,7 +208,6 @@ def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path
     }
     losses = [r["loss"] for r in iters[0]]
     done = all(any(r.get("event") == "done" for r in rows) for rows in per_node)
-    joiner = (group.log_dir / "joiner-0.log").read_text() if (group.log_dir / "joiner-0.log").exists() else ""
     summary = {
         "ok": done and totals["lost"] == 0 and len(losses) == args.steps and not group.failed(),
         "steps": len(losses),
@@ -212,7 +216,7 @@ def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path
         "last_loss": losses[-1] if losses else None,
         "microbatches": totals,
         "crash": crashed,
-        "joiner_served": "serving stage" in joiner,
+        "joiner_served": _joiner_served(group),
         "failed_processes": group.failed(),
     }
     if losses:

@@ -1,0 +1,40 @@
+"""Real swarms: every node a process on hivemind (DHT + P2P on 127.0.0.1), as `gwtf demo` runs them."""
+
+import json
+
+import pytest
+
+from gwtf.cli import main
+from gwtf.config import load_config
+from gwtf.trainer import train_local
+
+SETTINGS = ["data.max_bytes=300000", "train.microbatch_size=4", "train.microbatches_per_step=4", "optim.warmup_steps=3"]
+
+
+def demo(tmp_path, *extra: str) -> dict:
+    argv = ["demo", "--preset", "debug", "--stages", "2", "--router", "round-robin", "--out", str(tmp_path),
+            "--timeout", "150", *sum((["--set", s] for s in SETTINGS), []), *extra]  # fmt: skip
+    code = main(argv)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 0, summary
+    return summary
+
+
+@pytest.mark.timeout(180)
+def test_process_swarm_reproduces_train_local(tmp_path):
+    steps = 6
+    summary = demo(tmp_path, "--replicas", "1", "--steps", str(steps), "--crash-at", "-1", "--seed", "5")
+    cfg = load_config(None, [*SETTINGS, "stages=2", f"train.steps={steps}", "train.seed=5", "train.eval_every=0"])
+    reference = train_local(cfg, progress=False)["losses"]
+    assert summary["losses"] == pytest.approx(reference, abs=1e-4)
+    assert summary["microbatches"]["lost"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path):
+    summary = demo(tmp_path, "--replicas", "2", "--steps", "30", "--crash-at", "4", "--crash-stage", "1")
+    assert summary["crash"]["stage"] == 1
+    assert summary["microbatches"]["lost"] == 0
+    assert summary["microbatches"]["started"] == summary["microbatches"]["finished"] + summary["microbatches"]["partial"]
+    assert summary["joiner_served"], "the joiner did not start serving"
+    assert summary["last_loss"] < summary["first_loss"] - 0.3

@@ -34,7 +34,8 @@ def test_process_swarm_reproduces_train_local(tmp_path):
 def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path):
     summary = demo(tmp_path, "--replicas", "2", "--steps", "30", "--crash-at", "4", "--crash-stage", "1")
     assert summary["crash"]["stage"] == 1
-    assert summary["microbatches"]["lost"] == 0
-    assert summary["microbatches"]["started"] == summary["microbatches"]["finished"] + summary["microbatches"]["partial"]
+    mb = summary["microbatches"]
+    assert mb["lost"] == 0
+    assert mb["started"] == mb["finished"] + mb["partial"]
     assert summary["joiner_served"], "the joiner did not start serving"
     assert summary["last_loss"] < summary["first_loss"] - 0.3

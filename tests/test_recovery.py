@@ -1,0 +1,179 @@
+"""Stage recovery: the CheckFree formula, CheckFree+ order and edge copies, the baselines, the failure schedule,
+and a tiny training run where CheckFree rebuilds a lost middle stage better than a random re-init."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gwtf.errors import UserError
+from gwtf.optim import OptimConfig, make_optimizer
+from gwtf.recovery import (
+    CheckpointStore,
+    FailureSchedule,
+    RecoveryError,
+    install,
+    iteration_failure_probability,
+    make_strategy,
+    swap_order,
+)
+from models.presets import get_preset
+from models.staged import build_stage
+
+CFG = get_preset("debug", stages=6)  # 6 equal relay stages of one layer
+
+
+def linear(value: float) -> nn.Module:
+    module = nn.Linear(2, 2)
+    with torch.no_grad():
+        module.weight.fill_(value)
+        module.bias.fill_(-value)
+    return module
+
+
+def test_checkfree_is_the_gradient_norm_weighted_average():
+    stages = {2: linear(1.0), 4: linear(5.0)}
+    rebuilt = make_strategy("checkfree").rebuild(3, stages, {2: 1.0, 4: 3.0}, CFG, seed=0)
+    assert torch.allclose(rebuilt.state_dict["weight"], torch.full((2, 2), (1 * 1.0 + 3 * 5.0) / 4))
+    assert torch.allclose(rebuilt.state_dict["bias"], torch.full((2,), -(1 * 1.0 + 3 * 5.0) / 4))
+    assert rebuilt.fresh_optimizer and rebuilt.lr_scale > 1.0 and rebuilt.source == "mean(2,4)"
+    squared = make_strategy("checkfree", weighting="squared").rebuild(3, stages, {2: 1.0, 4: 3.0}, CFG, seed=0)
+    assert torch.allclose(squared.state_dict["weight"], torch.full((2, 2), (1 * 1.0 + 9 * 5.0) / 10))
+
+
+def test_checkfree_equal_norms_give_the_plain_mean_and_neighbours_stay_untouched():
+    a, b = build_stage(CFG, 2, seed=1), build_stage(CFG, 4, seed=2)
+    before = copy.deepcopy(a.state_dict())
+    rebuilt = make_strategy("checkfree").rebuild(3, {2: a, 4: b}, {2: 0.7, 4: 0.7}, CFG, seed=0)
+    for name, tensor in rebuilt.state_dict.items():
+        assert torch.allclose(tensor, (a.state_dict()[name] + b.state_dict()[name]) / 2)
+    assert all(torch.equal(before[n], t) for n, t in a.state_dict().items())
+
+
+def test_checkfree_edge_stage_copies_its_one_neighbour_and_lr_boost_decays():
+    stages = {2: linear(2.0), 3: linear(3.0)}
+    rebuilt = make_strategy("checkfree", lr_scale=1.2, lr_decay_steps=10).rebuild(1, stages, {}, CFG, seed=0)
+    assert torch.equal(rebuilt.state_dict["weight"], stages[2].weight) and rebuilt.source == "copy(2)"
+    assert rebuilt.lr_scale_at(0) == pytest.approx(1.2) and rebuilt.lr_scale_at(5) == pytest.approx(1.1)
+    assert rebuilt.lr_scale_at(10) == 1.0 == rebuilt.lr_scale_at(50)
+
+
+def test_checkfree_plus_swap_order_and_edge_copies_partner():
+    assert swap_order(6, 0) == [1, 2, 3, 4, 5, 6]
+    assert swap_order(6, 1) == [2, 1, 3, 4, 6, 5] and swap_order(6, 3) == swap_order(6, 1)
+    assert swap_order(4, 1) == [2, 1, 4, 3]
+    plus = make_strategy("checkfree+")
+    assert plus.stage_order(6, 1) == [2, 1, 3, 4, 6, 5]
+    stages = {k: linear(float(k)) for k in range(1, 7)}
+    last = plus.rebuild(6, {k: m for k, m in stages.items() if k != 6}, {}, CFG, seed=0)
+    first = plus.rebuild(1, {k: m for k, m in stages.items() if k != 1}, {}, CFG, seed=0)
+    middle = plus.rebuild(3, {k: m for k, m in stages.items() if k != 3}, {2: 1.0, 4: 1.0}, CFG, seed=0)
+    assert float(last.state_dict["weight"][0, 0]) == 5.0 and float(first.state_dict["weight"][0, 0]) == 2.0
+    assert float(middle.state_dict["weight"][0, 0]) == 3.0  # (2 + 4) / 2
+
+
+def test_strategies_refuse_what_they_cannot_do():
+    uneven = get_preset("debug").replace(n_layers=5)
+    for name in ("checkfree", "checkfree+", "copy"):
+        with pytest.raises(UserError, match="equal stages"):
+            make_strategy(name).check(uneven)
+    make_strategy("random").check(uneven)
+    with pytest.raises(UserError, match="at least 4"):
+        make_strategy("checkfree+").check(get_preset("debug", stages=3))
+    with pytest.raises(UserError, match="unknown recovery strategy"):
+        make_strategy("magic")
+    with pytest.raises(RecoveryError):
+        make_strategy("checkfree").rebuild(3, {}, {}, CFG, seed=0)
+
+
+def test_copy_and_random():
+    a, b = build_stage(CFG, 2, seed=1), build_stage(CFG, 4, seed=2)
+    copied = make_strategy("copy").rebuild(3, {2: a, 4: b}, {}, CFG, seed=0)
+    assert all(torch.equal(t, a.state_dict()[n]) for n, t in copied.state_dict.items())
+    first = make_strategy("copy").rebuild(1, {2: a, 4: b}, {}, CFG, seed=0)
+    assert all(torch.equal(t, a.state_dict()[n]) for n, t in first.state_dict.items())
+    fresh = make_strategy("random").rebuild(3, {2: a, 4: b}, {}, CFG, seed=5)
+    expected = build_stage(CFG, 3, seed=5).state_dict()
+    assert all(torch.equal(t, expected[n]) for n, t in fresh.state_dict.items())
+    other = make_strategy("random").rebuild(3, {2: a, 4: b}, {}, CFG, seed=6)
+    assert not torch.equal(
+        other.state_dict["blocks.0.mlp.up_proj.weight"], fresh.state_dict["blocks.0.mlp.up_proj.weight"]
+    )
+    assert fresh.fresh_optimizer and copied.fresh_optimizer
+
+
+def _sgd_steps(modules, opts, n):
+    for _ in range(n):
+        for k, m in modules.items():
+            opts[k].zero_grad()
+            m(torch.ones(1, 2)).pow(2).sum().backward()
+            opts[k].step()
+
+
+def test_checkpoint_rollback_restores_exact_weights_and_optimizer_state():
+    torch.manual_seed(0)
+    modules = {k: nn.Linear(2, 2) for k in range(3)}
+    opts = {k: make_optimizer(m, OptimConfig()) for k, m in modules.items()}
+    strategy = make_strategy("checkpoint", every=2)
+    strategy.after_step(0, modules, opts)
+    _sgd_steps(modules, opts, 2)
+    strategy.after_step(2, modules, opts)  # a complete checkpoint at step 2
+    saved = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
+    saved_moments = copy.deepcopy(opts[1].state_dict()["state"])
+    _sgd_steps(modules, opts, 1)
+    strategy.after_step(3, modules, opts)  # not due
+    assert strategy.store is not None
+    strategy.store.save_stage(4, 0, modules[0], opts[0])  # half-written: not complete, not used
+    rebuilt = strategy.rebuild(1, {2: modules[2]}, {}, get_preset("debug"), seed=0)
+    assert not rebuilt.fresh_optimizer and rebuilt.source == "checkpoint@2"
+    opts[1] = install(rebuilt, modules[1], opts[1], lambda m: make_optimizer(m, OptimConfig()))
+    assert strategy.rollback(modules, opts) == 2
+    for k, m in modules.items():
+        assert all(torch.equal(t, saved[k][n]) for n, t in m.state_dict().items())
+    restored = opts[1].state_dict()["state"]
+    assert all(torch.equal(restored[i]["exp_avg"], saved_moments[i]["exp_avg"]) for i in saved_moments)
+
+
+def test_checkpoint_store_needs_a_complete_checkpoint():
+    store = CheckpointStore(every=5, stage_ids=[0, 1])
+    assert store.due(10) and not store.due(7) and store.latest() is None
+    with pytest.raises(RecoveryError):
+        store.rollback({}, {})
+
+
+def test_redundant_takes_over_exactly():
+    modules = {k: nn.Linear(2, 2) for k in range(4)}
+    opts = {k: make_optimizer(m, OptimConfig()) for k, m in modules.items()}
+    strategy = make_strategy("redundant")
+    _sgd_steps(modules, opts, 1)
+    strategy.after_step(1, modules, opts)
+    taken = strategy.rebuild(2, {1: modules[1], 3: modules[3]}, {}, CFG, seed=0)
+    assert all(torch.equal(t, modules[2].state_dict()[n]) for n, t in taken.state_dict.items())
+    assert not taken.fresh_optimizer and taken.optimizer_state is not None and strategy.extra_forward_fraction > 0
+    orphan = strategy.rebuild(2, {3: modules[3]}, {}, CFG, seed=0)  # its holder, stage 1, died too
+    assert "shadow lost" in orphan.source
+
+
+def test_failure_probability_conversion():
+    assert iteration_failure_probability(0.10, 60) == pytest.approx(1 - 0.9 ** (60 / 3600))
+    assert iteration_failure_probability(0.10, 3600) == pytest.approx(0.10)
+    assert FailureSchedule(6, 0.10).p_iter == pytest.approx(0.001754, rel=1e-3)  # ~0.002 as in the paper
+    with pytest.raises(UserError):
+        FailureSchedule(6, 1.5)
+
+
+def test_failure_schedule_is_seeded_and_matches_its_rate():
+    a = FailureSchedule(6, 0.33, iter_time_s=3600, seed=3)
+    b = FailureSchedule(6, 0.33, iter_time_s=3600, seed=3)
+    assert a.events(200) == b.events(200) and a.lost_at(57) == a.lost_at(57)
+    assert a.events(200) != FailureSchedule(6, 0.33, iter_time_s=3600, seed=4).events(200)
+    lost = sum(len(s) for _, s in a.events(1000))
+    assert abs(lost / 6000 - 0.33) < 0.03
+    assert FailureSchedule(6, 0.0).events(1000) == []
+    explicit = FailureSchedule.parse_explicit("100,200:3,250:1+6", 6, seed=0)
+    assert explicit[200] == [3] and explicit[250] == [1, 6] and 2 <= explicit[100][0] <= 5
+    sched = FailureSchedule(6, 0.0, explicit=explicit)
+    assert [i for i, _ in sched.events(300)] == [100, 200, 250]
+    with pytest.raises(UserError):
+        FailureSchedule.parse_explicit("ten", 6)

@@ -1,0 +1,261 @@
+"""Swarm training throughput against DeepSpeed's pipeline engine and single-process training, in one run.
+
+    python -m benchmarks.throughput --preset debug --stages 4 --steps 12 --json runs/throughput.json
+    python -m benchmarks.throughput --steps 12 --profile runs/prof     # also cProfile every swarm process
+
+Three systems train the same model (same seed, data order, microbatches, AdamW and lr schedule), one after the
+other so that they never share the CPU with each other:
+
+- gwtf: a real multi-process swarm on hivemind (loopback): bootstrap, one relay process per stage, one data node
+  (stage 0: embedding, head, loss); no emulated link delay, no churn, round-robin routing. Steady-state tokens/s
+  from the data node's per-iteration wall-clock stamps, after the first `--warmup` iterations.
+- DeepSpeed: `PipelineModule`, 1F1B, `train_batch()`, S processes on gloo (benchmarks/ds_pipeline.py). Its first
+  rank also holds the embedding and its last rank the norm + head + loss, so it runs S processes where gwtf runs
+  S + 1 (plus the bootstrap DHT peer); the same warm-up steps are left out of its timing.
+- single process: gwtf's reference `train_step` (gwtf/trainer.py) over all stages, same warm-up exclusion.
+
+Every process is pinned to one intra-op thread (OMP_NUM_THREADS=1). On a machine with fewer cores than pipeline
+processes the comparison is CPU-bound: it compares software overheads like for like, not what a pipeline gains
+from real parallel hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.ds_pipeline import DSSettings, run_deepspeed
+
+TARGET_RATIO = 0.9
+
+
+@dataclass
+class BenchSettings:
+    preset: str = "debug"
+    stages: int = 4
+    steps: int = 12  # per system, warm-up included
+    warmup: int = 3  # first steps left out of every system's timing
+    microbatch_size: int = 8
+    microbatches: int = 8  # per optimizer step: enough for a 4-stage pipeline to fill
+    capacity: int = 0  # microbatches a relay holds at once (0: = microbatches, one wave per step)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < self.warmup + 2:
+            raise ValueError(f"steps ({self.steps}) must be at least warmup ({self.warmup}) + 2")
+        if self.capacity == 0:
+            self.capacity = self.microbatches
+
+    def overrides(self) -> list[str]:
+        return [f"train.steps={self.steps}", f"train.seed={self.seed}",
+                f"train.microbatch_size={self.microbatch_size}",
+                f"train.microbatches_per_step={self.microbatches}"]  # fmt: skip
+
+
+# --- gwtf swarm ------------------------------------------------------------------------------------------------
+
+
+class _Procs:
+    """Swarm processes, optionally under cProfile; ended by their own pid (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, log_dir: Path, profile_dir: Path | None) -> None:
+        self.log_dir, self.profile_dir = log_dir, profile_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        prof = ["-m", "cProfile", "-o", str(self.profile_dir / f"{name}.prof")] if self.profile_dir else []
+        with open(self.log_dir / f"{name}.log", "w") as out:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, *prof, "-m", "gwtf.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
+
+    def failed(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)  # cProfile writes its file on the way out
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def _wait(what: str, ready: Any, procs: _Procs, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if procs.failed():
+            raise RuntimeError(f"{procs.failed()} exited early while waiting for {what}; logs in {procs.log_dir}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout:.0f}s; logs in {procs.log_dir}")
+        time.sleep(0.1)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written
+    return rows
+
+
+def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeout: float = 600.0) -> dict[str, Any]:
+    """A swarm of 1 bootstrap + S relays + 1 data node; steady-state tokens/s from the data node's metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    run_id = f"bench-{os.getpid()}"
+    addr, metrics = out / "initial_peers.txt", out / "data-0.jsonl"
+    for stale in (addr, metrics):
+        stale.unlink(missing_ok=True)
+    procs = _Procs(out, profile_dir)
+    sets = sum((["--set", o] for o in s.overrides()), [])
+    try:
+        procs.start("bootstrap", ["bootstrap", "--run", run_id, "--preset", s.preset, "--stages", str(s.stages),
+                                  "--router", "round-robin", "--addr-file", str(addr), *sets])  # fmt: skip
+        _wait("the bootstrap address", lambda: addr.exists() and addr.read_text().strip(), procs, 60)
+        join = ["join", "--run", run_id, "--initial-peers", *addr.read_text().split(), "--capacity", str(s.capacity)]
+        for k in range(1, s.stages + 1):
+            procs.start(f"relay-s{k}", [*join, "--role", "relay", "--stage", str(k)])
+        procs.start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
+        _wait("the data node's last step", lambda: any(r.get("event") == "done" for r in _rows(metrics)), procs,
+              timeout)  # fmt: skip
+    finally:
+        procs.stop()
+    iters = [r for r in _rows(metrics) if r.get("event") == "iteration"]
+    return _steady_state(iters, s)
+
+
+def _steady_state(iters: list[dict[str, Any]], s: BenchSettings) -> dict[str, Any]:
+    """Tokens/s over the wall clock from the end of iteration `warmup - 1` to the end of the last one."""
+    from models.presets import get_preset
+
+    seq = get_preset(s.preset, s.stages).seq_len
+    first = max(s.warmup - 1, 0)
+    timed = iters[first + 1 :]
+    wall = iters[-1]["time"] - iters[first]["time"]
+    tokens = sum(r["finished"] for r in timed) * s.microbatch_size * seq
+    in_iter = sum(r["seconds"] for r in timed)
+    return {
+        "tokens_per_s": tokens / wall,
+        "timed_steps": len(timed),
+        "seconds": wall,
+        "seconds_inside_iterations": in_iter,  # the rest is the driver loop between iterations
+        "waves_per_step": [r["waves"] for r in timed],
+        "losses": [r["loss"] for r in iters],
+        "lost": sum(r["lost"] for r in iters),
+    }
+
+
+# --- single process --------------------------------------------------------------------------------------------
+
+
+def run_single(s: BenchSettings) -> dict[str, Any]:
+    """gwtf's reference trainer, steps timed one by one, the first `warmup` left out."""
+    import torch
+
+    from gwtf.config import load_config
+    from gwtf.data import MicrobatchSchedule, load_data
+    from gwtf.optim import lr_at, make_optimizer
+    from gwtf.trainer import train_step
+    from models.staged import build_stages
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, [f"preset={s.preset}", f"stages={s.stages}", *s.overrides()])
+    model_cfg = cfg.model_config()
+    data = load_data(cfg.data, model_cfg.seq_len)
+    schedule = MicrobatchSchedule(data.train, s.microbatch_size, s.microbatches, 1, s.seed)
+    stages = build_stages(model_cfg, s.seed)
+    opts = [make_optimizer(stage, cfg.optim) for stage in stages]
+    losses, timed = [], 0.0
+    for step in range(s.steps):
+        t0 = time.perf_counter()
+        losses.append(train_step(stages, opts, schedule.global_batch(step), lr_at(step, s.steps, cfg.optim)))
+        if step >= s.warmup:
+            timed += time.perf_counter() - t0
+    n = s.steps - s.warmup
+    tokens = n * s.microbatches * s.microbatch_size * model_cfg.seq_len
+    return {"tokens_per_s": tokens / timed, "timed_steps": n, "seconds": timed, "losses": losses}
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------------
+
+
+def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None) -> dict[str, Any]:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    gwtf = run_gwtf(s, work / "swarm", profile_dir)
+    ds_settings = DSSettings(preset=s.preset, stages=s.stages, steps=s.steps, warmup=s.warmup,
+                             microbatch_size=s.microbatch_size, microbatches=s.microbatches, seed=s.seed)  # fmt: skip
+    ds = run_deepspeed(ds_settings, str(work / "ds_pipeline.json"))
+    single = run_single(s)
+    return {
+        "gwtf_tokens_per_s": gwtf["tokens_per_s"],
+        "deepspeed_tokens_per_s": ds["tokens_per_s"],
+        "single_process_tokens_per_s": single["tokens_per_s"],
+        "ratio_vs_deepspeed": gwtf["tokens_per_s"] / ds["tokens_per_s"],
+        "ratio_vs_single_process": gwtf["tokens_per_s"] / single["tokens_per_s"],
+        "target_ratio": TARGET_RATIO,
+        "settings": asdict(s),
+        "cpu_cores": os.cpu_count(),
+        "processes": {"gwtf": s.stages + 2, "deepspeed": s.stages, "single_process": 1},
+        "placement": {
+            "gwtf": "data node = stage 0 (embedding, norm, head, loss); one relay process per stage 1..S",
+            "deepspeed": "rank 0 = embedding + stage 1, rank S-1 = stage S + norm + head + loss",
+        },
+        "note": "CPU-bound: more pipeline processes than cores; a like-for-like comparison of software overhead",
+        "details": {"gwtf": gwtf, "deepspeed": ds, "single_process": single},
+    }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    s = r["settings"]
+    print(f"\n{s['preset']} model, {s['stages']} stages, {s['microbatches']} x {s['microbatch_size']}-row "
+          f"microbatches per step, {s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up; "
+          f"{r['cpu_cores']} CPU cores")  # fmt: skip
+    print(f"{'system':<28}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}")
+    for name, key in (("gwtf swarm (hivemind)", "gwtf"), ("deepspeed pipeline (1F1B)", "deepspeed"),
+                      ("single process", "single_process")):  # fmt: skip
+        tps = r[f"{key}_tokens_per_s"]
+        print(f"{name:<28}{r['processes'][key]:>10}{tps:>12.0f}{tps / r['gwtf_tokens_per_s']:>10.2f}")
+    verdict = "meets" if r["ratio_vs_deepspeed"] >= TARGET_RATIO else "misses"
+    print(f"ratio gwtf / deepspeed = {r['ratio_vs_deepspeed']:.3f} ({verdict} the {TARGET_RATIO} target)")
+    print(r["note"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f, default in asdict(BenchSettings()).items():
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--work", default=None, help="node logs and metrics (default: a temporary folder)")
+    parser.add_argument("--profile", default=None, help="cProfile every swarm process into this folder")
+    args = vars(parser.parse_args())
+    json_out, work, profile = args.pop("json"), args.pop("work"), args.pop("profile")
+    settings = BenchSettings(**args)
+    with tempfile.TemporaryDirectory(prefix="gwtf-throughput-") as tmp:
+        result = run_benchmark(settings, Path(work or tmp), Path(profile) if profile else None)
+    print_table(result)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The throughput benchmark at minimal size: all three systems train the same model and the JSON is complete."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_throughput_benchmark_minimal(tmp_path):
+    out = tmp_path / "throughput.json"
+    argv = ["--preset", "debug", "--stages", "2", "--steps", "3", "--warmup", "1", "--microbatches", "2",
+            "--microbatch-size", "2", "--json", str(out), "--work", str(tmp_path / "work")]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", *argv], capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ratio gwtf / deepspeed" in proc.stdout
+    r = json.loads(out.read_text())
+    for key in ("gwtf_tokens_per_s", "deepspeed_tokens_per_s", "single_process_tokens_per_s"):
+        assert r[key] > 0
+    assert math.isclose(r["ratio_vs_deepspeed"], r["gwtf_tokens_per_s"] / r["deepspeed_tokens_per_s"])
+    assert r["settings"]["stages"] == 2 and r["settings"]["microbatches"] == 2
+    d = r["details"]
+    assert d["gwtf"]["lost"] == 0 and d["gwtf"]["timed_steps"] == 2
+    # the same model, data and optimizer in every system: equal losses (DeepSpeed reduces in another order)
+    single = d["single_process"]["losses"]
+    assert d["gwtf"]["losses"] == pytest.approx(single, abs=1e-4)
+    assert d["deepspeed"]["losses"] == pytest.approx(single, abs=1e-3)
+    # DeepSpeed's first rank holds the embedding and its last rank the head: 4 layers over 2 ranks
+    assert d["deepspeed"]["parts"] == [0, 2, 4]

@@ -177,3 +177,36 @@ def test_failure_schedule_is_seeded_and_matches_its_rate():
     assert [i for i, _ in sched.events(300)] == [100, 200, 250]
     with pytest.raises(UserError):
         FailureSchedule.parse_explicit("ten", 6)
+
+
+def test_tiny_training_checkfree_rebuild_beats_copying_a_neighbour():
+    """Train the debug model, lose middle stage 2, rebuild it: the CheckFree average loses less than a copy.
+
+    (Against a random re-init it does not win on this one-layer-per-stage model: a fresh block is close to the
+    identity on the residual stream, i.e. to skipping the layer; see the benchmark notes in gwtf/recovery.py.)"""
+    from gwtf.config import load_config
+    from gwtf.data import MicrobatchSchedule, load_data
+    from gwtf.optim import lr_at
+    from gwtf.trainer import pipeline_loss, train_step
+    from models.staged import build_stages
+
+    run = load_config(None, ["data.max_bytes=300000", "model.seq_len=32", "optim.warmup_steps=5"])
+    cfg = run.model_config()
+    data = load_data(run.data, cfg.seq_len)
+    schedule = MicrobatchSchedule(data.train, 8, 1, 1, seed=0)
+    stages = build_stages(cfg, seed=0)
+    opts = [make_optimizer(s, run.optim) for s in stages]
+    for step in range(120):
+        train_step(stages, opts, schedule.global_batch(step), lr_at(step, 240, run.optim))
+    norms = {k: float(torch.stack([p.grad.norm() for p in stages[k].parameters()]).norm()) for k in (1, 3)}
+    live = {k: stages[k] for k in (1, 3, 4)}
+
+    @torch.no_grad()
+    def loss_with(name):
+        rebuilt = make_strategy(name).rebuild(2, live, norms, cfg, seed=99)
+        module = copy.deepcopy(stages[2])
+        module.load_state_dict(rebuilt.state_dict)
+        return pipeline_loss([stages[0], stages[1], module, stages[3], stages[4]], data.val[:16]).item()
+
+    checkfree, copied = loss_with("checkfree"), loss_with("copy")
+    assert torch.isfinite(torch.tensor(checkfree)) and checkfree < copied - 0.01

@@ -87,7 +87,7 @@ class BenchConfig:
     target_loss: float | None = None
     target_fraction: float = 0.8
     checkfree_weighting: str = "norm"
-    checkfree_lr_scale: float = 1.1
+    checkfree_lr_scale: float = 1.2
     checkfree_lr_decay: int = 50
     strategies: list[str] = field(default_factory=lambda: [*STRATEGIES, NO_FAILURES])
 

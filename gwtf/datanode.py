@@ -292,6 +292,7 @@ class DataNode(NodeBase):
             fl.head, fl.grad = loop.create_future(), loop.create_future()
             if attempt:
                 fl.reroutes += 1
+                await self._release(fl, attempt - 1)
                 await self._fresh_route(fl)
             fl.h0 = await self.compute(self._embed, fl.x)
             try:
@@ -301,6 +302,13 @@ class DataNode(NodeBase):
                 log.info("mb %d attempt %d: %s; restarting", fl.mb, attempt, exc)
         return None
 
+    async def _release(self, fl: Flight, attempt: int) -> None:
+        """Best effort: the replicas of the old route drop what they hold of the abandoned attempt."""
+        meta = {"origin": self.peer_id, "attempt": attempt}
+        msg = self.message("release", iteration=self.iteration, microbatch_id=fl.mb, meta=meta)
+        calls = [self.call(p, "release", msg, timeout=1.0) for p in set(fl.route)]
+        await asyncio.gather(*calls, return_exceptions=True)
+
     async def _fresh_route(self, fl: Flight) -> None:
         live = set(await self.live_nodes())
         for k, peer in enumerate(list(fl.route), start=1):
@@ -309,7 +317,8 @@ class DataNode(NodeBase):
 
     async def _send_first(self, fl: Flight) -> None:
         assert fl.h0 is not None
-        for _ in range(self.cfg.max_attempts):
+        deadline, pause, failures = time.monotonic() + self.cfg.microbatch_timeout, 0.02, 0
+        while failures < self.cfg.max_attempts and time.monotonic() < deadline:
             msg = self.message(
                 "forward",
                 iteration=self.iteration,
@@ -322,9 +331,11 @@ class DataNode(NodeBase):
                 await self.call(fl.route[0], "forward", msg)
                 return
             except PeerError as exc:
-                if "full" in str(exc):
-                    await asyncio.sleep(0.05)
+                if "full" in str(exc):  # busy, not broken: wait for capacity (backing off, bounded)
+                    await asyncio.sleep(pause)
+                    pause = min(2 * pause, 0.5)
                     continue
+                failures += 1
                 await self._replace(fl, 1, {fl.route[0]})
         raise PeerError(f"stage 1 refused microbatch {fl.mb}")
 

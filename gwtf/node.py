@@ -10,6 +10,7 @@ Relay protocol (all calls ack on receipt; the work runs after the ack):
     recompute    input activation + output gradient, for a microbatch whose replica died after its forward
     resend       "your output of this microbatch, please, to this new replica, with this gradient"
     regrad       "the replica before you died during its backward: recover it with the gradient you sent it"
+    release      "this microbatch was restarted: drop what you hold of its earlier attempts"
     end_iteration  a data node is done with iteration i; once all live data nodes are, average and step
     get_state    parameters + optimizer state, for a joiner
 """
@@ -27,6 +28,7 @@ import torch
 
 from gwtf.averaging import GroupAverager
 from gwtf.errors import BadMessage, PeerError, UserError
+from gwtf.faults import FaultInjector
 from gwtf.membership import Membership, NodeRecord
 from gwtf.optim import OptimConfig
 from gwtf.stage import Key, StageReplica
@@ -81,6 +83,13 @@ class NodeBase:
         self.started = time.time()
         self.closed = False
         self._view: tuple[float, dict[str, NodeRecord]] | None = None
+        self.faults: FaultInjector | None = None
+        self.run_version = 0
+
+    async def fault(self, phase: str, iteration: int) -> None:
+        """A point where an injected fault may strike (gwtf.faults)."""
+        if self.faults is not None:
+            await self.faults.hit(self.peer_id, phase, iteration)
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     async def compute(self, fn, *args):
@@ -158,6 +167,7 @@ class RelayNode(NodeBase):
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
         for name, fn in {
             "regrad": self.rpc_regrad,
+            "release": self.rpc_release,
             "forward": self.rpc_forward,
             "backward": self.rpc_backward,
             "recompute": self.rpc_recompute,
@@ -189,9 +199,12 @@ class RelayNode(NodeBase):
     async def start(self, build_module, timeout: float = 60.0) -> None:
         """Announce, take the stage's state (from live replicas, or from the seed at a run's start), serve."""
         await self.announce()
+        nodes = await self.live_nodes(max_age=0)
+        self.run_version = max((r.state_version for r in nodes.values()), default=0)  # for fault points
+        await self.fault("joining", self.run_version)
         module = await self.compute(build_module, self.stage)
         self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.cfg.capacity)
-        donors = serving(await self.live_nodes(), "relay", self.stage)
+        donors = serving(nodes, "relay", self.stage)
         if donors:
             await self.download_state(sorted(donors), timeout)
         self.status = "serving"
@@ -206,6 +219,7 @@ class RelayNode(NodeBase):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
+                await self.fault("state_download", self.run_version)
                 tensors, meta = await self._fetch_from(donors, names)
                 await self.compute(self.replica.load_state, tensors, meta)
                 log.info(
@@ -259,6 +273,7 @@ class RelayNode(NodeBase):
     async def rpc_get_state(self, msg: Message) -> Message:
         if self.replica is None or self.status != "serving":
             raise BadMessage("this replica holds no state yet")
+        await self.fault("state_donor", self.replica.version)
         tensors, meta = await self.compute(self.replica.state)
         wanted = set(msg.meta.get("names") or [n.split("/", 1)[1] for n in tensors])
         keys = [k for k in tensors if k.split("/", 1)[1] in wanted]
@@ -315,6 +330,7 @@ class RelayNode(NodeBase):
 
     async def _forward(self, msg: Message) -> None:
         assert self.replica is not None
+        await self.fault("forward", msg.iteration)
         t0 = time.perf_counter()
         out = await self.compute(self.replica.forward, self._key(msg), msg.tensors[0])
         self.compute_s = (
@@ -341,6 +357,7 @@ class RelayNode(NodeBase):
         raise PeerError(f"forward of microbatch {msg.microbatch_id} found no live next hop")
 
     async def _reroute(self, origin: str, msg: Message, stage: int, dead: str, route: list[str]) -> list[str]:
+        await self.fault("routing", msg.iteration)
         req = self.message(
             "route",
             microbatch_id=msg.microbatch_id,
@@ -378,6 +395,7 @@ class RelayNode(NodeBase):
     async def _backward(self, msg: Message, recompute: bool) -> None:
         assert self.replica is not None
         key = self._key(msg)
+        await self.fault("backward", msg.iteration)
         if recompute:
             grad_in = await self.compute(self.replica.recompute_backward, key, msg.tensors[0], msg.tensors[1])
         else:
@@ -403,6 +421,14 @@ class RelayNode(NodeBase):
             req = self._relay_msg(msg, "recover", [grad_in], route)
             req.meta.update({"dead_stage": self.stage - 1, "dead": prev})
             await self.call(origin, "recover", req)
+
+    async def rpc_release(self, msg: Message) -> Message:
+        """A data node restarted a microbatch: what this replica holds of its earlier attempts is dead weight."""
+        if self.replica is not None:
+            origin, attempt = str(msg.meta["origin"]), int(msg.meta["attempt"])
+            keys = [k for k in self.replica.held if k[0] == origin and k[1] == msg.microbatch_id and k[2] <= attempt]
+            await self.compute(self.replica.drop, keys)
+        return self.message("ack")
 
     async def rpc_regrad(self, msg: Message) -> Message:
         """The previous stage's replica died during its backward: recover it with the gradient sent to it."""
@@ -447,13 +473,19 @@ class RelayNode(NodeBase):
         assert self.replica is not None
         deadline = time.monotonic() + self.cfg.iteration_timeout
         while time.monotonic() < deadline:  # wait for every live data node to be done with i
+            await self.fault("waiting", i)
             data_nodes = set(serving(await self.live_nodes(max_age=0.05), "data"))
             if data_nodes <= self.iteration_done.get(i, set()):
                 break
             await asyncio.sleep(0.05)
         await self._drain_tasks()
-        replicas = [p for p, r in serving(await self.live_nodes(), "relay", self.stage).items() if r.state_version == i]
-        result = await self.averager.average(i, self.replica.grad_tensors(), self.replica.count, replicas)
+        # The group: replicas at this version in a fresh view, and every replica a data node routed through (those
+        # hold gradients that must not be left out, even if their record has not reached this view yet).
+        live = serving(await self.live_nodes(max_age=0), "relay", self.stage)
+        group = {p for p, r in live.items() if r.state_version == i} | (self.iteration_used.pop(i, set()) & set(live))
+        await self.fault("averaging", i)
+        result = await self.averager.average(i, self.replica.grad_tensors(), self.replica.count, sorted(group))
+        await self.fault("optimizer_step", i)
         await self.compute(self.replica.apply_averaged, result.grads, i)
         self.sent_grads.clear()
         self.iteration_done.pop(i, None)

@@ -65,6 +65,11 @@ class StageReplica:
     def forward(self, key: Key, hidden: torch.Tensor) -> torch.Tensor:
         """Run the stage on `hidden`, keep what the backward needs, return a detached output."""
         with self.lock:
+            # A restarted microbatch supersedes its earlier attempts: they must not hold capacity.
+            stale = [k for k in self.held if k[:2] == key[:2] and k[2] < key[2]]
+            for k in stale:
+                del self.held[k]
+            self.stats.dropped += len(stale)
             if key not in self.held and len(self.held) >= self.capacity:
                 raise BadMessage(f"stage {self.index} replica is full ({self.capacity} microbatches held)")
             inp = hidden.detach().requires_grad_(True)

@@ -17,6 +17,7 @@ from torch import nn
 from gwtf.config import RunConfig
 from gwtf.data import MicrobatchSchedule, PackedData, load_data
 from gwtf.datanode import DataNode, IterationReport
+from gwtf.faults import Fault, FaultInjector
 from gwtf.membership import InMemoryMembership, NodeRecord
 from gwtf.node import RelayNode, RunSpec, SwarmConfig, serving
 from gwtf.routing.base import DataInfo, RelayInfo, SwarmView, make_router
@@ -80,6 +81,7 @@ class InProcessSwarm:
         run_id: str = "inproc",
         emulator: LinkEmulator | None = None,
         regions: dict[str, str] | None = None,
+        faults: list[Fault] | None = None,
     ):
         self.cfg, self.run_id = cfg, run_id
         self.spec = run_spec(run_id, cfg)
@@ -96,6 +98,7 @@ class InProcessSwarm:
         self.relays: dict[str, RelayNode] = {}
         self.data_nodes: list[DataNode] = []
         self._counter = 0
+        self.faults = FaultInjector(list(faults or []), on_crash=self.crash)
 
     def _transport(self, name: str) -> InProcessTransport:
         return InProcessTransport(self.network, name, self.run_id, self.regions.get(name), self.emulator)
@@ -108,8 +111,9 @@ class InProcessSwarm:
         name = f"relay-s{stage}-{self._counter}"
         cfg = SwarmConfig(**{**self.swarm_cfg.__dict__, "region": self.regions.get(name)})
         node = RelayNode(self.spec, self._transport(name), self._membership(name), cfg, stage)
-        await node.start(module_builder(self.spec))
+        node.faults = self.faults
         self.relays[name] = node
+        await node.start(module_builder(self.spec))
         return node
 
     async def start(self) -> None:

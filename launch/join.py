@@ -17,6 +17,7 @@ import time
 
 from gwtf.config import from_dict
 from gwtf.errors import UserError
+from gwtf.faults import Fault, FaultInjector
 from gwtf.membership import RunRecord, check_model_hash, make_dht
 from gwtf.metrics import MetricsWriter
 from gwtf.node import RunSpec, SwarmConfig, choose_stage, serving
@@ -36,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--join-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--fault",
+        default=None,
+        metavar="PHASE@ITERATION",
+        help="fault injection: this process SIGKILLs itself there (e.g. backward@10)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +87,8 @@ async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
 
     stage = args.stage or choose_stage(await asyncio.to_thread(membership.live_nodes), spec.model.n_stages)
     node = RelayNode(spec, transport, membership, swarm_cfg, stage)
+    if args.fault:
+        node.faults = FaultInjector([Fault.parse(args.fault)])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await node.start(module_builder(spec), timeout=args.join_timeout)

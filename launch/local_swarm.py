@@ -3,10 +3,10 @@
     gwtf demo                                   # the README's main job: debug model, embedded corpus
     python -m launch.local_swarm --stages 3 --replicas 2 --steps 40 --crash-at 15 --out runs/demo
 
-Every node is a real process on hivemind (DHT + P2P on loopback). At `--crash-at`, one relay is killed with
-SIGKILL in the middle of an iteration; its stage goes on with the surviving replica, and a new volunteer joins
-(choosing the stage that lacks capacity and downloading its state from the live replica). Every process this
-starts is ended by its pid when the run ends, fails or is interrupted.
+Every node is a real process on hivemind (DHT + P2P on loopback). At `--crash-at`, one relay SIGKILLs itself in
+the middle of an iteration (during `--crash-phase`, by the fault injector); its stage goes on with the surviving
+replica, and a new volunteer joins (choosing the stage that lacks capacity and downloading its state from the live
+replica). Every process this starts is ended by its pid when the run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crash-at", type=int, default=10, help="step at which a relay is SIGKILLed (-1: never)")
     parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")
-    parser.add_argument("--router", default="round-robin", help="gwtf | swarm | round-robin | oracle")
+    parser.add_argument("--crash-phase", default="backward", help="phase of the crash (gwtf.faults.PHASES)")
+    parser.add_argument("--router", default="gwtf", help="gwtf | swarm | round-robin | oracle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     parser.add_argument("--out", default="runs/demo", help="logs, metrics and the summary JSON")
     parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")
@@ -126,7 +127,10 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path) -> dict
     join = ["join", "--run", run_id, "--initial-peers", *peers]
     for stage in range(1, args.stages + 1):
         for r in range(args.replicas):
-            group.start(f"relay-s{stage}-{r}", [*join, "--role", "relay", "--stage", str(stage)])
+            argv = [*join, "--role", "relay", "--stage", str(stage)]
+            if args.crash_at >= 0 and (stage, r) == (args.crash_stage, 0):  # SIGKILLs itself at that point
+                argv += ["--fault", f"{args.crash_phase}@{args.crash_at}"]
+            group.start(f"relay-s{stage}-{r}", argv)
     metrics = [out / f"data-{rank}.jsonl" for rank in range(args.data_nodes)]
     for rank, path in enumerate(metrics):
         group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path)])
@@ -173,8 +177,9 @@ def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], met
                 flush=True,
             )
         shown = len(rows)
-        if args.crash_at >= 0 and not crashed and shown >= args.crash_at:
-            crashed = _crash_and_rejoin(args, group, join, shown)
+        victim = group.procs.get(f"relay-s{args.crash_stage}-0")
+        if args.crash_at >= 0 and not crashed and victim is not None and victim.poll() is not None:
+            crashed = _rejoin(args, group, join, shown)
         done = [p for p in metrics if any(r.get("event") == "done" for r in _read_metrics(p))]
         if len(done) == len(metrics):
             break
@@ -190,14 +195,22 @@ def _joiner_served(group: ProcessGroup) -> bool:
     return log_file.exists() and "serving stage" in log_file.read_text()
 
 
-def _crash_and_rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step: int) -> dict:
+def _rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step: int) -> dict:
     victim = f"relay-s{args.crash_stage}-0"
-    time.sleep(0.1)  # land inside the iteration, with microbatches in flight
-    group.kill(victim)
-    print(f"** crash: SIGKILL {victim} (stage {args.crash_stage}) during step {step}", flush=True)
+    print(
+        f"** crash: {victim} (stage {args.crash_stage}) SIGKILLed itself during the {args.crash_phase} of step "
+        f"{args.crash_at} (exit {group.procs[victim].returncode})",
+        flush=True,
+    )
     group.start("joiner-0", [*join, "--role", "relay"])  # chooses the stage that lacks capacity
     print("** a new volunteer joins (no --stage: it picks the stage that needs it)", flush=True)
-    return {"victim": victim, "stage": args.crash_stage, "step": step, "wall_time": time.time()}
+    return {
+        "victim": victim,
+        "stage": args.crash_stage,
+        "step": args.crash_at,
+        "phase": args.crash_phase,
+        "wall_time": time.time(),
+    }
 
 
 def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path], crashed: dict) -> dict:

@@ -161,17 +161,19 @@ def _worker(rank: int, settings: DSSettings, port: int, out_path: str) -> None:
     data = load_data(cfg.data, model_cfg.seq_len)
     schedule = MicrobatchSchedule(data.train, settings.microbatch_size, settings.microbatches, 1, settings.seed)
     losses: list[float] = []
-    t_start = 0.0
+    t_start = cpu_start = 0.0
     for step in range(settings.steps):
         if step == settings.warmup:
             torch.distributed.barrier()
-            t_start = time.perf_counter()
+            t_start, cpu_start = time.perf_counter(), time.process_time()
         set_lr(optimizer, lr_at(step, settings.steps, cfg.optim))
         batch = iter([(x, x) for x in schedule.global_batch(step)])
         loss = engine.train_batch(data_iter=batch)
         losses.append(float(loss))
     torch.distributed.barrier()
     elapsed = time.perf_counter() - t_start
+    cpu: list[Any] = [None] * settings.stages  # every rank's CPU seconds (all its threads) in the timed steps
+    torch.distributed.all_gather_object(cpu, round(time.process_time() - cpu_start, 3))
     if rank == settings.stages - 1:  # the last stage computes the loss
         timed = settings.steps - settings.warmup
         tokens = timed * settings.microbatches * settings.microbatch_size * model_cfg.seq_len
@@ -180,6 +182,7 @@ def _worker(rank: int, settings: DSSettings, port: int, out_path: str) -> None:
             "timed_steps": timed,
             "seconds": elapsed,
             "losses": losses,
+            "cpu_seconds_in_timed_steps": {f"rank-{r}": c for r, c in enumerate(cpu)},
             "parts": [int(p) for p in engine.module.parts],  # layer index bounds per rank
         }
         with open(out_path, "w") as fh:

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,11 @@ class BenchSettings:
     microbatches: int = 8  # per optimizer step: enough for a 4-stage pipeline to fill
     capacity: int = 0  # microbatches a relay holds at once (0: = microbatches, one wave per step)
     seed: int = 0
+    repeats: int = 1  # runs of each system, interleaved; the medians are reported
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.steps < self.warmup + 2:
             raise ValueError(f"steps ({self.steps}) must be at least warmup ({self.warmup}) + 2")
         if self.capacity == 0:
@@ -134,12 +138,46 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
         for k in range(1, s.stages + 1):
             procs.start(f"relay-s{k}", [*join, "--role", "relay", "--stage", str(k)])
         procs.start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
-        _wait("the data node's last step", lambda: any(r.get("event") == "done" for r in _rows(metrics)), procs,
-              timeout)  # fmt: skip
+        n_iters = lambda: sum(r.get("event") == "iteration" for r in _rows(metrics))  # noqa: E731
+        _wait("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), procs, timeout)
+        cpu_start = _cpu_seconds(procs)
+        _wait("the last iteration", lambda: n_iters() >= s.steps, procs, timeout)
+        cpu = _cpu_delta(cpu_start, _cpu_seconds(procs))
+        procs.procs["data-0"].wait(timeout=30)  # exits by itself after its last step (and writes its profile)
     finally:
         procs.stop()
     iters = [r for r in _rows(metrics) if r.get("event") == "iteration"]
-    return _steady_state(iters, s)
+    return {**_steady_state(iters, s), "cpu_seconds_in_timed_steps": cpu}
+
+
+def _cpu_seconds(procs: _Procs) -> dict[int, tuple[str, float]]:
+    """pid -> (owner, user + system CPU seconds so far) of each node's Python process and of its descendants
+    (hivemind's DHT process and p2pd daemons, owner "NAME/hivemind")."""
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    for name, proc in procs.procs.items():
+        try:
+            p = psutil.Process(proc.pid)
+            family = [(name, p)] + [(f"{name}/hivemind", c) for c in p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for owner, q in family:
+            try:
+                t = q.cpu_times()
+                out[q.pid] = (owner, t.user + t.system)
+            except psutil.NoSuchProcess:
+                continue
+    return out
+
+
+def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per owner between two snapshots, over the processes alive at both."""
+    total: dict[str, float] = {}
+    for pid, (owner, t) in after.items():
+        if pid in before:
+            total[owner] = round(total.get(owner, 0.0) + t - before[pid][1], 3)
+    return total
 
 
 def _steady_state(iters: list[dict[str, Any]], s: BenchSettings) -> dict[str, Any]:
@@ -183,34 +221,42 @@ def run_single(s: BenchSettings) -> dict[str, Any]:
     schedule = MicrobatchSchedule(data.train, s.microbatch_size, s.microbatches, 1, s.seed)
     stages = build_stages(model_cfg, s.seed)
     opts = [make_optimizer(stage, cfg.optim) for stage in stages]
-    losses, timed = [], 0.0
+    losses, timed, cpu = [], 0.0, 0.0
     for step in range(s.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses.append(train_step(stages, opts, schedule.global_batch(step), lr_at(step, s.steps, cfg.optim)))
         if step >= s.warmup:
             timed += time.perf_counter() - t0
+            cpu += time.process_time() - c0
     n = s.steps - s.warmup
     tokens = n * s.microbatches * s.microbatch_size * model_cfg.seq_len
-    return {"tokens_per_s": tokens / timed, "timed_steps": n, "seconds": timed, "losses": losses}
+    return {"tokens_per_s": tokens / timed, "timed_steps": n, "seconds": timed, "losses": losses,
+            "cpu_seconds_in_timed_steps": {"main": round(cpu, 3)}}  # fmt: skip
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------------
 
 
 def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None) -> dict[str, Any]:
+    """Every system `s.repeats` times, interleaved (the CPU is shared: load from others hits all alike); medians."""
     os.environ["OMP_NUM_THREADS"] = "1"
-    gwtf = run_gwtf(s, work / "swarm", profile_dir)
     ds_settings = DSSettings(preset=s.preset, stages=s.stages, steps=s.steps, warmup=s.warmup,
                              microbatch_size=s.microbatch_size, microbatches=s.microbatches, seed=s.seed)  # fmt: skip
-    ds = run_deepspeed(ds_settings, str(work / "ds_pipeline.json"))
-    single = run_single(s)
+    runs: dict[str, list[dict[str, Any]]] = {"gwtf": [], "deepspeed": [], "single_process": []}
+    for _ in range(s.repeats):
+        runs["gwtf"].append(run_gwtf(s, work / "swarm", profile_dir))
+        runs["deepspeed"].append(run_deepspeed(ds_settings, str(work / "ds_pipeline.json")))
+        runs["single_process"].append(run_single(s))
+    tps = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     return {
-        "gwtf_tokens_per_s": gwtf["tokens_per_s"],
-        "deepspeed_tokens_per_s": ds["tokens_per_s"],
-        "single_process_tokens_per_s": single["tokens_per_s"],
-        "ratio_vs_deepspeed": gwtf["tokens_per_s"] / ds["tokens_per_s"],
-        "ratio_vs_single_process": gwtf["tokens_per_s"] / single["tokens_per_s"],
+        "gwtf_tokens_per_s": tps["gwtf"],
+        "deepspeed_tokens_per_s": tps["deepspeed"],
+        "single_process_tokens_per_s": tps["single_process"],
+        "ratio_vs_deepspeed": tps["gwtf"] / tps["deepspeed"],
+        "ratio_vs_single_process": tps["gwtf"] / tps["single_process"],
         "target_ratio": TARGET_RATIO,
+        "tokens_per_s_each_repeat": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
+        "cpu_seconds_per_step": {k: statistics.median(_cpu_per_step(r) for r in v) for k, v in runs.items()},
         "settings": asdict(s),
         "cpu_cores": os.cpu_count(),
         "processes": {"gwtf": s.stages + 2, "deepspeed": s.stages, "single_process": 1},
@@ -219,8 +265,12 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
             "deepspeed": "rank 0 = embedding + stage 1, rank S-1 = stage S + norm + head + loss",
         },
         "note": "CPU-bound: more pipeline processes than cores; a like-for-like comparison of software overhead",
-        "details": {"gwtf": gwtf, "deepspeed": ds, "single_process": single},
+        "details": runs,
     }
+
+
+def _cpu_per_step(result: dict[str, Any]) -> float:
+    return sum(result["cpu_seconds_in_timed_steps"].values()) / result["timed_steps"]
 
 
 def print_table(r: dict[str, Any]) -> None:
@@ -228,11 +278,12 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"\n{s['preset']} model, {s['stages']} stages, {s['microbatches']} x {s['microbatch_size']}-row "
           f"microbatches per step, {s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up; "
           f"{r['cpu_cores']} CPU cores")  # fmt: skip
-    print(f"{'system':<28}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}")
+    print(f"{'system':<28}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}{'CPU s/step':>12}")
     for name, key in (("gwtf swarm (hivemind)", "gwtf"), ("deepspeed pipeline (1F1B)", "deepspeed"),
                       ("single process", "single_process")):  # fmt: skip
         tps = r[f"{key}_tokens_per_s"]
-        print(f"{name:<28}{r['processes'][key]:>10}{tps:>12.0f}{tps / r['gwtf_tokens_per_s']:>10.2f}")
+        cpu = r["cpu_seconds_per_step"][key]
+        print(f"{name:<28}{r['processes'][key]:>10}{tps:>12.0f}{tps / r['gwtf_tokens_per_s']:>10.2f}{cpu:>12.3f}")
     verdict = "meets" if r["ratio_vs_deepspeed"] >= TARGET_RATIO else "misses"
     print(f"ratio gwtf / deepspeed = {r['ratio_vs_deepspeed']:.3f} ({verdict} the {TARGET_RATIO} target)")
     print(r["note"])

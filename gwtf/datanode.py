@@ -121,10 +121,28 @@ class DataNode(NodeBase):
             maddrs=[],
         )
 
-    async def start(self) -> None:
+    async def start(self, expected_data_nodes: int = 1, timeout: float = 60.0) -> None:
+        """Serve; at a run's start wait (bounded) for the run's other data nodes, so that no iteration runs
+        without them; joining a run in progress, take stage 0 and the iteration from a live data node."""
         self.status = "serving"
         await self.announce()
         self.start_heartbeat()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            peers = serving(await self.live_nodes(max_age=0), "data")
+            if any(r.state_version > 0 for r in peers.values()) or len(peers) >= expected_data_nodes:
+                break
+            await asyncio.sleep(0.1)
+        ahead = sorted((r.state_version, p) for p, r in peers.items() if p != self.peer_id and r.state_version > 0)
+        if ahead:
+            await self._download_stage0(ahead[-1][1])
+
+    async def _download_stage0(self, donor: str) -> None:
+        reply = await self.call(donor, "get_state", self.message("state"), timeout=self.cfg.iteration_timeout)
+        await self.compute(self.stage0.load_state, dict(zip(reply.meta["keys"], reply.tensors)), reply.meta)
+        self.iteration = self.stage0.version
+        await self.announce()
+        log.info("data node %s joined at iteration %d (stage 0 from %s)", self.peer_id[:8], self.iteration, donor[:8])
 
     # ---- validation of what relays send back -------------------------------------------------------------------
     def validate(self, msg: Message) -> None:

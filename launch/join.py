@@ -119,7 +119,7 @@ async def _drive_data(args, record, spec, swarm_cfg, transport, membership) -> i
         module_builder(spec),
         view_builder(spec, cfg.train.microbatch_size),
     )
-    await node.start()
+    await node.start(expected_data_nodes=int(record.config.get("data_nodes", 1)), timeout=args.join_timeout)
     metrics = MetricsWriter(args.metrics)
     t0 = time.perf_counter()
     try:

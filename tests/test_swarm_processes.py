@@ -39,3 +39,22 @@ def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path):
     assert mb["started"] == mb["finished"] + mb["partial"]
     assert summary["joiner_served"], "the joiner did not start serving"
     assert summary["last_loss"] < summary["first_loss"] - 0.3
+
+
+@pytest.mark.timeout(180)
+def test_process_swarm_two_replicas_two_data_nodes_equal_data_parallel(tmp_path):
+    steps = 5
+    summary = demo(tmp_path, "--replicas", "2", "--data-nodes", "2", "--steps", str(steps), "--crash-at", "-1")
+    cfg = load_config(None, [*SETTINGS, "stages=2", f"train.steps={steps}", "train.seed=0", "train.eval_every=0"])
+    reference = train_local(cfg, progress=False, n_data_nodes=2)["losses"]
+    # data-0's losses are the mean over its own microbatches; the global step loss is the mean over both nodes
+    both = [
+        json.loads(line) for p in ("data-0.jsonl", "data-1.jsonl") for line in (tmp_path / p).read_text().splitlines()
+    ]
+    per_step = {}
+    for row in both:
+        if row.get("event") == "iteration":
+            per_step.setdefault(row["iteration"], []).append(row["loss"])
+    losses = [sum(v) / len(v) for _, v in sorted(per_step.items())]
+    assert summary["microbatches"]["lost"] == 0
+    assert losses == pytest.approx(reference, abs=1e-4)

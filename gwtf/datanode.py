@@ -15,6 +15,7 @@ replica; the stages it reached keep its gradient), or lost (no path through the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,8 @@ class DataNode(NodeBase):
         self.stage0 = StageReplica(0, build_module(0), spec.optim, spec.total_steps, capacity=1 << 30)
         self.head: Any = self.stage0.module  # models.staged.HeadStage: embed / loss
         self.iteration = 0
+        self.expected_data_nodes = 1
+        self.confirmed: dict[str, int] = {}  # relay -> version it replied `stepped` with (fresher than the DHT)
         self.flights: dict[int, Flight] = {}
         self.averager = GroupAverager(transport, spec.run_id, "stage0", timeout=cfg.average_timeout)
         for name, fn in {
@@ -125,6 +128,7 @@ class DataNode(NodeBase):
         """Serve; at a run's start wait (bounded) for the run's other data nodes, so that no iteration runs
         without them; joining a run in progress, take stage 0 and the iteration from a live data node."""
         self.status = "serving"
+        self.expected_data_nodes = expected_data_nodes
         await self.announce()
         self.start_heartbeat()
         deadline = time.monotonic() + timeout
@@ -228,14 +232,22 @@ class DataNode(NodeBase):
         return self.message("state", tensors=[tensors[k] for k in keys], meta={**meta, "keys": keys})
 
     # ---- the view and readiness ----------------------------------------------------------------------------------
+    async def current_nodes(self) -> dict[str, NodeRecord]:
+        """Live records, with the versions relays confirmed in their replies where the DHT has not caught up."""
+        nodes = dict(await self.live_nodes())
+        for p, version in self.confirmed.items():
+            if p in nodes and nodes[p].state_version < version:
+                nodes[p] = dataclasses.replace(nodes[p], state_version=version)
+        return nodes
+
     async def view(self) -> SwarmView:
-        return self.view_builder(await self.live_nodes(), self.iteration)
+        return self.view_builder(await self.current_nodes(), self.iteration)
 
     async def wait_for_stages(self, timeout: float) -> None:
         """Until every relay stage has a serving replica at this iteration's version."""
         deadline = time.monotonic() + timeout
         while True:
-            nodes = await self.live_nodes()
+            nodes = await self.current_nodes()
             missing = [
                 k
                 for k in range(1, self.spec.model.n_stages + 1)
@@ -455,9 +467,19 @@ class DataNode(NodeBase):
         fl.h0 = None
 
     # ---- iteration end -----------------------------------------------------------------------------------------------
-    async def _finish_iteration(self, i: int) -> None:
+    async def _data_peers(self, timeout: float = 5.0) -> dict[str, NodeRecord]:
+        """A fresh view that shows the run's expected data nodes if they are alive (bounded wait): averaging stage 0
+        with fewer than all of them, each leading its own round, would let their copies of stage 0 diverge."""
+        deadline = time.monotonic() + timeout
         nodes = await self.live_nodes(max_age=0)
-        peers = [p for p, r in serving(nodes, "data").items() if r.state_version == i]
+        while len(serving(nodes, "data")) < self.expected_data_nodes and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            nodes = await self.live_nodes(max_age=0)
+        return nodes
+
+    async def _finish_iteration(self, i: int) -> None:
+        nodes = await self._data_peers()
+        peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
         await self.compute(self.stage0.apply_averaged, result.grads, i)
         relays = sorted(p for p, r in serving(nodes, "relay").items() if r.state_version == i)
@@ -471,6 +493,8 @@ class DataNode(NodeBase):
             return_exceptions=True,
         )
         for p, r in zip(relays, replies):
-            if isinstance(r, Exception):
+            if isinstance(r, BaseException):
                 log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
+            else:
+                self.confirmed[p] = int(r.meta["version"])
         await self.announce()

@@ -120,8 +120,10 @@ class Membership(ABC):
         while not self._stop.is_set():
             try:
                 self.announce(get_record(), ttl)
-            except Exception:  # a missed beat is survivable (the ttl covers a few); a dead thread is not
-                logger.exception("heartbeat: announce failed")
+            except Exception as exc:  # a missed beat is survivable (the ttl covers a few); a dead thread is not
+                logger.warning(
+                    "heartbeat: announce failed (%s: %s); next beat in %.1fs", type(exc).__name__, exc, period
+                )
             self._stop.wait(period)
 
     def close(self) -> None:

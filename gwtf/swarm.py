@@ -26,10 +26,9 @@ from gwtf.transport import InProcessNetwork, InProcessTransport, LinkEmulator
 log = logging.getLogger(__name__)
 
 
-def run_spec(run_id: str, cfg: RunConfig) -> RunSpec:
-    return RunSpec(
-        run_id=run_id, model=cfg.model_config(), optim=cfg.optim, total_steps=cfg.train.steps, seed=cfg.train.seed
-    )
+def run_spec(run_id: str, cfg: RunConfig, data_nodes: int = 1) -> RunSpec:
+    t = cfg.train
+    return RunSpec(run_id, cfg.model_config(), cfg.optim, t.steps, t.seed, data_nodes)
 
 
 def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
@@ -84,7 +83,7 @@ class InProcessSwarm:
         faults: list[Fault] | None = None,
     ):
         self.cfg, self.run_id = cfg, run_id
-        self.spec = run_spec(run_id, cfg)
+        self.spec = run_spec(run_id, cfg, data_nodes)
         n = self.spec.model.n_stages
         self.replicas = [replicas] * n if isinstance(replicas, int) else list(replicas)
         if len(self.replicas) != n:
@@ -136,8 +135,8 @@ class InProcessSwarm:
                 module_builder(self.spec),
                 views,
             )
-            await node.start()
             self.data_nodes.append(node)
+        await asyncio.gather(*(d.start(expected_data_nodes=self.n_data, timeout=30) for d in self.data_nodes))
 
     async def step(self) -> StepResult:
         reports = await asyncio.gather(*(d.run_iteration() for d in self.data_nodes))

@@ -78,7 +78,7 @@ def _spec(args: argparse.Namespace, record: RunRecord) -> tuple[RunSpec, SwarmCo
     swarm = {**record.config.get("swarm", {}), "region": args.region}
     if args.capacity:
         swarm["capacity"] = args.capacity
-    return run_spec(args.run, cfg), SwarmConfig(**swarm)
+    return run_spec(args.run, cfg, int(record.config.get("data_nodes", 1))), SwarmConfig(**swarm)
 
 
 async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
@@ -119,7 +119,7 @@ async def _drive_data(args, record, spec, swarm_cfg, transport, membership) -> i
         module_builder(spec),
         view_builder(spec, cfg.train.microbatch_size),
     )
-    await node.start(expected_data_nodes=int(record.config.get("data_nodes", 1)), timeout=args.join_timeout)
+    await node.start(expected_data_nodes=spec.data_nodes, timeout=args.join_timeout)
     metrics = MetricsWriter(args.metrics)
     t0 = time.perf_counter()
     try:

@@ -190,10 +190,13 @@ class DataNode(NodeBase):
         return self.message("route", meta={"route": fl.route, "replica": new})
 
     async def _replace(self, fl: Flight, stage: int, dead: set[str]) -> str:
-        view = await self.view()
-        new = self.router.reroute(view, fl.route, stage, dead)
-        if new is None:
-            raise BadMessage(f"no live replica of stage {stage}")
+        """A live replica of `stage` for this microbatch; when the stage has none left (every replica lost), wait,
+        bounded, for it to be rebuilt (gwtf.recovery) by a joiner."""
+        deadline = time.monotonic() + self.cfg.stage_recovery_timeout
+        while (new := self.router.reroute(await self.view(), fl.route, stage, dead)) is None:
+            if time.monotonic() > deadline:
+                raise BadMessage(f"no live replica of stage {stage} for {self.cfg.stage_recovery_timeout:.0f}s")
+            await asyncio.sleep(0.2)
         fl.route[stage - 1] = new
         fl.reroutes += 1
         return new
@@ -262,7 +265,7 @@ class DataNode(NodeBase):
     # ---- one iteration ---------------------------------------------------------------------------------------------
     async def run_iteration(self) -> IterationReport:
         i, t0 = self.iteration, time.perf_counter()
-        await self.wait_for_stages(self.cfg.iteration_timeout)
+        await self.wait_for_stages(self.cfg.stage_recovery_timeout)
         pending = list(enumerate(self.schedule.microbatches(i, self.rank)))
         report = IterationReport(iteration=i, loss=float("nan"))
         while pending:
@@ -282,14 +285,12 @@ class DataNode(NodeBase):
         view = await self.view()
         data_nodes = sorted(view.data_nodes)
         demands = {d: len(pending) for d in data_nodes}
-        for _ in range(50):  # bounded: the swarm may be between a crash and a join
-            paths = self.router.plan(view, demands).get(self.peer_id, [])
-            if paths:
-                break
-            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + self.cfg.stage_recovery_timeout
+        while not (paths := self.router.plan(view, demands).get(self.peer_id, [])):
+            if time.monotonic() > deadline:  # bounded: the swarm may be between a crash and a join
+                raise PeerError(f"the router found no path through the swarm for {self.cfg.stage_recovery_timeout}s")
+            await asyncio.sleep(0.2)
             view = await self.view()
-        else:
-            raise PeerError("the router finds no path through the swarm")
         flights = [Flight(mb, x, list(p)) for (mb, x), p in zip(pending, paths)]
         for fl in flights:
             self.flights[fl.mb] = fl

@@ -50,6 +50,8 @@ class SwarmConfig:
     record_ttl_s: float = 8.0  # a loaded DHT can miss a few beats; calls that fail detect crashes sooner
     max_attempts: int = 3  # restarts of one microbatch
     router: str = "round-robin"
+    recovery: str = "checkfree"  # how a stage with no live replica is rebuilt (gwtf.recovery.make_strategy)
+    stage_recovery_timeout: float = 120.0  # how long data nodes wait for a lost stage to be rebuilt
     region: str | None = None
 
     def __post_init__(self) -> None:
@@ -205,16 +207,18 @@ class RelayNode(NodeBase):
         await self.fault("joining", self.run_version)
         module = await self.compute(build_module, self.stage)
         self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.cfg.capacity)
-        donors = serving(nodes, "relay", self.stage)
-        if donors:
-            await self.download_state(sorted(donors), timeout)
+        donors = sorted(serving(nodes, "relay", self.stage))
+        downloaded = bool(donors) and await self.download_state(donors, timeout)
+        if not downloaded and self.run_version > 0:  # the run is under way and this stage has no live replica left
+            await self.rebuild_stage(build_module)
         self.status = "serving"
         await self.announce()
         self.start_heartbeat()
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
 
-    async def download_state(self, donors: list[str], timeout: float) -> None:
-        """Fetch parameters and optimizer state, parameter names spread over the donors (one version for all)."""
+    async def download_state(self, donors: list[str], timeout: float) -> bool:
+        """Fetch parameters and optimizer state, parameter names spread over the donors (one version for all).
+        False when no live donor is left (the stage is lost: the caller rebuilds it)."""
         assert self.replica is not None
         names = [n for n, _ in self.replica.module.named_parameters()]
         deadline = time.monotonic() + timeout
@@ -230,12 +234,55 @@ class RelayNode(NodeBase):
                     meta["version"],
                     len(donors),
                 )
-                return
+                return True
             except (PeerError, BadMessage) as exc:
-                log.warning("state download failed (%s); retrying", exc)
-                donors = sorted(serving(await self.live_nodes(), "relay", self.stage)) or donors
+                log.warning("state download failed (%s); retrying with the live donors", exc)
                 await asyncio.sleep(0.2)
+                donors = sorted(serving(await self.live_nodes(max_age=0), "relay", self.stage))
+                if not donors:
+                    return False
         raise PeerError(f"could not download stage {self.stage} within {timeout:.0f}s")
+
+    async def rebuild_stage(self, build_module) -> None:
+        """Rebuild this stage from its live neighbours with the run's strategy (CheckFree: their gradient-norm
+        weighted average; an edge stage copies its one relay neighbour), fresh optimizer, raised learning rate."""
+        from gwtf.optim import make_optimizer
+        from gwtf.recovery import install, make_strategy
+
+        assert self.replica is not None
+        strategy = make_strategy(self.cfg.recovery)
+        strategy.check(self.spec.model)
+        nodes = await self.live_nodes(max_age=0)
+        modules, norms, versions = {}, {}, []
+        for j in (self.stage - 1, self.stage + 1):
+            donors = sorted(serving(nodes, "relay", j)) if 1 <= j <= self.spec.model.n_stages else []
+            if donors:
+                modules[j], version, norms[j] = await self._neighbour(j, donors[0], build_module)
+                versions.append(version)
+        rebuilt = await self.compute(strategy.rebuild, self.stage, modules, norms, self.spec.model, self.spec.seed)
+        r = self.replica
+        r.optimizer = install(rebuilt, r.module, r.optimizer, lambda m: make_optimizer(m, self.spec.optim))
+        r.version = max(versions, default=self.run_version)
+        r.boost, r.boost_from, r.lr_scale = rebuilt, r.version, rebuilt.lr_scale
+        log.warning(
+            "relay %s rebuilt lost stage %d at v%d: %s (lr x%.2f)",
+            self.peer_id[:8],
+            self.stage,
+            r.version,
+            rebuilt.source,
+            rebuilt.lr_scale,
+        )
+
+    async def _neighbour(self, stage: int, donor: str, build_module) -> tuple[Any, int, float]:
+        """Stage `stage`'s current parameters from one of its replicas, as a module, with their version and the
+        gradient norm of its last step (from the same snapshot: a DHT record may lag behind)."""
+        reply = await self.call(donor, "get_state", self.message("state"), timeout=self.cfg.iteration_timeout)
+        module = await self.compute(build_module, stage)
+        params = {k.split("/", 1)[1]: t for k, t in zip(reply.meta["keys"], reply.tensors) if k.startswith("param/")}
+        missing, _ = module.load_state_dict(params, strict=False)
+        if any(n in dict(module.named_parameters()) for n in missing):
+            raise BadMessage(f"stage {stage} state from {donor[:8]} lacks parameters")
+        return module, int(reply.meta["version"]), float(reply.meta.get("grad_norm") or 1.0)
 
     async def _fetch_from(self, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
         parts = [names[i :: len(donors)] for i in range(len(donors))]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,10 +55,12 @@ class StageReplica:
     count: int = 0  # microbatches whose gradient is accumulated this iteration
     stats: StageStats = field(default_factory=StageStats)
     last_grad_norm: float | None = None
-    lr_scale: float = 1.0  # raised after a CheckFree rebuild
+    lr_scale: float = 1.0  # raised after a CheckFree rebuild, decaying back (see `boost`)
+    boost: Any = None  # the gwtf.recovery.RebuiltStage this replica was rebuilt from, for its lr schedule
+    boost_from: int = 0  # the version it was rebuilt at
 
     def __post_init__(self) -> None:
-        self.optimizer = make_optimizer(self.module, self.optim_cfg)
+        self.optimizer: torch.optim.Optimizer = make_optimizer(self.module, self.optim_cfg)
         self.lock = threading.Lock()  # forward/backward/step of one replica never interleave
         self.module.zero_grad(set_to_none=True)
 
@@ -127,6 +130,8 @@ class StageReplica:
             for p, g in zip(params, grads):
                 p.grad = g.to(p.dtype).clone()
             self.last_grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            if self.boost is not None:
+                self.lr_scale = self.boost.lr_scale_at(iteration - self.boost_from)
             set_lr(self.optimizer, lr_at(iteration, self.total_steps, self.optim_cfg) * self.lr_scale)
             self.optimizer.step()
             self.module.zero_grad(set_to_none=True)
@@ -146,7 +151,13 @@ class StageReplica:
                 tensors[f"exp_avg/{n}"] = st["exp_avg"].clone()
                 tensors[f"exp_avg_sq/{n}"] = st["exp_avg_sq"].clone()
                 steps[n] = float(st["step"])
-            return tensors, {"version": self.version, "steps": steps, "lr_scale": self.lr_scale}
+            meta = {
+                "version": self.version,
+                "steps": steps,
+                "lr_scale": self.lr_scale,
+                "grad_norm": self.last_grad_norm,
+            }
+            return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         with self.lock:

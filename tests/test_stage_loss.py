@@ -1,0 +1,90 @@
+"""A whole stage lost (every replica) in a live swarm: a joiner rebuilds it without a checkpoint (CheckFree)."""
+
+import asyncio
+
+import pytest
+import torch
+
+from gwtf.faults import Fault
+from gwtf.swarm import InProcessSwarm
+from tests.test_swarm_inprocess import fast_swarm, run, small_config
+
+STEPS, LOSS_AT = 10, 4
+
+
+def params(node) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in node.replica.module.parameters()]
+
+
+async def lose_stage_and_rebuild(swarm: InProcessSwarm, stage: int, iteration: int) -> dict:
+    """Every replica of `stage` crashes during its backward of `iteration` (the fault injector), so the iteration
+    cannot end and the neighbours cannot step; then a volunteer joins the stage and rebuilds it from them."""
+    victims = [p for p, n in swarm.relays.items() if n.stage == stage]
+    swarm.faults.faults.extend(Fault(p, iteration, "backward") for p in victims)
+    step = asyncio.ensure_future(swarm.step())
+    for _ in range(500):  # bounded wait for both crashes
+        if all(p not in swarm.relays for p in victims):
+            break
+        await asyncio.sleep(0.01)
+    assert all(p not in swarm.relays for p in victims)
+    neighbours = {}
+    for k in (stage - 1, stage + 1):
+        node = next((n for n in swarm.relays.values() if n.stage == k), None)
+        if node is not None:
+            neighbours[k] = (params(node), node.replica.last_grad_norm)
+    joiner = await swarm.add_relay(stage)
+    rebuilt = params(joiner)
+    result = await step
+    return {"joiner": joiner, "neighbours": neighbours, "rebuilt": rebuilt, "result": result}
+
+
+def test_intermediate_stage_lost_is_rebuilt_by_checkfree_and_training_goes_on():
+    cfg = small_config(steps=STEPS, microbatches=4, stages=3)
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(recovery="checkfree"))
+        await swarm.start()
+        losses, event = [], {}
+        try:
+            for step in range(STEPS):
+                if step == LOSS_AT:
+                    event = await lose_stage_and_rebuild(swarm, 2, step)
+                    result = event["result"]
+                else:
+                    result = await swarm.step()
+                for r in result.reports:
+                    assert r.lost == 0, r
+                losses.append(result.loss)
+        finally:
+            await swarm.close()
+        return losses, event
+
+    losses, event = run(go())
+    (w1, n1), (w3, n3) = event["neighbours"][1], event["neighbours"][3]
+    assert n1 and n3  # both neighbours had stepped, so they had gradient norms
+    expected = [(n1 * a + n3 * b) / (n1 + n3) for a, b in zip(w1, w3)]  # CheckFree: norm-weighted average
+    for got, want in zip(event["rebuilt"], expected):
+        torch.testing.assert_close(got, want)
+    joiner = event["joiner"]
+    assert joiner.replica.lr_scale > 1.0  # the rebuilt stage trains with a raised learning rate, decaying back
+    assert joiner.replica.stats.backward > 0  # and it carries the traffic
+    assert all(loss == loss for loss in losses)
+    assert losses[-1] < losses[LOSS_AT] and losses[-1] < losses[0] - 0.3  # the loss recovers and training goes on
+
+
+def test_a_stage_with_no_replica_and_no_joiner_fails_clearly_and_bounded():
+    cfg = small_config(steps=3, microbatches=2, stages=2)
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(stage_recovery_timeout=1.0, max_attempts=1))
+        await swarm.start()
+        try:
+            await swarm.step()
+            await swarm.crash(next(p for p, n in swarm.relays.items() if n.stage == 2))
+            await asyncio.sleep(0.8)  # its record expires
+            with pytest.raises(Exception, match="no serving replica|no live replica|no path"):
+                await swarm.step()
+        finally:
+            await swarm.close()
+
+    run(go())

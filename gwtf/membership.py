@@ -4,13 +4,20 @@ Every node re-announces its `NodeRecord` every few seconds with a short time to 
 expired is dead. Two backends: `InMemoryMembership` (one shared dict, for in-process swarms and tests) and
 `DHTMembership` over hivemind's DHT, where each node writes under a subkey that carries its RSA public key and
 hivemind's `RSASignatureValidator` rejects any write to that subkey not signed by the matching private key.
+
+That RSA key is also the node's libp2p identity (`make_dht` hands it to the p2p daemon), so the subkey determines
+the peer id: a record whose `peer_id` is not the one derived from its subkey's key is dropped by every reader, and no
+node can speak for another. In a keyed run (gwtf.auth) every record also carries the run key's MAC.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
+import os
+import tempfile
 import threading
 import time
 import weakref
@@ -19,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gwtf.auth import RunAccess, RunKeyValidator, join_access
 from gwtf.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ class RunRecord:
     model_hash: str
     config: dict[str, Any]  # the whole run config
     created: float = field(default_factory=time.time)
+    key_id: str = ""  # fingerprint of the run key ("" for an open run): gwtf.auth.check_run_access
 
 
 @dataclass
@@ -194,27 +203,80 @@ class InMemoryMembership(Membership):
 _OWNER_KEYS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
 
-def make_dht(initial_peers: list[str] | None, loopback: bool = True, **kw: Any) -> Any:
-    """A started hivemind.DHT with its own RSA key and signature validator (for `DHTMembership`).
+def run_dht_keys(run_id: str) -> list[str]:
+    return [f"gwtf/{run_id}/run", f"gwtf/{run_id}/nodes"]
+
+
+def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: RunAccess | None = None, **kw: Any) -> Any:
+    """A started hivemind.DHT whose libp2p identity is its record-signing RSA key (for `DHTMembership`).
 
     `loopback` keeps it on 127.0.0.1 without NAT traversal or relays (tests, demo, benchmarks); a person joining a
-    real network passes loopback=False and their own host_maddrs. Other keyword arguments go to hivemind.DHT.
+    real network passes loopback=False and their own host_maddrs. `access`: the run and its key, if keyed (its
+    records then carry the key's MAC). Other keyword arguments go to hivemind.DHT.
     """
     import hivemind
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.utils.crypto import RSAPrivateKey
 
-    validator = RSASignatureValidator(RSAPrivateKey())  # not the process-wide key: several nodes may share a process
+    private_key = RSAPrivateKey()  # not the process-wide key: several nodes may share a process
+    validator = RSASignatureValidator(private_key)
     validators = [validator, *kw.pop("record_validators", [])]
+    if access is not None:
+        validators.append(RunKeyValidator(access, run_dht_keys(access.run_id)))
     options = {**(LOOPBACK_KW if loopback else {}), **kw}
-    try:
-        dht = hivemind.DHT(initial_peers=initial_peers or None, start=True, record_validators=validators, **options)
-    except Exception as exc:  # hivemind raises assorted errors for bad or unreachable addresses
-        raise UserError(
-            f"cannot start a DHT peer with initial peers {initial_peers}: {exc}; check the address"
-        ) from exc
+    with tempfile.TemporaryDirectory(prefix="gwtf-id-") as tmp:  # the daemon reads it at start, then it can go
+        identity = _write_identity(private_key, os.path.join(tmp, "identity.key"))
+        try:
+            dht = hivemind.DHT(
+                initial_peers=initial_peers or None,
+                start=True,
+                record_validators=validators,
+                identity_path=identity,
+                check_if_identity_free=False,  # a fresh key: nobody else has it
+                **options,
+            )
+        except Exception as exc:  # hivemind raises assorted errors for bad or unreachable addresses
+            raise UserError(
+                f"cannot start a DHT peer with initial peers {initial_peers}: {exc}; check the address"
+            ) from exc
     _OWNER_KEYS[dht] = validator.local_public_key
     return dht
+
+
+def _write_identity(private_key: Any, path: str) -> str:
+    """The key as a libp2p identity file (protobuf PrivateKey, RSA, DER), so the peer id is derived from it."""
+    from hivemind.proto import crypto_pb2
+
+    proto = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=private_key.to_bytes())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(proto.SerializeToString())
+    return path
+
+
+def peer_id_of_owner(subkey: Any) -> str | None:
+    """The libp2p peer id (base58) of the RSA key in an `[owner:ssh-rsa ...]` subkey; None if there is none.
+
+    libp2p: peer id = multihash sha2-256 of the protobuf PublicKey {RSA, DER SubjectPublicKeyInfo}.
+    """
+    import base58
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.proto import crypto_pb2
+
+    if not isinstance(subkey, bytes):
+        return None
+    found = RSASignatureValidator._PUBLIC_KEY_RE.findall(subkey)
+    if len(found) != 1:
+        return None
+    try:
+        public = serialization.load_ssh_public_key(found[0])
+    except (ValueError, TypeError):
+        return None
+    der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    proto = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    digest = hashlib.sha256(proto).digest()
+    return str(base58.b58encode(bytes([0x12, len(digest)]) + digest).decode())
 
 
 def dht_addresses(dht: Any) -> list[str]:
@@ -232,8 +294,8 @@ class DHTMembership(Membership):
         if key is None:
             raise ValueError("DHTMembership needs a DHT from make_dht (or its validator's owner_key)")
         self.owner_key = key
-        self._run_key = f"gwtf/{run_id}/run"
-        self._nodes_key = f"gwtf/{run_id}/nodes"
+        self.peer_id = peer_id_of_owner(key)
+        self._run_key, self._nodes_key = run_dht_keys(run_id)
 
     def _store(self, key: str, value: dict[str, Any], ttl: float) -> None:
         from hivemind.utils import get_dht_time
@@ -262,22 +324,34 @@ class DHTMembership(Membership):
             if records:
                 if len(records) > 1:
                     logger.warning("run %s has %d run records; using the oldest", self.run_id, len(records))
-                return RunRecord(**min(records, key=lambda r: r.get("created", 0.0)))
+                names = {f.name for f in dataclasses.fields(RunRecord)}
+                oldest = min(records, key=lambda r: r.get("created", 0.0) if isinstance(r.get("created"), float) else 0)
+                try:
+                    return RunRecord(**{k: v for k, v in oldest.items() if k in names})
+                except TypeError as exc:
+                    msg = f"run {self.run_id} has a malformed run record ({exc}); bootstrap it again"
+                    raise UserError(msg) from None
             if time.monotonic() + delay > deadline:
                 return None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
     def announce(self, rec: NodeRecord, ttl: float) -> None:
+        if rec.peer_id != self.peer_id:
+            raise PermissionError(f"{self.peer_id} cannot write the record of {rec.peer_id}")
         self._store(self._nodes_key, rec.to_dict(), ttl)
 
     def live_nodes(self) -> dict[str, NodeRecord]:
         nodes = {}
-        for value in self._get_subkeys(self._nodes_key).values():
+        for subkey, value in self._get_subkeys(self._nodes_key).items():
             try:
                 rec = NodeRecord.from_dict(value)
             except (TypeError, ValueError) as exc:
                 logger.warning("ignoring a malformed node record: %s", exc)
+                continue
+            owner = peer_id_of_owner(subkey)
+            if rec.peer_id != owner:  # signed by one key, claiming another peer's identity
+                logger.warning("ignoring a record claiming peer %s, written by %s", rec.peer_id, owner)
                 continue
             nodes[rec.peer_id] = rec
         return nodes
@@ -292,10 +366,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--run", required=True, help="run name")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the run record")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+    parser.add_argument("--key", default=None, metavar="FILE", help="the run key, to verify the records of a keyed run")
 
 
 def run(args: argparse.Namespace) -> int:
-    dht = make_dht(args.initial_peers, loopback=not args.public, client_mode=True)
+    access = join_access(args.run, getattr(args, "key", None))
+    dht = make_dht(args.initial_peers, loopback=not args.public, access=access, client_mode=True)
     try:
         membership = DHTMembership(dht, args.run)
         rec = membership.get_run(timeout=args.timeout)
@@ -303,6 +379,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(
                 f"run {args.run!r} not found via {args.initial_peers} within {args.timeout:g}s; check the name"
             )
+        if rec.key_id and not access.keyed:
+            print(f"run {args.run} is by invitation: pass --key FILE to verify its records (unverified below)")
         print(format_status(rec, membership.live_nodes()))
     finally:
         dht.shutdown()

@@ -4,8 +4,8 @@ A call sends one `Message` to a named handler on a peer and returns the handler'
 message is a frame: a fixed prefix (magic, header length, body length), a JSON header (kind, run id, iteration,
 microbatch, stage, meta, the sender's region, each tensor's dtype and shape, a crc32 of the body) and the body: the
 tensors' raw bytes, each padded to `_ALIGN` bytes. Every frame a node receives is checked before a handler sees it
-(run id, size limits, dtypes, checksum, finite values, then the handler's own validator); a bad one is answered
-with an error and dropped, and the node keeps serving.
+(run id, the sender's proof of membership in a keyed run (gwtf.auth), size limits, dtypes, checksum, finite values,
+then the handler's own validator); a bad one is answered with an error and dropped, and the node keeps serving.
 
 Backends:
     InProcessTransport  peers in one event loop (tests, simulator); frames are really encoded and decoded
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from gwtf.auth import RunAccess
 from gwtf.errors import BadMessage, PeerError
 
 if TYPE_CHECKING:
@@ -503,12 +504,16 @@ class Transport(ABC):
         region: str | None = None,
         emulator: LinkEmulator | None = None,
         limits: MessageLimits | None = None,
+        access: RunAccess | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.run_id = run_id
         self.region = region
         self.emulator = emulator
         self.limits = limits or MessageLimits()
+        self.access = access or RunAccess.open(run_id)
+        if self.access.run_id != run_id:
+            raise ValueError(f"access is for run {self.access.run_id!r}, the transport for {run_id!r}")
         self._handlers: dict[str, tuple[Handler, Validator | None]] = {}
         self.rejected = 0  # frames refused by validation, for metrics and tests
 
@@ -517,7 +522,7 @@ class Transport(ABC):
 
     async def call(self, peer_id: str, name: str, msg: Message, timeout: float) -> Message:
         """Send `msg` to handler `name` on `peer_id` and return its reply; PeerError on any failure."""
-        frame = encode_frame(msg, extra={"handler": name, "region": self.region})
+        frame = encode_frame(msg, extra=self._request_extra(peer_id, name))
         try:
             return await asyncio.wait_for(self._call_frame(peer_id, frame, msg.nbytes), timeout)
         except TimeoutError:
@@ -526,6 +531,12 @@ class Transport(ABC):
             raise PeerError(f"{exc} (peer {peer_id}, handler {name!r})") from None
         except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
             raise PeerError(f"unreachable: {type(exc).__name__}: {exc} (peer {peer_id}, handler {name!r})") from None
+
+    def _request_extra(self, peer_id: str, name: str) -> dict[str, Any]:
+        extra: dict[str, Any] = {"handler": name, "region": self.region}
+        if self.access.keyed:
+            extra["auth"] = self.access.proof(self.peer_id, peer_id)
+        return extra
 
     @abstractmethod
     async def _call_frame(self, peer_id: str, frame: list[bytes | memoryview], nbytes: int) -> Message:
@@ -550,6 +561,7 @@ class Transport(ABC):
             return self._refuse(sender, "?", exc)
         try:
             _check_header(header, self.limits, self.run_id)
+            self.access.check(sender, self.peer_id, header.fields.get("auth"))  # before any body byte is buffered
             entry = self._handlers.get(header.handler)
             if entry is None:
                 raise BadMessage(f"no handler named {header.handler!r}")
@@ -580,7 +592,10 @@ class Transport(ABC):
         except Exception as exc:  # a handler bug must not take the node down; the caller learns why
             logger.exception("%s: handler %r failed on a message from %s", self.peer_id, name, msg.sender)
             return error_frame(f"handler {name!r} failed: {type(exc).__name__}: {exc}", self.run_id)
-        return encode_frame(reply, extra={"region": self.region})
+        extra: dict[str, Any] = {"region": self.region}
+        if self.access.keyed:
+            extra["auth"] = self.access.proof(self.peer_id, msg.sender)
+        return encode_frame(reply, extra=extra)
 
     async def _read_reply(self, peer_id: str, reader: _Reader) -> Message:
         header = await _read_header(reader, self.limits)
@@ -589,6 +604,7 @@ class Transport(ABC):
             raise PeerError(header.error)
         try:
             _check_header(header, self.limits, self.run_id)
+            self.access.check(peer_id, self.peer_id, header.fields.get("auth"))  # members take tensors from members
             body = await _read_body(reader, header)
             if self.emulator is not None:
                 await self.emulator.delay(header.region, self.region, header.body_len)
@@ -638,8 +654,9 @@ class InProcessTransport(Transport):
         region: str | None = None,
         emulator: LinkEmulator | None = None,
         limits: MessageLimits | None = None,
+        access: RunAccess | None = None,
     ) -> None:
-        super().__init__(peer_id, run_id, region, emulator, limits)
+        super().__init__(peer_id, run_id, region, emulator, limits, access)
         self.network = network
         network.register(self)
 
@@ -683,8 +700,9 @@ class HivemindTransport(Transport):
         emulator: LinkEmulator | None = None,
         limits: MessageLimits | None = None,
         direct_tcp_min_bytes: int | None = DEFAULT_DIRECT_TCP_MIN_BYTES,
+        access: RunAccess | None = None,
     ) -> None:
-        super().__init__(p2p.peer_id.to_base58(), run_id, region, emulator, limits)
+        super().__init__(p2p.peer_id.to_base58(), run_id, region, emulator, limits, access)
         self.p2p = p2p
         self.direct_tcp_min_bytes = direct_tcp_min_bytes
         self._protocol = f"gwtf/{run_id}/call"
@@ -705,10 +723,11 @@ class HivemindTransport(Transport):
         limits: MessageLimits | None = None,
         direct_tcp_min_bytes: int | None = DEFAULT_DIRECT_TCP_MIN_BYTES,
         tcp_host: str | None = None,
+        access: RunAccess | None = None,
     ) -> HivemindTransport:
         """Register on `p2p` (which the caller owns) and, unless disabled, open the direct TCP listener on
-        `tcp_host` (default: the first IPv4 address p2p listens on)."""
-        self = cls(p2p, run_id, region, emulator, limits, direct_tcp_min_bytes)
+        `tcp_host` (default: the first IPv4 address p2p listens on). `access`: who may call (default: anyone)."""
+        self = cls(p2p, run_id, region, emulator, limits, direct_tcp_min_bytes, access)
         await p2p.add_binary_stream_handler(self._protocol, self._on_stream)
         if direct_tcp_min_bytes is not None:
             self._listen(tcp_host or await _p2p_ipv4(p2p))
@@ -803,7 +822,7 @@ class HivemindTransport(Transport):
 
     async def _endpoint(self, peer_id: str) -> tuple[str, int, bytes] | None:
         if peer_id not in self._endpoints:
-            hello = encode_frame(Message("control", self.run_id), extra={"handler": _HELLO, "region": self.region})
+            hello = encode_frame(Message("control", self.run_id), extra=self._request_extra(peer_id, _HELLO))
             meta = (await self._call_p2p(peer_id, hello)).meta
             ok = isinstance(meta.get("host"), str) and isinstance(meta.get("port"), int)
             self._endpoints[peer_id] = (meta["host"], meta["port"], bytes.fromhex(meta["token"])) if ok else None

@@ -1,6 +1,9 @@
 """`gwtf bootstrap`: start a run. A DHT peer holds the run record; its address is what volunteers join.
 
-    gwtf bootstrap --run myrun --preset debug --stages 4 [--config run.toml] [--set optim.lr=1e-3]
+    gwtf bootstrap --run myrun --preset debug --stages 4 --key run.key [--config run.toml] [--set optim.lr=1e-3]
+
+`--key FILE` makes the run by invitation (the key is created there if the file does not exist; hand it to the
+volunteers you invite); `--open` lets anyone who reaches the address join (see docs/security.md).
 
 It prints the multiaddress to pass as `--initial-peers` (and writes it to `--addr-file`), then keeps the DHT peer
 and the run record alive until it is stopped. Loopback only unless `--public` is given.
@@ -34,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
     parser.add_argument("--router", default="gwtf", help="gwtf | swarm | round-robin | oracle")
     parser.add_argument("--addr-file", default=None, help="also write the address here")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+    parser.add_argument("--key", default=None, metavar="FILE", help="run key: joining needs it (created if missing)")
+    parser.add_argument("--open", action="store_true", help="an open run: anyone who reaches it may join")
 
 
 def build_record(args: argparse.Namespace) -> RunRecord:
@@ -51,10 +56,13 @@ def build_record(args: argparse.Namespace) -> RunRecord:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gwtf.auth import bootstrap_access
     from gwtf.membership import DHTMembership
 
     record = build_record(args)
-    dht = make_dht(None, loopback=not args.public)
+    access = bootstrap_access(args.run, args.key, args.open)
+    record.key_id = access.key_id
+    dht = make_dht(None, loopback=not args.public, access=access)
     membership = DHTMembership(dht, args.run)
     addrs = [str(a) for a in dht.get_visible_maddrs()]
     stop = threading.Event()

@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--join-timeout", type=float, default=60.0)
+    parser.add_argument("--key", default=None, metavar="FILE", help="the run key (a run by invitation needs it)")
     parser.add_argument(
         "--fault",
         default=None,
@@ -50,19 +51,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    from gwtf.auth import check_run_access, join_access
     from gwtf.membership import DHTMembership
     from gwtf.transport import HivemindTransport, LinkEmulator
 
-    dht = make_dht(args.initial_peers, loopback=not args.public)
+    access = join_access(args.run, args.key)
+    dht = make_dht(args.initial_peers, loopback=not args.public, access=access)
     membership = DHTMembership(dht, args.run)
     try:
         record = await asyncio.to_thread(membership.get_run, args.join_timeout)
         if record is None:
-            raise UserError(f"run {args.run!r} not found via {args.initial_peers[0]}: check --run and --initial-peers")
+            hint = " (an open run is joined without --key)" if args.key else ""
+            raise UserError(
+                f"run {args.run!r} not found via {args.initial_peers[0]}: check --run and --initial-peers{hint}"
+            )
+        check_run_access(access, record.key_id)
         spec, swarm_cfg = _spec(args, record)
         p2p = await dht.replicate_p2p()
         emulator = LinkEmulator() if args.region else None
-        transport = await HivemindTransport.create(p2p, args.run, region=args.region, emulator=emulator)
+        transport = await HivemindTransport.create(p2p, args.run, region=args.region, emulator=emulator, access=access)
         if args.role == "relay":
             return await _serve_relay(args, spec, swarm_cfg, transport, membership)
         return await _drive_data(args, record, spec, swarm_cfg, transport, membership)

@@ -1,8 +1,10 @@
 """The fault injector: "crash node X at iteration i during phase p", shared by tests, the demo and benchmarks.
 
-Node code calls `await injector.hit(peer, phase, iteration)` at each phase of its work; a matching fault runs the
-injector's crash action and raises `Crashed`, so the node stops right there. For a process the action is SIGKILL
-of itself (no goodbye, no flush: the real thing); for an in-process swarm it makes the peer vanish from the network.
+Node code calls `await injector.hit(peer, phase, iteration)` at each phase of its work; a fault fires the first time
+its node reaches its phase at or after its iteration (a replica the router left idle in that iteration crashes at its
+next chance), runs the injector's crash action and raises `Crashed`, so the node stops right there. For a process
+the action is SIGKILL of itself (no goodbye, no flush: the real thing); for an in-process swarm it makes the peer
+vanish from the network.
 
     FaultInjector([Fault("relay-s2-1", iteration=3, phase="backward")], on_crash=swarm.crash)
     gwtf join ... --fault backward@3          # this process SIGKILLs itself in iteration 3's first backward
@@ -69,7 +71,7 @@ class FaultInjector:
 
     async def hit(self, peer: str, phase: str, iteration: int) -> None:
         for fault in self.faults:
-            if fault.phase == phase and fault.iteration == iteration and fault.node in ("*", peer):
+            if fault.phase == phase and iteration >= fault.iteration and fault.node in ("*", peer):
                 self.faults.remove(fault)
                 self.fired.append((peer, fault))
                 log.warning("fault injected: %s crashes during %s of iteration %d", peer[:12], phase, iteration)

@@ -89,10 +89,10 @@ def test_injector_fires_once_and_only_where_told():
     async def go():
         await inj.hit("b", "forward", 1)  # another node
         await inj.hit("a", "backward", 1)  # another phase
-        await inj.hit("a", "forward", 0)  # another iteration
-        with pytest.raises(Exception, match="crashed during forward"):
-            await inj.hit("a", "forward", 1)
-        await inj.hit("a", "forward", 1)  # fired already
+        await inj.hit("a", "forward", 0)  # an earlier iteration
+        with pytest.raises(Exception, match="crashed during forward of iteration 2"):
+            await inj.hit("a", "forward", 2)  # the first chance at or after iteration 1
+        await inj.hit("a", "forward", 3)  # fired already
 
     asyncio.run(go())
     assert crashed == ["a"]

@@ -27,7 +27,7 @@ def build(spec, data=(("d0", "Japan"),)) -> SwarmView:
 def assert_within_capacity(run: ProtocolRun) -> None:
     for agent in run.agents.values():
         if agent.card.stage:
-            assert len(agent.units) <= agent.card.capacity, agent.me
+            assert len(agent.inbound) <= agent.card.capacity, agent.me
     load = Counter(p for paths in run.plan().values() for path in paths for p in path)
     assert all(load[p] <= run.view.relays[p].capacity for p in load)
 
@@ -73,9 +73,9 @@ def test_lying_node_is_contained():
         for peer in liar.subscribers:
             run.bus.send(peer, Advert("s1r0", 1, 1000, 0.0, (("Japan", 0.0),)))
         for target in ("s2r0", "s2r1"):
-            units = tuple(((f"fake{k}", k), "Japan") for k in range(5))
-            run.bus.send(target, Request("s1r0", units))
-            run.bus.send(target, Request("s1r0", units[:1]))
+            slots = tuple((1000 + k, "Japan") for k in range(5))
+            run.bus.send(target, Request("s1r0", slots))
+            run.bus.send(target, Request("s1r0", slots[:1]))
         run.step()
         assert_within_capacity(run)
     assert run.agents["s2r0"].rejected + run.agents["s2r1"].rejected > 0  # oversized requests were dropped

@@ -1,25 +1,29 @@
 """The decentralized GWTF agent: one per node, local knowledge only, messages through a bus.
 
-Every node runs an `Agent`. Data nodes are stage 0: they own their microbatches ("units") and are their sink.
-A unit lives in a chain of slots, one per relay stage; every slot knows its unit's upstream and downstream peer.
-A round: each agent reads its inbox, then sends messages. Per round and node:
-- `Advert` (cost-to-sink per sink region + spare capacity), to subscribed upstream nodes and same-stage
-  neighbours, only when it changed (triggered updates, as in distance-vector routing);
-- `Request` of next hops for unplaced units, to the candidate minimising link + advertised cost; the receiver
-  accepts within its own capacity (`Reply`); units it cannot place for a few rounds go back (`Lost`);
-- improvement, one per round: `Handoff` of a unit to a same-stage neighbour with spare capacity, or `Swap` of
-  units with a full one, when it lowers cost, or with probability exp(-delta / T) (simulated annealing, T decays);
-  the holder then `Repoint`s the unit's upstream and downstream.
-Crashes: a node told that a peer died re-places the units it sent there and drops the units it got from there
-(`Release` down the chain). Joins: the newcomer announces itself with `Hello`; nothing else changes.
+Paths form backwards from the sinks, as reserved chains. A *slot* is one microbatch of room on a link: relay i
+holds slot n at next-stage relay j once j granted it; j pairs each slot it granted (an *in-slot*) with one slot
+it holds downstream (an *out-slot*), so a chain of paired slots runs to the last stage, which returns the
+microbatch to its own data node. Every relay reserves downstream slots up to its capacity from round 0, all
+stages in parallel, so a relay's `ready` count (in-slots it can still grant, each backed by a chain to a sink)
+is known after a few rounds everywhere; a data node's microbatch (a unit) then needs one request to a stage-1
+relay with room, not one round per hop. A slot carries a *label*: the origin region of the microbatch riding
+it (None while it is only reserved); labels flow down the chains and every relay pairs each labelled in-slot
+with the out-slot that is cheapest for that region (link + advertised cost-to-sink), re-pairing locally when a
+better idle chain appears (improvement with simulated annealing: a worse re-pairing is taken with probability
+exp(-delta / T), T decaying). Messages per node and round:
+- `Advert` (ready + cost-to-sink per sink region, distance-vector style) to the upstream peers that keep me as
+  a candidate, only when it changed;
+- `Request` of new slots, or new labels for slots already held (batched per peer); `Reply` grants or rejects;
+- `Lost`: downstream revokes slots it cannot continue (it has no chain for them and no peer with room);
+  `Release`: upstream gives slots back. A revoked or released slot frees the chain behind it for others.
+Crashes: a node told that a peer died drops the slots it held there (and re-pairs their flow on other chains)
+and the slots it granted to it (their chains stay reserved, ready for others). Joins: `Hello`.
 
-Local knowledge: candidate sets are bounded (`AgentConfig.neighbours` per stage, chosen by link cost with random
-ties), so messages per node per round do not grow with the swarm. Costs of links between two other peers are
-estimated from their regions (what a DHT record says), the node's own links from the link model.
-
-Trust: every message is validated (sender is a known peer of the right stage, numbers finite, lists bounded,
-units known). A node enforces its own capacity on everything it accepts, so a peer lying about its capacity or
-cost can attract units to itself but cannot make any other node hold more than its capacity.
+Local knowledge: candidate sets are bounded (`AgentConfig.neighbours` per stage, cheapest links first), so
+messages per node per round do not grow with the swarm. Trust: every message is validated (sender is a known
+peer of the right stage, numbers finite, lists bounded, slots known). A relay never grants more in-slots than
+its own capacity, so a peer lying about its capacity or cost can attract slots but cannot make another node
+hold more than its capacity.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from gwtf.errors import BadMessage
 logger = logging.getLogger(__name__)
 
 INF = float("inf")
-UnitId = tuple[str, int]  # (origin data node, microbatch index)
+SlotKey = tuple[str, int]  # (upstream peer, its slot number)
+MAX_BATCH = 64  # slots per message: bounded lists
 
 
 # ------------------------------------------------------------------------------------------------- messages
@@ -46,7 +51,7 @@ UnitId = tuple[str, int]  # (origin data node, microbatch index)
 class Advert:
     sender: str
     stage: int
-    spare: int
+    spare: int  # ready: slots it can still grant, each backed by a chain to a sink
     compute_s: float
     cost: tuple[tuple[str, float], ...]  # (sink region, cost-to-sink including the sender's compute)
 
@@ -59,74 +64,37 @@ class Hello:
 
 @dataclass(frozen=True)
 class Request:
+    """Grant me these slots (or: these slots I hold now carry this label; "" = none)."""
+
     sender: str
-    units: tuple[tuple[UnitId, str], ...]  # (unit, origin region)
+    slots: tuple[tuple[int, str], ...]
 
 
 @dataclass(frozen=True)
 class Reply:
     sender: str
-    accepted: tuple[UnitId, ...]
-    rejected: tuple[UnitId, ...]
+    accepted: tuple[int, ...]
+    rejected: tuple[int, ...]
     spare: int
 
 
 @dataclass(frozen=True)
 class Lost:
-    """Downstream gives units back: it could not place them further."""
+    """Downstream revokes slots: it cannot continue them."""
 
     sender: str
-    units: tuple[UnitId, ...]
+    slots: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Release:
-    """Upstream no longer sends these units here: free their slots (and pass the release on)."""
+    """Upstream gives slots back."""
 
     sender: str
-    units: tuple[UnitId, ...]
+    slots: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Handoff:
-    sender: str
-    unit: UnitId
-    origin_region: str
-    up: str
-    down: str
-
-
-@dataclass(frozen=True)
-class Swap:
-    sender: str
-    unit: UnitId
-    origin_region: str
-    up: str
-    down: str
-    temperature: float
-
-
-@dataclass(frozen=True)
-class HandoffReply:
-    sender: str
-    unit: UnitId
-    accepted: bool
-    # for a swap: the unit the replier gives back, as (unit, origin region, up, down)
-    back: tuple[UnitId, str, str, str] | None = None
-
-
-@dataclass(frozen=True)
-class Repoint:
-    """The unit moved from `previous` to `new_holder` (sent by the one that accepted the move, so every pointer
-    changes in the same round the holders do)."""
-
-    sender: str
-    unit: UnitId
-    previous: str
-    new_holder: str
-
-
-Message = Advert | Hello | Request | Reply | Lost | Release | Handoff | Swap | HandoffReply | Repoint
+Message = Advert | Hello | Request | Reply | Lost | Release
 
 
 class Bus(Protocol):
@@ -175,11 +143,10 @@ class Costs(Protocol):
 class AgentConfig:
     neighbours: int = 6  # candidates kept per adjacent stage
     lookup: int = 3  # fresh candidates per directory lookup
-    patience: int = 3  # rounds a unit may stay unplaced before it goes back upstream
-    park_rounds: int = 10  # a data node re-offers a unit that came back this many rounds later
+    patience: int = 2  # rounds an in-slot may wait for a chain before it is revoked
     temperature0: float = 0.02  # seconds; annealing temperature of round 0
-    cooling: float = 0.7
-    improve_after: int = 2  # rounds before improvement moves start
+    cooling: float = 0.6
+    margin: float = 1e-3  # seconds: smaller gains are not worth a re-pairing
 
     def __post_init__(self) -> None:
         if self.neighbours < 1 or self.lookup < 1 or self.patience < 1 or not 0 < self.cooling < 1:
@@ -187,13 +154,19 @@ class AgentConfig:
 
 
 @dataclass
-class Slot:
-    origin_region: str
-    up: str
-    down: str | None = None
-    asked: str | None = None  # request in flight to this peer
+class InSlot:
+    label: str | None  # origin region of the microbatch riding it; None while only reserved
+    out: int | None = None  # the out-slot it continues on
     waited: int = 0
-    parked_until: int = -1
+
+
+@dataclass
+class OutSlot:
+    peer: str
+    held: bool = False  # granted by peer
+    paired: SlotKey | None = None  # the in-slot it carries (a data node: its own unit)
+    label: str | None = None
+    sent_label: str | None = None  # the label the peer knows
 
 
 @dataclass
@@ -219,15 +192,18 @@ class Agent:
         self.card, self.n_stages, self.costs, self.bus, self.cfg = card, n_stages, costs, bus, cfg
         self.sink_regions = sink_regions  # region -> a data node there (stage-S nodes price the last hop)
         self.rng = random.Random(seed)
-        self.units: dict[UnitId, Slot] = {}
+        self.inbound: dict[SlotKey, InSlot] = {}
+        self.outbound: dict[int, OutSlot] = {}
+        self.next_no = 0
+        self.demand = 0  # a data node's microbatches
         self.next: dict[str, NeighbourState] = {}
-        self.same: dict[str, NeighbourState] = {}
         self.subscribers: set[str] = set()  # upstream peers that keep me as a candidate
         self.known: dict[str, PeerCard] = {}
         self.my_cost: dict[str, float] = {}
         self.last_advert: tuple | None = None
-        self.pending_move: UnitId | None = None
         self.rejected = 0  # invalid messages dropped
+        self.round_no = 0
+        self._requests: dict[str, list[tuple[int, str]]] = defaultdict(list)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -240,8 +216,27 @@ class Agent:
         return self.card.stage == 0
 
     @property
+    def is_last(self) -> bool:
+        return self.card.stage == self.n_stages
+
+    @property
+    def target(self) -> int:
+        """Out-slots wanted: a data node's microbatches, a relay's capacity (chains reserved ahead)."""
+        return self.demand if self.is_data else self.card.capacity
+
+    @property
     def spare(self) -> int:
-        return INF if self.is_data else self.card.capacity - len(self.units)  # type: ignore[return-value]
+        """Ready: in-slots this node can still grant, each with a chain behind it."""
+        if self.is_data:
+            return 0
+        room = self.card.capacity - len(self.inbound)
+        if self.is_last:
+            return max(room, 0)
+        return max(0, min(room, len(self._idle_outs())))
+
+    @property
+    def load(self) -> int:
+        return len(self.inbound)
 
     def learn(self, card: PeerCard) -> None:
         self.known[card.peer_id] = card
@@ -253,296 +248,339 @@ class Agent:
             self.bus.send(card.peer_id, Hello(self.me, self.card.stage))
 
     def add_same(self, card: PeerCard) -> None:
-        self.learn(card)
-        if card.peer_id != self.me and card.peer_id not in self.same:
-            self.same[card.peer_id] = NeighbourState(card, card.capacity)
+        self.learn(card)  # same-stage peers: known records (no moves between them in the chain protocol)
 
     def add_units(self, count: int) -> None:
         """A data node's microbatches for this iteration."""
-        start = len(self.units)
-        for k in range(start, start + count):
-            self.units[(self.me, k)] = Slot(str(self.card.region), up=self.me)
+        self.demand += count
+
+    def units(self) -> list[tuple[int, OutSlot]]:
+        """A data node's microbatches that have a first hop."""
+        return sorted((n, o) for n, o in self.outbound.items() if o.held)
+
+    def _idle_outs(self) -> list[int]:
+        return [n for n, o in self.outbound.items() if o.held and o.paired is None]
 
     # --------------------------------------------------------------------------------------------- a round
 
     def step(self, round_no: int, inbox: list[Message], directory) -> None:
+        self.round_no = round_no
         for msg in inbox:
             try:
                 self._handle(msg)
             except BadMessage as exc:
                 self.rejected += 1
                 logger.debug("%s dropped %s: %s", self.me, type(msg).__name__, exc)
+        if not self.is_last:
+            self._pair()
+            self._improve()
+            self._trim()
+            self._reserve(directory)
+            self._upgrade()
+            self._give_up()
+            self._send_labels()
+        self._flush()
         self._advertise()
-        self._place(round_no, directory)
-        if self._my_turn(round_no) and self.pending_move is None:
-            self._improve(self.cfg.temperature0 * self.cfg.cooling ** (round_no - self.cfg.improve_after))
-
-    def _my_turn(self, round_no: int) -> bool:
-        """A move takes two rounds to land; adjacent stages take turns (period 4) so that no unit is moved at
-        two consecutive stages at once, which would leave the pointers of one move stale."""
-        since = round_no - self.cfg.improve_after
-        return not self.is_data and since >= 0 and since % 4 == 2 * (self.card.stage % 2)
 
     def peer_died(self, peer: str) -> None:
-        """Local renegotiation: units sent to `peer` are re-placed, units received from it are released."""
+        """Local renegotiation: flow on slots held at `peer` moves to other chains; its in-slots are dropped."""
         self.next.pop(peer, None)
-        self.same.pop(peer, None)
         self.subscribers.discard(peer)
-        released: dict[str, list[UnitId]] = defaultdict(list)
-        for uid, slot in list(self.units.items()):
-            if slot.down == peer or slot.asked == peer:
-                slot.down = slot.asked = None
-            if slot.up == peer and not self.is_data:
-                del self.units[uid]
-                if slot.down is not None:
-                    released[slot.down].append(uid)
-                elif slot.asked is not None:
-                    released[slot.asked].append(uid)
-        for dst, uids in released.items():
-            self.bus.send(dst, Release(self.me, tuple(uids)))
+        for n in [n for n, o in self.outbound.items() if o.peer == peer]:
+            self._drop_out(n)
+        for key in [k for k in self.inbound if k[0] == peer]:
+            self._drop_in(key)
 
     # -------------------------------------------------------------------------------------------- handlers
 
     def _handle(self, msg: Message) -> None:
         card = self.known.get(msg.sender)
-        if card is None and not isinstance(msg, Hello):
+        if card is None:
             raise BadMessage(f"unknown sender {msg.sender}")
         handler = getattr(self, f"_on_{type(msg).__name__.lower()}")
         handler(msg, card)
 
-    def _expect_stage(self, card: PeerCard | None, stage: int) -> PeerCard:
-        if card is None or card.stage != stage:
+    def _expect_stage(self, card: PeerCard, stage: int) -> None:
+        if card.stage != stage:
             raise BadMessage(f"sender is not a stage-{stage} peer")
-        return card
 
-    def _on_hello(self, msg: Hello, card) -> None:
-        card = self.known.get(msg.sender)
-        if card is None or card.stage != msg.stage:
+    def _on_hello(self, msg: Hello, card: PeerCard) -> None:
+        if card.stage != msg.stage:
             raise BadMessage("hello from a peer without a matching record")
         if card.stage == self.card.stage - 1:
             self.subscribers.add(card.peer_id)
             self.last_advert = None  # the newcomer needs our figures
-        elif card.stage == self.card.stage and len(self.same) < 2 * self.cfg.neighbours:
-            self.add_same(card)
         elif card.stage == self.card.stage + 1 and len(self.next) < 2 * self.cfg.neighbours:
-            self.add_next(card)  # a newcomer next door: a candidate for our units
+            self.add_next(card)  # a newcomer next door: a candidate for our slots
 
-    def _on_advert(self, msg: Advert, card) -> None:
+    def _on_advert(self, msg: Advert, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage + 1)
         if not (math.isfinite(msg.compute_s) and msg.compute_s >= 0 and len(msg.cost) <= len(self.sink_regions)):
             raise BadMessage("malformed advert")
-        if any(not c >= 0 for _, c in msg.cost):
+        if any(not (isinstance(g, str) and c >= 0) for g, c in msg.cost):
             raise BadMessage("negative or NaN cost")
-        spare = max(0, min(msg.spare, card.capacity))  # never believe more than the record's capacity
-        if card.stage == self.card.stage + 1 and msg.sender in self.next:
-            state = self.next[msg.sender]
-            state.spare, state.cost = spare, dict(msg.cost)
-        elif card.stage == self.card.stage and msg.sender in self.same:
-            self.same[msg.sender].spare = spare
-        # adverts from peers we did not choose are ignored: bounded state
+        state = self.next.get(msg.sender)
+        if state is not None:  # adverts from peers we did not choose are ignored: bounded state
+            state.spare = max(0, min(msg.spare, card.capacity))  # never believe more than the record's capacity
+            state.cost = dict(msg.cost)
 
-    def _on_request(self, msg: Request, card) -> None:
+    def _on_request(self, msg: Request, card: PeerCard) -> None:
         self._expect_stage(card, self.card.stage - 1)
-        if len(msg.units) > max(self.card.capacity, 1):
-            raise BadMessage(f"request for {len(msg.units)} units, more than our recorded capacity")
+        fresh = sum(1 for n, _ in msg.slots if (msg.sender, n) not in self.inbound)
+        if len(msg.slots) > MAX_BATCH or fresh > max(self.card.capacity, 1):
+            raise BadMessage(f"request for {fresh} new slots, more than our recorded capacity")
         accepted, rejected = [], []
-        for uid, region in msg.units:
-            if not (isinstance(region, str) and region in self.sink_regions):
-                rejected.append(uid)
-            elif uid in self.units:
-                if self.units[uid].up == msg.sender:
-                    accepted.append(uid)  # a repeated request: already ours
-                else:
-                    rejected.append(uid)
-            elif self.spare > 0:
-                self.units[uid] = Slot(region, up=msg.sender)
-                accepted.append(uid)
-            else:
-                rejected.append(uid)
-        self.bus.send(msg.sender, Reply(self.me, tuple(accepted), tuple(rejected), max(self.spare, 0)))
-
-    def _on_reply(self, msg: Reply, card) -> None:
-        self._expect_stage(card, self.card.stage + 1)
-        for uid in msg.accepted:
-            slot = self.units.get(uid)
-            if slot is not None and slot.asked == msg.sender:
-                slot.down, slot.asked = msg.sender, None
-            elif slot is None or slot.down != msg.sender:  # we no longer want it there
-                self.bus.send(msg.sender, Release(self.me, (uid,)))
-        for uid in msg.rejected:
-            slot = self.units.get(uid)
-            if slot is not None and slot.asked == msg.sender:
-                slot.asked = None
-        if msg.sender in self.next:
-            self.next[msg.sender].spare = max(0, min(msg.spare, card.capacity))
-
-    def _on_lost(self, msg: Lost, card) -> None:
-        self._expect_stage(card, self.card.stage + 1)
-        for uid in msg.units:
-            slot = self.units.get(uid)
-            if slot is not None and slot.down == msg.sender:
-                slot.down = None
-                if msg.sender in self.next:
-                    self.next[msg.sender].spare = 0
-
-    def _on_release(self, msg: Release, card) -> None:
-        self._expect_stage(card, self.card.stage - 1)
-        onward: dict[str, list[UnitId]] = defaultdict(list)
-        for uid in msg.units:
-            slot = self.units.get(uid)
-            if slot is not None and slot.up == msg.sender:
-                del self.units[uid]
-                nxt = slot.down or slot.asked
-                if nxt is not None and self.card.stage < self.n_stages:
-                    onward[nxt].append(uid)
-        for dst, uids in onward.items():
-            self.bus.send(dst, Release(self.me, tuple(uids)))
-
-    def _on_handoff(self, msg: Handoff, card) -> None:
-        self._expect_stage(card, self.card.stage)
-        ok = self.spare > 0 and msg.unit not in self.units and msg.origin_region in self.sink_regions
-        ok = ok and self._knows(msg.up, msg.down)
-        if ok:
-            self.units[msg.unit] = Slot(msg.origin_region, up=msg.up, down=msg.down)
-            self._repoint(msg.unit, self.units[msg.unit], msg.sender, self.me)
-        self.bus.send(msg.sender, HandoffReply(self.me, msg.unit, ok))
-
-    def _on_swap(self, msg: Swap, card) -> None:
-        self._expect_stage(card, self.card.stage)
-        if msg.unit in self.units or msg.origin_region not in self.sink_regions or not self._knows(msg.up, msg.down):
-            self.bus.send(msg.sender, HandoffReply(self.me, msg.unit, False))
-            return
-        theirs = (msg.sender, msg.up, msg.down, msg.origin_region)
-        best: tuple[float, UnitId] | None = None
-        for uid, slot in self.units.items():
-            if slot.down is None or slot.asked is not None:
+        for n, label in msg.slots:
+            if not isinstance(n, int) or not (label == "" or label in self.sink_regions):
+                rejected.append(n)
                 continue
-            delta = self._swap_delta(theirs, (self.me, slot.up, slot.down, slot.origin_region))
-            if best is None or delta < best[0]:
-                best = (delta, uid)
-        if best is None or not self._accept(best[0], msg.temperature):
-            self.bus.send(msg.sender, HandoffReply(self.me, msg.unit, False))
-            return
-        uid = best[1]
-        given = self.units.pop(uid)
-        self.units[msg.unit] = Slot(msg.origin_region, up=msg.up, down=msg.down)
-        self._repoint(uid, given, self.me, msg.sender)
-        self._repoint(msg.unit, self.units[msg.unit], msg.sender, self.me)
-        back = (uid, given.origin_region, given.up, given.down)
-        self.bus.send(msg.sender, HandoffReply(self.me, msg.unit, True, back))  # type: ignore[arg-type]
+            key = (msg.sender, n)
+            slot = self.inbound.get(key)
+            if slot is not None:
+                slot.label = label or None  # a relabel of a slot already granted
+            elif len(self.inbound) < self.card.capacity:
+                self.inbound[key] = InSlot(label or None)
+                accepted.append(n)
+            else:
+                rejected.append(n)
+        if accepted or rejected:
+            self.bus.send(msg.sender, Reply(self.me, tuple(accepted), tuple(rejected), self.spare))
 
-    def _on_handoffreply(self, msg: HandoffReply, card) -> None:
-        self._expect_stage(card, self.card.stage)
-        if self.pending_move != msg.unit:
-            raise BadMessage("reply to a move we did not propose")
-        self.pending_move = None
-        if not msg.accepted:
-            return
-        if self.units.pop(msg.unit, None) is None:
-            return
-        if msg.back is not None:
-            uid, region, up, down = msg.back
-            if region in self.sink_regions and self._knows(up, down) and uid not in self.units:
-                self.units[uid] = Slot(region, up=up, down=down)
+    def _on_reply(self, msg: Reply, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage + 1)
+        for n in msg.accepted:
+            out = self.outbound.get(n)
+            if out is not None and out.peer == msg.sender:
+                out.held = True
+            else:  # we no longer want it there
+                self.bus.send(msg.sender, Release(self.me, (n,)))
+        for n in msg.rejected:
+            out = self.outbound.get(n)
+            if out is not None and out.peer == msg.sender and not out.held:
+                self._drop_out(n)
+        state = self.next.get(msg.sender)
+        if state is not None:
+            state.spare = max(0, min(msg.spare, card.capacity))
 
-    def _on_repoint(self, msg: Repoint, card) -> None:
-        slot = self.units.get(msg.unit)
-        new = self.known.get(msg.new_holder)
-        if slot is None or new is None or new.stage != card.stage or msg.sender not in (msg.previous, msg.new_holder):
-            raise BadMessage("repoint of a unit we do not hold, or to a peer of another stage")
-        if slot.down == msg.previous:
-            slot.down = msg.new_holder
-            if msg.new_holder not in self.next and len(self.next) < 2 * self.cfg.neighbours:
-                self.add_next(new)
-        elif slot.up == msg.previous:
-            slot.up = msg.new_holder
-        else:
-            raise BadMessage("repoint from a peer that does not hold the unit")
+    def _on_lost(self, msg: Lost, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage + 1)
+        for n in msg.slots:
+            out = self.outbound.get(n)
+            if out is not None and out.peer == msg.sender:
+                self._drop_out(n)
+        if msg.sender in self.next:
+            self.next[msg.sender].spare = 0
+
+    def _on_release(self, msg: Release, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage - 1)
+        for n in msg.slots:
+            if (msg.sender, n) in self.inbound:
+                self._drop_in((msg.sender, n))
+
+    def _drop_out(self, n: int) -> None:
+        out = self.outbound.pop(n)
+        if out.paired is not None and out.paired in self.inbound:
+            self.inbound[out.paired].out = None
+
+    def _drop_in(self, key: SlotKey) -> None:
+        slot = self.inbound.pop(key)
+        if slot.out is not None and slot.out in self.outbound:
+            out = self.outbound[slot.out]
+            out.paired, out.label = None, None  # the chain behind stays reserved, ready for others
 
     # ------------------------------------------------------------------------------------------- decisions
+
+    def _value(self, n: int, label: str | None) -> float:
+        """Cost of carrying a microbatch of `label` on out-slot n: link + the peer's cost-to-sink."""
+        peer = self.outbound[n].peer
+        return self._estimate(peer, label)
+
+    def _estimate(self, peer: str, label: str | None) -> float:
+        region = label if label is not None else self._home()
+        state = self.next.get(peer)
+        card = self.known[peer]
+        if state is not None and region in state.cost:
+            return self.costs.link(self.me, peer) + state.cost[region]
+        # not advertised yet: assume the rest of the path stays in that peer's region, then returns
+        rest = (self.n_stages - card.stage + 1) * card.compute_s
+        return self.costs.link(self.me, peer) + rest + self.costs.link(peer, self.sink_regions[region])
+
+    def _home(self) -> str:
+        """The sink region an unlabelled slot most likely serves: the nearest one."""
+        return min(self.sink_regions, key=lambda g: (self.costs.link(self.me, self.sink_regions[g]), g))
+
+    def _pair(self) -> None:
+        """Every in-slot (a data node: every unit) continues on an idle chain; a microbatch (labelled in-slot)
+        with none takes the chain of a mere reservation, which then waits for another or is revoked."""
+        idle = self._idle_outs()
+        if self.is_data:
+            return self._pair_units(idle)
+        waiting = [k for k, s in self.inbound.items() if s.out is None]
+        waiting.sort(key=lambda k: (self.inbound[k].label is None, k))
+        for key in waiting:
+            slot = self.inbound[key]
+            if not idle and slot.label is not None:
+                idle = self._unlabelled_outs()[:1]
+                if idle:
+                    self._unlink(idle[0])
+            if not idle:
+                continue
+            best = min(idle, key=lambda n: (self._value(n, slot.label), n))
+            idle.remove(best)
+            self._link(key, best)
+
+    def _unlabelled_outs(self) -> list[int]:
+        return sorted(
+            n
+            for n, o in self.outbound.items()
+            if o.held and o.paired is not None and o.paired in self.inbound and self.inbound[o.paired].label is None
+        )
+
+    def _unlink(self, n: int) -> None:
+        out = self.outbound[n]
+        if out.paired is not None and out.paired in self.inbound:
+            self.inbound[out.paired].out = None
+        out.paired, out.label = None, None
+
+    def _pair_units(self, idle: list[int]) -> None:
+        for n in idle:
+            out = self.outbound[n]
+            out.paired, out.label = (self.me, n), self.card.region
+
+    def _link(self, key: SlotKey, n: int) -> None:
+        slot, out = self.inbound[key], self.outbound[n]
+        slot.out, slot.waited = n, 0
+        out.paired, out.label = key, slot.label
+
+    def _improve(self) -> None:
+        """Re-pair labelled in-slots on cheaper idle chains (annealing: a worse one now and then, early on)."""
+        if self.is_data:
+            return
+        idle = self._idle_outs()
+        temperature = self.cfg.temperature0 * self.cfg.cooling**self.round_no
+        for key, slot in sorted(self.inbound.items()):
+            if not idle or slot.label is None or slot.out is None or slot.out not in self.outbound:
+                continue
+            here = self._value(slot.out, slot.label)
+            best = min(idle, key=lambda n: (self._value(n, slot.label), n))
+            delta = self._value(best, slot.label) - here
+            if delta < -self.cfg.margin or (delta > 0 and self._anneal(delta, temperature)):
+                old = slot.out
+                idle.remove(best)
+                self.outbound[old].paired, self.outbound[old].label = None, None
+                self._link(key, best)
+                idle.append(old)
+
+    def _anneal(self, delta: float, temperature: float) -> bool:
+        return temperature > 1e-6 and self.rng.random() < math.exp(-delta / temperature)
+
+    def _reserve(self, directory) -> None:
+        """Request slots up to the target at the cheapest next-stage peers believed to have room."""
+        need = self.target - len(self.outbound)
+        if need <= 0:
+            return
+        believed = {p: st.spare for p, st in self.next.items()}
+        if sum(believed.values()) < need:
+            self._refresh(directory)
+            believed = {p: st.spare for p, st in self.next.items()}
+        label = self.card.region if self.is_data else None
+        for _ in range(need):
+            options = [
+                (self._estimate(p, label) * (1 + 0.05 * self.rng.random()), p) for p, s in believed.items() if s > 0
+            ]
+            if not options:
+                return
+            peer = min(options)[1]
+            believed[peer] -= 1
+            n = self.next_no
+            self.next_no += 1
+            self.outbound[n] = OutSlot(peer, label=label)
+            self._requests[peer].append((n, label or ""))
+
+    def _upgrade(self) -> None:
+        """Reserve a cheaper chain for a microbatch when a next-stage peer with room beats its current one; the
+        microbatch moves over in `_improve` once it is granted, and surplus idle chains go back in `_trim`."""
+        if self.is_data or len(self.outbound) > self.target:
+            return
+        believed = {p: st.spare for p, st in self.next.items() if st.spare > 0}
+        for _key, slot in sorted(self.inbound.items()):
+            if not believed:
+                return
+            if slot.label is None or slot.out is None or slot.out not in self.outbound:
+                continue
+            here = self._value(slot.out, slot.label)
+            peer = min(believed, key=lambda p: (self._estimate(p, slot.label), p))
+            if self._estimate(peer, slot.label) < here - self.cfg.margin:
+                believed[peer] -= 1
+                if believed[peer] == 0:
+                    del believed[peer]
+                n = self.next_no
+                self.next_no += 1
+                self.outbound[n] = OutSlot(peer)
+                self._requests[peer].append((n, ""))
+                return  # one per round: bounded messages, and the adverts catch up
+
+    def _trim(self) -> None:
+        """Give back idle chains beyond the target, the costliest first."""
+        extra = len(self.outbound) - self.target
+        if extra <= 0:
+            return
+        idle = sorted(self._idle_outs(), key=lambda n: (-self._value(n, None), n))
+        for n in idle[:extra]:
+            out = self.outbound.pop(n)
+            self.bus.send(out.peer, Release(self.me, (n,)))
+
+    def _give_up(self) -> None:
+        """Revoke in-slots that found no chain for `patience` rounds: upstream re-pairs them elsewhere."""
+        lost: dict[str, list[int]] = defaultdict(list)
+        pending = sum(1 for o in self.outbound.values() if not o.held)
+        waiting = sorted(
+            (k for k, s in self.inbound.items() if s.out is None), key=lambda k: (self.inbound[k].label is not None, k)
+        )
+        for key in waiting[pending:]:  # in-slots that no reservation in flight can serve
+            slot = self.inbound[key]
+            slot.waited += 1
+            if slot.waited >= self.cfg.patience + (slot.label is None):
+                del self.inbound[key]
+                lost[key[0]].append(key[1])
+        for dst, ns in lost.items():
+            self.bus.send(dst, Lost(self.me, tuple(ns)))
+
+    def _send_labels(self) -> None:
+        for n, out in self.outbound.items():
+            if out.held and out.label != out.sent_label:
+                out.sent_label = out.label
+                self._requests[out.peer].append((n, out.label or ""))
+
+    def _flush(self) -> None:
+        for dst, slots in self._requests.items():
+            for k in range(0, len(slots), MAX_BATCH):
+                self.bus.send(dst, Request(self.me, tuple(slots[k : k + MAX_BATCH])))
+        self._requests.clear()
 
     def _advertise(self) -> None:
         if self.is_data:
             return
         cost = self._cost_to_sink()
         self.my_cost = cost
-        advert_key = (max(self.spare, 0), tuple(sorted((g, round(c, 6)) for g, c in cost.items())))
+        advert_key = (self.spare, tuple(sorted((g, round(c, 4)) for g, c in cost.items())))
         if advert_key == self.last_advert:
             return
         self.last_advert = advert_key
         msg = Advert(self.me, self.card.stage, advert_key[0], self.card.compute_s, advert_key[1])
-        for peer in sorted(self.subscribers | set(self.same)):
+        for peer in sorted(self.subscribers):
             self.bus.send(peer, msg)
 
     def _cost_to_sink(self) -> dict[str, float]:
         c = self.card.compute_s
-        if self.card.stage == self.n_stages:
+        if self.is_last:
             return {g: c + self.costs.link(self.me, rep) for g, rep in self.sink_regions.items()}
-        used = {s.down for s in self.units.values()}
+        idle = self._idle_outs() or [n for n, o in self.outbound.items() if o.held]
         out: dict[str, float] = {}
         for g in self.sink_regions:
-            best = INF
-            for peer, state in self.next.items():
-                if state.spare > 0 or peer in used:
-                    best = min(best, self.costs.link(self.me, peer) + state.cost.get(g, INF))
-            out[g] = c + best
+            best = min((self._value(n, g) for n in idle), default=INF)
+            out[g] = c + best if best < INF else c + min((self._estimate(p, g) for p in self.next), default=1e6)
         return out
-
-    def _estimate(self, peer: str, region: str) -> float:
-        state = self.next[peer]
-        if region in state.cost:
-            return self.costs.link(self.me, peer) + state.cost[region]
-        # not advertised yet: assume the rest of the path stays in that peer's region, then returns
-        rest = (self.n_stages - state.card.stage) * state.card.compute_s
-        return self.costs.link(self.me, peer) + state.card.compute_s + rest + self._region_link(peer, region)
-
-    def _region_link(self, peer: str, region: str) -> float:
-        return self.costs.link(peer, self.sink_regions[region])
-
-    def _place(self, round_no: int, directory) -> None:
-        if self.card.stage == self.n_stages:
-            for uid, slot in self.units.items():
-                slot.down = uid[0]  # the last stage returns every microbatch to its own data node
-            return
-        todo = [(uid, s) for uid, s in self.units.items() if s.down is None and s.asked is None]
-        if not todo:
-            return
-        believed = {p: st.spare for p, st in self.next.items()}
-        batches: dict[str, list[tuple[UnitId, str]]] = defaultdict(list)
-        back: dict[str, list[UnitId]] = defaultdict(list)
-        for uid, slot in sorted(todo):
-            if slot.parked_until > round_no:
-                continue
-            choice = self._choose(slot.origin_region, believed)
-            if choice is None:
-                self._refresh(directory)
-                choice = self._choose(slot.origin_region, believed)
-            if choice is None:
-                self._stuck(uid, slot, round_no, back)
-                continue
-            believed[choice] -= 1
-            slot.asked, slot.waited = choice, 0
-            batches[choice].append((uid, slot.origin_region))
-        for dst, units in batches.items():
-            self.bus.send(dst, Request(self.me, tuple(units)))
-        for dst, uids in back.items():
-            self.bus.send(dst, Lost(self.me, tuple(uids)))
-
-    def _choose(self, region: str, believed: dict[str, int]) -> str | None:
-        # a little noise spreads the requests of many upstream peers over near-equal candidates (fewer rejections)
-        options = [
-            (self._estimate(p, region) * (1 + 0.1 * self.rng.random()), p) for p, spare in believed.items() if spare > 0
-        ]
-        return min(options)[1] if options else None
-
-    def _stuck(self, uid: UnitId, slot: Slot, round_no: int, back: dict[str, list[UnitId]]) -> None:
-        slot.waited += 1
-        if slot.waited < self.cfg.patience:
-            return
-        if self.is_data:
-            slot.parked_until, slot.waited = round_no + self.cfg.park_rounds, 0
-        else:
-            del self.units[uid]
-            back[slot.up].append(uid)
 
     def _refresh(self, directory) -> None:
         """Ask the DHT directory for next-stage peers with spare capacity (bounded), cheapest links first."""
@@ -554,57 +592,7 @@ class Agent:
     def _evict_idle_next(self) -> None:
         if len(self.next) < 2 * self.cfg.neighbours:
             return
-        used = {s.down for s in self.units.values()} | {s.asked for s in self.units.values()}
+        used = {o.peer for o in self.outbound.values()}
         idle = [p for p, st in self.next.items() if p not in used and st.spare == 0]
         if idle:
             del self.next[self.rng.choice(sorted(idle))]
-
-    # ------------------------------------------------------------------------------------------ improvement
-
-    def _improve(self, temperature: float) -> None:
-        placed = sorted(uid for uid, s in self.units.items() if s.down is not None and s.asked is None)
-        if not placed or not self.same:
-            return
-        uid = self.rng.choice(placed)
-        slot = self.units[uid]
-        if not self._knows(slot.up, slot.down):
-            return
-        here = self._local(self.me, slot.up, slot.down)  # type: ignore[arg-type]
-        spare = [p for p, st in sorted(self.same.items()) if st.spare > 0]
-        if spare:
-            best = min(spare, key=lambda p: self._local(p, slot.up, slot.down))  # type: ignore[arg-type]
-            delta = self._local(best, slot.up, slot.down) - here  # type: ignore[arg-type]
-            if self._accept(delta, temperature):
-                self.pending_move = uid
-                self.same[best].spare -= 1
-                self.bus.send(best, Handoff(self.me, uid, slot.origin_region, slot.up, slot.down))  # type: ignore[arg-type]
-                return
-        partner = self.rng.choice(sorted(self.same))
-        self.pending_move = uid
-        self.bus.send(partner, Swap(self.me, uid, slot.origin_region, slot.up, slot.down, temperature))  # type: ignore[arg-type]
-
-    def _accept(self, delta: float, temperature: float) -> bool:
-        if delta < -1e-9:
-            return True
-        if temperature <= 1e-6 or delta <= 1e-9:
-            return False
-        return self.rng.random() < math.exp(-delta / temperature)
-
-    def _local(self, holder: str, up: str, down: str) -> float:
-        card = self.known[holder]
-        return self.costs.link(up, holder) + card.compute_s + self.costs.link(holder, down)
-
-    def _swap_delta(self, a: tuple[str, str, str, str], b: tuple[str, str, str, str]) -> float:
-        """Cost change when units a (held by a[0]) and b (held by b[0]) trade holders."""
-        before = self._local(a[0], a[1], a[2]) + self._local(b[0], b[1], b[2])
-        after = self._local(b[0], a[1], a[2]) + self._local(a[0], b[1], b[2])
-        return after - before
-
-    def _knows(self, *peers: str | None) -> bool:
-        return all(p is not None and p in self.known for p in peers)
-
-    def _repoint(self, uid: UnitId, slot: Slot, previous: str, new_holder: str) -> None:
-        self.bus.send(slot.up, Repoint(self.me, uid, previous, new_holder))
-        # the data node tracks only its first hop, not who holds the last stage
-        if slot.down is not None and self.card.stage < self.n_stages:
-            self.bus.send(slot.down, Repoint(self.me, uid, previous, new_holder))

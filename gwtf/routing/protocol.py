@@ -119,10 +119,6 @@ class ProtocolRun:
         if card.stage < self.view.n_stages:
             for other in self.directory.nearest(card.stage + 1, peer, k, agent.rng, need_spare=False):
                 agent.add_next(other)
-        if card.stage >= 1:
-            for other in self.directory.nearest(card.stage, peer, k, agent.rng, need_spare=False):
-                agent.add_same(other)
-                self.bus.send(other.peer_id, _hello(agent))
         return agent
 
     # ------------------------------------------------------------------------------------------------ rounds
@@ -147,30 +143,35 @@ class ProtocolRun:
     # ---------------------------------------------------------------------------------------------- results
 
     def plan(self) -> Plan:
-        """Complete paths only: every hop holds the unit, pointing back to the previous hop."""
+        """Complete paths only: every hop granted the slot and continues it on a slot it holds downstream."""
         plan: Plan = {}
         for peer in sorted(self.view.data_nodes):
             agent = self.agents.get(peer)
             if agent is None:
                 continue
             paths = []
-            for uid, slot in sorted(agent.units.items()):
-                path = self._trace(uid, peer, slot.down)
+            for n, out in agent.units():
+                path = self._trace(peer, n, out.peer)
                 if path is not None:
                     paths.append(path)
             plan[peer] = paths
         return plan
 
-    def _trace(self, uid, prev: str, hop: str | None) -> list[str] | None:
+    def _trace(self, prev: str, n: int, hop: str) -> list[str] | None:
         path = []
         for stage in range(1, self.view.n_stages + 1):
-            agent = self.agents.get(hop) if hop is not None else None
-            slot = agent.units.get(uid) if agent is not None else None
-            if slot is None or slot.up != prev or agent.card.stage != stage:  # type: ignore[union-attr]
+            agent = self.agents.get(hop)
+            slot = agent.inbound.get((prev, n)) if agent is not None else None
+            if agent is None or slot is None or agent.card.stage != stage:
                 return None
             path.append(hop)
-            prev, hop = hop, slot.down  # type: ignore[assignment]
-        return path if hop == uid[0] else None  # type: ignore[return-value]
+            if stage == self.view.n_stages:
+                return path
+            out = agent.outbound.get(slot.out) if slot.out is not None else None
+            if out is None or not out.held or out.paired != (prev, n):
+                return None
+            prev, n, hop = hop, slot.out, out.peer  # type: ignore[assignment]
+        return path
 
     def messages(self) -> int:
         return self.bus.sent + self.directory.lookups
@@ -185,8 +186,8 @@ class ProtocolRun:
             self.directory.remove(peer)
             self.bus.dead.add(peer)
         for name, agent in self.agents.items():
-            touched = peers & (set(agent.next) | set(agent.same) | agent.subscribers)
-            touched |= peers & {p for s in agent.units.values() for p in (s.up, s.down, s.asked)}
+            touched = peers & (set(agent.next) | agent.subscribers)
+            touched |= peers & ({o.peer for o in agent.outbound.values()} | {k[0] for k in agent.inbound})
             for peer in sorted(touched):
                 agent.peer_died(peer)
             if touched:

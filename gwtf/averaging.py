@@ -1,4 +1,4 @@
-"""Same-stage gradient averaging, weighted by the microbatches each replica processed.
+"""Same-stage gradient averaging, weighted by the microbatches each replica processed; poisoned updates left out.
 
 Every member of a group (the live replicas of one stage, or the data nodes for stage 0) holds an unscaled
 gradient sum and a count. The member with the lowest peer id leads: the others push (sum, count) to it, it waits
@@ -6,6 +6,16 @@ for the members it expects (bounded by a timeout, then goes on without the missi
 and answers every push with the same tensors, so all replicas step identical gradients and keep identical weights.
 A leader that dies is skipped: pushers move on to the next lowest id. A late push gets the finished result (its own
 contribution left out, its weights still in agreement).
+
+Poisoning (`AveragingConfig`): before reducing, the leader leaves out a contribution whose gradients are not finite,
+have other shapes than its own, or whose scaled norm (norm of the sum / sqrt(count): the sum of k noisy
+microbatch gradients grows like sqrt(k), so replicas that processed different numbers compare fairly) is over
+`norm_factor` times the stage's recent range (the low median of the accepted scaled norms of the last rounds,
+which every member keeps from the results, so a new leader knows it too). The peer id is logged, the contributor
+still gets the result and stays in agreement. A member whose own gradients are not finite withholds them (the
+transport would refuse a NaN anyway).
+Optionally the reduce itself is robust: a coordinate-wise median or trimmed mean of the per-microbatch gradients,
+weighted by microbatch counts. What this cannot catch: a member sending wrong gradients of a normal size.
 
 Why not hivemind's DecentralizedAverager: its all-reduce splits tensors into parts reduced by different peers, so
 replicas end up with results that differ in the last bits, and its matchmaking costs seconds per round. Stage groups
@@ -16,7 +26,9 @@ replica's state, so a leader reduce over the same transport as the activations i
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -27,10 +39,37 @@ from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
 
+AGGREGATES = ("mean", "median", "trimmed_mean")
+Contribution = tuple[list[torch.Tensor], int]
+
+
+@dataclass
+class AveragingConfig:
+    """How a stage's leader screens and reduces contributions."""
+
+    screen: bool = True  # leave out non-finite, misshapen and far-too-large contributions
+    # "far too large": a scaled norm over this times the recent range. Honest replicas of the debug model differ by
+    # up to ~11x within a round (few microbatches each, loss spikes); poison worth the name is 1000x.
+    norm_factor: float = 30.0
+    history: int = 32  # accepted scaled norms kept as the recent range
+    min_history: int = 3  # below this many, the round's own contributions are the range
+    aggregate: str = "mean"  # mean (exact, weighted by counts) | median | trimmed_mean (coordinate-wise)
+    trim: float = 0.2  # trimmed_mean: the fraction of contributions cut at each end, per coordinate
+
+    def __post_init__(self) -> None:
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"AveragingConfig.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        if self.norm_factor <= 1.0:
+            raise ValueError("AveragingConfig.norm_factor must exceed 1")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError("AveragingConfig.trim must be in [0, 0.5)")
+        if self.history < 1 or self.min_history < 1:
+            raise ValueError("AveragingConfig.history and min_history must be >= 1")
+
 
 @dataclass
 class _Round:
-    contributions: dict[str, tuple[list[torch.Tensor], int]] = field(default_factory=dict)
+    contributions: dict[str, Contribution] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     result: asyncio.Future | None = None
 
@@ -40,15 +79,28 @@ class AverageResult:
     grads: list[torch.Tensor]
     total_count: int
     participants: list[str]
+    left_out: dict[str, str] = field(default_factory=dict)  # peer -> why its contribution was left out
+    norms: list[float] = field(default_factory=list)  # accepted scaled norms (the recent range)
 
 
 class GroupAverager:
     """Leader reduce of (gradient sum, count) among a group of peers over the node's transport."""
 
-    def __init__(self, transport: Transport, run_id: str, group: str, timeout: float = 10.0, keep_rounds: int = 4):
+    def __init__(
+        self,
+        transport: Transport,
+        run_id: str,
+        group: str,
+        timeout: float = 10.0,
+        keep_rounds: int = 4,
+        config: AveragingConfig | None = None,
+    ):
         self.transport, self.run_id, self.group, self.timeout = transport, run_id, group, timeout
         self.keep_rounds = keep_rounds
+        self.config = config or AveragingConfig()
         self.rounds: dict[int, _Round] = {}
+        self.finished = -1  # the latest round this peer led to its end
+        self.norm_history: collections.deque[float] = collections.deque(maxlen=self.config.history)
         transport.add_handler(f"avg_{group}", self._rpc_push)
 
     def _round(self, iteration: int) -> _Round:
@@ -61,21 +113,40 @@ class GroupAverager:
     async def average(self, iteration: int, grads: list[torch.Tensor], count: int, members: list[str]) -> AverageResult:
         """Average with `members` (this peer included or not); returns the same result on every member."""
         candidates = sorted(set(members) | {self.transport.peer_id})
+        push = (grads, count)
+        if self.config.screen and not all(_finite(g) for g in grads):
+            log.warning("%s round %d: this replica's gradients are not finite; withheld", self.group, iteration)
+            push = ([], 0)
         for leader in candidates:  # bounded: each failed leader is skipped once
             if leader == self.transport.peer_id:
-                return await self._lead(iteration, grads, count, candidates)
-            try:
-                return await self._push(leader, iteration, grads, count)
-            except PeerError as exc:
-                log.warning(
-                    "%s averaging round %d: leader %s failed (%s); next one", self.group, iteration, leader, exc
-                )
+                result = await self._lead(iteration, grads, count, candidates)
+            else:
+                try:
+                    result = await self._push(leader, iteration, *push)
+                except PeerError as exc:
+                    log.warning(
+                        "%s averaging round %d: leader %s failed (%s); next one", self.group, iteration, leader, exc
+                    )
+                    continue
+            self.norm_history.extend(result.norms)
+            return result
         raise PeerError(f"{self.group} averaging round {iteration}: no leader answered")
 
     async def _push(self, leader: str, iteration: int, grads: list[torch.Tensor], count: int) -> AverageResult:
         msg = Message(kind="avg", run_id=self.run_id, iteration=iteration, tensors=grads, meta={"count": count})
         reply = await self.transport.call(leader, f"avg_{self.group}", msg, timeout=2 * self.timeout)
-        return AverageResult(reply.tensors, int(reply.meta["total_count"]), list(reply.meta["participants"]))
+        meta = reply.meta
+        norms = meta.get("norms", [])
+        if not isinstance(norms, list) or not all(isinstance(n, float) and math.isfinite(n) for n in norms):
+            norms = []  # a malformed range only costs this member its history
+        left_out = meta.get("left_out", {})
+        return AverageResult(
+            reply.tensors,
+            int(meta["total_count"]),
+            list(meta["participants"]),
+            left_out if isinstance(left_out, dict) else {},
+            norms,
+        )
 
     async def _lead(self, iteration: int, grads: list[torch.Tensor], count: int, members: list[str]) -> AverageResult:
         rnd = self._round(iteration)
@@ -90,36 +161,121 @@ class GroupAverager:
         missing = sorted(set(members) - set(rnd.contributions))
         if missing:
             log.warning("%s averaging round %d: going on without %s", self.group, iteration, missing)
-        result = _reduce(rnd.contributions)
+        shapes = [tuple(g.shape) for g in grads]
+        kept, left_out, norms = self._screen(rnd.contributions, shapes)
+        for peer, why in left_out.items():
+            log.warning("%s averaging round %d: left out %s: %s", self.group, iteration, peer, why)
+        result = _reduce(kept, grads, self.config)
+        result.left_out, result.norms = left_out, norms
         assert rnd.result is not None
         rnd.result.set_result(result)
+        self.finished = max(self.finished, iteration)
         return result
 
+    def _screen(
+        self, contributions: dict[str, Contribution], shapes: list[tuple[int, ...]]
+    ) -> tuple[dict[str, Contribution], dict[str, str], list[float]]:
+        """(kept contributions, left out with the reason, the kept scaled norms)."""
+        kept, left_out, norms = {}, {}, {}
+        for peer, (g, count) in contributions.items():
+            if count == 0 or not g:
+                continue  # nothing to add (no microbatches, or withheld)
+            if [tuple(t.shape) for t in g] != shapes:
+                left_out[peer] = "gradients of other shapes"
+            elif self.config.screen and not all(_finite(t) for t in g):
+                left_out[peer] = "non-finite gradients"
+            else:
+                kept[peer] = (g, count)
+                norms[peer] = _norm(g) / math.sqrt(count)
+        if self.config.screen and norms:
+            for peer, why in self._outliers(norms).items():
+                left_out[peer] = why
+                del kept[peer], norms[peer]
+        return kept, left_out, [norms[p] for p in sorted(norms)]
+
+    def _outliers(self, norms: dict[str, float]) -> dict[str, str]:
+        """Contributions whose scaled norm is over norm_factor x the reference (the recent range's low
+        median, or this round's before there is a history). If that would leave out every contribution, the whole
+        stage moved: up to norm_factor**2 x the reference it is taken as a real change, beyond it as poison."""
+        factor = self.config.norm_factor
+        history = list(self.norm_history)
+        reference = _low_median(history if len(history) >= self.config.min_history else list(norms.values()))
+        if reference <= 0.0:
+            return {}
+        out = {p: f"scaled gradient norm {n:.3g} over {factor:g} x the stage's {reference:.3g}"
+               for p, n in norms.items() if n > factor * reference}  # fmt: skip
+        if len(out) == len(norms) and min(norms.values()) <= factor**2 * reference:
+            return {}
+        return out
+
     async def _rpc_push(self, msg: Message) -> Message:
+        if msg.iteration not in self.rounds and msg.iteration <= self.finished:
+            raise BadMessage(f"averaging round {msg.iteration} is over (latest {self.finished})")
+        if self.finished >= 0 and msg.iteration > self.finished + self.keep_rounds:
+            raise BadMessage(f"averaging round {msg.iteration} is too far ahead of {self.finished}")
+        count = msg.meta.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise BadMessage(f"averaging push needs a non-negative integer count, got {count!r}")
         rnd = self._round(msg.iteration)
         assert rnd.result is not None
         if not rnd.result.done():
-            count = msg.meta.get("count")
-            if not isinstance(count, int) or count < 0:
-                raise BadMessage(f"averaging push needs a non-negative integer count, got {count!r}")
             rnd.contributions[msg.sender] = (msg.tensors, count)
             rnd.arrived.set()
         result: AverageResult = await asyncio.wait_for(asyncio.shield(rnd.result), timeout=2 * self.timeout)
-        meta = {"total_count": result.total_count, "participants": result.participants}
+        meta = {
+            "total_count": result.total_count,
+            "participants": result.participants,
+            "left_out": result.left_out,
+            "norms": result.norms,
+        }
         return Message(kind="avg", run_id=self.run_id, iteration=msg.iteration, tensors=result.grads, meta=meta)
 
 
-def _reduce(contributions: dict[str, tuple[list[torch.Tensor], int]]) -> AverageResult:
-    """sum(grads) / sum(counts), summed in peer-id order so the result does not depend on arrival order."""
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t).all())
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.linalg.vector_norm(g.double()) ** 2) for g in grads))
+
+
+def _low_median(values: list[float]) -> float:
+    """The lower middle value: of [honest, poisoned] it picks the honest one."""
+    return sorted(values)[(len(values) - 1) // 2] if values else 0.0
+
+
+def _reduce(contributions: dict[str, Contribution], like: list[torch.Tensor], cfg: AveragingConfig) -> AverageResult:
+    """The kept contributions reduced (zeros shaped `like` if none is left), in peer-id order so the result does
+    not depend on arrival order."""
     peers = sorted(contributions)
-    shapes = [tuple(t.shape) for t in contributions[peers[0]][0]]
-    for p in peers:
-        if [tuple(t.shape) for t in contributions[p][0]] != shapes:
-            raise BadMessage(f"averaging: {p} sent gradients of other shapes")
     total = sum(contributions[p][1] for p in peers)
-    sums = [torch.zeros_like(t) for t in contributions[peers[0]][0]]
-    for p in peers:
-        for acc, g in zip(sums, contributions[p][0]):
-            acc.add_(g)
-    scale = 1.0 / max(total, 1)
-    return AverageResult([s.mul_(scale) for s in sums], total, peers)
+    if not peers:
+        return AverageResult([torch.zeros_like(t) for t in like], 0, [])
+    if cfg.aggregate == "mean" or len(peers) < 3:  # a median of two is their mean; trimming two leaves nothing
+        sums = [torch.zeros_like(t) for t in like]
+        for p in peers:
+            for acc, g in zip(sums, contributions[p][0]):
+                acc.add_(g)
+        scale = 1.0 / max(total, 1)
+        return AverageResult([s.mul_(scale) for s in sums], total, peers)
+    counts = torch.tensor([float(contributions[p][1]) for p in peers], dtype=torch.float64)
+    grads = []
+    for i, t in enumerate(like):
+        means = torch.stack([contributions[p][0][i].double() / contributions[p][1] for p in peers])  # (peers, ...)
+        grads.append(_robust(means, counts, cfg).to(t.dtype))
+    return AverageResult(grads, total, peers)
+
+
+def _robust(means: torch.Tensor, counts: torch.Tensor, cfg: AveragingConfig) -> torch.Tensor:
+    """Coordinate-wise weighted median or trimmed mean over the first axis (contributions weighted by counts)."""
+    values, order = torch.sort(means, dim=0)
+    weights = counts[order.reshape(len(counts), -1)].reshape(order.shape)  # each coordinate's sorted weights
+    if cfg.aggregate == "median":
+        cum = weights.cumsum(0)
+        first = (cum >= cum[-1:] / 2).to(torch.int64).argmax(0, keepdim=True)  # first past half the weight
+        return values.gather(0, first).squeeze(0)
+    cut = int(cfg.trim * len(counts))
+    if cut:
+        weights[:cut] = 0.0
+        weights[-cut:] = 0.0
+    return (values * weights).sum(0) / weights.sum(0)

@@ -44,7 +44,9 @@ class Flight:
 
     mb: int
     x: torch.Tensor  # (batch, seq) token ids
-    route: list[str]
+    route: list[str]  # one replica per stage, in visit order
+    order: list[int]  # the stage at each position (1..S, or CheckFree+'s swapped order)
+    origin: str
     attempt: int = 0
     h0: torch.Tensor | None = None  # embedding output, with its graph, until the embedding's gradient comes back
     head: asyncio.Future | None = None
@@ -52,6 +54,13 @@ class Flight:
     loss: float | None = None
     reroutes: int = 0
     outcome: str = "started"
+
+    def meta(self) -> dict:
+        return {"route": list(self.route), "order": self.order, "origin": self.origin, "attempt": self.attempt}
+
+    def by_stage(self) -> list[str]:
+        """The route as the router sees it: the replica of stage 1, 2, ..., S."""
+        return [self.route[self.order.index(k)] for k in range(1, len(self.order) + 1)]
 
 
 @dataclass
@@ -185,32 +194,33 @@ class DataNode(NodeBase):
         fl = self._current(msg)
         if fl is None:
             raise BadMessage(f"microbatch {msg.microbatch_id} is not in flight")
-        stage = int(msg.meta["stage"])
-        new = await self._replace(fl, stage, {str(msg.meta["dead"])})
+        new = await self._replace(fl, int(msg.meta["position"]), {str(msg.meta["dead"])})
         return self.message("route", meta={"route": fl.route, "replica": new})
 
-    async def _replace(self, fl: Flight, stage: int, dead: set[str]) -> str:
-        """A live replica of `stage` for this microbatch; when the stage has none left (every replica lost), wait,
-        bounded, for it to be rebuilt (gwtf.recovery) by a joiner."""
+    async def _replace(self, fl: Flight, pos: int, dead: set[str]) -> str:
+        """A live replica for position `pos` of this microbatch's route; when its stage has none left (every replica
+        lost), wait, bounded, for it to be rebuilt (gwtf.recovery) by a joiner."""
+        stage = fl.order[pos]
         deadline = time.monotonic() + self.cfg.stage_recovery_timeout
-        while (new := self.router.reroute(await self.view(), fl.route, stage, dead)) is None:
+        while (new := self.router.reroute(await self.view(), fl.by_stage(), stage, dead)) is None:
             if time.monotonic() > deadline:
                 raise BadMessage(f"no live replica of stage {stage} for {self.cfg.stage_recovery_timeout:.0f}s")
             await asyncio.sleep(0.2)
-        fl.route[stage - 1] = new
+        fl.route[pos] = new
         fl.reroutes += 1
         return new
 
     async def rpc_recover(self, msg: Message) -> Message:
-        """Stage k's replica died after its forward: have its upstream resend to a new replica, which recomputes."""
+        """The replica at position `dead_pos` died after its forward: have its upstream resend to a new replica,
+        which recomputes that one stage."""
         fl = self._current(msg)
         if fl is None:
             raise BadMessage(f"microbatch {msg.microbatch_id} is not in flight")
-        k = int(msg.meta["dead_stage"])
+        k = int(msg.meta["dead_pos"])
         fl.route = list(msg.meta["route"])
         new = await self._replace(fl, k, {str(msg.meta["dead"])})
-        meta = {"route": fl.route, "origin": self.peer_id, "attempt": fl.attempt}
-        if k == 1:
+        meta = fl.meta()
+        if k == 0:
             assert fl.h0 is not None
             req = self.message(
                 "recompute",
@@ -225,8 +235,8 @@ class DataNode(NodeBase):
             req = self.message(
                 "resend", iteration=self.iteration, microbatch_id=fl.mb, stage=0, tensors=[msg.tensors[0]], meta=meta
             )
-            await self.call(fl.route[k - 2], "resend", req)
-        log.info("mb %d: stage %d recomputed on %s", fl.mb, k, new[:8])
+            await self.call(fl.route[k - 1], "resend", req)
+        log.info("mb %d: stage %d recomputed on %s", fl.mb, fl.order[k], new[:8])
         return self.message("ack")
 
     async def rpc_get_state(self, msg: Message) -> Message:
@@ -291,7 +301,10 @@ class DataNode(NodeBase):
                 raise PeerError(f"the router found no path through the swarm for {self.cfg.stage_recovery_timeout}s")
             await asyncio.sleep(0.2)
             view = await self.view()
-        flights = [Flight(mb, x, list(p)) for (mb, x), p in zip(pending, paths)]
+        flights = []
+        for (mb, x), by_stage in zip(pending, paths):
+            order = self.stage_order(mb)
+            flights.append(Flight(mb, x, [by_stage[k - 1] for k in order], order, self.peer_id))
         for fl in flights:
             self.flights[fl.mb] = fl
         return flights
@@ -333,6 +346,16 @@ class DataNode(NodeBase):
                 log.info("mb %d attempt %d: %s; restarting", fl.mb, attempt, exc)
         return None
 
+    def stage_order(self, mb: int) -> list[int]:
+        """The order a microbatch visits the relay stages: 1..S, except under CheckFree+, which swaps stages 1,2 and
+        S-1,S on half of the microbatches so each edge stage's partner learns to stand in for it."""
+        n = self.spec.model.n_stages
+        if self.cfg.recovery == "checkfree+":
+            from gwtf.recovery import swap_order
+
+            return list(swap_order(n, mb))
+        return list(range(1, n + 1))
+
     async def _release(self, fl: Flight, attempt: int) -> None:
         """Best effort: the replicas of the old route drop what they hold of the abandoned attempt."""
         meta = {"origin": self.peer_id, "attempt": attempt}
@@ -342,9 +365,9 @@ class DataNode(NodeBase):
 
     async def _fresh_route(self, fl: Flight) -> None:
         live = set(await self.live_nodes())
-        for k, peer in enumerate(list(fl.route), start=1):
+        for pos, peer in enumerate(list(fl.route)):
             if peer not in live:
-                await self._replace(fl, k, {peer})
+                await self._replace(fl, pos, {peer})
 
     async def _send_first(self, fl: Flight) -> None:
         assert fl.h0 is not None
@@ -356,7 +379,7 @@ class DataNode(NodeBase):
                 microbatch_id=fl.mb,
                 stage=0,
                 tensors=[fl.h0.detach()],
-                meta={"route": fl.route, "origin": self.peer_id, "attempt": fl.attempt},
+                meta=fl.meta(),
             )
             try:
                 await self.call(fl.route[0], "forward", msg)
@@ -367,79 +390,55 @@ class DataNode(NodeBase):
                     pause = min(2 * pause, 0.5)
                     continue
                 failures += 1
-                await self._replace(fl, 1, {fl.route[0]})
-        raise PeerError(f"stage 1 refused microbatch {fl.mb}")
+                await self._replace(fl, 0, {fl.route[0]})
+        raise PeerError(f"the first stage refused microbatch {fl.mb}")
 
     async def _await(self, fl: Flight, fut: asyncio.Future, on_dead) -> torch.Tensor:
-        """Wait for a leg to come back, calling `on_dead(stage, peer)` when a hop of the route has died."""
+        """Wait for a leg to come back, calling `on_dead(position, peer)` when a hop of the route has died."""
         deadline = time.monotonic() + self.cfg.microbatch_timeout
         while time.monotonic() < deadline:
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout=0.25)
             except TimeoutError:
                 live = await self.live_nodes()
-                dead = [(k, p) for k, p in enumerate(fl.route, start=1) if p not in live]
+                dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live]
                 if dead:
                     await on_dead(*dead[-1])
         raise _Restart(f"no answer within {self.cfg.microbatch_timeout:.0f}s")
 
-    async def _restart(self, stage: int, peer: str) -> None:
-        raise _Restart(f"stage {stage} replica {peer[:8]} died")
+    async def _restart(self, pos: int, peer: str) -> None:
+        raise _Restart(f"replica {peer[:8]} at position {pos} of the route died")
 
     async def _backward_leg(self, fl: Flight, grad: torch.Tensor) -> bool:
-        msg = self.message(
-            "backward",
-            iteration=self.iteration,
-            microbatch_id=fl.mb,
-            stage=0,
-            tensors=[grad],
-            meta={"route": fl.route, "origin": self.peer_id, "attempt": fl.attempt},
-        )
-        try:
-            await self.call(fl.route[-1], "backward", msg)
-        except PeerError as exc:  # stage S died after its forward: recompute it elsewhere
-            log.info("mb %d: last stage %s failed on backward (%s)", fl.mb, fl.route[-1][:8], exc)
-            recover = self.message(
-                "recover",
-                iteration=self.iteration,
-                microbatch_id=fl.mb,
-                tensors=[grad],
-                meta={
-                    "route": fl.route,
-                    "attempt": fl.attempt,
-                    "dead_stage": self.spec.model.n_stages,
-                    "dead": fl.route[-1],
-                },
-            )
-            try:
-                await self.rpc_recover(recover)
-            except (PeerError, BadMessage) as exc2:
-                log.warning("mb %d: backward recovery failed: %s", fl.mb, exc2)
-                return False
+        """Send the loss gradient back along the route; a replica that dies on the way is recomputed elsewhere."""
+        last = len(fl.route) - 1
         recovered: set[str] = set()
 
-        async def recover_dead(stage: int, peer: str) -> None:
-            """A replica died during its backward: the next hop (or this node, for stage S) resends its gradient."""
+        async def recover_dead(pos: int, peer: str) -> None:
+            """The replica at `pos` died after its forward: the next hop (or this node, for the last position)
+            resends the gradient it sent it, and the upstream its activation, to a new replica that recomputes."""
             if peer in recovered:
                 return
             recovered.add(peer)
-            meta = {"route": list(fl.route), "origin": self.peer_id, "attempt": fl.attempt}
             try:
-                if stage == self.spec.model.n_stages:
-                    req = self.message(
-                        "recover",
-                        iteration=self.iteration,
-                        microbatch_id=fl.mb,
-                        tensors=[grad],
-                        meta={**meta, "dead_stage": stage, "dead": peer},
-                    )
+                if pos == last:
+                    meta = {**fl.meta(), "dead_pos": pos, "dead": peer}
+                    req = self.message("recover", iteration=self.iteration, microbatch_id=fl.mb, tensors=[grad],
+                                       meta=meta)  # fmt: skip
                     await self.rpc_recover(req)
                 else:
-                    req = self.message("regrad", iteration=self.iteration, microbatch_id=fl.mb, meta=meta)
-                    await self.call(fl.route[stage], "regrad", req)
+                    req = self.message("regrad", iteration=self.iteration, microbatch_id=fl.mb, meta=fl.meta())
+                    await self.call(fl.route[pos + 1], "regrad", req)
             except (PeerError, BadMessage) as exc:
-                log.warning("mb %d: recovery of stage %d failed: %s", fl.mb, stage, exc)
+                log.warning("mb %d: recovery of stage %d failed: %s", fl.mb, fl.order[pos], exc)
 
+        msg = self.message("backward", iteration=self.iteration, microbatch_id=fl.mb, stage=0, tensors=[grad],
+                           meta=fl.meta())  # fmt: skip
+        try:
+            await self.call(fl.route[last], "backward", msg)
+        except PeerError as exc:
+            log.info("mb %d: last hop %s failed on backward (%s)", fl.mb, fl.route[last][:8], exc)
+            await recover_dead(last, fl.route[last])
         try:
             assert fl.grad is not None
             g0 = await self._await(fl, fl.grad, on_dead=recover_dead)
@@ -486,8 +485,8 @@ class DataNode(NodeBase):
         relays = sorted(p for p, r in serving(nodes, "relay").items() if r.state_version == i)
         used: dict[str, set[str]] = {}
         for fl in self.flights.values():
-            for k, peer in enumerate(fl.route, start=1):
-                used.setdefault(str(k), set()).add(peer)
+            for stage, peer in zip(fl.order, fl.route):
+                used.setdefault(str(stage), set()).add(peer)
         done = self.message("end_iteration", iteration=i, meta={"used": {k: sorted(v) for k, v in used.items()}})
         replies = await asyncio.gather(
             *(self.call(p, "end_iteration", done, timeout=3 * self.cfg.iteration_timeout) for p in relays),

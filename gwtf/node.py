@@ -338,12 +338,20 @@ class RelayNode(NodeBase):
                     raise BadMessage(
                         f"expected float32 (batch, <= {m.seq_len}, {m.d_model}), got {t.dtype} {tuple(t.shape)}"
                     )
-            route = msg.meta.get("route")
-            if not isinstance(route, list) or len(route) != m.n_stages or route[self.stage - 1] != self.peer_id:
-                raise BadMessage(f"route does not send stage {self.stage} through this replica")
+            route, order = msg.meta.get("route"), msg.meta.get("order")
+            if not isinstance(route, list) or len(route) != m.n_stages or self.peer_id not in route:
+                raise BadMessage(f"route does not pass through this replica of stage {self.stage}")
+            if not isinstance(order, list) or sorted(order) != list(range(1, m.n_stages + 1)):
+                raise BadMessage("order must visit every relay stage once")
+            if order[route.index(self.peer_id)] != self.stage:
+                raise BadMessage(f"route sends another stage's work to this replica of stage {self.stage}")
             n_expected = {"forward": 1, "backward": 1, "recompute": 2}[msg.kind]
             if len(msg.tensors) != n_expected:
                 raise BadMessage(f"{msg.kind} carries {n_expected} tensor(s), got {len(msg.tensors)}")
+
+    def _pos(self, msg: Message) -> int:
+        """This replica's position in the microbatch's visit order (CheckFree+ swaps stages on some microbatches)."""
+        return list(msg.meta["route"]).index(self.peer_id)
 
     def _key(self, msg: Message) -> Key:
         return (str(msg.meta["origin"]), msg.microbatch_id, int(msg.meta.get("attempt", 0)))
@@ -384,12 +392,12 @@ class RelayNode(NodeBase):
         self.compute_s = (
             0.8 * self.compute_s + 0.2 * (time.perf_counter() - t0) if self.compute_s else (time.perf_counter() - t0)
         )
-        route, origin = list(msg.meta["route"]), str(msg.meta["origin"])
-        if self.stage == self.spec.model.n_stages:
+        route, origin, pos = list(msg.meta["route"]), str(msg.meta["origin"]), self._pos(msg)
+        if pos == len(route) - 1:
             await self._deliver(origin, "head", msg, out, route)
             return
         for _ in range(self.cfg.max_attempts):  # bounded: re-route around a dead next hop
-            nxt = route[self.stage]
+            nxt = route[pos + 1]
             try:
                 await self.call(nxt, "forward", self._relay_msg(msg, "forward", [out], route))
                 return
@@ -401,22 +409,23 @@ class RelayNode(NodeBase):
                     exc,
                     origin[:8],
                 )
-                route = await self._reroute(origin, msg, self.stage + 1, nxt, route)
+                route = await self._reroute(origin, msg, pos + 1, nxt, route)
         raise PeerError(f"forward of microbatch {msg.microbatch_id} found no live next hop")
 
-    async def _reroute(self, origin: str, msg: Message, stage: int, dead: str, route: list[str]) -> list[str]:
+    async def _reroute(self, origin: str, msg: Message, pos: int, dead: str, route: list[str]) -> list[str]:
         await self.fault("routing", msg.iteration)
         req = self.message(
             "route",
             microbatch_id=msg.microbatch_id,
             iteration=msg.iteration,
-            meta={"stage": stage, "dead": dead, "attempt": msg.meta.get("attempt", 0)},
+            meta={"position": pos, "dead": dead, "attempt": msg.meta.get("attempt", 0)},
         )
         reply = await self.call(origin, "route", req)
         return list(reply.meta["route"])
 
     def _relay_msg(self, msg: Message, kind: str, tensors: list[torch.Tensor], route: list[str]) -> Message:
-        meta = {"route": route, "origin": msg.meta["origin"], "attempt": msg.meta.get("attempt", 0)}
+        meta = {"route": route, "order": msg.meta["order"], "origin": msg.meta["origin"],
+                "attempt": msg.meta.get("attempt", 0)}  # fmt: skip
         return self.message(
             kind, iteration=msg.iteration, microbatch_id=msg.microbatch_id, stage=self.stage, tensors=tensors, meta=meta
         )
@@ -448,26 +457,21 @@ class RelayNode(NodeBase):
             grad_in = await self.compute(self.replica.recompute_backward, key, msg.tensors[0], msg.tensors[1])
         else:
             grad_in = await self.compute(self.replica.backward, key, msg.tensors[0])
-        route, origin = list(msg.meta["route"]), str(msg.meta["origin"])
+        route, origin, pos = list(msg.meta["route"]), str(msg.meta["origin"]), self._pos(msg)
         self.sent_grads[key] = (grad_in, route)
-        if self.stage == 1:
+        if pos == 0:
             await self._deliver(origin, "embed_grad", msg, grad_in, route)
             return
-        prev = route[self.stage - 2]
+        prev = route[pos - 1]
         try:
             await self.call(prev, "backward", self._relay_msg(msg, "backward", [grad_in], route))
         except PeerError as exc:
             # The previous stage's replica died after its forward: its upstream resends the activation to a new
             # replica, which recomputes that one stage (design.md section 4). The data node coordinates it.
-            log.info(
-                "backward mb %d: stage %d replica %s failed (%s); recovering",
-                msg.microbatch_id,
-                self.stage - 1,
-                prev[:8],
-                exc,
-            )
+            log.info("backward mb %d: replica %s before this one failed (%s); recovering", msg.microbatch_id,
+                     prev[:8], exc)  # fmt: skip
             req = self._relay_msg(msg, "recover", [grad_in], route)
-            req.meta.update({"dead_stage": self.stage - 1, "dead": prev})
+            req.meta.update({"dead_pos": pos - 1, "dead": prev})
             await self.call(origin, "recover", req)
 
     async def rpc_release(self, msg: Message) -> Message:
@@ -484,8 +488,9 @@ class RelayNode(NodeBase):
         if sent is None:
             raise BadMessage(f"no input gradient kept for microbatch {msg.microbatch_id}")
         grad_in, route = sent
+        pos = route.index(self.peer_id)
         req = self._relay_msg(msg, "recover", [grad_in], route)
-        req.meta.update({"dead_stage": self.stage - 1, "dead": route[self.stage - 2]})
+        req.meta.update({"dead_pos": pos - 1, "dead": route[pos - 1]})
         await self.call(str(msg.meta["origin"]), "recover", req)
         return self.message("ack")
 
@@ -497,7 +502,7 @@ class RelayNode(NodeBase):
             raise BadMessage(f"no held output for microbatch {msg.microbatch_id}")
         route = list(msg.meta["route"])
         fwd = self._relay_msg(msg, "recompute", [held.out.detach(), msg.tensors[0]], route)
-        await self.call(route[self.stage], "recompute", fwd)
+        await self.call(route[route.index(self.peer_id) + 1], "recompute", fwd)
         return self.message("ack")
 
     # ---- iteration end -----------------------------------------------------------------------------------------

@@ -88,3 +88,33 @@ def test_a_stage_with_no_replica_and_no_joiner_fails_clearly_and_bounded():
             await swarm.close()
 
     run(go())
+
+
+def test_first_stage_lost_under_checkfree_plus_is_copied_from_its_swap_partner():
+    cfg = small_config(steps=STEPS, microbatches=4, stages=4)
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(recovery="checkfree+"))
+        await swarm.start()
+        orders = [swarm.data_nodes[0].stage_order(mb) for mb in range(4)]
+        losses, event = [], {}
+        try:
+            for step in range(STEPS):
+                if step == LOSS_AT:
+                    event = await lose_stage_and_rebuild(swarm, 1, step)
+                    result = event["result"]
+                else:
+                    result = await swarm.step()
+                for r in result.reports:
+                    assert r.lost == 0, r
+                losses.append(result.loss)
+        finally:
+            await swarm.close()
+        return losses, event, orders
+
+    losses, event, orders = run(go())
+    assert [1, 2, 3, 4] in orders and [2, 1, 4, 3] in orders  # half the microbatches run edge stages swapped
+    partner, _ = event["neighbours"][2]
+    for got, want in zip(event["rebuilt"], partner):
+        torch.testing.assert_close(got, want)  # stage 1 rebuilt as a copy of stage 2, which learned to stand in
+    assert losses[-1] < losses[LOSS_AT] and losses[-1] < losses[0] - 0.3

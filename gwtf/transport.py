@@ -319,16 +319,20 @@ class _BytesReader:
 
 
 class _StreamReader:
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    """`idle_timeout`: seconds without a byte before TimeoutError, so a sender that stalls mid-frame cannot hold a
+    serving task forever (None: the caller's own timeout bounds the read)."""
+
+    def __init__(self, reader: asyncio.StreamReader, idle_timeout: float | None = None) -> None:
         self._reader = reader
+        self._idle = idle_timeout
 
     async def read_exactly(self, n: int) -> bytes:
-        return await self._reader.readexactly(n)
+        return await asyncio.wait_for(self._reader.readexactly(n), self._idle)
 
     async def read_into(self, buf: memoryview) -> None:
         pos = 0
         while pos < len(buf):
-            chunk = await self._reader.read(min(len(buf) - pos, 1 << 22))
+            chunk = await asyncio.wait_for(self._reader.read(min(len(buf) - pos, 1 << 22)), self._idle)
             if not chunk:
                 raise asyncio.IncompleteReadError(b"", len(buf) - pos)
             buf[pos : pos + len(chunk)] = chunk
@@ -680,6 +684,7 @@ class InProcessTransport(Transport):
 _HELLO = "_gwtf.tcp_hello"  # internal handler: hands out this node's direct TCP endpoint and an access token
 _TOKEN_BYTES = 16
 _TCP_HANDSHAKE_TIMEOUT = 10.0
+_STREAM_IDLE_TIMEOUT = 60.0  # a P2P stream whose request stalls this long mid-frame is dropped
 DEFAULT_DIRECT_TCP_MIN_BYTES = 256 << 10
 
 
@@ -738,11 +743,12 @@ class HivemindTransport(Transport):
 
     async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            reply = await self._serve_request(info.peer_id.to_base58(), _StreamReader(reader))
+            reader_ = _StreamReader(reader, idle_timeout=_STREAM_IDLE_TIMEOUT)
+            reply = await self._serve_request(info.peer_id.to_base58(), reader_)
             for buf in reply:
                 writer.write(buf)
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError) as exc:
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             logger.debug("%s: P2P stream from %s broke: %s", self.peer_id, info.peer_id, exc)
         finally:
             writer.close()

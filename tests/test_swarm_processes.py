@@ -32,7 +32,7 @@ def test_process_swarm_reproduces_train_local(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path):
-    summary = demo(tmp_path, "--replicas", "2", "--steps", "16", "--crash-at", "4", "--crash-stage", "1")
+    summary = demo(tmp_path, "--replicas", "2", "--steps", "24", "--crash-at", "4", "--crash-stage", "1")
     assert summary["crash"]["stage"] == 1
     mb = summary["microbatches"]
     assert mb["lost"] == 0

@@ -191,9 +191,10 @@ def crash_times(args: argparse.Namespace, rng: random.Random) -> list[float]:
     return times
 
 
-def trend(series: list[Sample], attr: str) -> dict[str, float]:
-    """Peak and the means of the first and last quarters of the samples (after the first, the start-up one)."""
-    values = [getattr(s, attr) for s in series[1:]] or [getattr(s, attr) for s in series]
+def trend(series: list[Sample], attr: str, settle_s: float = 60.0) -> dict[str, float]:
+    """Peak and the means of the first and last quarters of the samples, leaving out a node's first `settle_s`
+    seconds (start-up: imports, model build, state download)."""
+    values = [getattr(s, attr) for s in series if s.t >= series[0].t + settle_s] or [getattr(s, attr) for s in series]
     q = max(1, len(values) // 4)
     first, last = statistics.fmean(values[:q]), statistics.fmean(values[-q:])
     return {"peak": max(values), "first_quarter": round(first, 1), "last_quarter": round(last, 1),

@@ -7,8 +7,11 @@ A keyed run (bootstrap --key, every join --key) of the debug model: `--stages` x
 node that trains until the time is up. Crashes arrive as a Poisson process of `--churn-per-hour` per relay per
 modelled hour (`--time-scale` modelled seconds per wall second; seeded); a crash SIGKILLs the victim's whole process
 group (the node and its p2pd daemon: the machine is gone), and a replacement volunteer joins `--rejoin-after-s`
-later and picks its stage itself. Every `--sample-s` seconds the harness records, per node (its process tree), the
-resident memory, open file descriptors and threads. The report (JSON, and a summary on stdout):
+later and picks its stage itself. Every process a node starts inherits its environment, where the harness marks
+it (GWTF_SOAK=<run>, GWTF_SOAK_NODE=<node>), so a node's processes are found even when they left its process tree
+(torch_shm_manager daemons, a DHT process orphaned by a crash). Every `--sample-s` seconds the harness records,
+per node (all its processes), the resident memory, open file descriptors and threads. The report (JSON, and a
+summary on stdout):
 
     iterations, crashes survived, microbatches started/finished/lost (lost must be 0),
     per node: peak RSS, fds and threads, first-quarter vs last-quarter means (must not grow),
@@ -62,11 +65,15 @@ class Soak:
 
     # --- the swarm
 
+    def launch(self, name: str, argv: list[str]) -> None:
+        os.environ["GWTF_SOAK"], os.environ["GWTF_SOAK_NODE"] = self.run_id, name  # inherited by its processes
+        self.group.start(name, argv)
+
     def start(self) -> None:
         a, out = self.args, self.group.log_dir
         key, addr = out / "run.key", out / "initial_peers.txt"
         steps = ["--set", "train.steps=1000000", "--set", f"train.seed={a.seed}", "--set", "train.eval_every=0"]
-        self.group.start(
+        self.launch(
             "bootstrap",
             ["bootstrap", "--run", self.run_id, "--preset", "debug", "--stages", str(a.stages), "--key", str(key),
              "--router", "round-robin", "--addr-file", str(addr), *steps],
@@ -75,8 +82,8 @@ class Soak:
         self.join = ["join", "--run", self.run_id, "--initial-peers", *peers, "--key", str(key)]
         for stage in range(1, a.stages + 1):
             for r in range(a.replicas):
-                self.group.start(f"relay-s{stage}-{r}", [*self.join, "--role", "relay", "--stage", str(stage)])
-        self.group.start("data-0", [*self.join, "--role", "data", "--metrics", str(out / "data-0.jsonl")])
+                self.launch(f"relay-s{stage}-{r}", [*self.join, "--role", "relay", "--stage", str(stage)])
+        self.launch("data-0", [*self.join, "--role", "data", "--metrics", str(out / "data-0.jsonl")])
 
     def relays(self) -> list[str]:
         return [n for n, p in self.group.procs.items() if n != "data-0" and n != "bootstrap" and p.poll() is None]
@@ -87,7 +94,7 @@ class Soak:
             return
         victim = rng.choice(live)
         proc = self.group.procs[victim]
-        tree = _tree(proc.pid)  # the node, its DHT process and p2pd daemons (not all in its process group)
+        tree = self.processes().get(victim, [])  # the node, its DHT process, p2pd, torch_shm_manager
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         for p in tree:  # the machine is gone: nothing of it survives
@@ -103,7 +110,7 @@ class Soak:
         for t in due:
             self.pending_joins.remove(t)
             self.n_joiners += 1
-            self.group.start(f"joiner-{self.n_joiners}", [*self.join, "--role", "relay"])
+            self.launch(f"joiner-{self.n_joiners}", [*self.join, "--role", "relay"])
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -113,12 +120,23 @@ class Soak:
 
     # --- measurements
 
+    def processes(self) -> dict[str, list[psutil.Process]]:
+        """Every live process of the swarm by node, found by the mark in its environment."""
+        found: dict[str, list[psutil.Process]] = {}
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                env = p.environ()
+                if env.get("GWTF_SOAK") == self.run_id and p.pid != os.getpid():
+                    found.setdefault(env.get("GWTF_SOAK_NODE", "?"), []).append(p)
+        return found
+
     def sample(self) -> None:
         t = round(self.elapsed(), 1)
+        by_node = self.processes()
         for name, proc in self.group.procs.items():
             if proc.poll() is not None:
                 continue
-            tree = _tree(proc.pid)
+            tree = by_node.get(name, [])
             for p in tree:
                 with contextlib.suppress(psutil.Error):
                     self.seen.setdefault(p.pid, p.create_time())
@@ -131,22 +149,15 @@ class Soak:
             self.samples.setdefault(name, []).append(Sample(t, round(rss / 2**20, 1), fds, threads, len(tree)))
 
     def leftovers(self) -> list[psutil.Process]:
-        """Processes of the swarm still alive after it was stopped (same pid and start time: not a reused pid)."""
-        alive = []
+        """Processes of the swarm still alive after it was stopped: marked ones, and any seen in a node's tree
+        (same pid and start time: not a reused pid)."""
+        alive = {p.pid: p for procs in self.processes().values() for p in procs if p.status() != psutil.STATUS_ZOMBIE}
         for pid, created in self.seen.items():
             with contextlib.suppress(psutil.Error):
                 p = psutil.Process(pid)
                 if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-        return alive
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
+                    alive[pid] = p
+        return list(alive.values())
 
 
 def _describe(p: psutil.Process) -> str:
@@ -242,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     crashes = crash_times(args, rng)
     soak = Soak(args, ProcessGroup(out))
-    log.info("soak %.0f min, %d crash(es) drawn at %s s", args.minutes, len(crashes), [round(t) for t in crashes])
+    log.info("soak %g min, %d crash(es) drawn at %s s", args.minutes, len(crashes), [round(t) for t in crashes])
     try:
         soak.start()
         next_sample = 0.0
@@ -292,6 +303,10 @@ def print_summary(r: dict[str, Any]) -> None:
         )
 
 
+def _interrupted(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, required=True)
@@ -307,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    signal.signal(signal.SIGTERM, _interrupted)  # the swarm is stopped and reported in run()'s finally
     result = run(args)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -67,11 +67,39 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pretrained: str | None = None  # a staged checkpoint directory (`gwtf convert`): fine-tuning starts from it
 
     def model_config(self) -> ModelConfig:
+        """The preset's model, or the pretrained checkpoint's (whose split into stages is fixed by its files)."""
+        if self.pretrained:
+            from models.checkpoint import read_manifest
+            from models.presets import ModelConfig
+
+            cfg = ModelConfig.from_dict(read_manifest(self.pretrained)["model"])
+            if self.stages is not None and self.stages != cfg.n_stages:
+                raise UserError(
+                    f"{self.pretrained} is split into {cfg.n_stages} relay stages, not {self.stages}: convert it "
+                    f"again with `gwtf convert --stages {self.stages}`"
+                )
+            return _pretrained_overrides(cfg, self.model_overrides)
         from models.presets import get_preset
 
         return get_preset(self.preset, self.stages, **self.model_overrides)
+
+
+def _pretrained_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """A pretrained model's weights fix its shape; only a shorter training sequence can be chosen, and only where
+    positions are rotary (llama): GPT's learned position table is part of its weights."""
+    other = sorted(set(overrides) - {"seq_len"})
+    if other:
+        raise UserError(f"model.{other[0]} cannot be changed on a pretrained model (its weights fix it)")
+    seq_len = overrides.get("seq_len")
+    if seq_len is None or seq_len == cfg.seq_len:
+        return cfg
+    if cfg.family != "llama" or not 1 <= int(seq_len) <= cfg.seq_len:
+        raise UserError(f"model.seq_len={seq_len}: a pretrained {cfg.family} model can train on 1..{cfg.seq_len}"
+                        + (" (llama only)" if cfg.family != "llama" else ""))  # fmt: skip
+    return cfg.replace(seq_len=int(seq_len))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +115,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Inverse of to_dict; missing keys take their defaults, unknown keys are a UserError."""
-    top = {"preset", "stages", "model_overrides", *SECTIONS}
+    top = {"preset", "stages", "model_overrides", "pretrained", *SECTIONS}
     _check_keys(d, top, "run config")
     sections = {}
     for name, cls in SECTIONS.items():
@@ -99,6 +127,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
         preset=str(d.get("preset", "debug")),
         stages=None if stages is None else _coerce(stages, int, "stages"),
         model_overrides=dict(d.get("model_overrides", {})),
+        pretrained=d.get("pretrained"),
         **sections,
     )
 

@@ -22,6 +22,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +72,7 @@ class RunSpec:
     total_steps: int
     seed: int
     data_nodes: int = 1  # data nodes the run expects; fewer only when some have died
+    pretrained: str | None = None  # staged checkpoint the first replicas load (fine-tuning); later ones download
 
 
 class NodeBase:
@@ -209,6 +211,11 @@ class RelayNode(NodeBase):
         self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.cfg.capacity)
         donors = sorted(serving(nodes, "relay", self.stage))
         downloaded = bool(donors) and await self.download_state(donors, timeout)
+        if not downloaded and self.spec.pretrained and not Path(self.spec.pretrained).is_dir():
+            raise UserError(
+                f"stage {self.stage} has no live replica to download from and the run's checkpoint "
+                f"{self.spec.pretrained} is not on this machine: copy it there, or join once a replica serves"
+            )
         if not downloaded and self.run_version > 0:  # the run is under way and this stage has no live replica left
             await self.rebuild_stage(build_module)
         self.status = "serving"

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -28,14 +29,22 @@ log = logging.getLogger(__name__)
 
 def run_spec(run_id: str, cfg: RunConfig, data_nodes: int = 1) -> RunSpec:
     t = cfg.train
-    return RunSpec(run_id, cfg.model_config(), cfg.optim, t.steps, t.seed, data_nodes)
+    return RunSpec(run_id, cfg.model_config(), cfg.optim, t.steps, t.seed, data_nodes, cfg.pretrained)
 
 
 def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
-    """Stage k built from the run's seed alone, so every first replica of a stage starts from the same weights."""
+    """Stage k from the run's pretrained checkpoint (checked against its hash) when the run fine-tunes one and this
+    machine has it, else from the run's seed alone, so every first replica of a stage starts from the same weights
+    (a replica without the checkpoint downloads the stage from a live replica)."""
+    from models.checkpoint import load_stage
     from models.staged import build_stage
 
-    return lambda k: build_stage(spec.model, k, spec.seed)
+    def build(k: int) -> nn.Module:
+        if spec.pretrained and Path(spec.pretrained).is_dir():
+            return load_stage(spec.pretrained, k)[1]
+        return build_stage(spec.model, k, spec.seed)
+
+    return build
 
 
 def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, NodeRecord], int], SwarmView]:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from gwtf.config import load_config, to_dict
+from gwtf.errors import UserError
 from gwtf.membership import RunRecord, make_dht
 from gwtf.node import SwarmConfig
 
@@ -39,20 +40,51 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--key", default=None, metavar="FILE", help="run key: joining needs it (created if missing)")
     parser.add_argument("--open", action="store_true", help="an open run: anyone who reaches it may join")
+    parser.add_argument(
+        "--from-pretrained",
+        default=None,
+        metavar="PATH",
+        help="fine-tune this HF directory, .gguf file or staged checkpoint",
+    )
+    parser.add_argument("--data", default=None, metavar="PATH", help="the corpus: a text file or a folder of them")
+    parser.add_argument("--workdir", default=None, help="where a pretrained checkpoint is converted (runs/RUN)")
+
+
+# Fine-tuning starts from weights that already work: a lower learning rate, no weight decay, a short warmup.
+# Applied before the user's --set overrides, which win.
+FINETUNE_DEFAULTS = ["optim.lr=1e-4", "optim.weight_decay=0.0", "optim.warmup_steps=5", "optim.min_lr_ratio=0.1"]
 
 
 def build_record(args: argparse.Namespace) -> RunRecord:
-    cfg = load_config(args.config, args.set)
+    pretrained = getattr(args, "from_pretrained", None)
+    cfg = load_config(args.config, [*(FINETUNE_DEFAULTS if pretrained else []), *args.set])
     if args.preset:
         cfg.preset = args.preset
-    if args.stages:
+    if getattr(args, "data", None):
+        cfg.data.corpus = str(Path(args.data).resolve())
+    extra = {}
+    if pretrained:
+        extra = _use_pretrained(cfg, pretrained, args.stages, Path(args.workdir or f"runs/{args.run}") / "pretrained")
+    elif args.stages:
         cfg.stages = args.stages
     model = cfg.model_config()
     swarm = SwarmConfig(router=args.router)
-    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, "swarm": swarm.__dict__}
+    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, "swarm": swarm.__dict__, **extra}
     return RunRecord(
         run_id=args.run, model=model.to_dict(), model_hash=model.config_hash(), config=config, created=time.time()
     )
+
+
+def _use_pretrained(cfg, path: str, stages: int | None, workdir: Path) -> dict:
+    """Point the run at a staged copy of the checkpoint (converting it if needed) and at its tokenizer; the record
+    carries its weights hash, so every node checks what it loads."""
+    from models.checkpoint import ensure_staged, read_manifest
+
+    staged = ensure_staged(path, stages, workdir).resolve()
+    if not (staged / "tokenizer_config.json").is_file():
+        raise UserError(f"{path} has no tokenizer; fine-tuning needs the checkpoint's own (save it alongside)")
+    cfg.pretrained, cfg.stages, cfg.data.tokenizer = str(staged), None, str(staged)
+    return {"weights_hash": read_manifest(staged)["weights_hash"]}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 from gwtf.config import from_dict
 from gwtf.errors import UserError
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--join-timeout", type=float, default=60.0)
     parser.add_argument("--key", default=None, metavar="FILE", help="the run key (a run by invitation needs it)")
+    parser.add_argument("--linger", action="store_true", help="a data node keeps serving after the last step")
     parser.add_argument(
         "--fault",
         default=None,
@@ -82,10 +84,25 @@ def _spec(args: argparse.Namespace, record: RunRecord) -> tuple[RunSpec, SwarmCo
 
     cfg = from_dict(record.config["run"])
     check_model_hash(record, cfg.model_config().config_hash())
+    _check_pretrained_copy(cfg.pretrained, record.config.get("weights_hash"))
     swarm = {**record.config.get("swarm", {}), "region": args.region}
     if args.capacity:
         swarm["capacity"] = args.capacity
     return run_spec(args.run, cfg, int(record.config.get("data_nodes", 1))), SwarmConfig(**swarm)
+
+
+def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
+    """This machine's copy of the run's checkpoint must be the run's: same weights hash."""
+    if not path or not Path(path).is_dir():
+        return
+    from models.checkpoint import read_manifest
+
+    found = read_manifest(path).get("weights_hash")
+    if found != expected:
+        raise UserError(
+            f"{path} has weights hash {found} but the run fine-tunes {expected}: this is another checkpoint; "
+            "use the run's own copy (or remove it: the stage is then downloaded from a live replica)"
+        )
 
 
 async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
@@ -149,6 +166,10 @@ async def _drive_data(args, record, spec, swarm_cfg, transport, membership) -> i
                 live_per_stage=per_stage,
             )
         metrics.write(event="done", seconds=time.perf_counter() - t0)
+        if args.linger:  # keep serving stage 0 (for `gwtf export --run`) until stopped
+            stop = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+            await stop.wait()
     finally:
         metrics.close()
         await node.close()

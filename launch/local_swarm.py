@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
     parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, extra: SwarmExtras | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             stale.unlink()
     group = ProcessGroup(out)
     try:
-        summary = _run_swarm(args, group, out)
+        summary = _run_swarm(args, group, out, extra or SwarmExtras())
     finally:
         group.stop_all()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -100,8 +101,19 @@ def run(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
-def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path) -> dict:
-    run_id = f"demo-{os.getpid()}"
+@dataclass
+class SwarmExtras:
+    """What a launcher built on this one adds: bootstrap and data-node flags, and work to do once the data nodes
+    are done while every node still serves (`after_done(initial_peers, run_id) -> summary fields`)."""
+
+    bootstrap: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+    after_done: Callable[[list[str], str], dict] | None = None
+    run_prefix: str = "demo"
+
+
+def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: SwarmExtras) -> dict:
+    run_id = f"{extra.run_prefix}-{os.getpid()}"
     addr_file = out / "initial_peers.txt"
     overrides = [f"train.steps={args.steps}", f"train.seed={args.seed}", *args.set]
     group.start(
@@ -121,6 +133,7 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path) -> dict
             "--addr-file",
             str(addr_file),
             *sum((["--set", o] for o in overrides), []),
+            *extra.bootstrap,
         ],
     )
     peers = _wait_for_file(addr_file, group, timeout=60).split()
@@ -133,12 +146,15 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path) -> dict
             group.start(f"relay-s{stage}-{r}", argv)
     metrics = [out / f"data-{rank}.jsonl" for rank in range(args.data_nodes)]
     for rank, path in enumerate(metrics):
-        group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path)])
+        group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path), *extra.data])
     print(
         f"swarm {run_id}: {args.stages} stages x {args.replicas} replicas, {args.data_nodes} data node(s), "
         f"{args.steps} steps; initial peers {peers[0]}"
     )
-    return _monitor(args, group, join, metrics)
+    summary = _monitor(args, group, join, metrics)
+    if extra.after_done is not None and summary["ok"]:
+        summary.update(extra.after_done(peers, run_id))
+    return summary
 
 
 def _wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:

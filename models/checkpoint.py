@@ -85,6 +85,7 @@ def save_staged(
         "model": cfg.to_dict(),
         "config_hash": cfg.config_hash(),
         "weights_hash": _hash_states(states),
+        "stage_hashes": [_hash_states([state]) for state in states],  # a replica checks only the stage it loads
         "stage_files": [_stage_file(k) for k in range(len(states))],
         "special_tokens": source.pop("special_tokens", {}),
         "source": source,
@@ -134,6 +135,35 @@ def load_staged(dir: str | Path) -> tuple[ModelConfig, list[nn.Module], Any]:
         )
     stages = [_stage_from_state(cfg, k, state, root / files[k]) for k, state in enumerate(states)]
     return cfg, stages, _load_tokenizer(root)
+
+
+def is_staged(dir: str | Path) -> bool:
+    """A gwtf staged checkpoint (its config.json is our manifest, not a Hugging Face config)."""
+    try:
+        return json.loads((Path(dir) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_manifest(dir: str | Path) -> dict[str, Any]:
+    """The staged checkpoint's manifest (model config, hashes, special tokens); UserError if it is not one."""
+    return _read_manifest(Path(dir))
+
+
+def load_stage(dir: str | Path, k: int) -> tuple[ModelConfig, nn.Module]:
+    """Stage k alone from a staged checkpoint (what one relay needs), checked against its recorded hash."""
+    root = Path(dir)
+    manifest = _read_manifest(root)
+    cfg = ModelConfig.from_dict(manifest["model"])
+    files, hashes = manifest.get("stage_files", []), manifest.get("stage_hashes")
+    if not 0 <= k < len(files):
+        raise UserError(f"{root} has no stage {k} (it has stages 0..{len(files) - 1})")
+    state = _load_stage_state(root / files[k])
+    if hashes is None:  # written before per-stage hashes: check the whole checkpoint
+        load_staged(root)
+    elif _hash_states([state]) != hashes[k]:
+        raise UserError(f"stage {k} in {root} does not match its recorded hash: the file was modified or damaged")
+    return cfg, _stage_from_state(cfg, k, state, root / files[k])
 
 
 def _stage_from_state(cfg: ModelConfig, k: int, state: dict[str, Tensor], path: Path) -> nn.Module:
@@ -244,6 +274,23 @@ def _model_config(hf_config: Any, n_stages: int | None) -> ModelConfig:
 # --- export to transformers ----------------------------------------------------------------------------------------
 
 
+def ensure_staged(path: str | Path, n_stages: int | None, workdir: str | Path) -> Path:
+    """`path` itself if it is a staged checkpoint, else its conversion into `workdir` (reused when a previous run
+    converted the same source with the same number of stages)."""
+    src, out = Path(path), Path(workdir)
+    if is_staged(src):
+        return src
+    if is_staged(out):
+        manifest = _read_manifest(out)
+        same_split = n_stages is None or manifest["model"]["n_stages"] == n_stages
+        if manifest.get("source", {}).get("path") == str(src.resolve()) and same_split:
+            return out
+        raise UserError(f"{out} holds another conversion; remove it or choose another --workdir")
+    cfg, stages, tokenizer, source = _load_pretrained(src, n_stages, False)
+    source["path"] = str(src.resolve())
+    return save_staged(stages, cfg, out, tokenizer=tokenizer, source=source)
+
+
 def export_hf(
     stages: list[nn.Module],
     cfg: ModelConfig,
@@ -271,13 +318,17 @@ def export_hf(
 
 def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     source_help = "HF model directory or .gguf file" if command == "convert" else "staged checkpoint directory"
-    parser.add_argument("--from", dest="src", required=True, help=source_help)
+    parser.add_argument("--from", dest="src", required=command == "convert", help=source_help)
     parser.add_argument("--to", dest="dst", required=True, help="output directory (must be new or empty)")
     if command == "convert":
         parser.add_argument("--stages", type=int, default=None, help="relay stages (default: largest divisor <= 8)")
         parser.add_argument(
             "--equal-stages", action="store_true", help="refuse uneven splits (needed by CheckFree recovery)"
         )
+    else:
+        parser.add_argument("--run", default=None, help="export a live run instead (with --initial-peers)")
+        parser.add_argument("--initial-peers", nargs="+", default=None, metavar="ADDR", help="a multiaddr of the run")
+        parser.add_argument("--key", default=None, metavar="FILE", help="the run key, for a run by invitation")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,6 +350,16 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.run:
+        if not args.initial_peers:
+            raise UserError("--run needs --initial-peers (the address `gwtf bootstrap` printed)")
+        from launch.export_run import export_run
+
+        out = export_run(args.initial_peers, args.run, args.dst, args.key)
+        print(f"wrote {out}: Hugging Face model of run {args.run}")
+        return 0
+    if not args.src:
+        raise UserError("give --from STAGED_DIR, or --run NAME --initial-peers ADDR to export a live run")
     root = Path(args.src)
     cfg, stages, tokenizer = load_staged(root)
     special = _read_manifest(root).get("special_tokens", {})

@@ -200,6 +200,7 @@ class Relay:
     slot: NodeSpec
     stage: int | None  # None until a joiner says which stage it serves
     alive: bool = True
+    serving: bool = False
 
 
 class Launcher(ProcessGroup):
@@ -289,6 +290,7 @@ class Run:
         for slot in self.sc.nodes:
             for i in range(slot.count):
                 self._start_relay(f"relay-s{slot.stage}-{len(self.relays)}-{i}", slot, join)
+        self._wait_serving(list(self.relays), timeout=180)  # the scenario's starting swarm is in place first
         for rank in range(self.sc.data_nodes):
             argv = [*join, "--role", "data", "--rank", str(rank), "--metrics", str(self._metrics(rank))]
             if self.sc.data_region:
@@ -304,6 +306,17 @@ class Run:
             argv += ["--region", slot.region]
         self.group.start_node(name, argv, slot.speed, self.sc.compute_ms)
         self.relays[name] = Relay(name, slot, slot.stage)
+
+    def _wait_serving(self, names: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._learn_stages()
+            if all(self.relays[n].serving for n in names):
+                return
+            if self.group.failed():
+                raise UserError(f"{self.group.failed()} exited early; see {self.log_dir}")
+            time.sleep(0.2)
+        raise UserError(f"relays not serving within {timeout:.0f}s; see the logs in {self.log_dir}")
 
     def _metrics(self, rank: int) -> Path:
         return self.log_dir / f"data-{rank}.jsonl"
@@ -321,15 +334,15 @@ class Run:
         self._learn_stages()
         by_stage: dict[int, list[str]] = {k: [] for k in range(1, self.sc.stages + 1)}
         for r in self.relays.values():
-            if r.alive and r.stage is not None:
+            if r.alive and r.serving and r.stage is not None:
                 by_stage[r.stage].append(r.name)
         return by_stage
 
     def _learn_stages(self) -> None:
-        for r in self.relays.values():
-            if r.alive and r.stage is None:
+        for r in self.relays.values():  # a relay's stage counts once it serves (it prints "serving stage K")
+            if r.alive and not r.serving:
                 match = SERVING.search((self.log_dir / f"{r.name}.log").read_text(errors="replace"))
-                r.stage = int(match.group(1)) if match else None
+                r.serving, r.stage = (True, int(match.group(1))) if match else (False, r.stage)
 
     def _do_crash(self, ev: Event, join: list[str]) -> dict:
         by_stage = self._serving()

@@ -101,6 +101,8 @@ class NodeBase:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:
+        if self.faults is not None:
+            msg = await self.faults.on_send(self.peer_id, name, msg)
         return await self.transport.call(peer, name, msg, timeout=timeout or self.cfg.call_timeout)
 
     def message(self, kind: str, **kw) -> Message:

@@ -18,7 +18,7 @@ from torch import nn
 from gwtf.config import RunConfig
 from gwtf.data import MicrobatchSchedule, PackedData, load_data
 from gwtf.datanode import DataNode, IterationReport
-from gwtf.faults import Fault, FaultInjector
+from gwtf.faults import Fault, FaultInjector, MessageFault
 from gwtf.membership import InMemoryMembership, NodeRecord
 from gwtf.node import RelayNode, RunSpec, SwarmConfig, serving
 from gwtf.routing.base import DataInfo, RelayInfo, SwarmView, make_router
@@ -89,7 +89,7 @@ class InProcessSwarm:
         run_id: str = "inproc",
         emulator: LinkEmulator | None = None,
         regions: dict[str, str] | None = None,
-        faults: list[Fault] | None = None,
+        faults: list[Fault | MessageFault] | None = None,
     ):
         self.cfg, self.run_id = cfg, run_id
         self.spec = run_spec(run_id, cfg, data_nodes)
@@ -106,7 +106,9 @@ class InProcessSwarm:
         self.relays: dict[str, RelayNode] = {}
         self.data_nodes: list[DataNode] = []
         self._counter = 0
-        self.faults = FaultInjector(list(faults or []), on_crash=self.crash)
+        crashes = [f for f in faults or [] if isinstance(f, Fault)]
+        messages = [f for f in faults or [] if isinstance(f, MessageFault)]
+        self.faults = FaultInjector(crashes, on_crash=self.crash, messages=messages)
 
     def _transport(self, name: str) -> InProcessTransport:
         return InProcessTransport(self.network, name, self.run_id, self.regions.get(name), self.emulator)
@@ -144,6 +146,7 @@ class InProcessSwarm:
                 module_builder(self.spec),
                 views,
             )
+            node.faults = self.faults
             self.data_nodes.append(node)
         await asyncio.gather(*(d.start(expected_data_nodes=self.n_data, timeout=30) for d in self.data_nodes))
 

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--key", default=None, metavar="FILE", help="the run key (a run by invitation needs it)")
     parser.add_argument("--linger", action="store_true", help="a data node keeps serving after the last step")
     parser.add_argument(
+        "--standby", action="store_true", help="a relay waits until a replica is lost, then replaces it"
+    )
+    parser.add_argument(
         "--fault",
         default=None,
         metavar="PHASE@ITERATION",
@@ -105,11 +108,29 @@ def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
         )
 
 
+async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5) -> int:
+    """A standby volunteer waits, ready, until a stage has fewer serving replicas than it has had (a replica was
+    lost: counts only grow while a swarm starts), and returns that stage."""
+    most = dict.fromkeys(range(1, n_stages + 1), 0)
+    while True:
+        nodes = await asyncio.to_thread(membership.live_nodes)
+        counts = {k: len(serving(nodes, "relay", k)) for k in most}
+        lost = [k for k in most if counts[k] < most[k]]
+        if lost:
+            return min(lost, key=lambda k: (counts[k], k))
+        most = {k: max(most[k], counts[k]) for k in most}
+        await asyncio.sleep(poll_s)
+
+
 async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
     from gwtf.node import RelayNode
     from gwtf.swarm import module_builder
 
-    stage = args.stage or choose_stage(await asyncio.to_thread(membership.live_nodes), spec.model.n_stages)
+    if args.standby:
+        stage = await wait_for_a_loss(membership, spec.model.n_stages)
+        print(f"standby volunteer: a replica of stage {stage} was lost; taking over", flush=True)
+    else:
+        stage = args.stage or choose_stage(await asyncio.to_thread(membership.live_nodes), spec.model.n_stages)
     node = RelayNode(spec, transport, membership, swarm_cfg, stage)
     if args.fault:
         node.faults = FaultInjector([Fault.parse(args.fault)])

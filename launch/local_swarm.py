@@ -12,6 +12,7 @@ replica). Every process this starts is ended by its pid when the run ends, fails
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -49,24 +50,31 @@ class ProcessGroup:
         return proc
 
     def kill(self, name: str) -> None:
-        """The crash: SIGKILL, no goodbye."""
-        self.procs[name].send_signal(signal.SIGKILL)
+        """The crash: SIGKILL to the node and everything it started (its DHT process, its p2pd), no goodbye."""
+        _signal_group(self.procs[name], signal.SIGKILL)
         self.procs[name].wait(timeout=10)
 
     def stop_all(self, grace: float = 5.0) -> None:
+        """SIGTERM each child's process group (each child leads its own session: its DHT and p2pd children are in
+        it, also once orphaned by a crash), then SIGKILL whatever is left after `grace`."""
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait(timeout=5)
 
     def failed(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)]
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group this launcher created for `proc` (its pid is the group id), by that pid."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(proc.pid, sig)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> None:
@@ -144,6 +152,8 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
             if args.crash_at >= 0 and (stage, r) == (args.crash_stage, 0):  # SIGKILLs itself at that point
                 argv += ["--fault", f"{args.crash_phase}@{args.crash_at}"]
             group.start(f"relay-s{stage}-{r}", argv)
+    if args.crash_at >= 0:  # a volunteer ready to replace the replica that will crash
+        group.start("joiner-0", [*join, "--role", "relay", "--standby"])
     metrics = [out / f"data-{rank}.jsonl" for rank in range(args.data_nodes)]
     for rank, path in enumerate(metrics):
         group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path), *extra.data])
@@ -196,6 +206,9 @@ def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], met
         victim = group.procs.get(f"relay-s{args.crash_stage}-0")
         if args.crash_at >= 0 and not crashed and victim is not None and victim.poll() is not None:
             crashed = _rejoin(args, group, join, shown)
+        if crashed and not crashed.get("served_at_step") and _joiner_served(group):
+            crashed["served_at_step"] = shown
+            print(f"** the volunteer serves (downloaded the stage's state from the live replica) at step {shown}")
         done = [p for p in metrics if any(r.get("event") == "done" for r in _read_metrics(p))]
         if len(done) == len(metrics):
             break
@@ -218,8 +231,7 @@ def _rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step
         f"{args.crash_at} (exit {group.procs[victim].returncode})",
         flush=True,
     )
-    group.start("joiner-0", [*join, "--role", "relay"])  # chooses the stage that lacks capacity
-    print("** a new volunteer joins (no --stage: it picks the stage that needs it)", flush=True)
+    print("** a volunteer on standby (no --stage) takes over the stage that lost a replica", flush=True)
     return {
         "victim": victim,
         "stage": args.crash_stage,

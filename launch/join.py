@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--region", default=None, help="emulate this region's links (shared/data/regions.json)")
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
-    parser.add_argument("--join-timeout", type=float, default=60.0)
+    parser.add_argument("--join-timeout", type=float, default=300.0, help="reaching the run, downloading the state")
     parser.add_argument("--key", default=None, metavar="FILE", help="the run key (a run by invitation needs it)")
     parser.add_argument("--linger", action="store_true", help="a data node keeps serving after the last step")
     parser.add_argument(

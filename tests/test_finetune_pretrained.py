@@ -39,9 +39,9 @@ def test_smollm2_finetuned_across_a_crashing_swarm_keeps_its_knowledge(tmp_path)
 
     english_corpus(tmp_path / "corpus")
     out = tmp_path / "ft"
-    settings = ["optim.lr=5e-5", "train.microbatch_size=2", "train.microbatches_per_step=4", "train.val_batches=6"]
+    settings = ["optim.lr=5e-5", "train.microbatch_size=2", "train.microbatches_per_step=2", "train.val_batches=6"]
     code = main(["finetune", "--from-pretrained", str(_gguf_path()), "--data", str(tmp_path / "corpus"),
-                 "--stages", "3", "--replicas", "2", "--steps", "10", "--seq-len", "128", "--crash-at", "3",
+                 "--stages", "3", "--replicas", "2", "--steps", "8", "--seq-len", "96", "--crash-at", "2",
                  "--router", "round-robin", "--out", str(out), "--timeout", "900",
                  *sum((["--set", s] for s in settings), [])])  # fmt: skip
     assert code == 0

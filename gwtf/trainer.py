@@ -116,7 +116,12 @@ def train_local(
         _check_vocab(tokenizer, model_cfg.vocab_size)
         data = load_data(cfg.data, model_cfg.seq_len, tokenizer)
     schedule = MicrobatchSchedule(data.train, tr.microbatch_size, tr.microbatches_per_step, n_data_nodes, tr.seed)
-    stages = build_stages(model_cfg, tr.seed)
+    if cfg.pretrained:  # fine-tuning: the checkpoint's weights, as every first replica of a swarm loads them
+        from models.checkpoint import load_staged
+
+        stages = load_staged(cfg.pretrained)[1]
+    else:
+        stages = build_stages(model_cfg, tr.seed)
     opts = [make_optimizer(stage, cfg.optim) for stage in stages]
     tokens_per_step = tr.microbatches_per_step * tr.microbatch_size * model_cfg.seq_len
 

@@ -1,7 +1,11 @@
 """Joining by invitation: run keys, proofs on every call, refused outsiders, records bound to libp2p peer ids."""
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -129,6 +133,10 @@ def test_outsider_gets_no_activations_weights_or_averaging_slot() -> None:
     run(main())
 
 
+# hivemind's MPFuture shares memory through torch_shm_manager, which torch starts once per process; reaping it with
+# this test's processes breaks every later in-process DHT of the session (RuntimeError: Broken pipe). The DHTs are
+# shut down below; the session sweep reaps the manager.
+@pytest.mark.shared_procs
 def test_dht_records_need_the_key_and_are_bound_to_peer_ids() -> None:
     access = keyed()
     owner = make_dht(None, access=access)
@@ -194,3 +202,30 @@ def test_hivemind_transport_refuses_outsiders_on_p2p_and_direct_tcp() -> None:
                 await p.shutdown()
 
     run(main())
+
+
+@pytest.mark.slow  # two CLI processes and a join timeout: ~30 s on an idle machine
+@pytest.mark.timeout(180)
+def test_cli_join_without_or_with_a_wrong_key_is_refused_in_one_line(tmp_path) -> None:
+    from launch.local_swarm import ProcessGroup
+
+    group = ProcessGroup(tmp_path)
+    addr = tmp_path / "addr.txt"
+    try:
+        group.start("bootstrap", ["bootstrap", "--run", RUN, "--preset", "debug", "--stages", "2",
+                                  "--key", str(tmp_path / "run.key"), "--addr-file", str(addr)])  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (addr.exists() and addr.read_text().strip()) and time.monotonic() < deadline:
+            assert not group.failed(), (tmp_path / "bootstrap.log").read_text()
+            time.sleep(0.1)
+        join = ["join", "--run", RUN, "--initial-peers", *addr.read_text().split(), "--join-timeout", "10"]
+        (tmp_path / "other.key").write_text(secrets.token_bytes(32).hex())
+        for extra, expected in [([], "is by invitation: join with --key FILE"),
+                                (["--key", str(tmp_path / "other.key")], "not found")]:  # fmt: skip
+            # (with the wrong key the run's records fail the key's check: nothing of the run is visible)
+            done = subprocess.run([sys.executable, "-m", "gwtf.cli", *join, *extra], capture_output=True, text=True,
+                                  timeout=90, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+            assert done.returncode == 2, done.stderr[-2000:]
+            assert expected in done.stderr and "Traceback" not in done.stderr
+    finally:
+        group.stop_all()

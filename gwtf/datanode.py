@@ -26,9 +26,9 @@ import torch
 from gwtf.averaging import GroupAverager
 from gwtf.errors import BadMessage, PeerError
 from gwtf.membership import Membership, NodeRecord
-from gwtf.node import NodeBase, RunSpec, SwarmConfig, serving
+from gwtf.node import NodeBase, RunSpec, SwarmConfig, fetch_state, serving
 from gwtf.routing.base import Router, SwarmView
-from gwtf.stage import StageReplica
+from gwtf.stage import StageReplica, state_subset
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,12 @@ class DataNode(NodeBase):
             await self._download_stage0(ahead[-1][1])
 
     async def _download_stage0(self, donor: str) -> None:
-        reply = await self.call(donor, "get_state", self.message("state"), timeout=self.cfg.iteration_timeout)
-        await self.compute(self.stage0.load_state, dict(zip(reply.meta["keys"], reply.tensors)), reply.meta)
+        async def get(peer: str, msg: Message) -> Message:
+            return await self.call(peer, "get_state", msg, timeout=self.cfg.iteration_timeout)
+
+        names = [n for n, _ in self.stage0.module.named_parameters()]
+        tensors, meta = await fetch_state(get, self.spec.run_id, [donor], names)
+        await self.compute(self.stage0.load_state, tensors, meta)
         self.iteration = self.stage0.version
         await self.announce()
         log.info("data node %s joined at iteration %d (stage 0 from %s)", self.peer_id[:8], self.iteration, donor[:8])
@@ -241,8 +245,8 @@ class DataNode(NodeBase):
 
     async def rpc_get_state(self, msg: Message) -> Message:
         tensors, meta = await self.compute(self.stage0.state)
-        keys = list(tensors)
-        return self.message("state", tensors=[tensors[k] for k in keys], meta={**meta, "keys": keys})
+        part, meta = state_subset(tensors, meta, msg.meta.get("names"))
+        return self.message("state", tensors=part, meta=meta)
 
     # ---- the view and readiness ----------------------------------------------------------------------------------
     async def current_nodes(self) -> dict[str, NodeRecord]:

@@ -32,7 +32,7 @@ from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.faults import FaultInjector
 from gwtf.membership import Membership, NodeRecord
 from gwtf.optim import OptimConfig
-from gwtf.stage import Key, StageReplica
+from gwtf.stage import STATE_CHUNK, Key, StageReplica, state_subset
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,31 @@ class RunSpec:
     seed: int
     data_nodes: int = 1  # data nodes the run expects; fewer only when some have died
     pretrained: str | None = None  # staged checkpoint the first replicas load (fine-tuning); later ones download
+
+
+async def fetch_state(call, run_id: str, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A stage's parameters and optimizer state by name, in chunks spread over the donors, all at one version.
+    `call(donor, message) -> reply` sends a get_state request."""
+    chunks = [names[i : i + STATE_CHUNK] for i in range(0, len(names), STATE_CHUNK)]
+    replies = await asyncio.gather(
+        *(call(donors[i % len(donors)], Message(kind="state", run_id=run_id, meta={"names": chunk}))
+          for i, chunk in enumerate(chunks))
+    )  # fmt: skip
+    versions = {r.meta["version"] for r in replies}
+    if len(versions) != 1:
+        raise BadMessage(f"donors are at different versions {sorted(versions)}")
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for r in replies:
+        tensors.update(zip(r.meta["keys"], r.tensors))
+        steps.update(r.meta["steps"])
+    missing = [n for n in names if f"param/{n}" not in tensors]
+    if missing:
+        raise BadMessage(f"the donors' state lacks {len(missing)} parameters, e.g. {missing[0]}")
+    first = replies[0].meta
+    meta = {"version": versions.pop(), "steps": steps, "lr_scale": first.get("lr_scale", 1.0),
+            "grad_norm": first.get("grad_norm")}  # fmt: skip
+    return tensors, meta
 
 
 class NodeBase:
@@ -287,28 +312,17 @@ class RelayNode(NodeBase):
     async def _neighbour(self, stage: int, donor: str, build_module) -> tuple[Any, int, float]:
         """Stage `stage`'s current parameters from one of its replicas, as a module, with their version and the
         gradient norm of its last step (from the same snapshot: a DHT record may lag behind)."""
-        reply = await self.call(donor, "get_state", self.message("state"), timeout=self.cfg.iteration_timeout)
         module = await self.compute(build_module, stage)
-        params = {k.split("/", 1)[1]: t for k, t in zip(reply.meta["keys"], reply.tensors) if k.startswith("param/")}
-        missing, _ = module.load_state_dict(params, strict=False)
-        if any(n in dict(module.named_parameters()) for n in missing):
-            raise BadMessage(f"stage {stage} state from {donor[:8]} lacks parameters")
-        return module, int(reply.meta["version"]), float(reply.meta.get("grad_norm") or 1.0)
+        tensors, meta = await self._fetch_from([donor], [n for n, _ in module.named_parameters()])
+        module.load_state_dict({k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("param/")},
+                               strict=False)  # fmt: skip
+        return module, int(meta["version"]), float(meta.get("grad_norm") or 1.0)
 
     async def _fetch_from(self, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-        parts = [names[i :: len(donors)] for i in range(len(donors))]
-        replies = await asyncio.gather(
-            *(self.call(d, "get_state", self.message("state", meta={"names": part})) for d, part in zip(donors, parts))
-        )
-        versions = {r.meta["version"] for r in replies}
-        if len(versions) != 1:
-            raise BadMessage(f"donors are at different versions {sorted(versions)}")
-        tensors: dict[str, torch.Tensor] = {}
-        steps: dict[str, float] = {}
-        for r in replies:
-            tensors.update(zip(r.meta["keys"], r.tensors))
-            steps.update(r.meta["steps"])
-        return tensors, {"version": versions.pop(), "steps": steps, "lr_scale": replies[0].meta["lr_scale"]}
+        async def get(donor: str, msg: Message) -> Message:
+            return await self.call(donor, "get_state", msg, timeout=self.cfg.iteration_timeout)
+
+        return await fetch_state(get, self.spec.run_id, donors, names)
 
     async def _catch_up(self, version: int) -> None:
         try:
@@ -334,10 +348,8 @@ class RelayNode(NodeBase):
             raise BadMessage("this replica holds no state yet")
         await self.fault("state_donor", self.replica.version)
         tensors, meta = await self.compute(self.replica.state)
-        wanted = set(msg.meta.get("names") or [n.split("/", 1)[1] for n in tensors])
-        keys = [k for k in tensors if k.split("/", 1)[1] in wanted]
-        meta["steps"] = {n: s for n, s in meta["steps"].items() if n in wanted}
-        return self.message("state", tensors=[tensors[k] for k in keys], meta={**meta, "keys": keys})
+        part, meta = state_subset(tensors, meta, msg.meta.get("names"))
+        return self.message("state", tensors=part, meta=meta)
 
     # ---- validation --------------------------------------------------------------------------------------------
     def validate(self, msg: Message) -> None:

@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int, int]  # (origin data node, microbatch id, attempt)
 
+# Parameters per state message: each travels with its two Adam moments, and a message carries at most
+# MessageLimits.max_tensors (64) tensors; a large stage's state therefore moves in several messages.
+STATE_CHUNK = 16
+
+
+def state_subset(tensors: dict[str, torch.Tensor], meta: dict, names: list[str] | None) -> tuple[list, dict]:
+    """The part of a replica's `state()` for parameter `names` (all when None): (tensors, meta with their keys)."""
+    wanted = set(names) if names else {k.split("/", 1)[1] for k in tensors}
+    keys = [k for k in tensors if k.split("/", 1)[1] in wanted]
+    steps = {n: s for n, s in meta["steps"].items() if n in wanted}
+    return [tensors[k] for k in keys], {**meta, "steps": steps, "keys": keys}
+
 
 @dataclass
 class Held:

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from gwtf.config import RunConfig, from_dict
-from gwtf.errors import PeerError, UserError
+from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.membership import make_dht
-from gwtf.node import serving
+from gwtf.node import fetch_state, serving
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)
@@ -59,19 +59,21 @@ async def _fetch_stage(transport, nodes, model, k: int, run_id: str, timeout: fl
 
     holders = sorted(((r.state_version, p) for p, r in serving(nodes, "data" if k == 0 else "relay", k).items()),
                      reverse=True)  # fmt: skip
+
+    async def get(peer: str, msg: Message) -> Message:
+        return await transport.call(peer, "get_state", msg, timeout=timeout)
+
+    stage = empty_stage(model, k)
+    names = [n for n, _ in stage.named_parameters()]
     for _, peer in holders:  # the most advanced first; a holder that fails is skipped
         try:
-            reply = await transport.call(peer, "get_state", Message(kind="state", run_id=run_id), timeout=timeout)
-        except PeerError as exc:
+            tensors, meta = await fetch_state(get, run_id, [peer], names)
+        except (PeerError, BadMessage) as exc:
             log.warning("stage %d from %s failed (%s); trying another holder", k, peer[:8], exc)
             continue
-        stage = empty_stage(model, k)
-        params = {n.split("/", 1)[1]: t for n, t in zip(reply.meta["keys"], reply.tensors) if n.startswith("param/")}
-        missing = set(dict(stage.named_parameters())) - set(params)
-        if missing:
-            raise UserError(f"stage {k} from {peer[:8]} lacks parameters, e.g. {sorted(missing)[0]}")
-        stage.load_state_dict(params, strict=False)
-        return stage, int(reply.meta["version"])
+        stage.load_state_dict({n.split("/", 1)[1]: t for n, t in tensors.items() if n.startswith("param/")},
+                              strict=False)  # fmt: skip
+        return stage, int(meta["version"])
     raise UserError(f"no live node of run {run_id!r} could give stage {k}")
 
 

@@ -119,3 +119,29 @@ def test_relay_crash_mid_iteration_loses_no_microbatch():
     losses, swarm = run(train_swarm(cfg, 6, on_step=crash_during_step_3, replicas=2))
     assert "peer" in crashed
     assert all(loss == loss for loss in losses)  # finite, and train_swarm asserted lost == partial == 0
+
+
+def test_a_stage_larger_than_one_message_is_downloaded_in_chunks():
+    # 8 layers per stage: 8 x 9 parameters, each with two Adam moments = 216 tensors, over MessageLimits.max_tensors
+    cfg = small_config(steps=4, stages=2)
+    cfg.model_overrides = {"n_layers": 16}
+
+    async def go():
+        swarm = InProcessSwarm(cfg, swarm=fast_swarm())
+        await swarm.start()
+        try:
+            for _ in range(2):
+                await swarm.step()
+            donor = next(n for n in swarm.relays.values() if n.stage == 1)
+            joiner = await swarm.add_relay(1)
+            assert joiner.replica.version == donor.replica.version == 2
+            assert all(torch.equal(a, b) for a, b in zip(stage_weights(joiner), stage_weights(donor)))
+            theirs = dict(donor.replica.module.named_parameters())
+            for name, p in joiner.replica.module.named_parameters():  # Adam's moments came along, by name
+                mine, donors = joiner.replica.optimizer.state[p], donor.replica.optimizer.state[theirs[name]]
+                assert torch.equal(mine["exp_avg_sq"], donors["exp_avg_sq"]) and mine["step"] == donors["step"]
+            await swarm.step()
+        finally:
+            await swarm.close()
+
+    run(go())

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gwtf.errors import UserError
-from launch.local_swarm import ProcessGroup
+from launch.local_swarm import ProcessGroup, read_jsonl, wait_for_file
 
 COMPARE_KEYS = ("router", "recovery")
 SERVING = re.compile(r"serving stage (\d+)")
@@ -285,7 +285,7 @@ class Run:
         argv = ["bootstrap", "--run", run_id, "--preset", self.sc.preset, "--stages", str(self.sc.stages),
                 "--data-nodes", str(self.sc.data_nodes), "--router", router, "--addr-file", str(addr_file)]  # fmt: skip
         self.group.start_node("bootstrap", argv + sum((["--set", s] for s in sets), []), swarm=self.swarm)
-        peers = _wait_for_file(addr_file, self.group, 90).split()
+        peers = wait_for_file(addr_file, self.group, 90).split()
         join = ["join", "--run", run_id, "--initial-peers", *peers, "--join-timeout", "120"]
         for slot in self.sc.nodes:
             for i in range(slot.count):
@@ -455,34 +455,12 @@ def _tokens_per_iteration(sc: Scenario) -> int:
     return t.microbatches_per_step * t.microbatch_size * cfg.model_config().seq_len
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line being written
-    return rows
-
-
 def _iterations(path: Path) -> list[dict]:
-    return [r for r in _read_jsonl(path) if r.get("event") == "iteration"]
+    return [r for r in read_jsonl(path) if r.get("event") == "iteration"]
 
 
 def _done(path: Path) -> bool:
-    return any(r.get("event") == "done" for r in _read_jsonl(path))
-
-
-def _wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if group.failed():
-            raise UserError(f"{group.failed()} exited early; see {group.log_dir}")
-        time.sleep(0.1)
-    raise UserError(f"bootstrap published no address within {timeout:.0f}s; see {group.log_dir}")
+    return any(r.get("event") == "done" for r in read_jsonl(path))
 
 
 def _leftovers(group: ProcessGroup) -> list[int]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ds_pipeline import DSSettings, run_deepspeed
+from launch.local_swarm import read_jsonl
 
 TARGET_RATIO = 0.9
 
@@ -108,17 +109,6 @@ def _wait(what: str, ready: Any, procs: _Procs, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line being written
-    return rows
-
-
 def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeout: float = 600.0) -> dict[str, Any]:
     """A swarm of 1 bootstrap + S relays + 1 data node; steady-state tokens/s from the data node's metrics."""
     out.mkdir(parents=True, exist_ok=True)
@@ -138,7 +128,7 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
         for k in range(1, s.stages + 1):
             procs.start(f"relay-s{k}", [*join, "--role", "relay", "--stage", str(k)])
         procs.start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
-        n_iters = lambda: sum(r.get("event") == "iteration" for r in _rows(metrics))  # noqa: E731
+        n_iters = lambda: sum(r.get("event") == "iteration" for r in read_jsonl(metrics))  # noqa: E731
         _wait("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), procs, timeout)
         cpu_start = _cpu_seconds(procs)
         _wait("the last iteration", lambda: n_iters() >= s.steps, procs, timeout)
@@ -146,7 +136,7 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
         procs.procs["data-0"].wait(timeout=30)  # exits by itself after its last step (and writes its profile)
     finally:
         procs.stop()
-    iters = [r for r in _rows(metrics) if r.get("event") == "iteration"]
+    iters = [r for r in read_jsonl(metrics) if r.get("event") == "iteration"]
     return {**_steady_state(iters, s), "cpu_seconds_in_timed_steps": cpu}
 
 

@@ -144,7 +144,7 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
             *extra.bootstrap,
         ],
     )
-    peers = _wait_for_file(addr_file, group, timeout=60).split()
+    peers = wait_for_file(addr_file, group, timeout=60).split()
     join = ["join", "--run", run_id, "--initial-peers", *peers]
     for stage in range(1, args.stages + 1):
         for r in range(args.replicas):
@@ -167,7 +167,7 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
     return summary
 
 
-def _wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:
+def wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and path.read_text().strip():
@@ -178,7 +178,8 @@ def _wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:
     raise UserError(f"bootstrap did not publish its address within {timeout:.0f}s; see {group.log_dir}")
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file another process is still writing."""
     if not path.exists():
         return []
     rows = []
@@ -195,7 +196,7 @@ def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], met
     crashed: dict = {}
     shown = 0
     while time.monotonic() < deadline:
-        rows = [r for r in _read_metrics(metrics[0]) if r.get("event") == "iteration"]
+        rows = [r for r in read_jsonl(metrics[0]) if r.get("event") == "iteration"]
         for row in rows[shown:]:
             print(
                 f"step {row['iteration']:4d}  loss {row['loss']:.4f}  {row['tokens_per_s']:8.0f} tok/s  "
@@ -209,7 +210,7 @@ def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], met
         if crashed and not crashed.get("served_at_step") and _joiner_served(group):
             crashed["served_at_step"] = shown
             print(f"** the volunteer serves (downloaded the stage's state from the live replica) at step {shown}")
-        done = [p for p in metrics if any(r.get("event") == "done" for r in _read_metrics(p))]
+        done = [p for p in metrics if any(r.get("event") == "done" for r in read_jsonl(p))]
         if len(done) == len(metrics):
             break
         if group.failed():
@@ -242,7 +243,7 @@ def _rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step
 
 
 def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path], crashed: dict) -> dict:
-    per_node = [_read_metrics(p) for p in metrics]
+    per_node = [read_jsonl(p) for p in metrics]
     iters = [[r for r in rows if r.get("event") == "iteration"] for rows in per_node]
     totals = {
         k: sum(r[k] for rows in iters for r in rows) for k in ("started", "finished", "rerouted", "partial", "lost")

@@ -38,17 +38,20 @@ async def lose_stage_and_rebuild(swarm: InProcessSwarm, stage: int, iteration: i
     return {"joiner": joiner, "neighbours": neighbours, "rebuilt": rebuilt, "result": result}
 
 
-def test_intermediate_stage_lost_is_rebuilt_by_checkfree_and_training_goes_on():
-    cfg = small_config(steps=STEPS, microbatches=4, stages=3)
+def train_losing_a_stage(stages: int, lost: int, recovery: str) -> tuple[list[float], dict, list[list[int]]]:
+    """Train STEPS steps with 2 replicas per stage; at LOSS_AT every replica of `lost` crashes and a joiner
+    rebuilds it. Returns the losses, the loss event and the data node's stage orders of 4 microbatches."""
+    cfg = small_config(steps=STEPS, microbatches=4, stages=stages)
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(recovery="checkfree"))
+        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(recovery=recovery))
         await swarm.start()
+        orders = [swarm.data_nodes[0].stage_order(mb) for mb in range(4)]
         losses, event = [], {}
         try:
             for step in range(STEPS):
                 if step == LOSS_AT:
-                    event = await lose_stage_and_rebuild(swarm, 2, step)
+                    event = await lose_stage_and_rebuild(swarm, lost, step)
                     result = event["result"]
                 else:
                     result = await swarm.step()
@@ -57,9 +60,13 @@ def test_intermediate_stage_lost_is_rebuilt_by_checkfree_and_training_goes_on():
                 losses.append(result.loss)
         finally:
             await swarm.close()
-        return losses, event
+        return losses, event, orders
 
-    losses, event = run(go())
+    return run(go())
+
+
+def test_intermediate_stage_lost_is_rebuilt_by_checkfree_and_training_goes_on():
+    losses, event, _ = train_losing_a_stage(stages=3, lost=2, recovery="checkfree")
     (w1, n1), (w3, n3) = event["neighbours"][1], event["neighbours"][3]
     assert n1 and n3  # both neighbours had stepped, so they had gradient norms
     expected = [(n1 * a + n3 * b) / (n1 + n3) for a, b in zip(w1, w3)]  # CheckFree: norm-weighted average
@@ -91,28 +98,7 @@ def test_a_stage_with_no_replica_and_no_joiner_fails_clearly_and_bounded():
 
 
 def test_first_stage_lost_under_checkfree_plus_is_copied_from_its_swap_partner():
-    cfg = small_config(steps=STEPS, microbatches=4, stages=4)
-
-    async def go():
-        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(recovery="checkfree+"))
-        await swarm.start()
-        orders = [swarm.data_nodes[0].stage_order(mb) for mb in range(4)]
-        losses, event = [], {}
-        try:
-            for step in range(STEPS):
-                if step == LOSS_AT:
-                    event = await lose_stage_and_rebuild(swarm, 1, step)
-                    result = event["result"]
-                else:
-                    result = await swarm.step()
-                for r in result.reports:
-                    assert r.lost == 0, r
-                losses.append(result.loss)
-        finally:
-            await swarm.close()
-        return losses, event, orders
-
-    losses, event, orders = run(go())
+    losses, event, orders = train_losing_a_stage(stages=4, lost=1, recovery="checkfree+")
     assert [1, 2, 3, 4] in orders and [2, 1, 4, 3] in orders  # half the microbatches run edge stages swapped
     partner, _ = event["neighbours"][2]
     for got, want in zip(event["rebuilt"], partner):

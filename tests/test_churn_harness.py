@@ -73,7 +73,8 @@ def test_time_to_full_throughput():
     assert to_full_throughput(rows, [100.0] * 4 + [10.0] * 6, t_crash=4.5) is None
 
 
-@pytest.mark.slow  # about 60 s on a quiet 2-core machine: process start-up, a call timeout, a joiner's catch-up
+# About 60 s on a quiet 2-core machine (process start-up, a call timeout, a joiner catching up): in the fast tier,
+# like the process swarm tests, because it is the end-to-end proof that the harness works.
 @pytest.mark.timeout(300)
 def test_tiny_scenario_end_to_end_crash_rejoin_report(tmp_path):
     path = tmp_path / "tiny.toml"

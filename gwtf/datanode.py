@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -114,7 +115,7 @@ class DataNode(NodeBase):
             "recover": self.rpc_recover,
             "get_state": self.rpc_get_state,
         }.items():
-            transport.add_handler(name, fn, validator=self.validate)
+            transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
 
     def record(self) -> NodeRecord:
         return NodeRecord(
@@ -162,13 +163,22 @@ class DataNode(NodeBase):
         log.info("data node %s joined at iteration %d (stage 0 from %s)", self.peer_id[:8], self.iteration, donor[:8])
 
     # ---- validation of what relays send back -------------------------------------------------------------------
-    def validate(self, msg: Message) -> None:
-        if msg.kind not in ("head", "embed_grad", "recover"):
+    def validate(self, msg: Message, handler: str) -> None:
+        """By the handler called: what relays send back must fit a microbatch in flight."""
+        if handler not in ("head", "embed_grad", "recover", "route"):
             return
+        needed = {"head": ("route", "attempt"), "embed_grad": ("route", "attempt"), "route": ("position", "dead"),
+                  "recover": ("route", "attempt", "dead_pos", "dead")}[handler]  # fmt: skip
+        missing = [f for f in needed if f not in msg.meta]
+        if missing:
+            raise BadMessage(f"{handler} needs meta field(s) {', '.join(missing)}")
         m = self.spec.model
         fl = self.flights.get(msg.microbatch_id)
         if fl is None or msg.iteration != self.iteration:
             raise BadMessage(f"no microbatch {msg.microbatch_id} in flight at iteration {msg.iteration}")
+        n_expected = 0 if handler == "route" else 1
+        if len(msg.tensors) != n_expected:
+            raise BadMessage(f"{handler} carries {n_expected} tensor(s), got {len(msg.tensors)}")
         expected = (*fl.x.shape, m.d_model)
         for t in msg.tensors:
             if tuple(t.shape) != expected or t.dtype != torch.float32:
@@ -225,7 +235,8 @@ class DataNode(NodeBase):
         new = await self._replace(fl, k, {str(msg.meta["dead"])})
         meta = fl.meta()
         if k == 0:
-            assert fl.h0 is not None
+            if fl.h0 is None:  # a late recovery request: the embedding's backward already ran
+                raise BadMessage(f"microbatch {fl.mb} has finished its backward")
             req = self.message(
                 "recompute",
                 iteration=self.iteration,

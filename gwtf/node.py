@@ -18,6 +18,7 @@ Relay protocol (all calls ack on receipt; the work runs after the ack):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -207,7 +208,7 @@ class RelayNode(NodeBase):
             "end_iteration": self.rpc_end_iteration,
             "get_state": self.rpc_get_state,
         }.items():
-            transport.add_handler(name, fn, validator=self.validate)
+            transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
 
     def record(self) -> NodeRecord:
         r = self.replica
@@ -352,9 +353,23 @@ class RelayNode(NodeBase):
         return self.message("state", tensors=part, meta=meta)
 
     # ---- validation --------------------------------------------------------------------------------------------
-    def validate(self, msg: Message) -> None:
-        """Shape and dtype of activations and gradients against the model config; route sanity."""
-        if msg.kind in ("forward", "backward", "recompute"):
+    # meta fields each handler reads; a message without them is refused, not a KeyError inside the handler
+    REQUIRED_META = {
+        "forward": ("route", "order", "origin", "attempt"),
+        "backward": ("route", "order", "origin", "attempt"),
+        "recompute": ("route", "order", "origin", "attempt"),
+        "regrad": ("route", "order", "origin", "attempt"),
+        "resend": ("route", "order", "origin", "attempt"),
+        "release": ("origin", "attempt"),
+    }
+
+    def validate(self, msg: Message, handler: str) -> None:
+        """By the handler called (the sender chooses `msg.kind`, not which checks apply): required fields, shape and
+        dtype of activations and gradients against the model config, route sanity."""
+        missing = [f for f in self.REQUIRED_META.get(handler, ()) if f not in msg.meta]
+        if missing:
+            raise BadMessage(f"{handler} needs meta field(s) {', '.join(missing)}")
+        if handler in ("forward", "backward", "recompute"):
             m = self.spec.model
             for t in msg.tensors:
                 if t.dim() != 3 or t.shape[1] > m.seq_len or t.shape[2] != m.d_model or t.dtype != torch.float32:
@@ -368,9 +383,9 @@ class RelayNode(NodeBase):
                 raise BadMessage("order must visit every relay stage once")
             if order[route.index(self.peer_id)] != self.stage:
                 raise BadMessage(f"route sends another stage's work to this replica of stage {self.stage}")
-            n_expected = {"forward": 1, "backward": 1, "recompute": 2}[msg.kind]
+            n_expected = {"forward": 1, "backward": 1, "recompute": 2}[handler]
             if len(msg.tensors) != n_expected:
-                raise BadMessage(f"{msg.kind} carries {n_expected} tensor(s), got {len(msg.tensors)}")
+                raise BadMessage(f"{handler} carries {n_expected} tensor(s), got {len(msg.tensors)}")
 
     def _pos(self, msg: Message) -> int:
         """This replica's position in the microbatch's visit order (CheckFree+ swaps stages on some microbatches)."""
@@ -537,6 +552,9 @@ class RelayNode(NodeBase):
             return self.message("stepped", meta={"version": self.replica.version})
         if i > self.replica.version:
             raise BadMessage(f"end of iteration {i} but this replica is at version {self.replica.version}")
+        sender = (await self.live_nodes()).get(msg.sender) or (await self.live_nodes(max_age=0)).get(msg.sender)
+        if sender is None or sender.role != "data":
+            raise BadMessage("only a live data node ends an iteration")  # a relay cannot make a stage step early
         self.iteration_done.setdefault(i, set()).add(msg.sender)
         used = msg.meta.get("used", {}).get(str(self.stage), [])
         self.iteration_used.setdefault(i, set()).update(str(p) for p in used)

@@ -16,7 +16,16 @@ torch.set_num_threads(1)
 
 
 def _descendants() -> dict[int, psutil.Process]:
-    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    """Child processes, except torch's shared-memory manager: torch starts it once per process and needs it for
+    the rest of the session (reaping it breaks every later tensor sharing with "Broken pipe")."""
+    return {p.pid: p for p in psutil.Process().children(recursive=True) if _name(p) != "torch_shm_manager"}
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.Error:
+        return ""
 
 
 def _reap(procs: list[psutil.Process]) -> None:
@@ -45,4 +54,4 @@ def reap_children(request):
 @pytest.fixture(autouse=True, scope="session")
 def reap_session_children():
     yield
-    _reap(list(_descendants().values()))
+    _reap(list(psutil.Process().children(recursive=True)))  # everything, torch's manager included

@@ -217,7 +217,20 @@ def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], met
             log.error("processes failed: %s", group.failed())
             break
         time.sleep(0.2)
+    if crashed and not crashed.get("served_at_step"):
+        _await_takeover(group, crashed, shown, timeout=60.0)
     return _summarize(args, group, metrics, crashed)
+
+
+def _await_takeover(group: ProcessGroup, crashed: dict, step: int, timeout: float) -> None:
+    """The data nodes may finish before the standby volunteer has downloaded its stage (fast iterations); the relays
+    still serve, so wait, bounded, for the takeover to complete before everything is stopped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not _joiner_served(group):
+        time.sleep(0.2)
+    if _joiner_served(group):
+        crashed["served_at_step"] = step
+        print(f"** the volunteer serves (downloaded the stage's state from the live replica) after step {step}")
 
 
 def _joiner_served(group: ProcessGroup) -> bool:

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--stage", type=int, default=None, help="relay stage (default: where it adds most)")
     parser.add_argument("--rank", type=int, default=0, help="data node rank (its data shard)")
     parser.add_argument("--capacity", type=int, default=None, help="microbatches held at once")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--device", default="cpu", help="cpu (stage compute on CUDA is not in this version)")
     parser.add_argument("--region", default=None, help="emulate this region's links (shared/data/regions.json)")
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    if args.device != "cpu":
+        raise UserError(f"--device {args.device}: this version computes stages on the CPU only; join with --device cpu")
     from gwtf.auth import check_run_access, join_access
     from gwtf.membership import DHTMembership
     from gwtf.transport import HivemindTransport, LinkEmulator

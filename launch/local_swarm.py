@@ -154,6 +154,7 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
             group.start(f"relay-s{stage}-{r}", argv)
     if args.crash_at >= 0:  # a volunteer ready to replace the replica that will crash
         group.start("joiner-0", [*join, "--role", "relay", "--standby"])
+    _wait_for_relays(group, [f"relay-s{k}-{r}" for k in range(1, args.stages + 1) for r in range(args.replicas)])
     metrics = [out / f"data-{rank}.jsonl" for rank in range(args.data_nodes)]
     for rank, path in enumerate(metrics):
         group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path), *extra.data])
@@ -231,6 +232,20 @@ def _await_takeover(group: ProcessGroup, crashed: dict, step: int, timeout: floa
     if _joiner_served(group):
         crashed["served_at_step"] = step
         print(f"** the volunteer serves (downloaded the stage's state from the live replica) after step {step}")
+
+
+def _wait_for_relays(group: ProcessGroup, names: list[str], timeout: float = 180.0) -> None:
+    """Training starts once the starting swarm serves: on a busy machine some processes start seconds after others,
+    and a fast run would otherwise be over before them (the crash under test would never come)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(names)
+    while waiting and time.monotonic() < deadline:
+        waiting = [n for n in waiting if "serving stage" not in (group.log_dir / f"{n}.log").read_text()]
+        if group.failed():
+            raise UserError(f"{group.failed()} exited early; see {group.log_dir}")
+        time.sleep(0.2)
+    if waiting:
+        raise UserError(f"relays {waiting} did not start serving within {timeout:.0f}s; see {group.log_dir}")
 
 
 def _joiner_served(group: ProcessGroup) -> bool:

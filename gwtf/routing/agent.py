@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 INF = float("inf")
 SlotKey = tuple[str, int]  # (upstream peer, its slot number)
 MAX_BATCH = 64  # slots per message: bounded lists
+EXPIRY_ROUNDS = 3  # a request is answered in 2 rounds (request, reply)
 
 
 # ------------------------------------------------------------------------------------------------- messages
@@ -167,6 +168,7 @@ class OutSlot:
     paired: SlotKey | None = None  # the in-slot it carries (a data node: its own unit)
     label: str | None = None
     sent_label: str | None = None  # the label the peer knows
+    asked: int = 0  # round the slot was requested: an unanswered request expires
 
 
 @dataclass
@@ -272,6 +274,7 @@ class Agent:
                 self.rejected += 1
                 logger.debug("%s dropped %s: %s", self.me, type(msg).__name__, exc)
         if not self.is_last:
+            self._expire()
             self._pair()
             self._improve()
             self._trim()
@@ -337,7 +340,9 @@ class Agent:
             key = (msg.sender, n)
             slot = self.inbound.get(key)
             if slot is not None:
-                slot.label = label or None  # a relabel of a slot already granted
+                slot.label = label or None  # a relabel of a slot already granted: it travels down the chain
+                if slot.out is not None and slot.out in self.outbound:
+                    self.outbound[slot.out].label = slot.label
             elif len(self.inbound) < self.card.capacity:
                 self.inbound[key] = InSlot(label or None)
                 accepted.append(n)
@@ -494,7 +499,7 @@ class Agent:
             believed[peer] -= 1
             n = self.next_no
             self.next_no += 1
-            self.outbound[n] = OutSlot(peer, label=label)
+            self.outbound[n] = OutSlot(peer, label=label, asked=self.round_no)
             self._requests[peer].append((n, label or ""))
 
     def _upgrade(self) -> None:
@@ -516,7 +521,7 @@ class Agent:
                     del believed[peer]
                 n = self.next_no
                 self.next_no += 1
-                self.outbound[n] = OutSlot(peer)
+                self.outbound[n] = OutSlot(peer, asked=self.round_no)
                 self._requests[peer].append((n, ""))
                 return  # one per round: bounded messages, and the adverts catch up
 
@@ -529,6 +534,16 @@ class Agent:
         for n in idle[:extra]:
             out = self.outbound.pop(n)
             self.bus.send(out.peer, Release(self.me, (n,)))
+
+    def _expire(self) -> None:
+        """A request unanswered for longer than a round trip (the peer dropped it, or it died) is given up, so
+        the slot it stands for is reserved elsewhere instead of blocking a chain forever."""
+        for n in [n for n, o in self.outbound.items() if not o.held and self.round_no - o.asked > EXPIRY_ROUNDS]:
+            out = self.outbound[n]
+            self._drop_out(n)
+            self.bus.send(out.peer, Release(self.me, (n,)))  # in case the grant is still on its way
+            if out.peer in self.next:
+                self.next[out.peer].spare = 0
 
     def _give_up(self) -> None:
         """Revoke in-slots that found no chain for `patience` rounds: upstream re-pairs them elsewhere."""

@@ -43,7 +43,8 @@ from typing import Any
 from gwtf.errors import UserError
 from launch.local_swarm import ProcessGroup, read_jsonl, wait_for_file
 
-COMPARE_KEYS = ("router", "recovery")
+COMPARE_KEYS = ("router", "recovery", "system")
+SYSTEMS = ("gwtf", "deepspeed")  # deepspeed: the static pipeline with checkpoint restart (benchmarks.ds_churn)
 SERVING = re.compile(r"serving stage (\d+)")
 
 
@@ -119,10 +120,19 @@ class Scenario:
     churn: Churn = field(default_factory=Churn)
     trace: list[TraceEvent] = field(default_factory=list)
     needs_stage_rebuild: bool = False  # loses whole stages: only where the runtime rebuilds them
+    checkpoint_every: int = 10  # the DeepSpeed baseline's checkpoint interval, in steps
 
     def __post_init__(self) -> None:
-        if self.time_scale <= 0 or self.steps < 1 or self.data_nodes < 1 or self.compute_ms < 0:
-            raise UserError(f"scenario {self.name}: time_scale, steps, data_nodes positive; compute_ms >= 0")
+        if (
+            self.time_scale <= 0
+            or self.steps < 1
+            or self.data_nodes < 1
+            or self.compute_ms < 0
+            or self.checkpoint_every < 1
+        ):
+            raise UserError(
+                f"scenario {self.name}: time_scale, steps, data_nodes, checkpoint_every positive; compute_ms >= 0"
+            )
         missing = sorted(set(range(1, self.stages + 1)) - {n.stage for n in self.nodes})
         if missing:
             raise UserError(f"scenario {self.name}: stages {missing} have no relay in [[nodes]]")
@@ -487,6 +497,8 @@ def variants(compares: list[str]) -> list[dict[str, str]]:
         key, sep, values = spec.partition("=")
         if not sep or key not in COMPARE_KEYS or not values:
             raise UserError(f"--compare {spec!r}: use KEY=V1,V2 with KEY one of {', '.join(COMPARE_KEYS)}")
+        if key == "system" and set(values.split(",")) - set(SYSTEMS):
+            raise UserError(f"--compare {spec!r}: systems are {', '.join(SYSTEMS)}")
         axes.append([(key, v) for v in values.split(",") if v])
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
@@ -510,7 +522,12 @@ def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunR
                 stale.unlink()
         print(f"== {sc.name} [{label}]: {sc.relays} relays over {sc.stages} stages, {sc.data_nodes} data node(s), "
               f"{sc.steps} steps, {len(events)} planned events; logs in {log_dir}", flush=True)  # fmt: skip
-        results.append(Run(sc, variant, log_dir, events).execute())
+        if variant.get("system", "gwtf") == "deepspeed":
+            from benchmarks.ds_churn import DeepSpeedRun
+
+            results.append(DeepSpeedRun(sc, variant, log_dir, events).execute())
+        else:
+            results.append(Run(sc, variant, log_dir, events).execute())
     return results
 
 

@@ -4,7 +4,8 @@
     write_plots(report, Path("docs/plots"))        # <scenario>-loss.png, -throughput.png, -live.png
 
 Definitions (all times are wall seconds after the first iteration started):
-- throughput: the run's tokens (every data node's microbatches) per second over the whole run; per iteration,
+- throughput: the run's tokens (every data node's microbatches; a step DeepSpeed redid after a rollback counts once) per
+  second over the whole run; per iteration,
   tokens of the iteration / its seconds.
 - time to target: end of the first step whose training loss, averaged over the last `LOSS_WINDOW` steps, is at or
   below the scenario's target (the data node's training loss; the runtime does not log validation loss).
@@ -25,7 +26,7 @@ LOSS_WINDOW = 5
 RECOVERY_WINDOW = 3
 RECOVERED = 0.9
 BEFORE_S = 30.0
-COUNTS = ("started", "finished", "rerouted", "partial", "lost")
+COUNTS = ("started", "finished", "rerouted", "partial", "lost", "rolled_back")  # rolled_back: DeepSpeed redone
 
 
 def label(variant: dict[str, str]) -> str:
@@ -58,7 +59,8 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
     all_rows = [rows, *r.other_rows]
     per_iter = [r.tokens_per_iteration / max(row["seconds"], 1e-9) for row in rows]
     elapsed = rows[-1]["t"] if rows else None
-    totals = {k: sum(row[k] for rs in all_rows for row in rs) for k in COUNTS}
+    totals = {k: sum(row.get(k, 0) for rs in all_rows for row in rs) for k in COUNTS}
+    useful = sum(1 for row in rows if not row.get("rolled_back"))  # steps that count (a rollback redoes some)
     crashes = [e for e in r.events if "victims" in e]
     return {
         "variant": r.variant,
@@ -71,9 +73,13 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
         "leftover_pids": r.leftover_pids,
         "log_dir": r.log_dir,
         "time_per_iteration_s": _stats([row["seconds"] for row in rows]),
-        "tokens_per_s": r.tokens_per_iteration * len(rows) / elapsed if elapsed else None,
+        "tokens_per_s": r.tokens_per_iteration * useful / elapsed if elapsed else None,
         "microbatches": totals,
-        "wasted_compute_s_upper_bound": (totals["rerouted"] + totals["partial"]) * sc.stages * 3 * sc.compute_ms / 1e3,
+        "wasted_compute_s_upper_bound": (totals["rerouted"] + totals["partial"] + totals["rolled_back"])
+        * sc.stages
+        * 3
+        * sc.compute_ms
+        / 1e3,
         "time_to_target_s": time_to_target(rows, sc.target_loss),
         "final_loss": _smoothed(rows)[-1] if rows else None,
         "crashes": [{**e, "to_full_throughput_s": to_full_throughput(rows, per_iter, e["t"])} for e in crashes],

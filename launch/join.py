@@ -124,6 +124,35 @@ async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5) -> int
         await asyncio.sleep(poll_s)
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+async def answers(transport, peer: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether `peer` answers a call at all: a reply or a refusal proves it is up, silence or a reset does not.
+    The probe is a no-op `release` (nothing held for microbatch -1)."""
+    from gwtf.errors import PeerError
+    from gwtf.transport import Message
+
+    probe = Message(kind="release", run_id=transport.run_id, microbatch_id=-1, meta={"origin": "", "attempt": -1})
+    try:
+        await transport.call(peer, "release", probe, timeout)
+    except PeerError as exc:
+        return str(exc).startswith(("rejected:", "handler "))  # the peer's own answer, refusing the probe
+    return True
+
+
+async def answering_nodes(transport, membership) -> dict:
+    """The relay records whose owner answers now. A crashed relay's record lives on in the DHT until it expires;
+    a joiner that counted it would leave a stage that lost every replica empty (nobody would rebuild it)."""
+    nodes = await asyncio.to_thread(membership.live_nodes)
+    relays = [p for p, r in nodes.items() if r.role == "relay" and p != transport.peer_id]
+    alive = await asyncio.gather(*(answers(transport, p) for p in relays))
+    dead = {p for p, ok in zip(relays, alive, strict=True) if not ok}
+    if dead:
+        log.info("not counting %d relay record(s) whose owner does not answer: %s", len(dead), sorted(dead))
+    return {p: r for p, r in nodes.items() if p not in dead}
+
+
 async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
     from gwtf.node import RelayNode
     from gwtf.swarm import module_builder
@@ -132,7 +161,7 @@ async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
         stage = await wait_for_a_loss(membership, spec.model.n_stages)
         print(f"standby volunteer: a replica of stage {stage} was lost; taking over", flush=True)
     else:
-        stage = args.stage or choose_stage(await asyncio.to_thread(membership.live_nodes), spec.model.n_stages)
+        stage = args.stage or choose_stage(await answering_nodes(transport, membership), spec.model.n_stages)
     node = RelayNode(spec, transport, membership, swarm_cfg, stage)
     if args.fault:
         node.faults = FaultInjector([Fault.parse(args.fault)])

@@ -491,7 +491,8 @@ def _leftovers(group: ProcessGroup) -> list[int]:
 
 
 def variants(compares: list[str]) -> list[dict[str, str]]:
-    """`router=gwtf,swarm` x `recovery=checkfree,copy` -> every combination, in the given order."""
+    """`router=gwtf,swarm` x `recovery=checkfree,copy` -> every combination, in the given order. Router and
+    recovery are gwtf's settings: a `system=deepspeed` variant drops them and appears once."""
     axes = []
     for spec in compares:
         key, sep, values = spec.partition("=")
@@ -500,7 +501,14 @@ def variants(compares: list[str]) -> list[dict[str, str]]:
         if key == "system" and set(values.split(",")) - set(SYSTEMS):
             raise UserError(f"--compare {spec!r}: systems are {', '.join(SYSTEMS)}")
         axes.append([(key, v) for v in values.split(",") if v])
-    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+    out: list[dict[str, str]] = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        variant = dict(combo)
+        if variant.get("system") == "deepspeed":
+            variant = {"system": "deepspeed"}
+        if variant not in out:
+            out.append(variant)
+    return out
 
 
 def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunResult]:

@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,6 +114,7 @@ class DeepSpeedRun:
         self.restarts: list[dict] = []
         self.waiting_for: set[int] = set()  # stages whose grid slot has no machine (job down until a joiner)
         self.joiners = 0
+        shutil.rmtree(log_dir / "checkpoints", ignore_errors=True)  # a fresh run never resumes an old one's
 
     # ---- processes -------------------------------------------------------------------------------------------
     def _start_job(self) -> None:

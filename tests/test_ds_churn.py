@@ -73,6 +73,9 @@ def test_rolled_back_steps_count_once():
 
 def test_system_is_a_compare_axis():
     assert variants(["system=gwtf,deepspeed"]) == [{"system": "gwtf"}, {"system": "deepspeed"}]
+    both = variants(["router=gwtf,swarm", "system=gwtf,deepspeed"])  # router is gwtf's: DeepSpeed runs once
+    gwtf, swarm = {"router": "gwtf", "system": "gwtf"}, {"router": "swarm", "system": "gwtf"}
+    assert both == [gwtf, {"system": "deepspeed"}, swarm]
     with pytest.raises(UserError, match="systems are"):
         variants(["system=megatron"])
 
@@ -97,3 +100,55 @@ def test_a_joiner_does_not_count_relays_that_do_not_answer():
         return await answers(me, "bare"), await answers(me, "relay"), await answers(me, "gone")
 
     assert asyncio.run(main()) == (True, True, False)
+
+
+TINY_DS = """
+name = "tinyds"
+stages = 2
+steps = 12
+target_loss = 5.45
+time_scale = 10.0
+compute_ms = 10.0
+timeout_s = 150
+checkpoint_every = 3
+overrides = ["train.eval_every=0", "train.microbatches_per_step=2"]
+[churn]
+min_per_stage = 0
+[[nodes]]
+stage = 1
+region = "Iowa"
+[[nodes]]
+stage = 2
+region = "Oregon"
+count = 2
+[[trace]]
+at_s = 15.0
+action = "crash"
+node = "relay-s1-0-0"
+[[trace]]
+at_s = 25.0
+action = "join"
+stage = 1
+"""
+
+
+# Real DeepSpeed ranks (gloo, CPU) and a restart: about a minute; opt-in like the other DeepSpeed test.
+@pytest.mark.deepspeed
+@pytest.mark.timeout(400)
+def test_deepspeed_baseline_restarts_from_its_checkpoint_after_a_crash(tmp_path: Path):
+    from benchmarks.churn import load_scenario, run_scenario
+    from benchmarks.report import build_report
+
+    path = tmp_path / "tinyds.toml"
+    path.write_text(TINY_DS)
+    sc = load_scenario(path)
+    (result,) = run_scenario(sc, ["system=deepspeed"], tmp_path / "logs")
+    report = build_report(sc, [result])["runs"][0]
+    assert result.done and not result.leftover_pids
+    attempts = sorted({r["attempt"] for r in result.rows})
+    steps = [r["iteration"] for r in result.rows]
+    assert attempts == [1, 2], "the crash 1.5 s into the run stops the job once; the joiner restarts it"
+    restart = [r["iteration"] for r in result.rows if r["attempt"] == 2][0]  # from the last checkpoint
+    assert restart % 3 == 0 and restart <= max(r["iteration"] for r in result.rows if r["attempt"] == 1) + 1
+    assert report["microbatches"]["rolled_back"] == 2 * sum(1 for r in result.rows if r["rolled_back"])
+    assert sorted(set(steps)) == list(range(12)) and report["final_loss"] < 5.5

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -35,11 +36,13 @@ from dataclasses import dataclass, field
 import torch
 
 from gwtf.errors import BadMessage, PeerError
+from gwtf.liveness import gone
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
 
 AGGREGATES = ("mean", "median", "trimmed_mean")
+PROBE_AFTER_S = 0.5  # a leader still missing contributions after this asks the missing members if they are there
 Contribution = tuple[list[torch.Tensor], int]
 
 
@@ -152,12 +155,19 @@ class GroupAverager:
         rnd = self._round(iteration)
         rnd.contributions[self.transport.peer_id] = (grads, count)
         deadline = time.monotonic() + self.timeout
-        while not set(members) <= set(rnd.contributions) and time.monotonic() < deadline:
+        expected, next_probe = set(members), time.monotonic() + PROBE_AFTER_S
+        while not expected <= set(rnd.contributions) and time.monotonic() < deadline:
             rnd.arrived.clear()
-            try:
-                await asyncio.wait_for(rnd.arrived.wait(), timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                break
+            with contextlib.suppress(TimeoutError):
+                wait = min(deadline, next_probe) - time.monotonic()
+                await asyncio.wait_for(rnd.arrived.wait(), timeout=max(0.0, wait))
+            if time.monotonic() >= next_probe:  # a crashed member would hold the round to its timeout: ask
+                dead = await gone(self.transport, expected - set(rnd.contributions), PROBE_AFTER_S)
+                if dead:
+                    log.info("%s averaging round %d: %s do not answer; not waiting for them", self.group, iteration,
+                             sorted(dead))  # fmt: skip
+                expected -= dead
+                next_probe = time.monotonic() + PROBE_AFTER_S
         missing = sorted(set(members) - set(rnd.contributions))
         if missing:
             log.warning("%s averaging round %d: going on without %s", self.group, iteration, missing)

@@ -124,30 +124,15 @@ async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5) -> int
         await asyncio.sleep(poll_s)
 
 
-PROBE_TIMEOUT_S = 3.0
-
-
-async def answers(transport, peer: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether `peer` answers a call at all: a reply or a refusal proves it is up, silence or a reset does not.
-    The probe is a no-op `release` (nothing held for microbatch -1)."""
-    from gwtf.errors import PeerError
-    from gwtf.transport import Message
-
-    probe = Message(kind="release", run_id=transport.run_id, microbatch_id=-1, meta={"origin": "", "attempt": -1})
-    try:
-        await transport.call(peer, "release", probe, timeout)
-    except PeerError as exc:
-        return str(exc).startswith(("rejected:", "handler "))  # the peer's own answer, refusing the probe
-    return True
-
-
 async def answering_nodes(transport, membership) -> dict:
     """The relay records whose owner answers now. A crashed relay's record lives on in the DHT until it expires;
     a joiner that counted it would leave a stage that lost every replica empty (nobody would rebuild it)."""
+    from gwtf.liveness import Answer, probe
+
     nodes = await asyncio.to_thread(membership.live_nodes)
     relays = [p for p, r in nodes.items() if r.role == "relay" and p != transport.peer_id]
-    alive = await asyncio.gather(*(answers(transport, p) for p in relays))
-    dead = {p for p, ok in zip(relays, alive, strict=True) if not ok}
+    answers = await asyncio.gather(*(probe(transport, p) for p in relays))
+    dead = {p for p, a in zip(relays, answers, strict=True) if a is not Answer.UP}
     if dead:
         log.info("not counting %d relay record(s) whose owner does not answer: %s", len(dead), sorted(dead))
     return {p: r for p, r in nodes.items() if p not in dead}

@@ -1,0 +1,52 @@
+"""Liveness probes: a crashed peer is known at once (its DHT record outlives it), and an averaging leader does not
+wait out its timeout for a member that crashed."""
+
+import asyncio
+import time
+
+import torch
+
+from gwtf.averaging import GroupAverager
+from gwtf.liveness import Answer, gone, probe
+from gwtf.transport import InProcessNetwork, InProcessTransport, Message
+
+RUN = "r"
+
+
+def test_probe_tells_up_from_gone():
+    async def main() -> list[Answer]:
+        net = InProcessNetwork()
+        me = InProcessTransport(net, "me", RUN)
+        InProcessTransport(net, "bare", RUN)  # up, but without the handler: its refusal proves it is up
+        relay = InProcessTransport(net, "relay", RUN)
+
+        async def ack(msg: Message) -> Message:
+            return Message(kind="ack", run_id=RUN)
+
+        relay.add_handler("release", ack)
+        InProcessTransport(net, "crashed", RUN)
+        net.crash("crashed")
+        answers = [await probe(me, p) for p in ("bare", "relay", "crashed", "never-was")]
+        assert await gone(me, {"bare", "relay", "crashed"}) == {"crashed"}
+        return answers
+
+    assert asyncio.run(main()) == [Answer.UP, Answer.UP, Answer.GONE, Answer.GONE]
+
+
+def test_averaging_leader_does_not_wait_out_its_timeout_for_a_crashed_member():
+    async def main() -> tuple[float, list[str]]:
+        net = InProcessNetwork()
+        a, b = (GroupAverager(InProcessTransport(net, n, RUN), RUN, "stage1", timeout=60.0) for n in ("a", "b"))
+        InProcessTransport(net, "c", RUN)
+        net.crash("c")  # its record would still list it: the group is a, b, c
+        t0 = time.monotonic()
+        grads = [torch.ones(3)]
+        ra, rb = await asyncio.gather(
+            a.average(0, grads, 1, ["a", "b", "c"]), b.average(0, [2 * g for g in grads], 1, ["a", "b", "c"])
+        )
+        assert torch.equal(ra.grads[0], rb.grads[0]) and torch.allclose(ra.grads[0], torch.full((3,), 1.5))
+        return time.monotonic() - t0, ra.participants
+
+    elapsed, participants = asyncio.run(main())
+    assert sorted(participants) == ["a", "b"]
+    assert elapsed < 30, f"the leader waited {elapsed:.1f}s for a crashed member (its timeout is 60 s)"

@@ -21,7 +21,8 @@ from gwtf.errors import UserError
 from gwtf.faults import Fault, FaultInjector
 from gwtf.membership import RunRecord, check_model_hash, make_dht
 from gwtf.metrics import MetricsWriter
-from gwtf.node import RunSpec, SwarmConfig, choose_stage, serving
+from gwtf.node import RunSpec, SwarmConfig, serving
+from gwtf.placement import choose_stage
 
 log = logging.getLogger(__name__)
 

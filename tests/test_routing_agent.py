@@ -6,7 +6,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gwtf.routing import DataInfo, LinkModel, RelayInfo, SwarmView
-from gwtf.routing.agent import Advert, Request
+from gwtf.routing.agent import (
+    EXPIRY_ROUNDS,
+    Advert,
+    Agent,
+    AgentConfig,
+    ChainCost,
+    InProcessBus,
+    InSlot,
+    OutSlot,
+    PeerCard,
+    Request,
+)
 from gwtf.routing.gwtf_router import GWTFRouter
 from gwtf.routing.optimum import solve_optimum
 from gwtf.routing.protocol import ProtocolRun
@@ -73,7 +84,7 @@ def test_lying_node_is_contained():
         for peer in liar.subscribers:
             run.bus.send(peer, Advert("s1r0", 1, 1000, 0.0, (("Japan", 0.0),)))
         for target in ("s2r0", "s2r1"):
-            slots = tuple((1000 + k, "Japan") for k in range(5))
+            slots = tuple((1000 + k, "Japan", 0.0) for k in range(5))
             run.bus.send(target, Request("s1r0", slots))
             run.bus.send(target, Request("s1r0", slots[:1]))
         run.step()
@@ -96,3 +107,65 @@ def test_crash_and_join_reroute():
     assert all(victim not in path for path in plan["d0"])
     assert any("new" in path for path in plan["d0"])  # the newcomer carries the victim's share
     assert_within_capacity(router.run)
+
+
+class FlatCosts:
+    def link(self, a: str, b: str) -> float:
+        return 0.0
+
+
+def lone_relay(n_stages: int = 2) -> tuple[Agent, InProcessBus]:
+    bus = InProcessBus()
+    agent = Agent(PeerCard("x", 1, "A", 0.1, 4), n_stages, FlatCosts(), bus, {"A": "d"}, AgentConfig(), seed=0)
+    for card in (PeerCard("u", 0, "A", 0.0, 0), PeerCard("p", 2, "A", 0.1, 4), PeerCard("q", 2, "A", 0.1, 4)):
+        agent.learn(card)
+    return agent, bus
+
+
+def test_swap_gives_the_long_prefix_the_cheap_continuation():
+    agent, _ = lone_relay()
+    agent.inbound[("u", 0)] = InSlot("A", prefix=1.0, out=0)
+    agent.inbound[("u", 1)] = InSlot("A", prefix=0.1, out=1)
+    agent.outbound[0] = OutSlot("q", ("u", 0), asked=0, held=True, chain={"A": 1.0})
+    agent.outbound[1] = OutSlot("p", ("u", 1), asked=0, held=True, chain={"A": 0.1})
+    agent.round_no = 50  # annealing has cooled: only improving swaps
+    agent._swap()
+    assert agent.inbound[("u", 0)].out == 1 and agent.outbound[1].paired == ("u", 0)
+    assert agent.inbound[("u", 1)].out == 0 and agent.outbound[0].paired == ("u", 1)
+
+
+def test_malformed_messages_are_dropped():
+    agent, _ = lone_relay()
+    agent.outbound[0] = OutSlot("p", ("u", 0), asked=0, held=True)
+    bad = [
+        ChainCost("p", ((0, (("A", float("nan")),)),)),  # NaN cost
+        ChainCost("p", ((0, (("Mars", 1.0),)),)),  # unknown region
+        ChainCost("p", ((0, (("A", 1.0),), "extra"),)),  # malformed entry
+        ChainCost("u", ((0, (("A", 1.0),)),)),  # wrong stage
+        Request("u", ((0, "A"),)),  # old two-field entry
+        Advert("p", 2, 3, -1.0, ()),  # negative compute
+    ]
+    agent.step(1, bad, directory=None)
+    assert agent.rejected == len(bad)
+    assert agent.outbound[0].chain == {}
+
+
+class NoDirectory:
+    def lookup(self, stage, me, k, rng):
+        return []
+
+
+def test_unanswered_request_expires_and_the_microbatch_is_routed_again():
+    agent, _ = lone_relay(n_stages=3)
+    agent.add_next(PeerCard("p", 2, "A", 0.1, 4))
+    agent.add_next(PeerCard("q", 2, "A", 0.1, 4))
+    agent.inbound[("u", 0)] = InSlot("A", prefix=0.0)
+    agent.step(0, [], NoDirectory())
+    first = agent.inbound[("u", 0)].out
+    assert first is not None
+    silent = agent.outbound[first].peer
+    for r in range(1, EXPIRY_ROUNDS + 2):  # the peer never answers
+        agent.step(r, [], NoDirectory())
+    out = agent.inbound[("u", 0)].out
+    assert first not in agent.outbound  # the stale request was given up
+    assert out is not None and agent.outbound[out].peer != silent  # and the microbatch asked the other peer

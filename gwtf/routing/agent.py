@@ -1,29 +1,38 @@
 """The decentralized GWTF agent: one per node, local knowledge only, messages through a bus.
 
-Paths form backwards from the sinks, as reserved chains. A *slot* is one microbatch of room on a link: relay i
-holds slot n at next-stage relay j once j granted it; j pairs each slot it granted (an *in-slot*) with one slot
-it holds downstream (an *out-slot*), so a chain of paired slots runs to the last stage, which returns the
-microbatch to its own data node. Every relay reserves downstream slots up to its capacity from round 0, all
-stages in parallel, so a relay's `ready` count (in-slots it can still grant, each backed by a chain to a sink)
-is known after a few rounds everywhere; a data node's microbatch (a unit) then needs one request to a stage-1
-relay with room, not one round per hop. A slot carries a *label*: the origin region of the microbatch riding
-it (None while it is only reserved); labels flow down the chains and every relay pairs each labelled in-slot
-with the out-slot that is cheapest for that region (link + advertised cost-to-sink), re-pairing locally when a
-better idle chain appears (improvement with simulated annealing: a worse re-pairing is taken with probability
-exp(-delta / T), T decaying). Messages per node and round:
-- `Advert` (ready + cost-to-sink per sink region, distance-vector style) to the upstream peers that keep me as
-  a candidate, only when it changed;
-- `Request` of new slots, or new labels for slots already held (batched per peer); `Reply` grants or rejects;
-- `Lost`: downstream revokes slots it cannot continue (it has no chain for them and no peer with room);
-  `Release`: upstream gives slots back. A revoked or released slot frees the chain behind it for others.
-Crashes: a node told that a peer died drops the slots it held there (and re-pairs their flow on other chains)
-and the slots it granted to it (their chains stay reserved, ready for others). Joins: `Hello`.
+A *slot* is one microbatch of room on a link: relay i holds slot n at next-stage relay j once j granted it. Each
+microbatch is one chain of slots from its data node through one relay per stage, back to the data node. A slot
+carries the microbatch's *label* (its origin region: where it must return) and its *prefix* (path cost so far).
 
-Local knowledge: candidate sets are bounded (`AgentConfig.neighbours` per stage, cheapest links first), so
-messages per node per round do not grow with the swarm. Trust: every message is validated (sender is a known
-peer of the right stage, numbers finite, lists bounded, slots known). A relay never grants more in-slots than
-its own capacity, so a peer lying about its capacity or cost can attract slots but cannot make another node
-hold more than its capacity.
+Each round a node:
+- advertises its cost-to-sink per sink region (distance-vector: its compute plus the cheapest link + advertised
+  cost over next-stage peers believed to have room; with none, over all of them plus `blocked_penalty`, a last
+  resort rather than "unreachable", so room freed by a crash is used before the news has climbed back up) and
+  its room, to the upstream peers that keep it as a candidate, when that changed or after it rejected someone;
+- grants requested slots within its capacity, the longest prefixes first (they have the least slack left);
+- routes every microbatch it holds that has no next hop yet to a next-stage peer with room, the cheapest by
+  link + advert or, at random, one nearly as cheap (weight exp(-extra / spread)): senders that all see the same
+  cheapest peer would otherwise all ask it and all but a few be rejected, a round trip each. Requests are
+  batched per peer; a microbatch advances one stage per round. One that finds no peer with room for `patience`
+  rounds is revoked (`Lost`) and its sender routes it elsewhere; a data node holds back microbatches while its
+  paths look blocked (they would only hold room that others need);
+- reports upstream, per slot, what the chain behind it costs per sink region (`ChainCost`: costs travel up the
+  chains as labels and prefixes travel down), so every node knows the exact cost of each path it carries;
+- improves: two microbatches at the same relay swap their continuations when that lowers the costlier of the
+  two paths (the min-max objective); a worse swap is taken with probability exp(-delta / T), T decaying
+  (simulated annealing). Optionally (`moves` > 0) a microbatch also moves to a cheaper next hop with room: the
+  new chain is built beside the old one and taken once complete and still cheaper. Off by default: measured,
+  the chains being built hold room at tight stages that first-time microbatches need, and throughput
+  converged later for no better cost.
+Crashes: a node told that a peer died re-routes the microbatches it sent there and releases the chains of those
+that came from it (a `Release` travels down the chain). Joins: `Hello`.
+
+Local knowledge: candidate sets are bounded (`AgentConfig.neighbours` per stage, cheapest links first, topped
+up from the DHT directory now and then), so messages per node per round do not grow with the swarm. Trust:
+every message is validated (sender is a known peer of the right stage, numbers finite and bounded, lists
+bounded, slots known). A relay never grants more slots than its own capacity and never believes more room than
+a peer's record states, so a peer lying about its capacity or cost can attract microbatches but cannot make
+another node hold more than its capacity.
 """
 
 from __future__ import annotations
@@ -42,8 +51,8 @@ logger = logging.getLogger(__name__)
 INF = float("inf")
 SlotKey = tuple[str, int]  # (upstream peer, its slot number)
 MAX_BATCH = 64  # slots per message: bounded lists
+MAX_COST = 1e6  # seconds: larger costs or prefixes are malformed
 EXPIRY_ROUNDS = 3  # a request is answered in 2 rounds (request, reply)
-
 
 # ------------------------------------------------------------------------------------------------- messages
 
@@ -52,7 +61,7 @@ EXPIRY_ROUNDS = 3  # a request is answered in 2 rounds (request, reply)
 class Advert:
     sender: str
     stage: int
-    spare: int  # ready: slots it can still grant, each backed by a chain to a sink
+    spare: int  # room: slots it can still grant
     compute_s: float
     cost: tuple[tuple[str, float], ...]  # (sink region, cost-to-sink including the sender's compute)
 
@@ -65,10 +74,10 @@ class Hello:
 
 @dataclass(frozen=True)
 class Request:
-    """Grant me these slots (or: these slots I hold now carry this label; "" = none)."""
+    """Grant me these slots, or: the slots I hold now carry this (label, prefix)."""
 
     sender: str
-    slots: tuple[tuple[int, str], ...]
+    slots: tuple[tuple[int, str, float], ...]  # (slot, origin region, path cost up to the receiver)
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,15 @@ class Release:
     slots: tuple[int, ...]
 
 
-Message = Advert | Hello | Request | Reply | Lost | Release
+@dataclass(frozen=True)
+class ChainCost:
+    """What the chain behind each slot costs per sink region, the sender's compute included; () = broken."""
+
+    sender: str
+    slots: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
+
+
+Message = Advert | Hello | Request | Reply | Lost | Release | ChainCost
 
 
 class Bus(Protocol):
@@ -142,39 +159,54 @@ class Costs(Protocol):
 
 @dataclass
 class AgentConfig:
-    neighbours: int = 6  # candidates kept per adjacent stage
-    lookup: int = 3  # fresh candidates per directory lookup
-    patience: int = 2  # rounds an in-slot may wait for a chain before it is revoked
-    temperature0: float = 0.02  # seconds; annealing temperature of round 0
-    cooling: float = 0.6
-    margin: float = 1e-3  # seconds: smaller gains are not worth a re-pairing
+    neighbours: int = 8  # candidates kept per adjacent stage
+    lookup: int = 4  # fresh candidates per directory lookup
+    refresh_every: int = 3  # rounds between directory lookups of one node
+    patience: int = 3  # rounds a microbatch may wait for a next hop before it is revoked
+    moves: int = 0  # cheaper next hops tried per round
+    build_rounds: int = 12  # rounds a move's new chain may take to complete
+    build_beside: bool = True  # a move keeps the old chain until the new one is complete
+    temperature0: float = 0.01  # seconds; annealing temperature of round 0
+    cooling: float = 0.5
+    margin: float = 0.01  # seconds: smaller gains are not worth a move
+    blocked_penalty: float = 5.0  # seconds added to the advert of a node whose next peers all look full
+    spread: float = 0.05  # seconds: peers near the cheapest share new microbatches at random, weight exp(-d/spread)
+    settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
 
     def __post_init__(self) -> None:
-        if self.neighbours < 1 or self.lookup < 1 or self.patience < 1 or not 0 < self.cooling < 1:
-            raise ValueError("AgentConfig: neighbours, lookup, patience >= 1 and 0 < cooling < 1")
+        if min(self.neighbours, self.lookup, self.refresh_every, self.patience, self.build_rounds) < 1:
+            raise ValueError("AgentConfig: neighbours, lookup, refresh_every, patience, build_rounds must be >= 1")
+        if self.moves < 0 or not 0 < self.cooling < 1 or self.margin < 0:
+            raise ValueError("AgentConfig: moves >= 0, 0 < cooling < 1, margin >= 0")
 
 
 @dataclass
 class InSlot:
-    label: str | None  # origin region of the microbatch riding it; None while only reserved
+    """A microbatch this node carries (a data node: one of its own)."""
+
+    label: str  # origin region: where it returns
+    prefix: float  # path cost from the origin through this node's compute
     out: int | None = None  # the out-slot it continues on
     waited: int = 0
+    sent_cost: tuple | None = None  # the chain cost the upstream holder knows
 
 
 @dataclass
 class OutSlot:
     peer: str
+    paired: SlotKey  # the in-slot it continues
+    asked: int  # round it was requested
     held: bool = False  # granted by peer
-    paired: SlotKey | None = None  # the in-slot it carries (a data node: its own unit)
-    label: str | None = None
-    sent_label: str | None = None  # the label the peer knows
-    asked: int = 0  # round the slot was requested: an unanswered request expires
+    move: bool = False  # a cheaper chain being built beside the in-slot's current one
+    chain: dict[str, float] = field(default_factory=dict)  # cost of the chain behind it (empty: not complete)
+    sent: tuple[str, float] | None = None  # the (label, prefix) the peer knows
 
 
 @dataclass
 class NeighbourState:
     card: PeerCard
     spare: int
+    heard: bool = False  # an advert arrived: `cost` is what it says (a missing region: unreachable)
     cost: dict[str, float] = field(default_factory=dict)
 
 
@@ -194,10 +226,9 @@ class Agent:
         self.card, self.n_stages, self.costs, self.bus, self.cfg = card, n_stages, costs, bus, cfg
         self.sink_regions = sink_regions  # region -> a data node there (stage-S nodes price the last hop)
         self.rng = random.Random(seed)
-        self.inbound: dict[SlotKey, InSlot] = {}
+        self.inbound: dict[SlotKey, InSlot] = {}  # a data node: its own units, keyed (itself, unit)
         self.outbound: dict[int, OutSlot] = {}
         self.next_no = 0
-        self.demand = 0  # a data node's microbatches
         self.next: dict[str, NeighbourState] = {}
         self.subscribers: set[str] = set()  # upstream peers that keep me as a candidate
         self.known: dict[str, PeerCard] = {}
@@ -205,7 +236,9 @@ class Agent:
         self.last_advert: tuple | None = None
         self.rejected = 0  # invalid messages dropped
         self.round_no = 0
-        self._requests: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        self.last_refresh = -(10**9)
+        self._requests: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
+        self._asks: list[tuple[str, int, str, float]] = []  # new slot requests of this round
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -222,19 +255,11 @@ class Agent:
         return self.card.stage == self.n_stages
 
     @property
-    def target(self) -> int:
-        """Out-slots wanted: a data node's microbatches, a relay's capacity (chains reserved ahead)."""
-        return self.demand if self.is_data else self.card.capacity
-
-    @property
     def spare(self) -> int:
-        """Ready: in-slots this node can still grant, each with a chain behind it."""
+        """Room for more microbatches."""
         if self.is_data:
             return 0
-        room = self.card.capacity - len(self.inbound)
-        if self.is_last:
-            return max(room, 0)
-        return max(0, min(room, len(self._idle_outs())))
+        return max(0, self.card.capacity - len(self.inbound))
 
     @property
     def load(self) -> int:
@@ -250,18 +275,23 @@ class Agent:
             self.bus.send(card.peer_id, Hello(self.me, self.card.stage))
 
     def add_same(self, card: PeerCard) -> None:
-        self.learn(card)  # same-stage peers: known records (no moves between them in the chain protocol)
+        self.learn(card)
 
     def add_units(self, count: int) -> None:
         """A data node's microbatches for this iteration."""
-        self.demand += count
+        label = str(self.card.region)
+        for _ in range(count):
+            self.inbound[(self.me, self.next_no)] = InSlot(label, self.card.compute_s)
+            self.next_no += 1
 
     def units(self) -> list[tuple[int, OutSlot]]:
         """A data node's microbatches that have a first hop."""
-        return sorted((n, o) for n, o in self.outbound.items() if o.held)
+        held = sorted(s.out for s in self.inbound.values() if s.out is not None and self._held_out(s) is not None)
+        return [(n, self.outbound[n]) for n in held]
 
-    def _idle_outs(self) -> list[int]:
-        return [n for n, o in self.outbound.items() if o.held and o.paired is None]
+    def _held_out(self, slot: InSlot) -> OutSlot | None:
+        out = self.outbound.get(slot.out) if slot.out is not None else None
+        return out if out is not None and out.held else None
 
     # --------------------------------------------------------------------------------------------- a round
 
@@ -273,20 +303,19 @@ class Agent:
             except BadMessage as exc:
                 self.rejected += 1
                 logger.debug("%s dropped %s: %s", self.me, type(msg).__name__, exc)
+        self._grant()
         if not self.is_last:
             self._expire()
-            self._pair()
-            self._improve()
-            self._trim()
-            self._reserve(directory)
-            self._upgrade()
-            self._give_up()
-            self._send_labels()
+            self._route(directory)
+            self._move()
+            self._swap()
+            self._send_updates()
         self._flush()
+        self._report_costs()
         self._advertise()
 
     def peer_died(self, peer: str) -> None:
-        """Local renegotiation: flow on slots held at `peer` moves to other chains; its in-slots are dropped."""
+        """Local renegotiation: microbatches sent to `peer` are routed elsewhere; those from it are released."""
         self.next.pop(peer, None)
         self.subscribers.discard(peer)
         for n in [n for n, o in self.outbound.items() if o.peer == peer]:
@@ -307,6 +336,16 @@ class Agent:
         if card.stage != stage:
             raise BadMessage(f"sender is not a stage-{stage} peer")
 
+    def _valid_cost(self, cost) -> dict[str, float]:
+        if len(cost) > len(self.sink_regions) or any(not (isinstance(e, tuple) and len(e) == 2) for e in cost):
+            raise BadMessage("cost list malformed or longer than the sink regions")
+        out = {}
+        for g, c in cost:
+            if g not in self.sink_regions or not isinstance(c, float | int) or not 0 <= c < MAX_COST:
+                raise BadMessage("unknown region, or negative, NaN or huge cost")
+            out[g] = float(c)
+        return out
+
     def _on_hello(self, msg: Hello, card: PeerCard) -> None:
         if card.stage != msg.stage:
             raise BadMessage("hello from a peer without a matching record")
@@ -314,42 +353,59 @@ class Agent:
             self.subscribers.add(card.peer_id)
             self.last_advert = None  # the newcomer needs our figures
         elif card.stage == self.card.stage + 1 and len(self.next) < 2 * self.cfg.neighbours:
-            self.add_next(card)  # a newcomer next door: a candidate for our slots
+            self.add_next(card)  # a newcomer next door: a candidate for our microbatches
 
     def _on_advert(self, msg: Advert, card: PeerCard) -> None:
         self._expect_stage(card, self.card.stage + 1)
-        if not (math.isfinite(msg.compute_s) and msg.compute_s >= 0 and len(msg.cost) <= len(self.sink_regions)):
+        if not (math.isfinite(msg.compute_s) and msg.compute_s >= 0):
             raise BadMessage("malformed advert")
-        if any(not (isinstance(g, str) and c >= 0) for g, c in msg.cost):
-            raise BadMessage("negative or NaN cost")
+        cost = self._valid_cost(msg.cost)
         state = self.next.get(msg.sender)
         if state is not None:  # adverts from peers we did not choose are ignored: bounded state
             state.spare = max(0, min(msg.spare, card.capacity))  # never believe more than the record's capacity
-            state.cost = dict(msg.cost)
+            state.cost, state.heard = cost, True
 
     def _on_request(self, msg: Request, card: PeerCard) -> None:
         self._expect_stage(card, self.card.stage - 1)
-        fresh = sum(1 for n, _ in msg.slots if (msg.sender, n) not in self.inbound)
-        if len(msg.slots) > MAX_BATCH or fresh > max(self.card.capacity, 1):
+        if len(msg.slots) > MAX_BATCH or any(not (isinstance(e, tuple) and len(e) == 3) for e in msg.slots):
+            raise BadMessage("too many or malformed slot entries")
+        fresh = sum(1 for e in msg.slots if (msg.sender, e[0]) not in self.inbound)
+        if fresh > max(self.card.capacity, 1):
             raise BadMessage(f"request for {fresh} new slots, more than our recorded capacity")
-        accepted, rejected = [], []
-        for n, label in msg.slots:
-            if not isinstance(n, int) or not (label == "" or label in self.sink_regions):
+        rejected = []
+        for n, label, prefix in msg.slots:
+            if not (isinstance(n, int) and label in self.sink_regions and isinstance(prefix, float | int)):
                 rejected.append(n)
                 continue
-            key = (msg.sender, n)
-            slot = self.inbound.get(key)
-            if slot is not None:
-                slot.label = label or None  # a relabel of a slot already granted: it travels down the chain
-                if slot.out is not None and slot.out in self.outbound:
-                    self.outbound[slot.out].label = slot.label
-            elif len(self.inbound) < self.card.capacity:
-                self.inbound[key] = InSlot(label or None)
-                accepted.append(n)
-            else:
+            if not 0 <= prefix < MAX_COST:
                 rejected.append(n)
-        if accepted or rejected:
-            self.bus.send(msg.sender, Reply(self.me, tuple(accepted), tuple(rejected), self.spare))
+                continue
+            slot = self.inbound.get((msg.sender, n))
+            if slot is not None:  # the microbatch on a slot already granted changed: it travels down the chain
+                slot.label, slot.prefix = label, float(prefix) + self.card.compute_s
+            else:
+                self._asks.append((msg.sender, n, label, float(prefix)))
+        if rejected:
+            self.bus.send(msg.sender, Reply(self.me, (), tuple(rejected), self.spare))
+            self.last_advert = None
+
+    def _grant(self) -> None:
+        """Grant new slots within capacity, the longest prefixes first: they have the least slack left."""
+        if not self._asks:
+            return
+        accepted: dict[str, list[int]] = defaultdict(list)
+        rejected: dict[str, list[int]] = defaultdict(list)
+        for sender, n, label, prefix in sorted(self._asks, key=lambda a: (-a[3], a[0], a[1])):
+            if len(self.inbound) < self.card.capacity and (sender, n) not in self.inbound:
+                self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s)
+                accepted[sender].append(n)
+            else:
+                rejected[sender].append(n)
+        self._asks.clear()
+        for sender in sorted(set(accepted) | set(rejected)):
+            self.bus.send(sender, Reply(self.me, tuple(accepted[sender]), tuple(rejected[sender]), self.spare))
+        if rejected:  # the rejected believe we are full from now on: they hear from us when that changes
+            self.last_advert = None
 
     def _on_reply(self, msg: Reply, card: PeerCard) -> None:
         self._expect_stage(card, self.card.stage + 1)
@@ -382,190 +438,202 @@ class Agent:
             if (msg.sender, n) in self.inbound:
                 self._drop_in((msg.sender, n))
 
+    def _on_chaincost(self, msg: ChainCost, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage + 1)
+        if len(msg.slots) > MAX_BATCH:
+            raise BadMessage("chain cost list too long")
+        for entry in msg.slots:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], tuple)):
+                raise BadMessage("malformed chain cost entry")
+            n, cost = entry
+            chain = self._valid_cost(cost)
+            out = self.outbound.get(n)
+            if out is not None and out.peer == msg.sender:
+                out.chain = chain
+
+    # ----------------------------------------------------------------------------------------- slot changes
+
+    def _new_out(self, key: SlotKey, peer: str, move: bool) -> None:
+        slot = self.inbound[key]
+        n = self.next_no
+        self.next_no += 1
+        prefix = round(slot.prefix + self._hop(peer), 4)
+        self.outbound[n] = OutSlot(peer, key, self.round_no, move=move, sent=(slot.label, prefix))
+        if not move:
+            slot.out = n
+        self._requests[peer].append((n, slot.label, prefix))
+        state = self.next.get(peer)
+        if state is not None:
+            state.spare = max(0, state.spare - 1)
+
     def _drop_out(self, n: int) -> None:
         out = self.outbound.pop(n)
-        if out.paired is not None and out.paired in self.inbound:
-            self.inbound[out.paired].out = None
+        slot = self.inbound.get(out.paired)
+        if slot is not None and slot.out == n:
+            slot.out = None
+
+    def _release_out(self, n: int) -> None:
+        out = self.outbound.pop(n)
+        self.bus.send(out.peer, Release(self.me, (n,)))
 
     def _drop_in(self, key: SlotKey) -> None:
-        slot = self.inbound.pop(key)
-        if slot.out is not None and slot.out in self.outbound:
-            out = self.outbound[slot.out]
-            out.paired, out.label = None, None  # the chain behind stays reserved, ready for others
+        """The microbatch left: its chain downstream (and any chain being built for it) is given back."""
+        self.inbound.pop(key)
+        for n in [n for n, o in self.outbound.items() if o.paired == key]:
+            self._release_out(n)
 
-    # ------------------------------------------------------------------------------------------- decisions
+    def _revoke(self, keys: list[SlotKey]) -> None:
+        lost: dict[str, list[int]] = defaultdict(list)
+        for key in keys:
+            self._drop_in(key)
+            lost[key[0]].append(key[1])
+        for dst, ns in lost.items():
+            self.bus.send(dst, Lost(self.me, tuple(ns)))
 
-    def _value(self, n: int, label: str | None) -> float:
-        """Cost of carrying a microbatch of `label` on out-slot n: link + the peer's cost-to-sink."""
-        peer = self.outbound[n].peer
-        return self._estimate(peer, label)
+    # ------------------------------------------------------------------------------------------------ costs
 
-    def _estimate(self, peer: str, label: str | None) -> float:
-        region = label if label is not None else self._home()
-        state = self.next.get(peer)
-        card = self.known[peer]
-        if state is not None and region in state.cost:
-            return self.costs.link(self.me, peer) + state.cost[region]
-        # not advertised yet: assume the rest of the path stays in that peer's region, then returns
+    def _hop(self, peer: str) -> float:
+        return self.costs.link(self.me, peer)
+
+    def _option(self, peer: str, label: str) -> float:
+        """Cost of sending a new microbatch of `label` to `peer`: link + its advert (an estimate until heard)."""
+        state = self.next[peer]
+        if state.heard:
+            return self._hop(peer) + state.cost.get(label, INF)
+        card = state.card  # not heard yet: assume the rest of the path stays in that peer's region
         rest = (self.n_stages - card.stage + 1) * card.compute_s
-        return self.costs.link(self.me, peer) + rest + self.costs.link(peer, self.sink_regions[region])
+        return self._hop(peer) + rest + self.costs.link(peer, self.sink_regions[label])
 
-    def _home(self) -> str:
-        """The sink region an unlabelled slot most likely serves: the nearest one."""
-        return min(self.sink_regions, key=lambda g: (self.costs.link(self.me, self.sink_regions[g]), g))
+    def _value(self, n: int, label: str) -> float:
+        """Cost of carrying a microbatch of `label` on out-slot n from here to its sink."""
+        out = self.outbound[n]
+        if label in out.chain:
+            return self._hop(out.peer) + out.chain[label]
+        if out.peer in self.next:
+            return self._option(out.peer, label)
+        return INF
 
-    def _pair(self) -> None:
-        """Every in-slot (a data node: every unit) continues on an idle chain; a microbatch (labelled in-slot)
-        with none takes the chain of a mere reservation, which then waits for another or is revoked."""
-        idle = self._idle_outs()
-        if self.is_data:
-            return self._pair_units(idle)
-        waiting = [k for k, s in self.inbound.items() if s.out is None]
-        waiting.sort(key=lambda k: (self.inbound[k].label is None, k))
+    def _options(self, label: str) -> list[tuple[float, str]]:
+        return sorted((v, p) for p, st in self.next.items() if st.spare > 0 and (v := self._option(p, label)) < INF)
+
+    def _total(self, key: SlotKey) -> float:
+        slot = self.inbound[key]
+        return slot.prefix + (self._value(slot.out, slot.label) if slot.out is not None else INF)
+
+    # -------------------------------------------------------------------------------------------- decisions
+
+    def _expire(self) -> None:
+        """A request unanswered for longer than a round trip (dropped, or the peer died) is given up."""
+        for n in [n for n, o in self.outbound.items() if not o.held and self.round_no - o.asked > EXPIRY_ROUNDS]:
+            peer = self.outbound[n].peer
+            self._drop_out(n)
+            self.bus.send(peer, Release(self.me, (n,)))  # in case the grant is still on its way
+            if peer in self.next:
+                self.next[peer].spare = 0
+
+    def _route(self, directory) -> None:
+        """Every microbatch without a next hop asks the cheapest peer with room; after `patience` rounds
+        without one, a relay revokes it so that its sender routes it elsewhere."""
+        waiting = sorted((k for k, s in self.inbound.items() if s.out is None), key=lambda k: -self.inbound[k].prefix)
+        if not waiting or (self.is_data and self.round_no < self.cfg.settle):
+            return
+        give_up = []
         for key in waiting:
             slot = self.inbound[key]
-            if not idle and slot.label is not None:
-                idle = self._unlabelled_outs()[:1]
-                if idle:
-                    self._unlink(idle[0])
-            if not idle:
+            options = self._options(slot.label)
+            if not options and self.round_no - self.last_refresh >= self.cfg.refresh_every:
+                self._refresh(directory)
+                options = self._options(slot.label)
+            if self.is_data:  # a data node sends nothing into a path that looks blocked: it would only hog room
+                options = [(v, p) for v, p in options if v < self.cfg.blocked_penalty]
+            if options:
+                self._new_out(key, self._pick(options), move=False)
                 continue
-            best = min(idle, key=lambda n: (self._value(n, slot.label), n))
-            idle.remove(best)
-            self._link(key, best)
+            slot.waited += 1
+            if slot.waited > self.cfg.patience and not self.is_data:
+                give_up.append(key)
+        self._revoke(give_up)
 
-    def _unlabelled_outs(self) -> list[int]:
-        return sorted(
-            n
-            for n, o in self.outbound.items()
-            if o.held and o.paired is not None and o.paired in self.inbound and self.inbound[o.paired].label is None
-        )
+    def _pick(self, options: list[tuple[float, str]]) -> str:
+        """One of the near-cheapest peers, at random by believed room: upstream peers that all see the same
+        cheapest peer would otherwise all ask it at once, and all but a few be rejected (a round trip each)."""
+        best = options[0][0]
+        near = [(v, p) for v, p in options if v <= best + 5 * self.cfg.spread]
+        weights = [self.next[p].spare * math.exp(-(v - best) / self.cfg.spread) for v, p in near]
+        return self.rng.choices([p for _, p in near], weights=weights)[0]
 
-    def _unlink(self, n: int) -> None:
-        out = self.outbound[n]
-        if out.paired is not None and out.paired in self.inbound:
-            self.inbound[out.paired].out = None
-        out.paired, out.label = None, None
+    def _move(self) -> None:
+        """A microbatch on a costly chain has a cheaper one built beside it (the costliest paths first); it
+        switches once the new chain is complete and still cheaper, and the old one is given back."""
+        building = {o.paired: n for n, o in self.outbound.items() if o.move}
+        for key, n in building.items():
+            new, slot = self.outbound[n], self.inbound.get(key)
+            if slot is None or slot.out is None or slot.out not in self.outbound:
+                self._release_out(n)
+            elif new.held and (new.chain or not self.cfg.build_beside):
+                if self._value(n, slot.label) < self._value(slot.out, slot.label) - self.cfg.margin:
+                    self._release_out(slot.out)
+                    slot.out, new.move = n, False
+                else:
+                    self._release_out(n)
+            elif self.round_no - new.asked > self.cfg.build_rounds:
+                self._release_out(n)
+        moves = self.cfg.moves
+        carried = [  # only microbatches on complete chains move: a move must not leave one without a path
+            k
+            for k, s in self.inbound.items()
+            if (o := self._held_out(s)) is not None and s.label in o.chain and k not in building
+        ]
+        for key in sorted(carried, key=lambda k: -self._total(k)):
+            if moves <= 0:
+                return
+            slot = self.inbound[key]
+            assert slot.out is not None
+            here = self._value(slot.out, slot.label)
+            options = [
+                (v, p)
+                for v, p in self._options(slot.label)
+                if p != self.outbound[slot.out].peer and self.next[p].heard and self.next[p].spare >= 2
+            ]
+            if options and options[0][0] < here - self.cfg.margin:
+                self._new_out(key, options[0][1], move=True)
+                moves -= 1
 
-    def _pair_units(self, idle: list[int]) -> None:
-        for n in idle:
-            out = self.outbound[n]
-            out.paired, out.label = (self.me, n), self.card.region
-
-    def _link(self, key: SlotKey, n: int) -> None:
-        slot, out = self.inbound[key], self.outbound[n]
-        slot.out, slot.waited = n, 0
-        out.paired, out.label = key, slot.label
-
-    def _improve(self) -> None:
-        """Re-pair labelled in-slots on cheaper idle chains (annealing: a worse one now and then, early on)."""
+    def _swap(self) -> None:
+        """Two microbatches here swap continuations when that lowers the costlier of their two paths."""
         if self.is_data:
             return
-        idle = self._idle_outs()
+        keys = sorted(k for k, s in self.inbound.items() if (o := self._held_out(s)) is not None and s.label in o.chain)
+        if len(keys) < 2:
+            return
         temperature = self.cfg.temperature0 * self.cfg.cooling**self.round_no
-        for key, slot in sorted(self.inbound.items()):
-            if not idle or slot.label is None or slot.out is None or slot.out not in self.outbound:
-                continue
-            here = self._value(slot.out, slot.label)
-            best = min(idle, key=lambda n: (self._value(n, slot.label), n))
-            delta = self._value(best, slot.label) - here
-            if delta < -self.cfg.margin or (delta > 0 and self._anneal(delta, temperature)):
-                old = slot.out
-                idle.remove(best)
-                self.outbound[old].paired, self.outbound[old].label = None, None
-                self._link(key, best)
-                idle.append(old)
+        for a in range(len(keys)):
+            for b in range(a + 1, len(keys)):
+                sa, sb = self.inbound[keys[a]], self.inbound[keys[b]]
+                oa, ob = sa.out, sb.out
+                assert oa is not None and ob is not None
+                if sb.label not in self.outbound[oa].chain or sa.label not in self.outbound[ob].chain:
+                    continue
+                old = max(sa.prefix + self._value(oa, sa.label), sb.prefix + self._value(ob, sb.label))
+                new = max(sa.prefix + self._value(ob, sa.label), sb.prefix + self._value(oa, sb.label))
+                delta = new - old
+                if delta < -self.cfg.margin or (delta > 0 and self._anneal(delta, temperature)):
+                    sa.out, sb.out = ob, oa
+                    self.outbound[ob].paired, self.outbound[oa].paired = keys[a], keys[b]
 
     def _anneal(self, delta: float, temperature: float) -> bool:
         return temperature > 1e-6 and self.rng.random() < math.exp(-delta / temperature)
 
-    def _reserve(self, directory) -> None:
-        """Request slots up to the target at the cheapest next-stage peers believed to have room."""
-        need = self.target - len(self.outbound)
-        if need <= 0:
-            return
-        believed = {p: st.spare for p, st in self.next.items()}
-        if sum(believed.values()) < need:
-            self._refresh(directory)
-            believed = {p: st.spare for p, st in self.next.items()}
-        label = self.card.region if self.is_data else None
-        for _ in range(need):
-            options = [
-                (self._estimate(p, label) * (1 + 0.05 * self.rng.random()), p) for p, s in believed.items() if s > 0
-            ]
-            if not options:
-                return
-            peer = min(options)[1]
-            believed[peer] -= 1
-            n = self.next_no
-            self.next_no += 1
-            self.outbound[n] = OutSlot(peer, label=label, asked=self.round_no)
-            self._requests[peer].append((n, label or ""))
-
-    def _upgrade(self) -> None:
-        """Reserve a cheaper chain for a microbatch when a next-stage peer with room beats its current one; the
-        microbatch moves over in `_improve` once it is granted, and surplus idle chains go back in `_trim`."""
-        if self.is_data or len(self.outbound) > self.target:
-            return
-        believed = {p: st.spare for p, st in self.next.items() if st.spare > 0}
-        for _key, slot in sorted(self.inbound.items()):
-            if not believed:
-                return
-            if slot.label is None or slot.out is None or slot.out not in self.outbound:
-                continue
-            here = self._value(slot.out, slot.label)
-            peer = min(believed, key=lambda p: (self._estimate(p, slot.label), p))
-            if self._estimate(peer, slot.label) < here - self.cfg.margin:
-                believed[peer] -= 1
-                if believed[peer] == 0:
-                    del believed[peer]
-                n = self.next_no
-                self.next_no += 1
-                self.outbound[n] = OutSlot(peer, asked=self.round_no)
-                self._requests[peer].append((n, ""))
-                return  # one per round: bounded messages, and the adverts catch up
-
-    def _trim(self) -> None:
-        """Give back idle chains beyond the target, the costliest first."""
-        extra = len(self.outbound) - self.target
-        if extra <= 0:
-            return
-        idle = sorted(self._idle_outs(), key=lambda n: (-self._value(n, None), n))
-        for n in idle[:extra]:
-            out = self.outbound.pop(n)
-            self.bus.send(out.peer, Release(self.me, (n,)))
-
-    def _expire(self) -> None:
-        """A request unanswered for longer than a round trip (the peer dropped it, or it died) is given up, so
-        the slot it stands for is reserved elsewhere instead of blocking a chain forever."""
-        for n in [n for n, o in self.outbound.items() if not o.held and self.round_no - o.asked > EXPIRY_ROUNDS]:
-            out = self.outbound[n]
-            self._drop_out(n)
-            self.bus.send(out.peer, Release(self.me, (n,)))  # in case the grant is still on its way
-            if out.peer in self.next:
-                self.next[out.peer].spare = 0
-
-    def _give_up(self) -> None:
-        """Revoke in-slots that found no chain for `patience` rounds: upstream re-pairs them elsewhere."""
-        lost: dict[str, list[int]] = defaultdict(list)
-        pending = sum(1 for o in self.outbound.values() if not o.held)
-        waiting = sorted(
-            (k for k, s in self.inbound.items() if s.out is None), key=lambda k: (self.inbound[k].label is not None, k)
-        )
-        for key in waiting[pending:]:  # in-slots that no reservation in flight can serve
-            slot = self.inbound[key]
-            slot.waited += 1
-            if slot.waited >= self.cfg.patience + (slot.label is None):
-                del self.inbound[key]
-                lost[key[0]].append(key[1])
-        for dst, ns in lost.items():
-            self.bus.send(dst, Lost(self.me, tuple(ns)))
-
-    def _send_labels(self) -> None:
+    def _send_updates(self) -> None:
+        """Labels and prefixes travel down the chains when the microbatch on a slot changed."""
         for n, out in self.outbound.items():
-            if out.held and out.label != out.sent_label:
-                out.sent_label = out.label
-                self._requests[out.peer].append((n, out.label or ""))
+            slot = self.inbound.get(out.paired)
+            if not out.held or slot is None:
+                continue
+            want = (slot.label, round(slot.prefix + self._hop(out.peer), 4))
+            if want != out.sent:
+                out.sent = want
+                self._requests[out.peer].append((n, *want))
 
     def _flush(self) -> None:
         for dst, slots in self._requests.items():
@@ -573,12 +641,35 @@ class Agent:
                 self.bus.send(dst, Request(self.me, tuple(slots[k : k + MAX_BATCH])))
         self._requests.clear()
 
+    def _chain_of(self, slot: InSlot) -> dict[str, float]:
+        c = self.card.compute_s
+        if self.is_last:
+            return {g: c + self.costs.link(self.me, rep) for g, rep in self.sink_regions.items()}
+        out = self._held_out(slot)
+        if out is None or not out.chain:
+            return {}
+        assert slot.out is not None
+        return {g: c + self._value(slot.out, g) for g in out.chain}
+
+    def _report_costs(self) -> None:
+        """Tell each upstream holder what the chains behind its slots cost now (only what changed)."""
+        if self.is_data:
+            return
+        updates: dict[str, list[tuple[int, tuple[tuple[str, float], ...]]]] = defaultdict(list)
+        for (up, n), slot in self.inbound.items():
+            cost = tuple(sorted((g, round(v, 4)) for g, v in self._chain_of(slot).items() if v < MAX_COST))
+            if cost != slot.sent_cost and (cost or slot.sent_cost):
+                slot.sent_cost = cost
+                updates[up].append((n, cost))
+        for dst, items in updates.items():
+            for k in range(0, len(items), MAX_BATCH):
+                self.bus.send(dst, ChainCost(self.me, tuple(items[k : k + MAX_BATCH])))
+
     def _advertise(self) -> None:
         if self.is_data:
             return
-        cost = self._cost_to_sink()
-        self.my_cost = cost
-        advert_key = (self.spare, tuple(sorted((g, round(c, 4)) for g, c in cost.items())))
+        self.my_cost = self._cost_to_sink()
+        advert_key = (self.spare, tuple(sorted((g, round(c, 3)) for g, c in self.my_cost.items())))
         if advert_key == self.last_advert:
             return
         self.last_advert = advert_key
@@ -587,18 +678,24 @@ class Agent:
             self.bus.send(peer, msg)
 
     def _cost_to_sink(self) -> dict[str, float]:
+        """Distance-vector: my compute + the cheapest next hop with room (a stage-S node: the hop home)."""
         c = self.card.compute_s
         if self.is_last:
             return {g: c + self.costs.link(self.me, rep) for g, rep in self.sink_regions.items()}
-        idle = self._idle_outs() or [n for n, o in self.outbound.items() if o.held]
+        roomy = [p for p, st in self.next.items() if st.spare > 0]
+        # No next peer with room: a last resort, priced high rather than unreachable, so that room freed by a
+        # crash downstream is used at once instead of after the news climbed back up stage by stage.
+        penalty = 0.0 if roomy else self.cfg.blocked_penalty
         out: dict[str, float] = {}
         for g in self.sink_regions:
-            best = min((self._value(n, g) for n in idle), default=INF)
-            out[g] = c + best if best < INF else c + min((self._estimate(p, g) for p in self.next), default=1e6)
+            best = min((self._option(p, g) for p in roomy or self.next), default=INF)
+            if best + penalty < MAX_COST:
+                out[g] = c + best + penalty
         return out
 
     def _refresh(self, directory) -> None:
-        """Ask the DHT directory for next-stage peers with spare capacity (bounded), cheapest links first."""
+        """Ask the DHT directory for next-stage peers with room (bounded), cheapest links first."""
+        self.last_refresh = self.round_no
         for card in directory.lookup(self.card.stage + 1, self.me, self.cfg.lookup, self.rng):
             if card.peer_id not in self.next:
                 self._evict_idle_next()

@@ -169,6 +169,9 @@ class AgentConfig:
     temperature0: float = 0.01  # seconds; annealing temperature of round 0
     cooling: float = 0.5
     margin: float = 0.01  # seconds: smaller gains are not worth a move
+    # Rounds a swapped microbatch waits before it swaps again: the costs it swapped on take a few rounds to
+    # settle along the chains, and without a pause two relays can swap back and forth on each other's news.
+    swap_cooldown: int = 10
     blocked_penalty: float = 5.0  # seconds added to the advert of a node whose next peers all look full
     spread: float = 0.05  # seconds: peers near the cheapest share new microbatches at random, weight exp(-d/spread)
     settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
@@ -189,6 +192,7 @@ class InSlot:
     out: int | None = None  # the out-slot it continues on
     waited: int = 0
     sent_cost: tuple | None = None  # the chain cost the upstream holder knows
+    swapped: int = -(10**9)  # round of its last swap
 
 
 @dataclass
@@ -206,6 +210,7 @@ class OutSlot:
 class NeighbourState:
     card: PeerCard
     spare: int
+    hop: float  # the link term to it (measured figures do not change within a plan)
     heard: bool = False  # an advert arrived: `cost` is what it says (a missing region: unreachable)
     cost: dict[str, float] = field(default_factory=dict)
 
@@ -271,7 +276,7 @@ class Agent:
     def add_next(self, card: PeerCard) -> None:
         self.learn(card)
         if card.peer_id not in self.next:
-            self.next[card.peer_id] = NeighbourState(card, card.capacity)
+            self.next[card.peer_id] = NeighbourState(card, card.capacity, self.costs.link(self.me, card.peer_id))
             self.bus.send(card.peer_id, Hello(self.me, self.card.stage))
 
     def add_same(self, card: PeerCard) -> None:
@@ -493,16 +498,17 @@ class Agent:
     # ------------------------------------------------------------------------------------------------ costs
 
     def _hop(self, peer: str) -> float:
-        return self.costs.link(self.me, peer)
+        state = self.next.get(peer)
+        return state.hop if state is not None else self.costs.link(self.me, peer)
 
     def _option(self, peer: str, label: str) -> float:
         """Cost of sending a new microbatch of `label` to `peer`: link + its advert (an estimate until heard)."""
         state = self.next[peer]
         if state.heard:
-            return self._hop(peer) + state.cost.get(label, INF)
+            return state.hop + state.cost.get(label, INF)
         card = state.card  # not heard yet: assume the rest of the path stays in that peer's region
         rest = (self.n_stages - card.stage + 1) * card.compute_s
-        return self._hop(peer) + rest + self.costs.link(peer, self.sink_regions[label])
+        return state.hop + rest + self.costs.link(peer, self.sink_regions[label])
 
     def _value(self, n: int, label: str) -> float:
         """Cost of carrying a microbatch of `label` on out-slot n from here to its sink."""
@@ -603,7 +609,13 @@ class Agent:
         """Two microbatches here swap continuations when that lowers the costlier of their two paths."""
         if self.is_data:
             return
-        keys = sorted(k for k, s in self.inbound.items() if (o := self._held_out(s)) is not None and s.label in o.chain)
+        keys = sorted(
+            k
+            for k, s in self.inbound.items()
+            if (o := self._held_out(s)) is not None
+            and s.label in o.chain
+            and self.round_no - s.swapped >= self.cfg.swap_cooldown
+        )
         if len(keys) < 2:
             return
         temperature = self.cfg.temperature0 * self.cfg.cooling**self.round_no
@@ -619,6 +631,7 @@ class Agent:
                 delta = new - old
                 if delta < -self.cfg.margin or (delta > 0 and self._anneal(delta, temperature)):
                     sa.out, sb.out = ob, oa
+                    sa.swapped = sb.swapped = self.round_no
                     self.outbound[ob].paired, self.outbound[oa].paired = keys[a], keys[b]
 
     def _anneal(self, delta: float, temperature: float) -> bool:
@@ -669,7 +682,7 @@ class Agent:
         if self.is_data:
             return
         self.my_cost = self._cost_to_sink()
-        advert_key = (self.spare, tuple(sorted((g, round(c, 3)) for g, c in self.my_cost.items())))
+        advert_key = (self.spare, tuple(sorted((g, round(c, 2)) for g, c in self.my_cost.items())))
         if advert_key == self.last_advert:
             return
         self.last_advert = advert_key
@@ -686,12 +699,16 @@ class Agent:
         # No next peer with room: a last resort, priced high rather than unreachable, so that room freed by a
         # crash downstream is used at once instead of after the news climbed back up stage by stage.
         penalty = 0.0 if roomy else self.cfg.blocked_penalty
-        out: dict[str, float] = {}
-        for g in self.sink_regions:
-            best = min((self._option(p, g) for p in roomy or self.next), default=INF)
-            if best + penalty < MAX_COST:
-                out[g] = c + best + penalty
-        return out
+        best = dict.fromkeys(self.sink_regions, INF)
+        for p in roomy or self.next:
+            state = self.next[p]
+            if state.heard:
+                for g, v in state.cost.items():
+                    best[g] = min(best[g], state.hop + v)
+            else:
+                for g in best:
+                    best[g] = min(best[g], self._option(p, g))
+        return {g: c + v + penalty for g, v in best.items() if v + penalty < MAX_COST}
 
     def _refresh(self, directory) -> None:
         """Ask the DHT directory for next-stage peers with room (bounded), cheapest links first."""

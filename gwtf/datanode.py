@@ -262,7 +262,10 @@ class DataNode(NodeBase):
     # ---- the view and readiness ----------------------------------------------------------------------------------
     async def current_nodes(self) -> dict[str, NodeRecord]:
         """Live records, with the versions relays confirmed in their replies where the DHT has not caught up."""
-        nodes = dict(await self.live_nodes())
+        return self._confirmed(await self.live_nodes())
+
+    def _confirmed(self, live: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
+        nodes = dict(live)
         for p, version in self.confirmed.items():
             if p in nodes and nodes[p].state_version < version:
                 nodes[p] = dataclasses.replace(nodes[p], state_version=version)
@@ -486,7 +489,7 @@ class DataNode(NodeBase):
         """A fresh view that shows the run's expected data nodes if they are alive (bounded wait): averaging stage 0
         with fewer than all of them, each leading its own round, would let their copies of stage 0 diverge."""
         deadline = time.monotonic() + timeout
-        nodes = await self.live_nodes(max_age=0)
+        nodes = await self.live_nodes()
         while len(serving(nodes, "data")) < self.expected_data_nodes and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             nodes = await self.live_nodes(max_age=0)
@@ -497,12 +500,20 @@ class DataNode(NodeBase):
         peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
         await self.compute(self.stage0.apply_averaged, result.grads, i)
-        relays = sorted(p for p, r in serving(nodes, "relay").items() if r.state_version == i)
+        live = serving(self._confirmed(nodes), "relay")
         used: dict[str, set[str]] = {}
         for fl in self.flights.values():
             for stage, peer in zip(fl.order, fl.route):
                 used.setdefault(str(stage), set()).add(peer)
-        done = self.message("end_iteration", iteration=i, meta={"used": {k: sorted(v) for k, v in used.items()}})
+        # Each stage's group: its replicas at this version and the live ones this node routed through. The replicas
+        # average with exactly these (with the other data nodes' lists), so they agree on it without a DHT read.
+        group = {str(k): {p for p, r in live.items() if r.stage == k and r.state_version == i}
+                 for k in range(1, self.spec.model.n_stages + 1)}  # fmt: skip
+        for k, routed in used.items():
+            group.setdefault(k, set()).update(p for p in routed if p in live)
+        relays = sorted(set().union(*group.values()))
+        meta = {"used": {k: sorted(v) for k, v in used.items()}, "group": {k: sorted(v) for k, v in group.items()}}
+        done = self.message("end_iteration", iteration=i, meta=meta)
         replies = await asyncio.gather(
             *(self.call(p, "end_iteration", done, timeout=3 * self.cfg.iteration_timeout) for p in relays),
             return_exceptions=True,
@@ -512,4 +523,4 @@ class DataNode(NodeBase):
                 log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
             else:
                 self.confirmed[p] = int(r.meta["version"])
-        await self.announce()
+        await self.announce_soon()

@@ -137,9 +137,12 @@ class NodeBase:
     def record(self) -> NodeRecord:
         raise NotImplementedError
 
-    async def live_nodes(self, max_age: float = 0.2) -> dict[str, NodeRecord]:
-        """The live records, cached for `max_age` seconds: many waits poll it, a DHT read is not free."""
+    async def live_nodes(self, max_age: float | None = None) -> dict[str, NodeRecord]:
+        """The live records, cached for `max_age` seconds (default: half a heartbeat, as records change no faster):
+        many waits poll it, and a DHT read costs every peer's DHT process CPU (it checks every record's signature)."""
         now = time.monotonic()
+        if max_age is None:
+            max_age = self.cfg.heartbeat_s / 2
         if self._view is None or now - self._view[0] > max_age:
             self._view = (now, await asyncio.to_thread(self.membership.live_nodes))
         return self._view[1]
@@ -151,14 +154,27 @@ class NodeBase:
         except Exception as exc:  # the DHT refusing one store must not fail an iteration
             log.warning("%s: announcing its record failed (%s); the heartbeat retries", self.peer_id[:8], exc)
 
+    async def announce_soon(self) -> None:
+        """Have the heartbeat write this node's record soon (at most two writes per heartbeat period), without
+        waiting for it: a new state version is news for joiners, not for the iteration in progress."""
+        if not self.membership.announce_soon():
+            await self.announce()
+
     def start_heartbeat(self) -> None:
-        self.membership.start_heartbeat(self.record, self.cfg.heartbeat_s, self.cfg.record_ttl_s)
+        cfg = self.cfg
+        self.membership.start_heartbeat(self.record, cfg.heartbeat_s, cfg.record_ttl_s, min_gap=cfg.heartbeat_s / 2)
 
     async def close(self) -> None:
         self.closed = True
         self.membership.close()
         await self.transport.shutdown()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _peers_of(by_stage: Any, stage: int) -> set[str]:
+    """The peer ids listed for `stage` in a {stage: [peer, ...]} map from a message (anything malformed: none)."""
+    peers = by_stage.get(str(stage), []) if isinstance(by_stage, dict) else []
+    return {p for p in peers if isinstance(p, str)} if isinstance(peers, list) else set()
 
 
 def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -> dict[str, NodeRecord]:
@@ -193,6 +209,7 @@ class RelayNode(NodeBase):
         self.compute_s = 0.0
         self.iteration_done: dict[int, set[str]] = {}
         self.iteration_used: dict[int, set[str]] = {}  # replicas of this stage the data nodes routed through
+        self.iteration_group: dict[int, set[str]] = {}  # replicas of this stage the data nodes told to step
         self.iteration_steps: dict[int, asyncio.Future] = {}
         self.averager = GroupAverager(transport, spec.run_id, f"stage{stage}", timeout=cfg.average_timeout)
         self.tasks: set[asyncio.Task] = set()
@@ -556,8 +573,9 @@ class RelayNode(NodeBase):
         if sender is None or sender.role != "data":
             raise BadMessage("only a live data node ends an iteration")  # a relay cannot make a stage step early
         self.iteration_done.setdefault(i, set()).add(msg.sender)
-        used = msg.meta.get("used", {}).get(str(self.stage), [])
-        self.iteration_used.setdefault(i, set()).update(str(p) for p in used)
+        self.iteration_used.setdefault(i, set()).update(_peers_of(msg.meta.get("used"), self.stage))
+        if "group" in msg.meta:
+            self.iteration_group.setdefault(i, set()).update(_peers_of(msg.meta["group"], self.stage))
         if i not in self.iteration_steps:
             self.iteration_steps[i] = asyncio.ensure_future(self._finish_iteration(i))
         await asyncio.wait_for(asyncio.shield(self.iteration_steps[i]), timeout=self.cfg.iteration_timeout * 2)
@@ -576,10 +594,7 @@ class RelayNode(NodeBase):
                 break
             await asyncio.sleep(0.02)
         await self._drain_tasks()
-        # The group: replicas at this version in a fresh view, and every replica a data node routed through (those
-        # hold gradients that must not be left out, even if their record has not reached this view yet).
-        live = serving(await self.live_nodes(max_age=0), "relay", self.stage)
-        group = {p for p, r in live.items() if r.state_version == i} | (self.iteration_used.pop(i, set()) & set(live))
+        group = await self._group(i)
         await self.fault("averaging", i)
         result = await self.averager.average(i, self.replica.grad_tensors(), self.replica.count, sorted(group))
         await self.fault("optimizer_step", i)
@@ -587,7 +602,19 @@ class RelayNode(NodeBase):
         self.sent_grads.clear()
         self.iteration_done.pop(i, None)
         self.iteration_steps = {k: v for k, v in self.iteration_steps.items() if k >= i}
-        await self.announce()
+        await self.announce_soon()
+
+    async def _group(self, i: int) -> set[str]:
+        """The replicas of this stage that average at the end of iteration `i`: the ones the data nodes told to step
+        (every replica gets the same lists, so the members agree on the group, and no DHT read is on the path of a
+        step). From a data node that sends no list: the replicas at this version in a fresh view, and every live
+        replica a data node routed through (those hold gradients that must not be left out)."""
+        used = self.iteration_used.pop(i, set())
+        told = self.iteration_group.pop(i, None)
+        if told is not None:
+            return told | {self.peer_id}  # the data nodes' lists hold the live replicas they routed through
+        live = serving(await self.live_nodes(max_age=0), "relay", self.stage)
+        return {p for p, r in live.items() if r.state_version == i} | (used & set(live))
 
     async def _drain_tasks(self) -> None:
         """Let in-flight backward work finish (bounded) before the gradients are read."""

@@ -55,6 +55,7 @@ class Flight:
     loss: float | None = None
     reroutes: int = 0
     outcome: str = "started"
+    avoid: set[str] = field(default_factory=set)  # replicas that failed this microbatch: not offered again
 
     def meta(self) -> dict:
         return {"route": list(self.route), "order": self.order, "origin": self.origin, "attempt": self.attempt}
@@ -113,6 +114,7 @@ class DataNode(NodeBase):
             "embed_grad": self.rpc_embed_grad,
             "route": self.rpc_route,
             "recover": self.rpc_recover,
+            "fail": self.rpc_fail,
             "get_state": self.rpc_get_state,
         }.items():
             transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
@@ -165,10 +167,10 @@ class DataNode(NodeBase):
     # ---- validation of what relays send back -------------------------------------------------------------------
     def validate(self, msg: Message, handler: str) -> None:
         """By the handler called: what relays send back must fit a microbatch in flight."""
-        if handler not in ("head", "embed_grad", "recover", "route"):
+        if handler not in ("head", "embed_grad", "recover", "route", "fail"):
             return
         needed = {"head": ("route", "attempt"), "embed_grad": ("route", "attempt"), "route": ("position", "dead"),
-                  "recover": ("route", "attempt", "dead_pos", "dead")}[handler]  # fmt: skip
+                  "recover": ("route", "attempt", "dead_pos", "dead"), "fail": ("attempt",)}[handler]  # fmt: skip
         missing = [f for f in needed if f not in msg.meta]
         if missing:
             raise BadMessage(f"{handler} needs meta field(s) {', '.join(missing)}")
@@ -176,7 +178,7 @@ class DataNode(NodeBase):
         fl = self.flights.get(msg.microbatch_id)
         if fl is None or msg.iteration != self.iteration:
             raise BadMessage(f"no microbatch {msg.microbatch_id} in flight at iteration {msg.iteration}")
-        n_expected = 0 if handler == "route" else 1
+        n_expected = 0 if handler in ("route", "fail") else 1
         if len(msg.tensors) != n_expected:
             raise BadMessage(f"{handler} carries {n_expected} tensor(s), got {len(msg.tensors)}")
         expected = (*fl.x.shape, m.d_model)
@@ -208,8 +210,19 @@ class DataNode(NodeBase):
         fl = self._current(msg)
         if fl is None:
             raise BadMessage(f"microbatch {msg.microbatch_id} is not in flight")
-        new = await self._replace(fl, int(msg.meta["position"]), {str(msg.meta["dead"])})
+        dead, pos = str(msg.meta["dead"]), int(msg.meta["position"])
+        fl.avoid.add(dead)  # a full replica too: this hop has tried it already
+        others = {r.peer_id for r in (await self.view()).replicas(fl.order[pos])} - fl.avoid
+        new = await self._replace(fl, pos, set(fl.avoid) if others else {dead})
         return self.message("route", meta={"route": fl.route, "replica": new})
+
+    async def rpc_fail(self, msg: Message) -> Message:
+        """A relay of the route gave up forwarding this microbatch (no live next hop within its attempts): restart
+        the microbatch now instead of waiting for the leg until the microbatch timeout."""
+        fl = self._current(msg)
+        if fl is not None and msg.sender in fl.route and fl.head is not None and not fl.head.done():
+            fl.head.set_exception(_Restart(f"relay {msg.sender[:8]} found no live next hop"))
+        return self.message("ack")
 
     async def _replace(self, fl: Flight, pos: int, dead: set[str]) -> str:
         """A live replica for position `pos` of this microbatch's route; when its stage has none left (every replica

@@ -18,6 +18,7 @@ Relay protocol (all calls ack on receipt; the work runs after the ack):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -464,7 +465,16 @@ class RelayNode(NodeBase):
                     exc,
                     origin[:8],
                 )
-                route = await self._reroute(origin, msg, pos + 1, nxt, route)
+                try:
+                    route = await self._reroute(origin, msg, pos + 1, nxt, route)
+                except PeerError as why:  # the data node has no replica to offer (or is gone itself)
+                    log.info("forward mb %d: no new next hop (%s)", msg.microbatch_id, why)
+                    break
+        # Tell the data node now: it would otherwise wait for this leg until its microbatch timeout (30 s).
+        fail = self.message("fail", iteration=msg.iteration, microbatch_id=msg.microbatch_id,
+                            meta={"attempt": msg.meta.get("attempt", 0)})  # fmt: skip
+        with contextlib.suppress(PeerError):
+            await self.call(origin, "fail", fail)
         raise PeerError(f"forward of microbatch {msg.microbatch_id} found no live next hop")
 
     async def _reroute(self, origin: str, msg: Message, pos: int, dead: str, route: list[str]) -> list[str]:

@@ -169,3 +169,10 @@ def test_unanswered_request_expires_and_the_microbatch_is_routed_again():
     out = agent.inbound[("u", 0)].out
     assert first not in agent.outbound  # the stale request was given up
     assert out is not None and agent.outbound[out].peer != silent  # and the microbatch asked the other peer
+
+
+def test_slow_relays_still_get_paths():
+    # seconds per microbatch far above the simulator's: a path costs ~12 s, and must not look "blocked"
+    spec = [[(2, 3.0, "Japan"), (1, 3.0, "LA")] for _ in range(4)]
+    plan = GWTFRouter(seed=0, rounds=30).plan(build(spec), {"d0": 3})
+    assert len(plan["d0"]) == 3

@@ -172,7 +172,9 @@ class AgentConfig:
     # Rounds a swapped microbatch waits before it swaps again: the costs it swapped on take a few rounds to
     # settle along the chains, and without a pause two relays can swap back and forth on each other's news.
     swap_cooldown: int = 10
-    blocked_penalty: float = 5.0  # seconds added to the advert of a node whose next peers all look full
+    # Seconds added to the advert of a node whose next peers all look full: far above any real path cost, so a
+    # blocked-looking path is chosen only when there is no other, and a data node can tell one by its price.
+    blocked_penalty: float = 1e4
     spread: float = 0.05  # seconds: peers near the cheapest share new microbatches at random, weight exp(-d/spread)
     settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
 

@@ -9,10 +9,13 @@ Each round a node:
   cost over next-stage peers believed to have room; with none, over all of them plus `blocked_penalty`, a last
   resort rather than "unreachable", so room freed by a crash is used before the news has climbed back up) and
   its room, to the upstream peers that keep it as a candidate, when that changed or after it rejected someone;
-- grants requested slots within its capacity, the longest prefixes first (they have the least slack left);
+- grants requested slots within its capacity, the shortest prefixes first: a microbatch that has come a long
+  way has usually been turned down and wandered; measured, serving the direct ones first gives cheaper paths,
+  the worst included, and no slower convergence (the min-max repair is the swap below);
 - routes every microbatch it holds that has no next hop yet to a next-stage peer with room, the cheapest by
   link + advert or, at random, one nearly as cheap (weight exp(-extra / spread)): senders that all see the same
-  cheapest peer would otherwise all ask it and all but a few be rejected, a round trip each. Requests are
+  cheapest peer would otherwise all ask it and all but a few be rejected, a round trip each; after each
+  rejection the circle doubles and the DHT directory is asked afresh for peers with room. Requests are
   batched per peer; a microbatch advances one stage per round. One that finds no peer with room for `patience`
   rounds is revoked (`Lost`) and its sender routes it elsewhere; a data node holds back microbatches while its
   paths look blocked (they would only hold room that others need);
@@ -161,7 +164,7 @@ class Costs(Protocol):
 class AgentConfig:
     neighbours: int = 8  # candidates kept per adjacent stage
     lookup: int = 4  # fresh candidates per directory lookup
-    refresh_every: int = 3  # rounds between directory lookups of one node
+    refresh_every: int = 1  # rounds between directory lookups of one node
     patience: int = 3  # rounds a microbatch may wait for a next hop before it is revoked
     moves: int = 0  # cheaper next hops tried per round
     build_rounds: int = 12  # rounds a move's new chain may take to complete
@@ -195,6 +198,7 @@ class InSlot:
     waited: int = 0
     sent_cost: tuple | None = None  # the chain cost the upstream holder knows
     swapped: int = -(10**9)  # round of its last swap
+    rejected: int = 0  # requests for it that were turned down
 
 
 @dataclass
@@ -397,12 +401,12 @@ class Agent:
             self.last_advert = None
 
     def _grant(self) -> None:
-        """Grant new slots within capacity, the longest prefixes first: they have the least slack left."""
+        """Grant new slots within capacity, the shortest prefixes first (see the module docstring)."""
         if not self._asks:
             return
         accepted: dict[str, list[int]] = defaultdict(list)
         rejected: dict[str, list[int]] = defaultdict(list)
-        for sender, n, label, prefix in sorted(self._asks, key=lambda a: (-a[3], a[0], a[1])):
+        for sender, n, label, prefix in sorted(self._asks, key=lambda a: (a[3], a[0], a[1])):
             if len(self.inbound) < self.card.capacity and (sender, n) not in self.inbound:
                 self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s)
                 accepted[sender].append(n)
@@ -425,6 +429,9 @@ class Agent:
         for n in msg.rejected:
             out = self.outbound.get(n)
             if out is not None and out.peer == msg.sender and not out.held:
+                slot = self.inbound.get(out.paired)
+                if slot is not None and slot.out == n:
+                    slot.rejected += 1
                 self._drop_out(n)
         state = self.next.get(msg.sender)
         if state is not None:
@@ -546,28 +553,35 @@ class Agent:
         if not waiting or (self.is_data and self.round_no < self.cfg.settle):
             return
         give_up = []
+        fresh: set[str] = set()
         for key in waiting:
             slot = self.inbound[key]
             options = self._options(slot.label)
-            if not options and self.round_no - self.last_refresh >= self.cfg.refresh_every:
-                self._refresh(directory)
-                options = self._options(slot.label)
+            # Turned down before: what we believe of our neighbours' room is stale, ask the directory afresh
+            # and try a peer it names.
+            stale = not options or slot.rejected > 0
+            if stale and self.round_no - self.last_refresh >= self.cfg.refresh_every:
+                fresh = self._refresh(directory)
+            if stale and fresh:
+                options = [o for o in self._options(slot.label) if o[1] in fresh] or self._options(slot.label)
             if self.is_data:  # a data node sends nothing into a path that looks blocked: it would only hog room
                 options = [(v, p) for v, p in options if v < self.cfg.blocked_penalty]
             if options:
-                self._new_out(key, self._pick(options), move=False)
+                self._new_out(key, self._pick(options, slot.rejected), move=False)
                 continue
             slot.waited += 1
             if slot.waited > self.cfg.patience and not self.is_data:
                 give_up.append(key)
         self._revoke(give_up)
 
-    def _pick(self, options: list[tuple[float, str]]) -> str:
+    def _pick(self, options: list[tuple[float, str]], rejected: int) -> str:
         """One of the near-cheapest peers, at random by believed room: upstream peers that all see the same
-        cheapest peer would otherwise all ask it at once, and all but a few be rejected (a round trip each)."""
+        cheapest peer would otherwise all ask it at once, and all but a few be rejected (a round trip each).
+        Each time a microbatch was turned down the circle widens: where room is scarce, speed beats thrift."""
         best = options[0][0]
-        near = [(v, p) for v, p in options if v <= best + 5 * self.cfg.spread]
-        weights = [self.next[p].spare * math.exp(-(v - best) / self.cfg.spread) for v, p in near]
+        spread = self.cfg.spread * 2 ** min(rejected, 4)
+        near = [(v, p) for v, p in options if v <= best + 5 * spread]
+        weights = [self.next[p].spare * math.exp(-(v - best) / spread) for v, p in near]
         return self.rng.choices([p for _, p in near], weights=weights)[0]
 
     def _move(self) -> None:
@@ -712,13 +726,19 @@ class Agent:
                     best[g] = min(best[g], self._option(p, g))
         return {g: c + v + penalty for g, v in best.items() if v + penalty < MAX_COST}
 
-    def _refresh(self, directory) -> None:
+    def _refresh(self, directory) -> set[str]:
         """Ask the DHT directory for next-stage peers with room (bounded), cheapest links first."""
         self.last_refresh = self.round_no
+        found = set()
         for card in directory.lookup(self.card.stage + 1, self.me, self.cfg.lookup, self.rng):
             if card.peer_id not in self.next:
                 self._evict_idle_next()
                 self.add_next(card)
+            state = self.next.get(card.peer_id)
+            if state is not None:  # the directory's record is fresher than our last word from it
+                state.spare = max(state.spare, 1)
+                found.add(card.peer_id)
+        return found
 
     def _evict_idle_next(self) -> None:
         if len(self.next) < 2 * self.cfg.neighbours:

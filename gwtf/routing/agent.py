@@ -163,7 +163,7 @@ class Costs(Protocol):
 @dataclass
 class AgentConfig:
     neighbours: int = 8  # candidates kept per adjacent stage
-    lookup: int = 4  # fresh candidates per directory lookup
+    lookup: int = 8  # fresh candidates per directory lookup
     refresh_every: int = 1  # rounds between directory lookups of one node
     patience: int = 3  # rounds a microbatch may wait for a next hop before it is revoked
     moves: int = 0  # cheaper next hops tried per round
@@ -553,17 +553,14 @@ class Agent:
         if not waiting or (self.is_data and self.round_no < self.cfg.settle):
             return
         give_up = []
-        fresh: set[str] = set()
         for key in waiting:
             slot = self.inbound[key]
             options = self._options(slot.label)
-            # Turned down before: what we believe of our neighbours' room is stale, ask the directory afresh
-            # and try a peer it names.
+            # None, or turned down before: what we believe of our neighbours' room is stale, ask the directory.
             stale = not options or slot.rejected > 0
-            if stale and self.round_no - self.last_refresh >= self.cfg.refresh_every:
-                fresh = self._refresh(directory)
-            if stale and fresh:
-                options = [o for o in self._options(slot.label) if o[1] in fresh] or self._options(slot.label)
+            due = self.round_no - self.last_refresh >= self.cfg.refresh_every
+            if stale and due and self._refresh(directory, self.cfg.lookup):
+                options = self._options(slot.label)
             if self.is_data:  # a data node sends nothing into a path that looks blocked: it would only hog room
                 options = [(v, p) for v, p in options if v < self.cfg.blocked_penalty]
             if options:
@@ -726,11 +723,11 @@ class Agent:
                     best[g] = min(best[g], self._option(p, g))
         return {g: c + v + penalty for g, v in best.items() if v + penalty < MAX_COST}
 
-    def _refresh(self, directory) -> set[str]:
+    def _refresh(self, directory, k: int) -> set[str]:
         """Ask the DHT directory for next-stage peers with room (bounded), cheapest links first."""
         self.last_refresh = self.round_no
         found = set()
-        for card in directory.lookup(self.card.stage + 1, self.me, self.cfg.lookup, self.rng):
+        for card in directory.lookup(self.card.stage + 1, self.me, k, self.rng):
             if card.peer_id not in self.next:
                 self._evict_idle_next()
                 self.add_next(card)

@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,3 +177,19 @@ def test_slow_relays_still_get_paths():
     spec = [[(2, 3.0, "Japan"), (1, 3.0, "LA")] for _ in range(4)]
     plan = GWTFRouter(seed=0, rounds=30).plan(build(spec), {"d0": 3})
     assert len(plan["d0"]) == 3
+
+
+def test_moves_keep_capacity_and_the_optimum():
+    spec = [[(2, 0.1, "Japan"), (2, 0.3, "LA")] for _ in range(4)]
+    run = ProtocolRun(build(spec), {"d0": 2}, AgentConfig(moves=1), seed=5)
+    for _ in range(30):
+        run.step()
+        assert_within_capacity(run)
+    assert sorted(run.plan()["d0"]) == [[f"s{s}r0" for s in range(1, 5)]] * 2
+
+
+def test_agent_config_is_validated():
+    with pytest.raises(ValueError):
+        AgentConfig(spread=0)
+    with pytest.raises(ValueError):
+        AgentConfig(cooling=1.0)

@@ -186,6 +186,8 @@ class AgentConfig:
             raise ValueError("AgentConfig: neighbours, lookup, refresh_every, patience, build_rounds must be >= 1")
         if self.moves < 0 or not 0 < self.cooling < 1 or self.margin < 0:
             raise ValueError("AgentConfig: moves >= 0, 0 < cooling < 1, margin >= 0")
+        if self.swap_cooldown < 0 or self.settle < 0 or not (self.blocked_penalty > 0 and self.spread > 0):
+            raise ValueError("AgentConfig: swap_cooldown, settle >= 0; blocked_penalty, spread > 0")
 
 
 @dataclass

@@ -85,7 +85,7 @@ def test_lying_node_is_contained():
         for peer in liar.subscribers:
             run.bus.send(peer, Advert("s1r0", 1, 1000, 0.0, (("Japan", 0.0),)))
         for target in ("s2r0", "s2r1"):
-            slots = tuple((1000 + k, "Japan", 0.0) for k in range(5))
+            slots = tuple((1000 + k, "Japan", 0.0, 0.0) for k in range(5))  # and claims to be the least served
             run.bus.send(target, Request("s1r0", slots))
             run.bus.send(target, Request("s1r0", slots[:1]))
         run.step()

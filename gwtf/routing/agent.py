@@ -16,9 +16,12 @@ Each round a node:
   link + advert or, at random, one nearly as cheap (weight exp(-extra / spread)): senders that all see the same
   cheapest peer would otherwise all ask it and all but a few be rejected, a round trip each; after each
   rejection the circle doubles and the DHT directory is asked afresh for peers with room. Requests are
-  batched per peer; a microbatch advances one stage per round. One that finds no peer with room for `patience`
-  rounds is revoked (`Lost`) and its sender routes it elsewhere; a data node holds back microbatches while its
-  paths look blocked (they would only hold room that others need);
+  batched per peer; a microbatch advances one stage per round. Each request carries the share of its data
+  node's demand that had a path when it set out, and contested room goes to the least served first (max-min
+  fairness between data nodes: without it, the data nodes of a crowded region were starved, at N = 10,000
+  some with no path at all). A microbatch that finds no peer with room for `patience` rounds is revoked
+  (`Lost`) and its sender routes it elsewhere; a data node served at least `fair_share` holds back
+  microbatches while its paths look blocked (they would only hold room that others need);
 - reports upstream, per slot, what the chain behind it costs per sink region (`ChainCost`: costs travel up the
   chains as labels and prefixes travel down), so every node knows the exact cost of each path it carries;
 - improves: two microbatches at the same relay swap their continuations when that lowers the costlier of the
@@ -80,7 +83,9 @@ class Request:
     """Grant me these slots, or: the slots I hold now carry this (label, prefix)."""
 
     sender: str
-    slots: tuple[tuple[int, str, float], ...]  # (slot, origin region, path cost up to the receiver)
+    # (slot, origin region, path cost up to the receiver, share of its data node's demand that had a path when
+    # it was sent: contested room goes to the least served data nodes first)
+    slots: tuple[tuple[int, str, float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class AgentConfig:
     # blocked-looking path is chosen only when there is no other, and a data node can tell one by its price.
     blocked_penalty: float = 1e4
     spread: float = 0.05  # seconds: peers near the cheapest share new microbatches at random, weight exp(-d/spread)
+    fair_share: float = 0.5  # served less than this share of its demand, a data node tries blocked paths too
     settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
 
     def __post_init__(self) -> None:
@@ -188,6 +194,8 @@ class AgentConfig:
             raise ValueError("AgentConfig: moves >= 0, 0 < cooling < 1, margin >= 0")
         if self.swap_cooldown < 0 or self.settle < 0 or not (self.blocked_penalty > 0 and self.spread > 0):
             raise ValueError("AgentConfig: swap_cooldown, settle >= 0; blocked_penalty, spread > 0")
+        if not 0 <= self.fair_share <= 1:
+            raise ValueError("AgentConfig: 0 <= fair_share <= 1")
 
 
 @dataclass
@@ -196,6 +204,7 @@ class InSlot:
 
     label: str  # origin region: where it returns
     prefix: float  # path cost from the origin through this node's compute
+    share: float = 0.0  # share of its data node's demand that had a path when it set out
     out: int | None = None  # the out-slot it continues on
     waited: int = 0
     sent_cost: tuple | None = None  # the chain cost the upstream holder knows
@@ -250,8 +259,8 @@ class Agent:
         self.rejected = 0  # invalid messages dropped
         self.round_no = 0
         self.last_refresh = -(10**9)
-        self._requests: dict[str, list[tuple[int, str, float]]] = defaultdict(list)
-        self._asks: list[tuple[str, int, str, float]] = []  # new slot requests of this round
+        self._requests: dict[str, list[tuple[int, str, float, float]]] = defaultdict(list)
+        self._asks: list[tuple[str, int, str, float, float]] = []  # new slot requests of this round
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -380,14 +389,17 @@ class Agent:
 
     def _on_request(self, msg: Request, card: PeerCard) -> None:
         self._expect_stage(card, self.card.stage - 1)
-        if len(msg.slots) > MAX_BATCH or any(not (isinstance(e, tuple) and len(e) == 3) for e in msg.slots):
+        if len(msg.slots) > MAX_BATCH or any(not (isinstance(e, tuple) and len(e) == 4) for e in msg.slots):
             raise BadMessage("too many or malformed slot entries")
         fresh = sum(1 for e in msg.slots if (msg.sender, e[0]) not in self.inbound)
         if fresh > max(self.card.capacity, 1):
             raise BadMessage(f"request for {fresh} new slots, more than our recorded capacity")
         rejected = []
-        for n, label, prefix in msg.slots:
+        for n, label, prefix, share in msg.slots:
             if not (isinstance(n, int) and label in self.sink_regions and isinstance(prefix, float | int)):
+                rejected.append(n)
+                continue
+            if not (isinstance(share, float | int) and 0 <= share <= 1):
                 rejected.append(n)
                 continue
             if not 0 <= prefix < MAX_COST:
@@ -397,20 +409,21 @@ class Agent:
             if slot is not None:  # the microbatch on a slot already granted changed: it travels down the chain
                 slot.label, slot.prefix = label, float(prefix) + self.card.compute_s
             else:
-                self._asks.append((msg.sender, n, label, float(prefix)))
+                self._asks.append((msg.sender, n, label, float(prefix), float(share)))
         if rejected:
             self.bus.send(msg.sender, Reply(self.me, (), tuple(rejected), self.spare))
             self.last_advert = None
 
     def _grant(self) -> None:
-        """Grant new slots within capacity, the shortest prefixes first (see the module docstring)."""
+        """Grant new slots within capacity: the least served data nodes first (by tenths of their demand), then
+        the shortest prefixes (see the module docstring)."""
         if not self._asks:
             return
         accepted: dict[str, list[int]] = defaultdict(list)
         rejected: dict[str, list[int]] = defaultdict(list)
-        for sender, n, label, prefix in sorted(self._asks, key=lambda a: (a[3], a[0], a[1])):
+        for sender, n, label, prefix, share in sorted(self._asks, key=lambda a: (round(a[4], 1), a[3], a[0], a[1])):
             if len(self.inbound) < self.card.capacity and (sender, n) not in self.inbound:
-                self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s)
+                self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s, share=share)
                 accepted[sender].append(n)
             else:
                 rejected[sender].append(n)
@@ -477,7 +490,7 @@ class Agent:
         self.outbound[n] = OutSlot(peer, key, self.round_no, move=move, sent=(slot.label, prefix))
         if not move:
             slot.out = n
-        self._requests[peer].append((n, slot.label, prefix))
+        self._requests[peer].append((n, slot.label, prefix, slot.share))
         state = self.next.get(peer)
         if state is not None:
             state.spare = max(0, state.spare - 1)
@@ -563,8 +576,12 @@ class Agent:
             due = self.round_no - self.last_refresh >= self.cfg.refresh_every
             if stale and due and self._refresh(directory, self.cfg.lookup):
                 options = self._options(slot.label)
-            if self.is_data:  # a data node sends nothing into a path that looks blocked: it would only hog room
-                options = [(v, p) for v, p in options if v < self.cfg.blocked_penalty]
+            if self.is_data:
+                slot.share = round(len(self.units()) / len(self.inbound), 2)
+                # A data node sends nothing into a path that looks blocked (it would only hold room that others
+                # need) unless it is served less than its fair share: then it tries, and wins contested room.
+                if slot.share >= self.cfg.fair_share:
+                    options = [(v, p) for v, p in options if v < self.cfg.blocked_penalty]
             if options:
                 self._new_out(key, self._pick(options, slot.rejected), move=False)
                 continue
@@ -661,7 +678,7 @@ class Agent:
             want = (slot.label, round(slot.prefix + self._hop(out.peer), 4))
             if want != out.sent:
                 out.sent = want
-                self._requests[out.peer].append((n, *want))
+                self._requests[out.peer].append((n, *want, slot.share))
 
     def _flush(self) -> None:
         for dst, slots in self._requests.items():

@@ -193,3 +193,14 @@ def test_agent_config_is_validated():
         AgentConfig(spread=0)
     with pytest.raises(ValueError):
         AgentConfig(cooling=1.0)
+
+
+def test_contested_room_goes_to_the_least_served_data_node():
+    bus = InProcessBus()
+    relay = Agent(PeerCard("x", 1, "A", 0.1, 1), 2, FlatCosts(), bus, {"A": "d", "B": "e"}, AgentConfig(), seed=0)
+    for card in (PeerCard("d", 0, "A", 0.0, 0), PeerCard("e", 0, "B", 0.0, 0)):
+        relay.learn(card)
+    served = Request("d", ((0, "A", 0.1, 0.9),))  # d has paths for 90 % of its demand, and is closer
+    starved = Request("e", ((0, "B", 0.5, 0.1),))
+    relay.step(1, [served, starved], NoDirectory())
+    assert list(relay.inbound) == [("e", 0)]

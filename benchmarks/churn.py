@@ -403,10 +403,13 @@ class Run:
     # ---- the loop ----------------------------------------------------------------------------------------------
     def execute(self) -> RunResult:
         t_start = time.time()
+        t0, done = t_start, False
         try:
             join = self.start()
             t0 = self._wait_first_iteration()
             done = self._monitor(t0, join)
+        except UserError as exc:  # this variant failed (a node exited early...): a result, the others still run
+            print(f"  !! {exc}", flush=True)
         finally:
             self.group.stop_all()
         leftover = _leftovers(self.group)

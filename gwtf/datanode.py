@@ -116,6 +116,8 @@ class DataNode(NodeBase):
             "recover": self.rpc_recover,
             "fail": self.rpc_fail,
             "get_state": self.rpc_get_state,
+            "relay_serving": self.rpc_relay_serving,
+            "versions": self.rpc_versions,
         }.items():
             transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
 
@@ -145,7 +147,7 @@ class DataNode(NodeBase):
         self.start_heartbeat()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            peers = serving(await self.live_nodes(max_age=0), "data")
+            peers = serving(await self.fresh_versions(await self.live_nodes(max_age=0)), "data")
             if any(r.state_version > 0 for r in peers.values()) or len(peers) >= expected_data_nodes:
                 break
             await asyncio.sleep(0.1)
@@ -266,6 +268,18 @@ class DataNode(NodeBase):
             await self.call(fl.route[k - 1], "resend", req)
         log.info("mb %d: stage %d recomputed on %s", fl.mb, fl.order[k], new[:8])
         return self.message("ack")
+
+    async def rpc_relay_serving(self, msg: Message) -> Message:
+        """A relay started serving: read the DHT now, not when the cached view expires, so that it is routed through
+        and told to step from this iteration on (a replica left out of a step falls behind and must download)."""
+        if msg.sender not in serving(await self.live_nodes(max_age=0), "relay"):
+            raise BadMessage("only a serving relay announces itself")
+        return self.message("ack")
+
+    async def rpc_versions(self, msg: Message) -> Message:
+        """The state versions this node knows first hand: its own, and each relay's from its `stepped` reply (DHT
+        records are written once a heartbeat, so they can lag a step behind; a joiner asks here)."""
+        return self.message("versions", meta={"versions": {**self.confirmed, self.peer_id: self.stage0.version}})
 
     async def rpc_get_state(self, msg: Message) -> Message:
         tensors, meta = await self.compute(self.stage0.state)
@@ -536,4 +550,4 @@ class DataNode(NodeBase):
                 log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
             else:
                 self.confirmed[p] = int(r.meta["version"])
-        await self.announce_soon()
+        # this node's new version reaches the DHT with its next heartbeat (see RelayNode._finish_iteration)

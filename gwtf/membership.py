@@ -99,7 +99,6 @@ class Membership(ABC):
 
     def __init__(self) -> None:
         self._stop = threading.Event()
-        self._wake = threading.Event()  # `announce_soon`: the heartbeat writes now instead of at its next beat
         self._heartbeat: threading.Thread | None = None
 
     @abstractmethod
@@ -117,35 +116,16 @@ class Membership(ABC):
     def live_nodes(self) -> dict[str, NodeRecord]:
         """Unexpired node records by peer id."""
 
-    def start_heartbeat(
-        self, get_record: Callable[[], NodeRecord], period: float, ttl: float, min_gap: float = 0.0
-    ) -> None:
-        """Announce `get_record()` every `period` seconds until `close()`, and soon after `announce_soon()`, but
-        never two writes within `min_gap` seconds (a signed DHT store costs every peer CPU: a node that changes its
-        record at every step must not write it at every step)."""
+    def start_heartbeat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:
+        """Announce `get_record()` every `period` seconds until `close()`."""
         if period <= 0 or ttl <= period:
             raise ValueError("heartbeat needs 0 < period < ttl, or records expire between beats")
-        if not 0 <= min_gap <= period:
-            raise ValueError("heartbeat needs 0 <= min_gap <= period")
         if self._heartbeat is not None:
             raise RuntimeError("heartbeat already running")
-        args = (get_record, period, ttl, min_gap)
-        self._heartbeat = threading.Thread(target=self._beat, args=args, daemon=True)
+        self._heartbeat = threading.Thread(target=self._beat, args=(get_record, period, ttl), daemon=True)
         self._heartbeat.start()
 
-    @property
-    def beating(self) -> bool:
-        return self._heartbeat is not None and not self._stop.is_set()
-
-    def announce_soon(self) -> bool:
-        """Have the heartbeat write the record now (or `min_gap` after its last write). False when no heartbeat
-        runs: the caller must `announce` itself."""
-        if not self.beating:
-            return False
-        self._wake.set()
-        return True
-
-    def _beat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float, min_gap: float) -> None:
+    def _beat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:
         while not self._stop.is_set():
             try:
                 self.announce(get_record(), ttl)
@@ -153,14 +133,10 @@ class Membership(ABC):
                 logger.warning(
                     "heartbeat: announce failed (%s: %s); next beat in %.1fs", type(exc).__name__, exc, period
                 )
-            if self._stop.wait(min_gap):
-                return
-            self._wake.wait(period - min_gap)
-            self._wake.clear()
+            self._stop.wait(period)
 
     def close(self) -> None:
         self._stop.set()
-        self._wake.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=DHT_TIMEOUT_S)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -139,14 +140,31 @@ class NodeBase:
         raise NotImplementedError
 
     async def live_nodes(self, max_age: float | None = None) -> dict[str, NodeRecord]:
-        """The live records, cached for `max_age` seconds (default: half a heartbeat, as records change no faster):
+        """The live records, cached for `max_age` seconds (default: a heartbeat, as records change no faster):
         many waits poll it, and a DHT read costs every peer's DHT process CPU (it checks every record's signature)."""
         now = time.monotonic()
         if max_age is None:
-            max_age = self.cfg.heartbeat_s / 2
+            max_age = self.cfg.heartbeat_s
         if self._view is None or now - self._view[0] > max_age:
             self._view = (now, await asyncio.to_thread(self.membership.live_nodes))
         return self._view[1]
+
+    async def fresh_versions(self, nodes: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
+        """`nodes` with the state versions the serving data nodes know first hand where those are newer (records are
+        written once a heartbeat and lag up to a step behind); best effort, each call bounded."""
+        others = sorted(p for p in serving(nodes, "data") if p != self.peer_id)
+        msg = self.message("versions")
+        calls = [self.call(p, "versions", msg, timeout=self.cfg.call_timeout) for p in others]
+        nodes = dict(nodes)
+        for peer, reply in zip(others, await asyncio.gather(*calls, return_exceptions=True)):
+            versions = reply.meta.get("versions") if isinstance(reply, Message) else None
+            if not isinstance(versions, dict):
+                log.info("%s: no versions from data node %s (%s)", self.peer_id[:8], peer[:8], reply)
+                continue
+            for p, v in versions.items():
+                if p in nodes and type(v) is int and v > nodes[p].state_version:
+                    nodes[p] = dataclasses.replace(nodes[p], state_version=v)
+        return nodes
 
     async def announce(self) -> None:
         """Write this node's record now; a failed write is logged, the heartbeat writes it again soon."""
@@ -155,15 +173,9 @@ class NodeBase:
         except Exception as exc:  # the DHT refusing one store must not fail an iteration
             log.warning("%s: announcing its record failed (%s); the heartbeat retries", self.peer_id[:8], exc)
 
-    async def announce_soon(self) -> None:
-        """Have the heartbeat write this node's record soon (at most two writes per heartbeat period), without
-        waiting for it: a new state version is news for joiners, not for the iteration in progress."""
-        if not self.membership.announce_soon():
-            await self.announce()
-
     def start_heartbeat(self) -> None:
         cfg = self.cfg
-        self.membership.start_heartbeat(self.record, cfg.heartbeat_s, cfg.record_ttl_s, min_gap=cfg.heartbeat_s / 2)
+        self.membership.start_heartbeat(self.record, cfg.heartbeat_s, cfg.record_ttl_s)
 
     async def close(self) -> None:
         self.closed = True
@@ -250,7 +262,7 @@ class RelayNode(NodeBase):
     async def start(self, build_module, timeout: float = 60.0) -> None:
         """Announce, take the stage's state (from live replicas, or from the seed at a run's start), serve."""
         await self.announce()
-        nodes = await self.live_nodes(max_age=0)
+        nodes = await self.fresh_versions(await self.live_nodes(max_age=0))
         self.run_version = max((r.state_version for r in nodes.values()), default=0)  # for fault points
         await self.fault("joining", self.run_version)
         module = await self.compute(build_module, self.stage)
@@ -269,7 +281,17 @@ class RelayNode(NodeBase):
         self.status = "serving"
         await self.announce()
         self.start_heartbeat()
+        await self._tell_data_nodes(nodes)
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
+
+    async def _tell_data_nodes(self, nodes: dict[str, NodeRecord]) -> None:
+        """Data nodes read the DHT about once a heartbeat: tell them this replica serves now (best effort, bounded),
+        so that it takes part in the current iteration's step instead of falling behind by one."""
+        msg = self.message("relay_serving", meta={"stage": self.stage})
+        calls = [self.call(p, "relay_serving", msg, timeout=self.cfg.call_timeout) for p in serving(nodes, "data")]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.info("relay %s: telling a data node it serves failed (%s)", self.peer_id[:8], result)
 
     async def download_state(self, donors: list[str], timeout: float) -> bool:
         """Fetch parameters and optimizer state, parameter names spread over the donors (one version for all).
@@ -612,7 +634,8 @@ class RelayNode(NodeBase):
         self.sent_grads.clear()
         self.iteration_done.pop(i, None)
         self.iteration_steps = {k: v for k, v in self.iteration_steps.items() if k >= i}
-        await self.announce_soon()
+        # The new version reaches the DHT with the next heartbeat, not here: a signed store per node per step cost
+        # more CPU than the model (data nodes learn versions from the replies, replicas their group from them).
 
     async def _group(self, i: int) -> set[str]:
         """The replicas of this stage that average at the end of iteration `i`: the ones the data nodes told to step

@@ -111,35 +111,6 @@ def test_heartbeat_keeps_record_alive_until_close() -> None:
         InMemoryMembership(store, RUN, "b").start_heartbeat(lambda: node("b"), period=1, ttl=1)
 
 
-def test_announce_soon_writes_before_the_next_beat_but_not_faster_than_min_gap() -> None:
-    store = InMemoryMembership.shared_store()
-    a = InMemoryMembership(store, RUN, "a")
-    assert not a.announce_soon()  # no heartbeat: the caller must announce itself
-    writes: list[float] = []
-
-    def record() -> NodeRecord:
-        writes.append(time.monotonic())
-        return node("a", state_version=len(writes))
-
-    a.start_heartbeat(record, period=30.0, ttl=60.0, min_gap=0.05)
-    try:
-        assert wait_until(lambda: len(writes) == 1, 5)
-        assert a.announce_soon()
-        assert wait_until(lambda: len(writes) == 2, 5)  # long before the 30 s beat
-        assert a.live_nodes()["a"].state_version == 2
-        t_end = time.monotonic() + 0.3
-        while time.monotonic() < t_end:  # a node nudging at every step: coalesced, min_gap apart
-            a.announce_soon()
-        gaps = [later - earlier for earlier, later in zip(writes[1:], writes[2:])]
-        assert gaps and min(gaps) >= 0.05 - 1e-3
-        assert len(writes) <= 2 + 0.3 / 0.05 + 2
-        with pytest.raises(ValueError):
-            InMemoryMembership(store, RUN, "b").start_heartbeat(lambda: node("b"), period=1, ttl=2, min_gap=2)
-    finally:
-        a.close()
-    assert not a.announce_soon()
-
-
 def test_model_hash_mismatch_refused() -> None:
     check_model_hash(run_record(), "abc123")
     with pytest.raises(UserError, match="run run-m uses model hash abc123, this node has fff: "):

@@ -50,8 +50,10 @@ def assert_replicas_agree(swarm: InProcessSwarm) -> None:
         assert all(torch.equal(a, b) for a, b in zip(heads[0], other)), "data nodes' stage 0 differ"
 
 
-async def train_swarm(cfg: RunConfig, steps: int, on_step=None, **kw) -> tuple[list[float], InProcessSwarm]:
-    swarm = InProcessSwarm(cfg, swarm=fast_swarm(), **kw)
+async def train_swarm(
+    cfg: RunConfig, steps: int, on_step=None, swarm_cfg: SwarmConfig | None = None, **kw
+) -> tuple[list[float], InProcessSwarm]:
+    swarm = InProcessSwarm(cfg, swarm=swarm_cfg or fast_swarm(), **kw)
     await swarm.start()
     losses = []
     try:
@@ -98,6 +100,28 @@ def test_relay_joining_at_step_10_gets_exact_state():
 
     losses, _ = run(train_swarm(cfg, STEPS, on_step=join_at_10))
     assert joined["node"].replica.stats.backward > 0  # the joiner carried traffic after joining
+    assert losses == pytest.approx(reference, abs=1e-4)
+
+
+def test_a_joiner_takes_the_state_and_the_next_step_while_dht_records_lag():
+    # Records are written at a join and once a heartbeat, not at every step: with a heartbeat longer than the run,
+    # every record still shows version 0. The joiner learns the run's versions from the data node, downloads, and
+    # the data node (told that it serves) includes it in the very next step.
+    cfg = small_config(steps=6)
+    reference = train_local(cfg, progress=False)["losses"]
+    joined = {}
+
+    async def join_at_3(step, swarm):
+        if step == 3:
+            assert all(r.state_version == 0 for r in swarm.data_nodes[0].membership.live_nodes().values()
+                       if r.role == "relay")  # fmt: skip
+            node = await swarm.add_relay(2)
+            assert node.replica.version == 3
+            joined["node"] = node
+
+    slow_beat = SwarmConfig(heartbeat_s=60.0, record_ttl_s=120.0, call_timeout=5.0, microbatch_timeout=10.0)
+    losses, _ = run(train_swarm(cfg, 6, on_step=join_at_3, swarm_cfg=slow_beat))
+    assert joined["node"].replica.version == 6  # it stepped with its stage at every step since it joined
     assert losses == pytest.approx(reference, abs=1e-4)
 
 

@@ -130,9 +130,10 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
         procs.start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
         n_iters = lambda: sum(r.get("event") == "iteration" for r in read_jsonl(metrics))  # noqa: E731
         _wait("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), procs, timeout)
-        cpu_start = _cpu_seconds(procs)
-        _wait("the last iteration", lambda: n_iters() >= s.steps, procs, timeout)
-        cpu = _cpu_delta(cpu_start, _cpu_seconds(procs))
+        tracker = _CpuTracker(procs)
+        cpu_start = tracker.read()
+        _wait("the last iteration", lambda: tracker.poll() or n_iters() >= s.steps, procs, timeout)
+        cpu = _cpu_delta(cpu_start, tracker.read())
         procs.procs["data-0"].wait(timeout=30)  # exits by itself after its last step (and writes its profile)
     finally:
         procs.stop()
@@ -159,6 +160,28 @@ def _cpu_seconds(procs: _Procs) -> dict[int, tuple[str, float]]:
             except psutil.NoSuchProcess:
                 continue
     return out
+
+
+class _CpuTracker:
+    """CPU seconds per process of the swarm, read every `every` seconds and remembered after a process exits: the
+    data node's DHT process and p2pd exit with it right after its last step, before the final reading, and their
+    CPU would otherwise go uncounted."""
+
+    def __init__(self, procs: _Procs, every: float = 0.5) -> None:
+        self.procs, self.every = procs, every
+        self.last: dict[int, tuple[str, float]] = {}
+        self.read_at = 0.0
+
+    def read(self) -> dict[int, tuple[str, float]]:
+        self.last.update(_cpu_seconds(self.procs))
+        self.read_at = time.monotonic()
+        return dict(self.last)
+
+    def poll(self) -> bool:
+        """Read if `every` seconds have passed; False, so that it can lead a wait's condition."""
+        if time.monotonic() - self.read_at >= self.every:
+            self.read()
+        return False
 
 
 def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:

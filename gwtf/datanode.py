@@ -33,6 +33,7 @@ from gwtf.stage import StageReplica, state_subset
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
+RECOVERY_GRACE_S = 5.0  # after a failed recovery, how long a leg may still come back before it is given up
 
 
 class _Restart(Exception):
@@ -56,6 +57,7 @@ class Flight:
     reroutes: int = 0
     outcome: str = "started"
     avoid: set[str] = field(default_factory=set)  # replicas that failed this microbatch: not offered again
+    give_up_at: float = float("inf")  # monotonic time after which its current leg is abandoned (a failed recovery)
 
     def meta(self) -> dict:
         return {"route": list(self.route), "order": self.order, "origin": self.origin, "attempt": self.attempt}
@@ -379,6 +381,7 @@ class DataNode(NodeBase):
             fl.attempt = attempt
             loop = asyncio.get_running_loop()
             fl.head, fl.grad = loop.create_future(), loop.create_future()
+            fl.give_up_at = float("inf")
             if attempt:
                 fl.reroutes += 1
                 await self._release(fl, attempt - 1)
@@ -441,7 +444,7 @@ class DataNode(NodeBase):
     async def _await(self, fl: Flight, fut: asyncio.Future, on_dead) -> torch.Tensor:
         """Wait for a leg to come back, calling `on_dead(position, peer)` when a hop of the route has died."""
         deadline = time.monotonic() + self.cfg.microbatch_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < min(deadline, fl.give_up_at):
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout=0.25)
             except TimeoutError:
@@ -449,6 +452,8 @@ class DataNode(NodeBase):
                 dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live]
                 if dead:
                     await on_dead(*dead[-1])
+        if time.monotonic() >= fl.give_up_at:
+            raise _Restart(f"no answer within {RECOVERY_GRACE_S:.0f}s of a failed recovery")
         raise _Restart(f"no answer within {self.cfg.microbatch_timeout:.0f}s")
 
     async def _restart(self, pos: int, peer: str) -> None:
@@ -476,6 +481,9 @@ class DataNode(NodeBase):
                     await self.call(fl.route[pos + 1], "regrad", req)
             except (PeerError, BadMessage) as exc:
                 log.warning("mb %d: recovery of stage %d failed: %s", fl.mb, fl.order[pos], exc)
+                # The gradient may still come (the dead replica had passed it on already); if not, nothing will
+                # bring it: wait a grace period, not the whole microbatch timeout.
+                fl.give_up_at = min(fl.give_up_at, time.monotonic() + RECOVERY_GRACE_S)
 
         msg = self.message("backward", iteration=self.iteration, microbatch_id=fl.mb, stage=0, tensors=[grad],
                            meta=fl.meta())  # fmt: skip

@@ -198,16 +198,6 @@ def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -
     }
 
 
-def choose_stage(nodes: dict[str, NodeRecord], n_stages: int) -> int:
-    """The stage where a new relay adds the most throughput: an empty stage first, then the least total capacity
-    (per unit of compute time), ties to the lowest index."""
-    load = {k: 0.0 for k in range(1, n_stages + 1)}
-    for r in nodes.values():
-        if r.role == "relay" and r.status in ("joining", "serving") and r.stage in load:
-            load[r.stage] += r.capacity / max(r.compute_s, 1e-3)
-    return min(load, key=lambda k: (load[k] > 0, load[k], k))
-
-
 class RelayNode(NodeBase):
     """Serves one stage: forward, backward, recompute; averages with its stage's replicas at each iteration end."""
 

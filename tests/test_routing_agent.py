@@ -204,3 +204,32 @@ def test_contested_room_goes_to_the_least_served_data_node():
     starved = Request("e", ((0, "B", 0.5, 0.1),))
     relay.step(1, [served, starved], NoDirectory())
     assert list(relay.inbound) == [("e", 0)]
+
+
+class StageDirectory:
+    """Every card of the asked stage but the asker's, as if all had room."""
+
+    def __init__(self, cards: list[PeerCard]) -> None:
+        self.cards = cards
+
+    def lookup(self, stage, me, k, rng):
+        return [c for c in self.cards if c.stage == stage and c.peer_id != me][:k]
+
+
+def test_full_relay_deflects_a_request_to_a_peer_with_room():
+    bus = InProcessBus()
+    cards = [PeerCard("u", 0, "A", 0.0, 0), PeerCard("x", 1, "A", 0.1, 1), PeerCard("z", 1, "A", 0.1, 2)]
+    agents = {c.peer_id: Agent(c, 2, FlatCosts(), bus, {"A": "u"}, AgentConfig(), seed=0) for c in cards}
+    for agent in agents.values():
+        for card in cards:
+            agent.learn(card)
+    agents["u"].add_next(cards[1])  # the data node knows only x, which another microbatch has filled
+    agents["x"].inbound[("u", 99)] = InSlot("A", prefix=0.1)
+    agents["u"].add_units(1)
+    directory = StageDirectory(cards)
+    for r in range(4):  # request (u), deflect (x), grant (z), reply (u): no round trip back to u in between
+        inboxes = bus.take()
+        for name in ("u", "x", "z"):
+            agents[name].step(r, inboxes.get(name, []), directory)
+    assert [out.peer for _, out in agents["u"].units()] == ["z"]
+    assert list(agents["z"].inbound) == [("u", 1)] and ("u", 1) not in agents["x"].inbound

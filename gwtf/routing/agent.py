@@ -19,7 +19,10 @@ Each round a node:
   batched per peer; a microbatch advances one stage per round. Each request carries the share of its data
   node's demand that had a path when it set out, and contested room goes to the least served first (max-min
   fairness between data nodes: without it, the data nodes of a crowded region were starved, at N = 10,000
-  some with no path at all). A microbatch that finds no peer with room for `patience` rounds is revoked
+  some with no path at all). A request a full relay cannot grant is deflected to same-stage peers with room (from
+  the directory, spread over them), which answer the requester directly: a turned-down microbatch moves on one
+  round later instead of two (at N = 1000 the last microbatches are turned down at stage after stage, and each
+  round trip delayed the fill). A microbatch that finds no peer with room for `patience` rounds is revoked
   (`Lost`) and its sender routes it elsewhere; a data node served at least `fair_share` holds back
   microbatches while its paths look blocked (they would only hold room that others need);
 - reports upstream, per slot, what the chain behind it costs per sink region (`ChainCost`: costs travel up the
@@ -38,7 +41,8 @@ up from the DHT directory now and then), so messages per node per round do not g
 every message is validated (sender is a known peer of the right stage, numbers finite and bounded, lists
 bounded, slots known). A relay never grants more slots than its own capacity and never believes more room than
 a peer's record states, so a peer lying about its capacity or cost can attract microbatches but cannot make
-another node hold more than its capacity.
+another node hold more than its capacity. A grant from a peer that was not asked (a deflected request) is taken
+only for a request still pending, and the granting peer counted the slot against its own capacity.
 """
 
 from __future__ import annotations
@@ -120,7 +124,18 @@ class ChainCost:
     slots: tuple[tuple[int, tuple[tuple[str, float], ...]], ...]
 
 
-Message = Advert | Hello | Request | Reply | Lost | Release | ChainCost
+@dataclass(frozen=True)
+class Deflect:
+    """A full relay passes on requests it cannot grant to a same-stage peer with room, which answers the
+    requester directly (a Reply from a peer it did not ask): a turned-down microbatch moves on a round later
+    instead of two (reply, then a new request)."""
+
+    sender: str
+    origin: str  # the requester
+    slots: tuple[tuple[int, str, float, float], ...]  # as in Request
+
+
+Message = Advert | Hello | Request | Reply | Lost | Release | ChainCost | Deflect
 
 
 class Bus(Protocol):
@@ -185,6 +200,7 @@ class AgentConfig:
     blocked_penalty: float = 1e4
     spread: float = 0.05  # seconds: peers near the cheapest share new microbatches at random, weight exp(-d/spread)
     fair_share: float = 0.5  # served less than this share of its demand, a data node tries blocked paths too
+    deflect: bool = True  # requests a full relay cannot grant go to a same-stage peer with room (see Deflect)
     settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
 
     def __post_init__(self) -> None:
@@ -261,6 +277,8 @@ class Agent:
         self.last_refresh = -(10**9)
         self._requests: dict[str, list[tuple[int, str, float, float]]] = defaultdict(list)
         self._asks: list[tuple[str, int, str, float, float]] = []  # new slot requests of this round
+        self._via: set[SlotKey] = set()  # of those, the ones another relay deflected here (not deflected again)
+        self._directory = None
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -319,6 +337,7 @@ class Agent:
 
     def step(self, round_no: int, inbox: list[Message], directory) -> None:
         self.round_no = round_no
+        self._directory = directory
         for msg in inbox:
             try:
                 self._handle(msg)
@@ -416,22 +435,62 @@ class Agent:
 
     def _grant(self) -> None:
         """Grant new slots within capacity: the least served data nodes first (by tenths of their demand), then
-        the shortest prefixes (see the module docstring)."""
+        the shortest prefixes (see the module docstring). What does not fit is deflected to peers with room."""
         if not self._asks:
             return
         accepted: dict[str, list[int]] = defaultdict(list)
         rejected: dict[str, list[int]] = defaultdict(list)
-        for sender, n, label, prefix, share in sorted(self._asks, key=lambda a: (round(a[4], 1), a[3], a[0], a[1])):
+        overflow = []
+        for ask in sorted(self._asks, key=lambda a: (round(a[4], 1), a[3], a[0], a[1])):
+            sender, n, label, prefix, share = ask
             if len(self.inbound) < self.card.capacity and (sender, n) not in self.inbound:
                 self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s, share=share)
                 accepted[sender].append(n)
+            elif (sender, n) not in self.inbound and (sender, n) not in self._via and self.cfg.deflect:
+                overflow.append(ask)
             else:
                 rejected[sender].append(n)
         self._asks.clear()
+        self._via.clear()
+        for sender, n in self._deflect(overflow):
+            rejected[sender].append(n)
         for sender in sorted(set(accepted) | set(rejected)):
             self.bus.send(sender, Reply(self.me, tuple(accepted[sender]), tuple(rejected[sender]), self.spare))
         if rejected:  # the rejected believe we are full from now on: they hear from us when that changes
             self.last_advert = None
+
+    def _deflect(self, overflow: list[tuple[str, int, str, float, float]]) -> list[SlotKey]:
+        """Pass asks we cannot grant to same-stage peers with room (from the directory, nearest first), a few
+        each; returns those left to reject."""
+        lookup = getattr(self._directory, "lookup", None)
+        peers = lookup(self.card.stage, self.me, self.cfg.lookup, self.rng) if overflow and lookup else []
+        room = [c for c in peers if c.peer_id != self.me and c.stage == self.card.stage]
+        batches: dict[tuple[str, str], list[tuple[int, str, float, float]]] = defaultdict(list)
+        left = []
+        for k, (sender, n, label, prefix, share) in enumerate(overflow):
+            if not room:
+                left.append((sender, n))
+                continue
+            batches[(room[k % len(room)].peer_id, sender)].append((n, label, prefix, share))
+        for (peer, sender), slots in sorted(batches.items()):
+            self.bus.send(peer, Deflect(self.me, sender, tuple(slots[:MAX_BATCH])))
+        return left
+
+    def _on_deflect(self, msg: Deflect, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage)
+        origin = self.known.get(msg.origin) if isinstance(msg.origin, str) else None
+        if origin is None or origin.stage != self.card.stage - 1:
+            raise BadMessage("deflected request from an unknown or wrong-stage origin")
+        if len(msg.slots) > max(self.card.capacity, 1) or any(
+            not (isinstance(e, tuple) and len(e) == 4) for e in msg.slots
+        ):
+            raise BadMessage("too many or malformed deflected slots")
+        for n, label, prefix, share in msg.slots:
+            ok = isinstance(n, int) and label in self.sink_regions and isinstance(prefix, float | int)
+            ok = ok and isinstance(share, float | int) and 0 <= share <= 1 and 0 <= prefix < MAX_COST
+            if ok and (msg.origin, n) not in self.inbound:
+                self._asks.append((msg.origin, n, label, float(prefix), float(share)))
+                self._via.add((msg.origin, n))
 
     def _on_reply(self, msg: Reply, card: PeerCard) -> None:
         self._expect_stage(card, self.card.stage + 1)
@@ -439,11 +498,13 @@ class Agent:
             out = self.outbound.get(n)
             if out is not None and out.peer == msg.sender:
                 out.held = True
+            elif out is not None and not out.held:  # the peer we asked deflected the request to this one
+                out.peer, out.held = msg.sender, True
             else:  # we no longer want it there
                 self.bus.send(msg.sender, Release(self.me, (n,)))
         for n in msg.rejected:
             out = self.outbound.get(n)
-            if out is not None and out.peer == msg.sender and not out.held:
+            if out is not None and not out.held:
                 slot = self.inbound.get(out.paired)
                 if slot is not None and slot.out == n:
                     slot.rejected += 1

@@ -33,6 +33,7 @@ from gwtf.stage import StageReplica, state_subset
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
+STALE_GRACE_S = 5.0  # a stage only one step behind for this long (no catch-up possible) is advanced
 RECOVERY_GRACE_S = 5.0  # after a failed recovery, how long a leg may still come back before it is given up
 
 
@@ -110,6 +111,8 @@ class DataNode(NodeBase):
         self.expected_data_nodes = 1
         self.confirmed: dict[str, int] = {}  # relay -> version it replied `stepped` with (fresher than the DHT)
         self.flights: dict[int, Flight] = {}
+        self.stale_since: dict[int, float] = {}  # stage -> when it was first seen with every replica a step behind
+        self.advancing = asyncio.Lock()  # many waits check for stale stages; one at a time asks
         self.averager = GroupAverager(transport, spec.run_id, "stage0", timeout=cfg.average_timeout)
         for name, fn in {
             "head": self.rpc_head,
@@ -237,6 +240,7 @@ class DataNode(NodeBase):
             if time.monotonic() > deadline:
                 raise BadMessage(f"no live replica of stage {stage} for {self.cfg.stage_recovery_timeout:.0f}s")
             await asyncio.sleep(0.2)
+            await self._advance_stale(await self.current_nodes())
         fl.route[pos] = new
         fl.reroutes += 1
         return new
@@ -317,7 +321,38 @@ class DataNode(NodeBase):
                 return
             if time.monotonic() > deadline:
                 raise PeerError(f"stages {missing} have no serving replica at version {self.iteration}")
+            await self._advance_stale(nodes)
             await asyncio.sleep(0.1)
+
+    async def _advance_stale(self, nodes: dict[str, NodeRecord]) -> None:
+        """A stage whose serving replicas are all one step behind this iteration, for STALE_GRACE_S (a replica at
+        the version would have been downloaded from by then): the replicas that stepped died with the step's update.
+        Have the ones behind take the version without it (gwtf.node.RelayNode.rpc_advance) rather than wait for a
+        stage nobody can serve until the run times out."""
+        if self.advancing.locked():
+            return
+        async with self.advancing:
+            await self._advance_stale_stages(nodes)
+
+    async def _advance_stale_stages(self, nodes: dict[str, NodeRecord]) -> None:
+        i, now = self.iteration, time.monotonic()
+        for k in range(1, self.spec.model.n_stages + 1):
+            replicas = serving(nodes, "relay", k)
+            behind = sorted(p for p, r in replicas.items() if r.state_version == i - 1)
+            if i == 0 or not behind or any(r.state_version == i for r in replicas.values()):
+                self.stale_since.pop(k, None)
+                continue
+            if now - self.stale_since.setdefault(k, now) < STALE_GRACE_S:
+                continue
+            log.warning("stage %d: no replica at v%d is left; %d replica(s) at v%d advance without that step",
+                        k, i, len(behind), i - 1)  # fmt: skip
+            msg = self.message("advance", iteration=i)
+            replies = await asyncio.gather(*(self.call(p, "advance", msg) for p in behind), return_exceptions=True)
+            for p, reply in zip(behind, replies, strict=True):
+                version = reply.meta.get("version") if isinstance(reply, Message) else None
+                if type(version) is int and version > self.confirmed.get(p, -1):
+                    self.confirmed[p] = version
+            self.stale_since.pop(k, None)
 
     # ---- one iteration ---------------------------------------------------------------------------------------------
     async def run_iteration(self) -> IterationReport:
@@ -347,6 +382,7 @@ class DataNode(NodeBase):
             if time.monotonic() > deadline:  # bounded: the swarm may be between a crash and a join
                 raise PeerError(f"the router found no path through the swarm for {self.cfg.stage_recovery_timeout}s")
             await asyncio.sleep(0.2)
+            await self._advance_stale(await self.current_nodes())
             view = await self.view()
         flights = []
         for (mb, x), by_stage in zip(pending, paths):

@@ -226,6 +226,7 @@ class RelayNode(NodeBase):
             "recompute": self.rpc_recompute,
             "resend": self.rpc_resend,
             "end_iteration": self.rpc_end_iteration,
+            "advance": self.rpc_advance,
             "get_state": self.rpc_get_state,
         }.items():
             transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
@@ -602,6 +603,32 @@ class RelayNode(NodeBase):
             self.iteration_steps[i] = asyncio.ensure_future(self._finish_iteration(i))
         await asyncio.wait_for(asyncio.shield(self.iteration_steps[i]), timeout=self.cfg.iteration_timeout * 2)
         return self.message("stepped", meta={"version": self.replica.version})
+
+    async def rpc_advance(self, msg: Message) -> Message:
+        """A data node found this stage one step behind the run with no replica left at the run's version (the
+        replicas that stepped died before anyone downloaded from them): take the run's version without that step's
+        update (one lost optimizer step for one stage, instead of a swarm stalled on a stage nobody can serve).
+        A live replica at the run's version, if there is one after all, is downloaded from instead."""
+        assert self.replica is not None
+        i = msg.iteration
+        sender = (await self.live_nodes(max_age=0)).get(msg.sender)
+        if sender is None or sender.role != "data" or sender.status != "serving":
+            raise BadMessage("only a live data node advances a stage")
+        pending = self.iteration_steps.get(i - 1)
+        if self.replica.version != i - 1 or (pending is not None and not pending.done()):
+            return self.message("advanced", meta={"version": self.replica.version})  # stepping still: not stale
+        donors = [p for p, r in serving(await self.live_nodes(max_age=0), "relay", self.stage).items()
+                  if r.state_version >= i and p != self.peer_id]  # fmt: skip
+        if donors and self.catching_up is None:
+            self.catching_up = asyncio.ensure_future(self._catch_up(i))
+            await asyncio.wait_for(asyncio.shield(self.catching_up), timeout=self.cfg.iteration_timeout)
+        if self.replica.version == i - 1:
+            log.warning("relay %s: stage %d advances to v%d without that step's update (no replica at v%d is left)",
+                        self.peer_id[:8], self.stage, i, i)  # fmt: skip
+            await self.compute(self.replica.skip_step, i)
+            self.iteration_done.pop(i - 1, None)
+            await self.announce()
+        return self.message("advanced", meta={"version": self.replica.version})
 
     async def _finish_iteration(self, i: int) -> None:
         assert self.replica is not None

@@ -151,6 +151,18 @@ class StageReplica:
             self.version = iteration + 1
         self.drop()
 
+    def skip_step(self, iteration: int) -> None:
+        """Take version `iteration` without an optimizer step: the stage's update of iteration - 1 is lost."""
+        with self.lock:
+            if self.version == iteration:
+                return  # advanced already (several data nodes, or one asking twice)
+            if self.version != iteration - 1:
+                raise BadMessage(f"skip to v{iteration} from v{self.version}: only one step can be skipped")
+            self.module.zero_grad(set_to_none=True)
+            self.count = 0
+            self.version = iteration
+        self.drop()
+
     # ---- state transfer ----------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Parameters and optimizer state by stable name (for a joiner or a neighbour)."""

@@ -26,6 +26,7 @@ import torch
 
 from gwtf.averaging import GroupAverager
 from gwtf.errors import BadMessage, PeerError
+from gwtf.liveness import gone
 from gwtf.membership import Membership, NodeRecord
 from gwtf.node import NodeBase, RunSpec, SwarmConfig, fetch_state, serving
 from gwtf.routing.base import Router, SwarmView
@@ -35,6 +36,7 @@ from gwtf.transport import Message, Transport
 log = logging.getLogger(__name__)
 STALE_GRACE_S = 5.0  # a stage only one step behind for this long (no catch-up possible) is advanced
 RECOVERY_GRACE_S = 5.0  # after a failed recovery, how long a leg may still come back before it is given up
+PROBE_ROUTE_AFTER_S = 1.0  # a leg out longer than this has its route's replicas probed (then once a second)
 
 
 class _Restart(Exception):
@@ -480,12 +482,17 @@ class DataNode(NodeBase):
     async def _await(self, fl: Flight, fut: asyncio.Future, on_dead) -> torch.Tensor:
         """Wait for a leg to come back, calling `on_dead(position, peer)` when a hop of the route has died."""
         deadline = time.monotonic() + self.cfg.microbatch_timeout
+        next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
         while time.monotonic() < min(deadline, fl.give_up_at):
             try:
                 return await asyncio.wait_for(asyncio.shield(fut), timeout=0.25)
             except TimeoutError:
                 live = await self.live_nodes()
-                dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live]
+                gone_now: set[str] = set()
+                if time.monotonic() >= next_probe:  # a crashed hop's DHT record outlives it by up to its TTL: ask
+                    gone_now = await gone(self.transport, set(fl.route), timeout=PROBE_ROUTE_AFTER_S)
+                    next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
+                dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live or p in gone_now]
                 if dead:
                     await on_dead(*dead[-1])
         if time.monotonic() >= fl.give_up_at:

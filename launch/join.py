@@ -111,12 +111,22 @@ def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
         )
 
 
-async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5) -> int:
+PROBE_AT_MOST = 64  # relays a standby probes per poll; a larger swarm waits for dead records to expire instead
+
+
+async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5, transport=None) -> int:
     """A standby volunteer waits, ready, until a stage has fewer serving replicas than it has had (a replica was
-    lost: counts only grow while a swarm starts), and returns that stage."""
+    lost: counts only grow while a swarm starts), and returns that stage. With a transport it also probes the
+    serving relays (a small swarm's), so a crash counts at once rather than when its DHT record expires."""
+    from gwtf.liveness import gone
+
     most = dict.fromkeys(range(1, n_stages + 1), 0)
     while True:
         nodes = await asyncio.to_thread(membership.live_nodes)
+        relays = serving(nodes, "relay")
+        if transport is not None and 0 < len(relays) <= PROBE_AT_MOST:
+            dead = await gone(transport, set(relays), timeout=max(poll_s, 1.0))
+            nodes = {p: r for p, r in nodes.items() if p not in dead}
         counts = {k: len(serving(nodes, "relay", k)) for k in most}
         lost = [k for k in most if counts[k] < most[k]]
         if lost:
@@ -144,7 +154,7 @@ async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
     from gwtf.swarm import module_builder
 
     if args.standby:
-        stage = await wait_for_a_loss(membership, spec.model.n_stages)
+        stage = await wait_for_a_loss(membership, spec.model.n_stages, transport=transport)
         print(f"standby volunteer: a replica of stage {stage} was lost; taking over", flush=True)
     else:
         stage = args.stage or choose_stage(await answering_nodes(transport, membership), spec.model.n_stages)

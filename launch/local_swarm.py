@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crash-at", type=int, default=10, help="step at which a relay is SIGKILLed (-1: never)")
+    parser.add_argument("--capacity", type=int, default=2,
+                        help="microbatches a relay holds at once (2: every replica carries part of each step, so "
+                        "the one set to crash is in use when its step comes)")  # fmt: skip
     parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")
     parser.add_argument("--crash-phase", default="backward", help="phase of the crash (gwtf.faults.PHASES)")
     parser.add_argument("--router", default="gwtf", help="gwtf | swarm | round-robin | oracle")
@@ -146,6 +149,8 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
     )
     peers = wait_for_file(addr_file, group, timeout=60).split()
     join = ["join", "--run", run_id, "--initial-peers", *peers]
+    if getattr(args, "capacity", None):
+        join += ["--capacity", str(args.capacity)]
     for stage in range(1, args.stages + 1):
         for r in range(args.replicas):
             argv = [*join, "--role", "relay", "--stage", str(stage)]

@@ -412,7 +412,7 @@ class Run:
             print(f"  !! {exc}", flush=True)
         finally:
             self.group.stop_all()
-        leftover = _leftovers(self.group)
+        leftover = leftovers({p.pid for p in self.group.procs.values()})
         rows = [self._rows(r, t0) for r in range(self.sc.data_nodes)]
         return RunResult(
             variant=self.variant, scenario=self.sc.name, rows=rows[0], other_rows=rows[1:],
@@ -476,11 +476,10 @@ def _done(path: Path) -> bool:
     return any(r.get("event") == "done" for r in read_jsonl(path))
 
 
-def _leftovers(group: ProcessGroup) -> list[int]:
-    """Pids of anything still alive in the process groups the harness started (should be none)."""
+def leftovers(pgids: set[int]) -> list[int]:
+    """Pids of anything still alive in the process groups `pgids` the harness started (should be none)."""
     import psutil
 
-    pgids = {p.pid for p in group.procs.values()}
     alive = []
     for proc in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error, ProcessLookupError):

@@ -93,8 +93,6 @@ class DeepSpeedRun:
     """One scenario run of the DeepSpeed baseline; `execute()` returns a benchmarks.churn.RunResult."""
 
     def __init__(self, sc: Any, variant: dict[str, str], log_dir: Path, events: list[Any]):
-        from benchmarks.churn import Churn  # noqa: F401 (the scenario types come from there)
-
         self.sc, self.variant, self.log_dir = sc, variant, log_dir
         self.pending = sorted(events, key=lambda e: e.t)
         self.machines: dict[str, Machine] = {}
@@ -108,7 +106,8 @@ class DeepSpeedRun:
         self.dp = choose_dp(self.microbatches, per_stage)
         self.grid = initial_grid(list(self.machines.values()), sc.stages, self.dp)
         self.every = int(getattr(sc, "checkpoint_every", 10))
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # the current attempt's ranks
+        self.pgids: set[int] = set()  # every rank's process group, all attempts: none may outlive the run
         self.attempt = 0
         self.done_events: list[dict] = []
         self.restarts: list[dict] = []
@@ -134,8 +133,9 @@ class DeepSpeedRun:
             out = open(self.log_dir / f"ds-rank{rank}-attempt{self.attempt}.log", "w")  # noqa: SIM115
             argv = [sys.executable, "-m", "benchmarks.ds_churn", "worker", "--rank", str(rank), "--world",
                     str(world), "--port", str(port), "--settings", json.dumps(settings)]  # fmt: skip
-            self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                               start_new_session=True))  # fmt: skip
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.procs.append(proc)
+            self.pgids.add(proc.pid)
             out.close()
 
     def _spec(self, name: str) -> dict:
@@ -241,7 +241,7 @@ class DeepSpeedRun:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def execute(self) -> Any:
-        from benchmarks.churn import RunResult, _done, _iterations, _tokens_per_iteration
+        from benchmarks.churn import RunResult, _done, _iterations, _tokens_per_iteration, leftovers
 
         t_start = time.time()
         metrics = self.log_dir / METRICS
@@ -278,7 +278,7 @@ class DeepSpeedRun:
         return RunResult(
             variant=self.variant, scenario=self.sc.name, rows=_mark_rollbacks(rows, t0), other_rows=[],
             events=self.done_events, t0=t0, wall_s=time.time() - t_start, done=done, failed=[],
-            leftover_pids=_leftover(self.procs), tokens_per_iteration=_tokens_per_iteration(self.sc),
+            leftover_pids=leftovers(self.pgids), tokens_per_iteration=_tokens_per_iteration(self.sc),
             log_dir=str(self.log_dir),
         )  # fmt: skip
 
@@ -308,10 +308,6 @@ def _mark_rollbacks(rows: list[dict], t0: float) -> list[dict]:
         if later and later[0]["iteration"] <= row["iteration"]:
             row["rolled_back"], row["finished"] = row["finished"], 0
     return out
-
-
-def _leftover(procs: list[subprocess.Popen]) -> list[int]:
-    return [p.pid for p in procs if p.poll() is None]
 
 
 # ---------------------------------------------------------------------------------------------------------------

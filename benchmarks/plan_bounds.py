@@ -1,0 +1,270 @@
+"""How much routing alone can gain on a harness scenario: every router's plan timed in the simulator, the best plan a
+local search finds, and lower bounds no plan can beat.
+
+    python -m benchmarks.plan_bounds --scenario benchmarks/scenarios/geo10.toml [--capacity 6] --json OUT
+
+The scenario's starting swarm is turned into the view the runtime's routers see (compute_ms / speed per relay, the
+scenario's capacities and regions, the preset's activation size, the data nodes' region) and every router plans one
+iteration of the scenario's microbatches. `gwtf.routing.simulator.iteration_time` times each plan (relays compute
+one microbatch at a time, links share bandwidth), mean over `--seeds` router seeds. Then:
+- `search`: hill climbing on the simulated iteration time from every router's plan and from random plans, moving
+  one microbatch's hop at one stage to another replica with room or exchanging it with another microbatch's: the
+  best plan found, an upper bound on what the best router could reach;
+- `lower_bound`: the larger of (a) the fastest single route, forward and backward with no queueing and no shared
+  bandwidth, and (b) per stage, the best split of the microbatches over its replicas of (earliest arrival +
+  3 x compute x microbatches + fastest way home; uncapped where the stage cannot hold them all and the plan
+  runs in waves): every plan's iteration time is at least this.
+Ratios are against SWARM's plan in the same run; below 1 is faster than SWARM. Churn and crash handling are not
+in these numbers: they bound what the choice of routes can do on a swarm of this shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+from dataclasses import dataclass
+
+from benchmarks.churn import Scenario, load_scenario
+from gwtf.routing.base import DataInfo, Plan, RelayInfo, SwarmView, make_router
+from gwtf.routing.simulator import iteration_time
+
+ROUTERS = ("round-robin", "swarm", "gwtf", "oracle")
+
+
+@dataclass
+class Problem:
+    view: SwarmView
+    demands: dict[str, int]
+
+    @property
+    def stages(self) -> list[list[str]]:
+        return [[r.peer_id for r in self.view.replicas(s)] for s in range(1, self.view.n_stages + 1)]
+
+    def time(self, plan: Plan) -> float:
+        return iteration_time(self.view, plan, self.demands)
+
+
+def scenario_problem(sc: Scenario, capacity: int | None = None) -> Problem:
+    """The scenario's starting swarm as the routers see it, and one iteration's microbatches."""
+    from gwtf.config import load_config
+
+    cfg = load_config(None, [f"preset={sc.preset}", f"stages={sc.stages}", *sc.overrides])
+    model, t = cfg.model_config(), cfg.train
+    relays: dict[str, RelayInfo] = {}
+    for spec in sc.nodes:
+        for _ in range(spec.count):
+            peer = f"r{len(relays):03d}"
+            stage = spec.stage if spec.stage is not None else len(relays) % sc.stages + 1
+            compute = max(sc.compute_ms / 1000 / spec.speed, 1e-4)
+            relays[peer] = RelayInfo(peer, stage, capacity or spec.capacity, compute, spec.region)
+    data = {f"d{k}": DataInfo(f"d{k}", sc.data_region) for k in range(sc.data_nodes)}
+    view = SwarmView(sc.stages, relays, data, t.microbatch_size * model.seq_len * model.d_model * 4)
+    share = t.microbatches_per_step // sc.data_nodes
+    return Problem(view, dict.fromkeys(data, share))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lower bounds
+
+
+def lower_bound(p: Problem) -> dict[str, float]:
+    view, links = p.view, p.view.links
+    size = view.activation_bytes
+
+    def hop(a: str, b: str) -> float:
+        return links.latency_s(a, b) + size / links.bandwidth_Bps(a, b)
+
+    def best_route(origin: str, layers: list[list[str]], end: str | None, back: bool) -> float:
+        """Cheapest origin -> one relay per layer (-> end): forward compute once, or backward twice, per relay."""
+        best = {origin: 0.0}
+        for layer in layers:
+            best = {q: min(v + (hop(q, p) if back else hop(p, q)) for p, v in best.items()) for q in layer}
+            best = {q: v + view.compute_s(q) * (2 if back else 1) for q, v in best.items()}
+        if end is None:
+            return min(best.values())
+        return min(v + (hop(end, q) if back else hop(q, end)) for q, v in best.items())
+
+    stages = p.stages
+    route = min(
+        best_route(d, stages, d, back=False) + best_route(d, stages, d, back=True) for d in p.demands if p.demands[d]
+    )
+    stage_lb = 0.0
+    total = sum(p.demands.values())
+    for s, replicas in enumerate(stages):
+        bounds = {}
+        for r in replicas:
+            c = view.compute_s(r)
+            head = min(best_route(d, stages[:s], r, back=False) for d in p.demands)  # arrival, before its own work
+            tail = min(best_route(d, stages[:s], r, back=True) for d in p.demands)  # its gradient's way home
+            bounds[r] = (head, 3 * c, tail)
+        caps = {r: view.relays[r].capacity for r in replicas}
+        if sum(caps.values()) < total:  # the plan runs in waves: a relay still computes all it gets one at a time
+            caps = dict.fromkeys(replicas, total)
+        stage_lb = max(stage_lb, _split_bound(bounds, caps, total))
+    return {"route": route, "stage": stage_lb, "lower_bound": max(route, stage_lb)}
+
+
+def _split_bound(bounds: dict[str, tuple[float, float, float]], caps: dict[str, int], total: int) -> float:
+    """min over splits of `total` microbatches (within capacities) of max over relays of head + n x work + tail:
+    a binary search on the makespan, each relay taking as many as fit."""
+    values = sorted(
+        {h + n * w + t for r, (h, w, t) in bounds.items() for n in range(1, min(caps[r], total) + 1)} | {0.0}
+    )
+    for v in values:
+        fits = sum(
+            min(caps[r], int((v - h - t) / w + 1e-9)) if v >= h + w + t else 0 for r, (h, w, t) in bounds.items()
+        )
+        if fits >= total:
+            return v
+    return float("inf")  # the stage cannot hold the microbatches at all
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local search
+
+
+def _flatten(plan: Plan) -> list[tuple[str, list[str]]]:
+    return [(o, list(path)) for o, paths in sorted(plan.items()) for path in paths]
+
+
+def _unflatten(routes: list[tuple[str, list[str]]]) -> Plan:
+    plan: Plan = {}
+    for o, path in routes:
+        plan.setdefault(o, []).append(list(path))
+    return plan
+
+
+def search(p: Problem, starts: list[Plan], rng: random.Random, restarts: int, max_evals: int) -> tuple[float, Plan]:
+    """Hill climbing over one-hop moves and exchanges (capacities kept) from each start and random plans."""
+    starts = list(starts) + [random_plan(p, rng) for _ in range(restarts)]
+    best_t, best = float("inf"), starts[0]
+    for start in starts:
+        t, plan = _climb(p, _flatten(start), rng, max_evals)
+        if t < best_t:
+            best_t, best = t, plan
+    return best_t, best
+
+
+def random_plan(p: Problem, rng: random.Random) -> Plan:
+    load: dict[str, int] = {}
+    routes: list[tuple[str, list[str]]] = []
+    for origin, n in sorted(p.demands.items()):
+        for _ in range(n):
+            path = []
+            for replicas in p.stages:
+                room = [r for r in replicas if load.get(r, 0) < p.view.relays[r].capacity]
+                if not room:
+                    return _unflatten(routes)
+                pick = rng.choice(room)
+                load[pick] = load.get(pick, 0) + 1
+                path.append(pick)
+            routes.append((origin, path))
+    return _unflatten(routes)
+
+
+def _climb(p: Problem, routes: list[tuple[str, list[str]]], rng: random.Random, max_evals: int):
+    cur = p.time(_unflatten(routes))
+    evals = 0
+    improved = True
+    while improved and evals < max_evals:
+        improved = False
+        moves = list(_neighbours(p, routes))
+        rng.shuffle(moves)
+        for move in moves:
+            cand = move()
+            t = p.time(_unflatten(cand))
+            evals += 1
+            if t < cur - 1e-9:
+                routes, cur, improved = cand, t, True
+                break
+            if evals >= max_evals:
+                break
+    return cur, _unflatten(routes)
+
+
+def _neighbours(p: Problem, routes: list[tuple[str, list[str]]]):
+    load: dict[str, int] = {}
+    for _, path in routes:
+        for r in path:
+            load[r] = load.get(r, 0) + 1
+    for s, replicas in enumerate(p.stages):
+        for i, (_, path) in enumerate(routes):
+            for r in replicas:  # move microbatch i's stage-s hop to a replica with room
+                if r != path[s] and load.get(r, 0) < p.view.relays[r].capacity:
+                    yield _replace(routes, [(i, s, r)])
+        for i, j in itertools.combinations(range(len(routes)), 2):  # exchange two microbatches' stage-s hops
+            a, b = routes[i][1][s], routes[j][1][s]
+            if a != b:
+                yield _replace(routes, [(i, s, b), (j, s, a)])
+
+
+def _replace(routes, changes):
+    def build():
+        out = [(o, list(path)) for o, path in routes]
+        for i, s, r in changes:
+            out[i][1][s] = r
+        return out
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run(sc: Scenario, capacity: int | None, seeds: int, restarts: int, max_evals: int) -> dict:
+    p = scenario_problem(sc, capacity)
+    times: dict[str, float] = {}
+    plans: list[Plan] = []
+    for name in ROUTERS:
+        per_seed = []
+        for seed in range(seeds):
+            plan = make_router(name, seed).plan(p.view, p.demands)
+            per_seed.append(p.time(plan))
+            plans.append(plan)
+        times[name] = statistics.fmean(per_seed)
+    best_t, _ = search(p, plans, random.Random(0), restarts, max_evals)
+    bounds = lower_bound(p)
+    swarm = times["swarm"]
+    return {
+        "scenario": sc.name,
+        "capacity_override": capacity,
+        "microbatches": sum(p.demands.values()),
+        "slots_per_stage": [sum(p.view.relays[r].capacity for r in reps) for reps in p.stages],
+        "iteration_s": {**times, "search_best": best_t, **bounds},
+        "vs_swarm": {
+            k: v / swarm for k, v in {**times, "search_best": best_t, "lower_bound": bounds["lower_bound"]}.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", action="append", required=True, help="scenario TOML (repeatable)")
+    parser.add_argument(
+        "--capacity", type=int, action="append", default=None, help="every relay's capacity (repeatable)"
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="router seeds to average")
+    parser.add_argument("--restarts", type=int, default=10, help="random starting plans for the search")
+    parser.add_argument("--max-evals", type=int, default=3000, help="simulated plans per climb")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    for path in args.scenario:
+        sc = load_scenario(path)
+        for cap in args.capacity or [None]:
+            row = run(sc, cap, args.seeds, args.restarts, args.max_evals)
+            rows.append(row)
+            figures = "  ".join(f"{k} {v:.3f}" for k, v in row["vs_swarm"].items())
+            print(f"{sc.name} capacity={cap or 'scenario'} slots/stage={row['slots_per_stage']} "
+                  f"microbatches={row['microbatches']}  vs SWARM: {figures}", flush=True)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

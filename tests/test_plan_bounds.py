@@ -1,0 +1,39 @@
+"""benchmarks.plan_bounds: the lower bound holds for every plan, and the search keeps capacities and microbatches."""
+
+import random
+from collections import Counter
+
+from benchmarks.churn import load_scenario
+from benchmarks.plan_bounds import ROUTERS, lower_bound, random_plan, scenario_problem, search
+from gwtf.routing.base import make_router
+
+
+def _check_plan(problem, plan):
+    load = Counter(r for paths in plan.values() for path in paths for r in path)
+    assert all(load[r] <= problem.view.relays[r].capacity for r in load)
+    assert {o: len(paths) for o, paths in plan.items()} == problem.demands
+    for paths in plan.values():
+        for path in paths:
+            assert [problem.view.relays[r].stage for r in path] == list(range(1, problem.view.n_stages + 1))
+
+
+def test_geo10_bounds_hold_and_search_improves():
+    problem = scenario_problem(load_scenario("benchmarks/scenarios/geo10.toml"))
+    assert sum(problem.demands.values()) == 8 and len(problem.view.relays) == 9
+    bound = lower_bound(problem)["lower_bound"]
+    rng = random.Random(0)
+    plans = [make_router(name, 0).plan(problem.view, problem.demands) for name in ROUTERS]
+    plans += [random_plan(problem, rng) for _ in range(20)]
+    times = [problem.time(plan) for plan in plans]
+    assert bound > 0 and all(t >= bound for t in times)
+    best_t, best = search(problem, plans[:4], rng, restarts=1, max_evals=300)
+    _check_plan(problem, best)
+    assert bound <= best_t <= min(times[:4]) and abs(problem.time(best) - best_t) < 1e-12
+
+
+def test_capacity_override_gives_slack():
+    sc = load_scenario("benchmarks/scenarios/geo10.toml")
+    tight, slack = scenario_problem(sc), scenario_problem(sc, capacity=8)
+    assert all(r.capacity == 8 for r in slack.view.relays.values())
+    # more room can only lower the bound (the stage part takes the best split)
+    assert lower_bound(slack)["lower_bound"] <= lower_bound(tight)["lower_bound"]

@@ -26,7 +26,7 @@ import torch
 
 from gwtf.averaging import GroupAverager
 from gwtf.errors import BadMessage, PeerError
-from gwtf.liveness import gone
+from gwtf.liveness import ProbeCache
 from gwtf.membership import Membership, NodeRecord
 from gwtf.node import NodeBase, RunSpec, SwarmConfig, fetch_state, serving
 from gwtf.routing.base import Router, SwarmView
@@ -115,6 +115,7 @@ class DataNode(NodeBase):
         self.flights: dict[int, Flight] = {}
         self.stale_since: dict[int, float] = {}  # stage -> when it was first seen with every replica a step behind
         self.advancing = asyncio.Lock()  # many waits check for stale stages; one at a time asks
+        self.probes = ProbeCache(transport)  # late legs that share replicas share their probes
         self.averager = GroupAverager(transport, spec.run_id, "stage0", timeout=cfg.average_timeout)
         for name, fn in {
             "head": self.rpc_head,
@@ -490,7 +491,7 @@ class DataNode(NodeBase):
                 live = await self.live_nodes()
                 gone_now: set[str] = set()
                 if time.monotonic() >= next_probe:  # a crashed hop's DHT record outlives it by up to its TTL: ask
-                    gone_now = await gone(self.transport, set(fl.route), timeout=PROBE_ROUTE_AFTER_S)
+                    gone_now = await self.probes.gone(set(fl.route), timeout=PROBE_ROUTE_AFTER_S)
                     next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
                 dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live or p in gone_now]
                 if dead:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 
 from gwtf.errors import PeerError
 from gwtf.transport import Message, Transport
@@ -41,3 +42,51 @@ async def gone(transport: Transport, peers: set[str], timeout: float = PROBE_TIM
     order = sorted(peers)
     answers = await asyncio.gather(*(probe(transport, p, timeout) for p in order))
     return {p for p, a in zip(order, answers, strict=True) if a is Answer.GONE}
+
+
+async def answering(transport: Transport, peers: set[str], timeout: float = PROBE_TIMEOUT_S) -> set[str]:
+    """The peers among `peers` that answered (UP): silent ones are left out too, for choices that must not count on
+    a peer that may be gone (a joiner counting a stage's replicas)."""
+    order = sorted(peers)
+    answers = await asyncio.gather(*(probe(transport, p, timeout) for p in order))
+    return {p for p, a in zip(order, answers, strict=True) if a is Answer.UP}
+
+
+class ProbeCache:
+    """Probes shared by the concurrent waits of one node: a data node with many microbatches out probes the replicas
+    of every late leg once a second, and legs share replicas. An answer is reused for `ttl` seconds, and a probe
+    still under way is awaited rather than sent again, so each peer is probed at most once per `ttl`."""
+
+    def __init__(self, transport: Transport, ttl: float = 0.5) -> None:
+        self.transport, self.ttl = transport, ttl
+        self._answers: dict[str, tuple[float, Answer]] = {}  # peer -> (monotonic time of the answer, answer)
+        self._pending: dict[str, asyncio.Future[Answer]] = {}
+        self.sent = 0  # probes actually sent (for tests and logs)
+
+    async def probe(self, peer: str, timeout: float = PROBE_TIMEOUT_S) -> Answer:
+        hit = self._answers.get(peer)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        pending = self._pending.get(peer)
+        if pending is None:
+            pending = asyncio.ensure_future(self._send(peer, timeout))
+            self._pending[peer] = pending
+        return await asyncio.shield(pending)
+
+    async def _send(self, peer: str, timeout: float) -> Answer:
+        self.sent += 1
+        try:
+            answer = await probe(self.transport, peer, timeout)
+        finally:
+            self._pending.pop(peer, None)
+        self._answers[peer] = (time.monotonic(), answer)
+        if len(self._answers) > 4096:  # bounded: forget the oldest answers
+            for old in sorted(self._answers, key=lambda p: self._answers[p][0])[:1024]:
+                del self._answers[old]
+        return answer
+
+    async def gone(self, peers: set[str], timeout: float = PROBE_TIMEOUT_S) -> set[str]:
+        """As `gone`, through the cache."""
+        order = sorted(peers)
+        answers = await asyncio.gather(*(self.probe(p, timeout) for p in order))
+        return {p for p, a in zip(order, answers, strict=True) if a is Answer.GONE}

@@ -138,12 +138,11 @@ async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5, transp
 async def answering_nodes(transport, membership) -> dict:
     """The relay records whose owner answers now. A crashed relay's record lives on in the DHT until it expires;
     a joiner that counted it would leave a stage that lost every replica empty (nobody would rebuild it)."""
-    from gwtf.liveness import Answer, probe
+    from gwtf.liveness import answering
 
     nodes = await asyncio.to_thread(membership.live_nodes)
-    relays = [p for p, r in nodes.items() if r.role == "relay" and p != transport.peer_id]
-    answers = await asyncio.gather(*(probe(transport, p) for p in relays))
-    dead = {p for p, a in zip(relays, answers, strict=True) if a is not Answer.UP}
+    relays = {p for p, r in nodes.items() if r.role == "relay" and p != transport.peer_id}
+    dead = relays - await answering(transport, relays)
     if dead:
         log.info("not counting %d relay record(s) whose owner does not answer: %s", len(dead), sorted(dead))
     return {p: r for p, r in nodes.items() if p not in dead}

@@ -50,3 +50,33 @@ def test_averaging_leader_does_not_wait_out_its_timeout_for_a_crashed_member():
     elapsed, participants = asyncio.run(main())
     assert sorted(participants) == ["a", "b"]
     assert elapsed < 30, f"the leader waited {elapsed:.1f}s for a crashed member (its timeout is 60 s)"
+
+
+def test_probe_cache_shares_probes_between_concurrent_waits():
+    from gwtf.liveness import ProbeCache, answering
+
+    async def main() -> None:
+        net = InProcessNetwork()
+        me = InProcessTransport(net, "me", RUN)
+        calls: list[str] = []
+
+        async def ack(msg: Message) -> Message:
+            calls.append("relay")
+            await asyncio.sleep(0.05)  # in flight while the other waits ask
+            return Message(kind="ack", run_id=RUN)
+
+        InProcessTransport(net, "relay", RUN).add_handler("release", ack)
+        InProcessTransport(net, "crashed", RUN)
+        net.crash("crashed")
+        cache = ProbeCache(me, ttl=0.5)
+        # ten late legs over the same two replicas probe them at once: one probe each goes out
+        results = await asyncio.gather(*(cache.gone({"relay", "crashed"}) for _ in range(10)))
+        assert all(r == {"crashed"} for r in results)
+        assert cache.sent == 2 and calls == ["relay"]
+        assert await cache.gone({"relay"}) == set() and cache.sent == 2  # within the ttl: the answer is reused
+        await asyncio.sleep(0.55)
+        assert await cache.gone({"relay"}) == set() and cache.sent == 3  # after it: asked again
+        # a joiner counts only the peers that answer
+        assert await answering(me, {"relay", "crashed", "never-was"}) == {"relay"}
+
+    asyncio.run(main())

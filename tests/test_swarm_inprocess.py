@@ -169,3 +169,24 @@ def test_a_stage_larger_than_one_message_is_downloaded_in_chunks():
             await swarm.close()
 
     run(go())
+
+
+def test_recorded_compute_time_is_one_forward_not_the_queue(monkeypatch):
+    # Every forward takes 50 ms; one relay per stage holds all 4 microbatches of a step, which queue for its compute
+    # thread. The record's compute time (what routers and joiners read) is one forward's, not the wait behind the
+    # others (that was 2-4x as long and made busy relays look slow).
+    import time as _time
+
+    from gwtf.stage import StageReplica
+
+    original = StageReplica.forward
+
+    def slow_forward(self, *a):
+        out = original(self, *a)
+        _time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(StageReplica, "forward", slow_forward)
+    _, swarm = run(train_swarm(small_config(steps=2, microbatches=4), 2))
+    for node in swarm.relays.values():
+        assert 0.05 <= node.compute_s < 0.09, (node.stage, node.compute_s)

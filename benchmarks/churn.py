@@ -46,6 +46,8 @@ from launch.local_swarm import ProcessGroup, read_jsonl, wait_for_file
 COMPARE_KEYS = ("router", "recovery", "system")
 SYSTEMS = ("gwtf", "deepspeed")  # deepspeed: the static pipeline with checkpoint restart (benchmarks.ds_churn)
 SERVING = re.compile(r"serving stage (\d+)")
+# the running totals a relay under recovery="redundant" logs after each shadow update (gwtf.node.redundancy_cost)
+REDUNDANT_COST = re.compile(r"redundant cost: shadow_bytes=(\d+) redundant_forward_s=([\d.]+) redundant_forwards=(\d+)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,6 +274,7 @@ class RunResult:
     leftover_pids: list[int]
     tokens_per_iteration: int
     log_dir: str
+    redundancy: dict[str, float] | None = None  # recovery="redundant": the extra work the shadows cost (all relays)
 
 
 class Run:
@@ -414,10 +417,14 @@ class Run:
             self.group.stop_all()
         leftover = leftovers({p.pid for p in self.group.procs.values()})
         rows = [self._rows(r, t0) for r in range(self.sc.data_nodes)]
+        redundancy = None
+        if self.swarm.get("recovery") == "redundant":
+            redundancy = redundancy_cost([self.log_dir / f"{name}.log" for name in self.relays])
         return RunResult(
             variant=self.variant, scenario=self.sc.name, rows=rows[0], other_rows=rows[1:],
             events=self.done_events, t0=t0, wall_s=time.time() - t_start, done=done, failed=self.group.failed(),
             leftover_pids=leftover, tokens_per_iteration=_tokens_per_iteration(self.sc), log_dir=str(self.log_dir),
+            redundancy=redundancy,
         )  # fmt: skip
 
     def _wait_first_iteration(self) -> float:
@@ -474,6 +481,50 @@ def _iterations(path: Path) -> list[dict]:
 
 def _done(path: Path) -> bool:
     return any(r.get("event") == "done" for r in read_jsonl(path))
+
+
+def redundancy_cost(logs: list[Path]) -> dict[str, float]:
+    """What redundant computation cost every relay together (the crashed ones too, up to their last log line):
+    shadow state received, and the redundant forwards' count and seconds (real compute plus emulated delay)."""
+    total = {"shadow_bytes": 0.0, "redundant_forward_s": 0.0, "redundant_forwards": 0.0}
+    for path in logs:
+        last = REDUNDANT_COST.findall(path.read_text(errors="replace")) if path.exists() else []
+        if last:
+            fetched, seconds, forwards = last[-1]
+            total["shadow_bytes"] += int(fetched)
+            total["redundant_forward_s"] += float(seconds)
+            total["redundant_forwards"] += int(forwards)
+    return total
+
+
+def add_redundancy(report: dict[str, Any], results: list[RunResult]) -> None:
+    """Put each redundant run's extra work into its report entry (`redundancy`), per step, and against the compute
+    the scenario emulates for the relays' regular work (forward + backward: 3 x compute_ms per stage and finished
+    microbatch; the redundant seconds hold real compute too, which the debug preset keeps small)."""
+    for run, r in zip(report["runs"], results, strict=True):
+        if r.redundancy is None:
+            continue
+        steps = max(run["steps"], 1)
+        settings = report["settings"]
+        regular_s = run["microbatches"]["finished"] * settings["stages"] * 3 * settings["compute_ms"] / 1e3
+        run["redundancy"] = {
+            **r.redundancy,
+            "shadow_bytes_per_step": r.redundancy["shadow_bytes"] / steps,
+            "redundant_forward_s_per_step": r.redundancy["redundant_forward_s"] / steps,
+            "vs_regular_compute": r.redundancy["redundant_forward_s"] / regular_s if regular_s else None,
+        }
+
+
+def print_redundancy(report: dict[str, Any]) -> None:
+    for run in report["runs"]:
+        red = run.get("redundancy")
+        if red:
+            share = red["vs_regular_compute"]
+            print(f"{run['label']}: extra work of redundant computation: shadow state fetched "
+                  f"{red['shadow_bytes'] / 1e6:.1f} MB ({red['shadow_bytes_per_step'] / 1e6:.2f} MB/step), "
+                  f"{int(red['redundant_forwards'])} redundant forwards in {red['redundant_forward_s']:.1f} s "
+                  f"({red['redundant_forward_s_per_step']:.2f} s/step"
+                  f"{'' if share is None else f', {share:.2f} x the emulated regular compute'})")  # fmt: skip
 
 
 def leftovers(pgids: set[int]) -> list[int]:
@@ -564,17 +615,20 @@ def _node_main(argv: list[str]) -> int:
 def _emulate_compute(forward_s: float) -> None:
     """Stretch a relay's forward/backward/recompute as on a device `speed` times the base one (sleeping in the
     compute thread holds it busy like real work, without taking CPU from the other processes on this machine)."""
+    from gwtf.node import Shadow
     from gwtf.stage import StageReplica
 
-    for name, factor in (("forward", 1), ("backward", 2), ("recompute_backward", 3)):
-        original = getattr(StageReplica, name)
+    slow = [(StageReplica, "forward", 1), (StageReplica, "backward", 2), (StageReplica, "recompute_backward", 3),
+            (Shadow, "forward", 1)]  # recovery="redundant": a shadow's forward costs one more forward  # fmt: skip
+    for cls, name, factor in slow:
+        original = getattr(cls, name)
 
         def slowed(self, *a, _original=original, _s=forward_s * factor):
             out = _original(self, *a)
             time.sleep(_s)
             return out
 
-        setattr(StageReplica, name, slowed)
+        setattr(cls, name, slowed)
 
 
 def _override_swarm(swarm: dict[str, Any]) -> None:
@@ -615,12 +669,14 @@ def main(argv: list[str] | None = None) -> int:
             sc.steps = args.steps
         results = run_scenario(sc, args.compare, Path(args.logs))
         report = build_report(sc, results)
+        add_redundancy(report, results)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
         if args.plots:
             write_plots(report, Path(args.plots))
         print_summary(report)
+        print_redundancy(report)
     except UserError as exc:
         print(f"benchmarks.churn: error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,17 @@ Relay protocol (all calls ack on receipt; the work runs after the ack):
     regrad       "the replica before you died during its backward: recover it with the gradient you sent it"
     release      "this microbatch was restarted: drop what you hold of its earlier attempts"
     end_iteration  a data node is done with iteration i; once all live data nodes are, average and step
-    get_state    parameters + optimizer state, for a joiner
+    get_state    parameters + optimizer state, for a joiner (or a shadow holder: `min_version` waits, bounded,
+                 until this replica has stepped that far)
+    get_shadow   the state of the neighbouring stage this relay shadows (recovery="redundant"), for the joiner
+                 that takes over that stage when it lost every replica
+
+Redundant computation (recovery="redundant", Bamboo's baseline): the relays of stage k-1 each hold a `Shadow` of
+stage k (stage 1's shadow is held by stage 2: its predecessor would be the data nodes, which are out of scope
+here). After every step a holder fetches the new state of the stage it shadows from one live replica of it, in
+the background, and on every microbatch it forwards it also runs that stage's forward on its own output (the
+stage-1 shadow on stage 2 has no input there: it costs only the compute delay the churn harness emulates). A
+joiner for a stage with no live replica then takes the shadow over exactly: weights, optimizer moments, version.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import dataclasses
 import functools
 import logging
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +216,66 @@ def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -
     }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# redundant computation (Bamboo): shadows of the neighbouring stage
+
+
+def shadow_holder_stage(stage: int, n_stages: int) -> int | None:
+    """The relay stage whose relays hold stage `stage`'s shadow under recovery="redundant": the stage before it
+    (Bamboo); stage 1's predecessor is the data nodes, which hold no shadows here, so stage 2 holds stage 1's.
+    None with a single relay stage (nobody to hold it)."""
+    if n_stages < 2 or not 1 <= stage <= n_stages:
+        return None
+    return stage - 1 if stage >= 2 else 2
+
+
+def shadowed_stages(stage: int, n_stages: int) -> list[int]:
+    """The stages whose shadows a relay of `stage` holds (the inverse of `shadow_holder_stage`)."""
+    return [k for k in range(1, n_stages + 1) if k != stage and shadow_holder_stage(k, n_stages) == stage]
+
+
+class Shadow:
+    """A relay's copy of a neighbouring stage: weights, optimizer moments and version (a `StageReplica` that never
+    trains), brought up to each new version by fetching it, and run forward on every microbatch the holder
+    forwards. `fed`: whether the holder has this stage's input (it is the stage just before it); stage 1's shadow,
+    held by stage 2, is not fed: its forward computes nothing here (only the churn harness's emulated delay, which
+    patches `Shadow.forward`, charges it). Its state and forward are touched on the holder's compute thread only."""
+
+    def __init__(self, replica: StageReplica, fed: bool):
+        self.replica, self.fed = replica, fed
+        self.fetched_bytes = 0  # state received to keep it in step
+        self.forwards = 0  # redundant forwards run
+        self.forward_s = 0.0  # their time (real compute plus any emulated delay)
+        self.refreshing: asyncio.Task | None = None  # at most one fetch in flight
+
+    @property
+    def stage(self) -> int:
+        return self.replica.index
+
+    @property
+    def version(self) -> int:
+        return self.replica.version
+
+    def forward(self, hidden: torch.Tensor | None) -> None:
+        """The redundant forward; its output is discarded (no graph, no gradient: training is unchanged)."""
+        if hidden is not None:
+            with torch.no_grad():
+                self.replica.module(hidden)
+
+    def timed_forward(self, hidden: torch.Tensor | None) -> None:
+        t0 = time.perf_counter()
+        self.forward(hidden if self.fed else None)
+        self.forward_s += time.perf_counter() - t0
+        self.forwards += 1
+
+
+def redundancy_cost(shadows: dict[int, Shadow]) -> str:
+    """One log line with a relay's running totals (the churn harness reads the last one from each relay's log)."""
+    fetched = sum(s.fetched_bytes for s in shadows.values())
+    seconds, forwards = sum(s.forward_s for s in shadows.values()), sum(s.forwards for s in shadows.values())
+    return f"redundant cost: shadow_bytes={fetched} redundant_forward_s={seconds:.4f} redundant_forwards={forwards}"
+
+
 class RelayNode(NodeBase):
     """Serves one stage: forward, backward, recompute; averages with its stage's replicas at each iteration end."""
 
@@ -225,6 +296,8 @@ class RelayNode(NodeBase):
         self.tasks: set[asyncio.Task] = set()
         self.catching_up: asyncio.Future | None = None
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
+        self.shadows: dict[int, Shadow] = {}  # recovery="redundant": the neighbouring stage(s) this relay shadows
+        self.rebuilt_source = ""  # how this replica's stage was rebuilt, if it was ("mean(1,3)", "shadow@stage 1 v4")
         for name, fn in {
             "regrad": self.rpc_regrad,
             "release": self.rpc_release,
@@ -235,6 +308,7 @@ class RelayNode(NodeBase):
             "end_iteration": self.rpc_end_iteration,
             "advance": self.rpc_advance,
             "get_state": self.rpc_get_state,
+            "get_shadow": self.rpc_get_shadow,
         }.items():
             transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
 
@@ -276,6 +350,8 @@ class RelayNode(NodeBase):
             )
         if not downloaded and self.run_version > 0:  # the run is under way and this stage has no live replica left
             await self.rebuild_stage(build_module)
+        if self.cfg.recovery == "redundant":
+            await self._make_shadows(build_module)
         self.status = "serving"
         await self.announce()
         self.start_heartbeat()
@@ -320,13 +396,21 @@ class RelayNode(NodeBase):
 
     async def rebuild_stage(self, build_module) -> None:
         """Rebuild this stage from its live neighbours with the run's strategy (CheckFree: their gradient-norm
-        weighted average; an edge stage copies its one relay neighbour), fresh optimizer, raised learning rate."""
+        weighted average; an edge stage copies its one relay neighbour), fresh optimizer, raised learning rate.
+        Under "redundant" a live shadow holder's copy is taken over exactly instead, and only where none is left
+        (or it is too old) is a neighbour copied, as gwtf.recovery.RedundantRecovery does."""
         from gwtf.optim import make_optimizer
-        from gwtf.recovery import install, make_strategy
+        from gwtf.recovery import CopyNeighbour, RedundantRecovery, install, make_strategy
 
         assert self.replica is not None
         strategy = make_strategy(self.cfg.recovery)
         strategy.check(self.spec.model)
+        suffix = ""
+        if isinstance(strategy, RedundantRecovery):
+            if await self._take_over_shadow():
+                return
+            strategy, suffix = CopyNeighbour(), " (shadow lost)"
+            strategy.check(self.spec.model)
         nodes = await self.live_nodes(max_age=0)
         modules, norms, versions = {}, {}, []
         for j in (self.stage - 1, self.stage + 1):
@@ -335,10 +419,12 @@ class RelayNode(NodeBase):
                 modules[j], version, norms[j] = await self._neighbour(j, donors[0], build_module)
                 versions.append(version)
         rebuilt = await self.compute(strategy.rebuild, self.stage, modules, norms, self.spec.model, self.spec.seed)
+        rebuilt.source += suffix
         r = self.replica
         r.optimizer = install(rebuilt, r.module, r.optimizer, lambda m: make_optimizer(m, self.spec.optim))
         r.version = max(versions, default=self.run_version)
         r.boost, r.boost_from, r.lr_scale = rebuilt, r.version, rebuilt.lr_scale
+        self.rebuilt_source = rebuilt.source
         log.warning(
             "relay %s rebuilt lost stage %d at v%d: %s (lr x%.2f)",
             self.peer_id[:8],
@@ -347,6 +433,45 @@ class RelayNode(NodeBase):
             rebuilt.source,
             rebuilt.lr_scale,
         )
+
+    async def _take_over_shadow(self) -> bool:
+        """Load this stage's state from the live shadow holder with the newest shadow (exact: weights, optimizer
+        moments, version; no learning-rate boost). False, with a warning that says why, where no live holder has
+        one at most a step older than the run (the shadow died with its holder): the caller copies a neighbour."""
+        assert self.replica is not None
+        holder_stage = shadow_holder_stage(self.stage, self.spec.model.n_stages)
+        holders = sorted(serving(await self.live_nodes(max_age=0), "relay", holder_stage)) if holder_stage else []
+        probe = self.message("get_shadow", meta={"stage": self.stage, "version_only": True})
+        replies = await asyncio.gather(*(self.call(h, "get_shadow", probe) for h in holders), return_exceptions=True)
+        versions = {}
+        for holder, reply in zip(holders, replies):
+            if isinstance(reply, Message) and type(reply.meta.get("version")) is int:
+                versions[holder] = reply.meta["version"]
+            else:
+                log.info("relay %s: no shadow of stage %d from %s (%s)", self.peer_id[:8], self.stage, holder[:8],
+                         reply)  # fmt: skip
+        usable = sorted((v, h) for h, v in versions.items() if v >= self.run_version - 1)
+        names = [n for n, _ in self.replica.module.named_parameters()]
+        for _, holder in reversed(usable):  # the newest first
+            try:
+                tensors, meta = await self._fetch_from([holder], names, "get_shadow", stage=self.stage)
+                await self.compute(self.replica.load_state, tensors, meta)
+            except (PeerError, BadMessage) as exc:
+                log.warning("relay %s: taking over the shadow from %s failed (%s)", self.peer_id[:8], holder[:8], exc)
+                continue
+            self.replica.boost = None  # an exact takeover: the lost stage's own learning rate goes on
+            self.rebuilt_source = f"shadow@stage {holder_stage} v{self.replica.version}"
+            log.warning("relay %s rebuilt lost stage %d at v%d: %s (from %s)", self.peer_id[:8], self.stage,
+                        self.replica.version, self.rebuilt_source, holder[:8])  # fmt: skip
+            return True
+        why = (
+            f"its shadows are at {sorted(set(versions.values()))}, over a step behind the run's v{self.run_version}"
+            if versions
+            else f"no live relay of stage {holder_stage} holds one (the shadow died with them)"
+        )
+        log.warning("redundant: no usable shadow of lost stage %d: %s; falling back to copying a neighbour "
+                    "(copy (shadow lost))", self.stage, why)  # fmt: skip
+        return False
 
     async def _neighbour(self, stage: int, donor: str, build_module) -> tuple[Any, int, float]:
         """Stage `stage`'s current parameters from one of its replicas, as a module, with their version and the
@@ -357,9 +482,15 @@ class RelayNode(NodeBase):
                                strict=False)  # fmt: skip
         return module, int(meta["version"]), float(meta.get("grad_norm") or 1.0)
 
-    async def _fetch_from(self, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    async def _fetch_from(
+        self, donors: list[str], names: list[str], handler: str = "get_state", **meta: Any
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """A stage's state from `donors` through `handler` (get_state, or get_shadow with `stage`), `meta` added to
+        each request."""
+
         async def get(donor: str, msg: Message) -> Message:
-            return await self.call(donor, "get_state", msg, timeout=self.cfg.iteration_timeout)
+            msg.meta.update(meta)
+            return await self.call(donor, handler, msg, timeout=self.cfg.iteration_timeout)
 
         return await fetch_state(get, self.spec.run_id, donors, names)
 
@@ -385,10 +516,88 @@ class RelayNode(NodeBase):
     async def rpc_get_state(self, msg: Message) -> Message:
         if self.replica is None or self.status != "serving":
             raise BadMessage("this replica holds no state yet")
+        want = msg.meta.get("min_version")
+        deadline = time.monotonic() + self.cfg.call_timeout / 2
+        while type(want) is int and self.replica.version < want and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # a shadow holder asks right after its own step: this one is stepping too
         await self.fault("state_donor", self.replica.version)
         tensors, meta = await self.compute(self.replica.state)
         part, meta = state_subset(tensors, meta, msg.meta.get("names"))
         return self.message("state", tensors=part, meta=meta)
+
+    async def rpc_get_shadow(self, msg: Message) -> Message:
+        """The shadow of stage `stage` this relay holds (recovery="redundant"), like get_state; with
+        `version_only`, just its version."""
+        stage = msg.meta["stage"]
+        shadow = self.shadows.get(stage) if type(stage) is int else None
+        if shadow is None or self.status != "serving":
+            raise BadMessage(
+                f"this relay of stage {self.stage} holds no shadow of stage {stage!r} "
+                f"(it shadows {sorted(self.shadows) or 'none'}; recovery is {self.cfg.recovery!r})"
+            )
+        if msg.meta.get("version_only"):
+            return self.message("shadow", meta={"stage": stage, "version": shadow.version})
+        tensors, meta = await self.compute(shadow.replica.state)
+        part, meta = state_subset(tensors, meta, msg.meta.get("names"))
+        return self.message("state", tensors=part, meta=meta)
+
+    # ---- shadows (recovery="redundant") ------------------------------------------------------------------------
+    async def _make_shadows(self, build_module) -> None:
+        """This relay's shadows of its neighbouring stage(s). Built from the seed (or the run's checkpoint) they
+        are exact at version 0; a relay that joins a run under way fetches them at once."""
+        assert self.replica is not None
+        for k in shadowed_stages(self.stage, self.spec.model.n_stages):
+            module = await self.compute(build_module, k)
+            replica = StageReplica(k, module, self.spec.optim, self.spec.total_steps, capacity=1)
+            self.shadows[k] = Shadow(replica, fed=k == self.stage + 1)
+        if self.replica.version > 0:
+            self._refresh_shadows(self.replica.version)
+
+    def _refresh_shadows(self, version: int) -> None:
+        """Start bringing every shadow up to `version`, in the background (never on a step's path)."""
+        for shadow in self.shadows.values():
+            if shadow.refreshing is not None and not shadow.refreshing.done():
+                log.info("relay %s: shadow of stage %d still fetching v%d; v%d waits for the next step",
+                         self.peer_id[:8], shadow.stage, shadow.version, version)  # fmt: skip
+                continue
+            shadow.refreshing = asyncio.ensure_future(self._refresh_shadow(shadow, version))
+            shadow.refreshing.add_done_callback(self._task_done)
+
+    async def _refresh_shadow(self, shadow: Shadow, version: int) -> None:
+        """Fetch stage `shadow.stage`'s state at `version` or newer from one live replica of it (bounded in tries
+        and time); a failure is logged and the next step tries again."""
+        names = [n for n, _ in shadow.replica.module.named_parameters()]
+        deadline = time.monotonic() + self.cfg.iteration_timeout
+        for _ in range(2 * self.cfg.max_attempts):
+            if self.closed or time.monotonic() > deadline:
+                break
+            donors = sorted(serving(await self.live_nodes(), "relay", shadow.stage))
+            if not donors:
+                log.warning("relay %s: no live replica of stage %d to bring its shadow to v%d (it stays at v%d)",
+                            self.peer_id[:8], shadow.stage, version, shadow.version)  # fmt: skip
+                return
+            donor = donors[zlib.crc32(self.peer_id.encode()) % len(donors)]  # holders spread over the replicas
+            try:
+                tensors, meta = await self._fetch_from([donor], names, min_version=version)
+            except (PeerError, BadMessage) as exc:
+                log.info("relay %s: shadow fetch from %s failed (%s)", self.peer_id[:8], donor[:8], exc)
+                await asyncio.sleep(0.2)
+                continue
+            shadow.fetched_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+            if meta["version"] > shadow.version:
+                await self.compute(shadow.replica.load_state, tensors, meta)
+            if shadow.version >= version:
+                log.info("relay %s: shadow of stage %d at v%d; %s", self.peer_id[:8], shadow.stage, shadow.version,
+                         redundancy_cost(self.shadows))  # fmt: skip
+                return
+            await asyncio.sleep(0.1)  # that replica had not stepped yet
+        log.warning("relay %s: shadow of stage %d not brought to v%d (it is at v%d); the next step tries again",
+                    self.peer_id[:8], shadow.stage, version, shadow.version)  # fmt: skip
+
+    async def _shadow_forwards(self, out: torch.Tensor) -> None:
+        """Bamboo's cost: each shadow's forward on this microbatch (on the compute thread, like real work)."""
+        for shadow in self.shadows.values():
+            await self.compute(shadow.timed_forward, out)
 
     # ---- validation --------------------------------------------------------------------------------------------
     # meta fields each handler reads; a message without them is refused, not a KeyError inside the handler
@@ -399,6 +608,7 @@ class RelayNode(NodeBase):
         "regrad": ("route", "order", "origin", "attempt"),
         "resend": ("route", "order", "origin", "attempt"),
         "release": ("origin", "attempt"),
+        "get_shadow": ("stage",),
     }
 
     def validate(self, msg: Message, handler: str) -> None:
@@ -407,6 +617,9 @@ class RelayNode(NodeBase):
         missing = [f for f in self.REQUIRED_META.get(handler, ()) if f not in msg.meta]
         if missing:
             raise BadMessage(f"{handler} needs meta field(s) {', '.join(missing)}")
+        names = msg.meta.get("names") if handler in ("get_state", "get_shadow") else None
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise BadMessage(f"{handler}: names must be a list of parameter names")
         if handler in ("forward", "backward", "recompute"):
             m = self.spec.model
             for t in msg.tensors:
@@ -467,6 +680,8 @@ class RelayNode(NodeBase):
         # Timed inside the compute thread: the record's compute time is one forward's, not the wait behind the
         # others a relay holds (that made busy relays look slow to the routers and to joiners choosing a stage).
         self.compute_s = 0.8 * self.compute_s + 0.2 * took if self.compute_s else took
+        if self.shadows:
+            self._spawn(self._shadow_forwards(out))
         route, origin, pos = list(msg.meta["route"]), str(msg.meta["origin"]), self._pos(msg)
         if pos == len(route) - 1:
             await self._deliver(origin, "head", msg, out, route)
@@ -654,6 +869,7 @@ class RelayNode(NodeBase):
         result = await self.averager.average(i, self.replica.grad_tensors(), self.replica.count, sorted(group))
         await self.fault("optimizer_step", i)
         await self.compute(self.replica.apply_averaged, result.grads, i)
+        self._refresh_shadows(i + 1)
         self.sent_grads.clear()
         self.iteration_done.pop(i, None)
         self.iteration_steps = {k: v for k, v in self.iteration_steps.items() if k >= i}
@@ -679,6 +895,6 @@ class RelayNode(NodeBase):
             await asyncio.wait(pending, timeout=self.cfg.call_timeout)
 
     async def close(self) -> None:
-        for t in list(self.tasks):
+        for t in [*self.tasks, *(s.refreshing for s in self.shadows.values() if s.refreshing is not None)]:
             t.cancel()
         await super().close()

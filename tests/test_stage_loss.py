@@ -33,14 +33,17 @@ async def lose_stage_and_rebuild(swarm: InProcessSwarm, stage: int, iteration: i
         if node is not None:
             neighbours[k] = (params(node), node.replica.last_grad_norm)
     joiner = await swarm.add_relay(stage)
-    rebuilt = params(joiner)
+    rebuilt, state = params(joiner), joiner.replica.state()  # as rebuilt: before the joiner steps
     result = await step
-    return {"joiner": joiner, "neighbours": neighbours, "rebuilt": rebuilt, "result": result}
+    return {"joiner": joiner, "neighbours": neighbours, "rebuilt": rebuilt, "state": state, "result": result}
 
 
-def train_losing_a_stage(stages: int, lost: int, recovery: str) -> tuple[list[float], dict, list[list[int]]]:
+def train_losing_a_stage(
+    stages: int, lost: int, recovery: str, before_loss=None
+) -> tuple[list[float], dict, list[list[int]]]:
     """Train STEPS steps with 2 replicas per stage; at LOSS_AT every replica of `lost` crashes and a joiner
-    rebuilds it. Returns the losses, the loss event and the data node's stage orders of 4 microbatches."""
+    rebuilds it (`await before_loss(swarm)` first, if given). Returns the losses, the loss event and the data
+    node's stage orders of 4 microbatches."""
     cfg = small_config(steps=STEPS, microbatches=4, stages=stages)
 
     async def go():
@@ -51,6 +54,8 @@ def train_losing_a_stage(stages: int, lost: int, recovery: str) -> tuple[list[fl
         try:
             for step in range(STEPS):
                 if step == LOSS_AT:
+                    if before_loss is not None:
+                        await before_loss(swarm)
                     event = await lose_stage_and_rebuild(swarm, lost, step)
                     result = event["result"]
                 else:

@@ -1,0 +1,175 @@
+"""Redundant computation (Bamboo) in the live runtime: shadows of the neighbouring stage kept in step by fetching,
+their forward run on every microbatch, and an exact takeover of a stage that lost every replica."""
+
+import asyncio
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.churn import REDUNDANT_COST, redundancy_cost
+from gwtf.errors import PeerError
+from gwtf.node import Shadow, shadow_holder_stage, shadowed_stages
+from gwtf.node import redundancy_cost as cost_line
+from gwtf.optim import OptimConfig
+from gwtf.stage import StageReplica
+from gwtf.swarm import InProcessSwarm
+from gwtf.trainer import train_local
+from tests.test_stage_loss import LOSS_AT, STEPS, params, train_losing_a_stage
+from tests.test_swarm_inprocess import fast_swarm, run, small_config
+
+# ---------------------------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+def test_each_stage_is_shadowed_by_the_stage_before_it_and_stage_1_by_stage_2():
+    assert shadow_holder_stage(1, 1) is None and shadowed_stages(1, 1) == []  # one relay stage: nobody holds it
+    assert {k: shadow_holder_stage(k, 3) for k in (1, 2, 3)} == {1: 2, 2: 1, 3: 2}
+    assert {k: shadowed_stages(k, 3) for k in (1, 2, 3)} == {1: [2], 2: [1, 3], 3: []}
+    for n in range(2, 7):
+        for k in range(1, n + 1):
+            holder = shadow_holder_stage(k, n)
+            assert holder is not None and abs(holder - k) == 1 and k in shadowed_stages(holder, n)
+        assert sorted(j for k in range(1, n + 1) for j in shadowed_stages(k, n)) == list(range(1, n + 1))
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+
+def shadow_of(fed: bool) -> Shadow:
+    return Shadow(StageReplica(2, Counting(), OptimConfig(), total_steps=10), fed=fed)
+
+
+def test_a_shadow_forward_computes_only_where_fed_keeps_no_graph_and_is_counted():
+    fed, unfed = shadow_of(True), shadow_of(False)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    for shadow in (fed, unfed):
+        shadow.timed_forward(x)
+        shadow.timed_forward(x)
+        assert shadow.forwards == 2 and shadow.forward_s >= 0
+        assert all(p.grad is None for p in shadow.replica.module.parameters())
+    assert fed.replica.module.calls == 2 and unfed.replica.module.calls == 0  # stage 2 has no input for stage 1
+    assert x.grad is None and fed.version == 0 and fed.stage == 2
+
+
+def test_the_harness_reads_the_cost_line_the_relays_log(tmp_path):
+    a, b = shadow_of(True), shadow_of(False)
+    a.fetched_bytes, a.forwards, a.forward_s, b.fetched_bytes = 1000, 3, 0.25, 500
+    line = cost_line({2: a, 1: b})
+    assert REDUNDANT_COST.search(line)
+    (tmp_path / "r1.log").write_text(f"x\n{cost_line({2: shadow_of(True)})}\n{line}\n")  # the last line counts
+    (tmp_path / "r2.log").write_text(line)
+    total = redundancy_cost([tmp_path / "r1.log", tmp_path / "r2.log", tmp_path / "gone.log"])
+    assert total == {"shadow_bytes": 3000, "redundant_forward_s": 0.5, "redundant_forwards": 6}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# live swarms (in-process transport)
+
+
+async def wait_for_shadows(swarm: InProcessSwarm, version: int) -> None:
+    """Shadows update in the background after a step: wait (bounded) until every one is at `version`."""
+    for _ in range(300):
+        if all(s.version >= version for n in swarm.relays.values() for s in n.shadows.values()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"shadows not at v{version}")
+
+
+def test_shadows_follow_their_stage_and_change_no_loss():
+    cfg = small_config(steps=5, microbatches=2, stages=3)
+    reference = train_local(cfg, progress=False)["losses"]
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
+        await swarm.start()
+        losses = []
+        try:
+            for step in range(5):
+                losses.append((await swarm.step()).loss)
+                await wait_for_shadows(swarm, step + 1)
+            by_stage = {n.stage: n for n in swarm.relays.values()}
+            for holder in by_stage.values():
+                for k, shadow in holder.shadows.items():  # exact copies of the stage they shadow
+                    assert shadow.version == by_stage[k].replica.version == 5
+                    for got, want in zip(params(shadow), params(by_stage[k])):
+                        assert torch.equal(got, want)
+                    assert shadow.forwards == 5 * 2 and shadow.fetched_bytes > 0  # every microbatch forwarded
+                    assert shadow.replica.module is not by_stage[k].replica.module
+                    assert shadow.fed == (k == holder.stage + 1)
+            with pytest.raises(PeerError, match="holds no shadow of stage 2"):
+                await by_stage[1].call(by_stage[3].peer_id, "get_shadow", by_stage[1].message("x", meta={"stage": 2}))
+        finally:
+            await swarm.close()
+        return losses
+
+    assert run(go()) == pytest.approx(reference, abs=1e-4)  # the redundant forwards change nothing
+
+
+def test_a_lost_middle_stage_is_taken_over_exactly_from_its_shadow():
+    captured = {}
+
+    async def before_loss(swarm: InProcessSwarm) -> None:
+        await wait_for_shadows(swarm, LOSS_AT)
+        victim = next(n for n in swarm.relays.values() if n.stage == 2)
+        captured["victim"] = victim.replica.state()  # the lost stage's state: weights, moments, version
+        captured["shadows"] = [n.shadows[2].replica.state() for n in swarm.relays.values() if n.stage == 1]
+
+    losses, event, _ = train_losing_a_stage(stages=3, lost=2, recovery="redundant", before_loss=before_loss)
+    joiner = event["joiner"]
+    assert joiner.rebuilt_source == f"shadow@stage 1 v{LOSS_AT}"
+    (victim, vmeta), (rebuilt, rmeta) = captured["victim"], event["state"]
+    assert vmeta["version"] == rmeta["version"] == LOSS_AT and rmeta["lr_scale"] == 1.0  # no learning-rate boost
+    assert vmeta["steps"] == rmeta["steps"] and victim.keys() == rebuilt.keys()
+    for name, tensor in victim.items():  # weights and both Adam moments, bit for bit
+        assert torch.equal(rebuilt[name], tensor), name
+        for shadow, _ in captured["shadows"]:
+            assert torch.equal(shadow[name], tensor), name
+    assert joiner.replica.stats.backward > 0
+    assert losses[-1] < losses[LOSS_AT] and losses[-1] < losses[0] - 0.3 and len(losses) == STEPS
+
+
+def test_a_stage_whose_shadow_holder_died_too_falls_back_to_a_copy_and_says_so(caplog):
+    """Stages 2 and 3 lose their one replica each at once: stage 3's shadow died with stage 2, so stage 3 copies stage 4
+    (logged); stage 2's shadow, on stage 1, survived: stage 2 is taken over exactly."""
+    cfg = small_config(steps=6, microbatches=2, stages=4)
+    caplog.set_level(logging.WARNING, logger="gwtf.node")
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
+        await swarm.start()
+        try:
+            for _ in range(3):
+                await swarm.step()
+            await wait_for_shadows(swarm, 3)
+            victims = {n.stage: n for n in swarm.relays.values() if n.stage in (2, 3)}
+            lost = {k: n.replica.state()[0] for k, n in victims.items()}
+            stage4 = params(next(n for n in swarm.relays.values() if n.stage == 4))
+            for node in victims.values():  # both at once, between two steps
+                await swarm.crash(node.peer_id)
+            step = asyncio.ensure_future(swarm.step())
+            third = await swarm.add_relay(3)
+            third_weights = params(third)
+            second = await swarm.add_relay(2)
+            second_state = second.replica.state()[0]
+            reports = [(await step).reports] + [(await swarm.step()).reports for _ in range(2)]
+        finally:
+            await swarm.close()
+        assert all(r.lost == 0 for rs in reports for r in rs)
+        return third, third_weights, stage4, second, second_state, lost
+
+    third, third_weights, stage4, second, second_state, lost = run(go())
+    assert third.rebuilt_source == "copy(4) (shadow lost)"
+    assert all(torch.equal(a, b) for a, b in zip(third_weights, stage4))
+    assert "no usable shadow of lost stage 3: no live relay of stage 2 holds one" in caplog.text
+    assert second.rebuilt_source == "shadow@stage 1 v3"
+    assert all(torch.equal(second_state[k], t) for k, t in lost[2].items())

@@ -233,3 +233,20 @@ def test_full_relay_deflects_a_request_to_a_peer_with_room():
             agents[name].step(r, inboxes.get(name, []), directory)
     assert [out.peer for _, out in agents["u"].units()] == ["z"]
     assert list(agents["z"].inbound) == [("u", 1)] and ("u", 1) not in agents["x"].inbound
+
+
+def test_a_relay_whose_measured_compute_changes_renegotiates():
+    # In a swarm the first records carry no measurement yet (the runtime floors them at 1e-4 s): the first plan
+    # sees equally fast relays and uses the one in the data node's region. Once the records say it is 100x slower
+    # than its peers, the router must route around it, not keep the figures it started with.
+    first = build([[(4, 1e-4, "Japan"), (4, 1e-4, "LA")], [(4, 1e-4, "Japan")]])
+    router = GWTFRouter(seed=0)
+    plan = router.plan(first, {"d0": 3})
+    assert all(path[0] == "s1r0" for path in plan["d0"]) and len(plan["d0"]) == 3
+    measured = build([[(4, 2.0, "Japan"), (4, 0.02, "LA")], [(4, 0.02, "Japan")]])
+    plan = router.plan(measured, {"d0": 3})
+    assert len(plan["d0"]) == 3 and all(path[0] == "s1r1" for path in plan["d0"])
+    assert_within_capacity(router.run)
+    # a small wobble of a measurement (within the tolerance) keeps the plan as it is
+    wobble = build([[(4, 2.1, "Japan"), (4, 0.021, "LA")], [(4, 0.019, "Japan")]])
+    assert router.plan(wobble, {"d0": 3}) == plan

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 
-from gwtf.routing.agent import AgentConfig
+from gwtf.routing.agent import AgentConfig, PeerCard
 from gwtf.routing.base import Plan, Router, SwarmView, validate_demands
 from gwtf.routing.protocol import ProtocolRun, card_of
 
 logger = logging.getLogger(__name__)
+
+RECOMPUTE_TOLERANCE = 0.25  # a relay whose compute time moved by more than this fraction renegotiates its slots
 
 
 class GWTFRouter(Router):
@@ -42,9 +44,15 @@ class GWTFRouter(Router):
         return self._record(self.run.plan())
 
     def _update(self, run: ProtocolRun, view: SwarmView) -> None:
-        """Crash the relays that left, add the ones that joined; the agents renegotiate locally."""
-        gone = set(run.view.relays) - set(view.relays)
-        new = sorted(set(view.relays) - set(run.view.relays))
+        """Crash the relays that left, add the ones that joined; the agents renegotiate locally. A relay whose
+        record changed (its measured compute time by more than `RECOMPUTE_TOLERANCE`, or its capacity or region)
+        renegotiates too, as if it had left and come back: its first records carry no measurement yet, and agents
+        that kept those figures routed as if every relay were equally fast."""
+        changed = {p for p in set(run.view.relays) & set(view.relays) if _changed(run.directory.cards[p], view, p)}
+        if changed:
+            logger.debug("gwtf: %d relays' figures changed; they renegotiate", len(changed))
+        gone = set(run.view.relays) - set(view.relays) | changed
+        new = sorted(set(view.relays) - set(run.view.relays) | changed)
         run.view = view
         run.directory.costs.view = view
         if gone:
@@ -52,3 +60,11 @@ class GWTFRouter(Router):
             logger.debug("gwtf: %d relays gone, %d agents renegotiate", len(gone), len(affected))
         if new:
             run.join([card_of(view, p) for p in new])
+
+
+def _changed(card: PeerCard, view: SwarmView, peer: str) -> bool:
+    relay = view.relays[peer]
+    if (relay.stage, relay.region, relay.capacity) != (card.stage, card.region, card.capacity):
+        return True
+    old, now = max(card.compute_s, 1e-9), max(relay.compute_s, 1e-9)
+    return max(old, now) / min(old, now) > 1 + RECOMPUTE_TOLERANCE

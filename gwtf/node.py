@@ -461,6 +461,12 @@ class RelayNode(NodeBase):
                 continue
             self.replica.boost = None  # an exact takeover: the lost stage's own learning rate goes on
             self.rebuilt_source = f"shadow@stage {holder_stage} v{self.replica.version}"
+            if self.replica.version < self.run_version:
+                # The stage died in the step after the shadow's version, before its holders fetched the new state:
+                # that one update is lost. Take the run's version without it at once, as a data node would have
+                # this stage do after a grace (rpc_advance), and as a CheckFree rebuild takes its neighbours'.
+                await self.compute(self.replica.skip_step, self.run_version)
+                self.rebuilt_source += f", v{self.run_version} without that step's update"
             log.warning("relay %s rebuilt lost stage %d at v%d: %s (from %s)", self.peer_id[:8], self.stage,
                         self.replica.version, self.rebuilt_source, holder[:8])  # fmt: skip
             return True

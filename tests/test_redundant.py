@@ -10,6 +10,7 @@ from torch import nn
 
 from benchmarks.churn import REDUNDANT_COST, redundancy_cost
 from gwtf.errors import PeerError
+from gwtf.faults import Fault
 from gwtf.node import Shadow, shadow_holder_stage, shadowed_stages
 from gwtf.node import redundancy_cost as cost_line
 from gwtf.optim import OptimConfig
@@ -173,3 +174,33 @@ def test_a_stage_whose_shadow_holder_died_too_falls_back_to_a_copy_and_says_so(c
     assert "no usable shadow of lost stage 3: no live relay of stage 2 holds one" in caplog.text
     assert second.rebuilt_source == "shadow@stage 1 v3"
     assert all(torch.equal(second_state[k], t) for k, t in lost[2].items())
+
+
+def test_a_stage_lost_in_its_step_before_its_shadow_caught_up_takes_the_runs_version_without_that_update():
+    """Stage 2 dies after averaging iteration 3, before applying the step: its neighbours step to v4, its shadow
+    stays at v3 (what it held). The joiner takes the shadow over and moves to v4 without that one update."""
+    cfg = small_config(steps=6, microbatches=2, stages=3)
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
+        await swarm.start()
+        try:
+            for _ in range(3):
+                await swarm.step()
+            await wait_for_shadows(swarm, 3)
+            victim = next(n for n in swarm.relays.values() if n.stage == 2)
+            swarm.faults.faults.append(Fault(victim.peer_id, 3, "optimizer_step"))
+            reports = [(await swarm.step()).reports]
+            assert victim.peer_id not in swarm.relays
+            joiner = await swarm.add_relay(2)
+            state = joiner.replica.state()
+            reports += [(await swarm.step()).reports for _ in range(2)]
+        finally:
+            await swarm.close()
+        assert all(r.lost == 0 for rs in reports for r in rs)
+        return victim.replica.state(), joiner, state
+
+    (lost, lost_meta), joiner, (rebuilt, meta) = run(go())
+    assert joiner.rebuilt_source == "shadow@stage 1 v3, v4 without that step's update"
+    assert lost_meta["version"] == 3 and meta["version"] == 4 and joiner.replica.version == 6
+    assert all(torch.equal(rebuilt[k], t) for k, t in lost.items())  # the state it died with, exactly

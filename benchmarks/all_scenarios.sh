@@ -17,7 +17,7 @@ run() {
 }
 run local --compare system=gwtf,deepspeed
 run geo10 --compare router=gwtf,swarm --compare system=gwtf,deepspeed
-run stage-loss --compare recovery=checkfree,copy --compare system=gwtf,deepspeed
+run stage-loss --compare recovery=checkfree,copy,redundant --compare system=gwtf,deepspeed
 run geo10-heavy --compare router=gwtf,swarm --compare system=gwtf,deepspeed
 run join-wave --compare router=gwtf,swarm --compare system=gwtf,deepspeed
 exit $status

@@ -838,13 +838,14 @@ class RelayNode(NodeBase):
         A live replica at the run's version, if there is one after all, is downloaded from instead."""
         assert self.replica is not None
         i = msg.iteration
-        sender = (await self.live_nodes(max_age=0)).get(msg.sender)
+        nodes = await self.live_nodes(max_age=0)  # one fresh read serves both checks below
+        sender = nodes.get(msg.sender)
         if sender is None or sender.role != "data" or sender.status != "serving":
             raise BadMessage("only a live data node advances a stage")
         pending = self.iteration_steps.get(i - 1)
         if self.replica.version != i - 1 or (pending is not None and not pending.done()):
             return self.message("advanced", meta={"version": self.replica.version})  # stepping still: not stale
-        donors = [p for p, r in serving(await self.live_nodes(max_age=0), "relay", self.stage).items()
+        donors = [p for p, r in serving(nodes, "relay", self.stage).items()
                   if r.state_version >= i and p != self.peer_id]  # fmt: skip
         if donors and self.catching_up is None:
             self.catching_up = asyncio.ensure_future(self._catch_up(i))

@@ -16,7 +16,7 @@ run() {
     sed -n '/target loss/,$p' "$out/$name.out"
 }
 run local --compare system=gwtf,deepspeed
-run geo10 --compare router=gwtf,swarm --compare system=gwtf,deepspeed
+run geo10 --compare router=gwtf,swarm,round-robin --compare system=gwtf,deepspeed
 run stage-loss --compare recovery=checkfree,copy,redundant --compare system=gwtf,deepspeed
 run geo10-heavy --compare router=gwtf,swarm --compare system=gwtf,deepspeed
 run join-wave --compare router=gwtf,swarm --compare system=gwtf,deepspeed

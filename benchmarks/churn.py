@@ -572,6 +572,11 @@ def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunR
         )
     if any("recovery" in v for v in variants(compares)) and not stage_rebuild_available():
         raise UserError("--compare recovery=...: this runtime has no recovery setting for relays yet")
+    if stage_rebuild_available():
+        from gwtf.node import check_live_recovery
+
+        for name in {v.get("recovery", sc.recovery) for v in variants(compares)}:
+            check_live_recovery(name)  # refused here, not as a node that exits in the middle of a run
     events = draw_events(sc, sc.timeout_s)
     results = []
     for variant in variants(compares):

@@ -72,8 +72,25 @@ class SwarmConfig:
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise UserError(f"capacity must be >= 1, got {self.capacity}")
+        check_live_recovery(self.recovery)
         if self.record_ttl_s <= self.heartbeat_s:
             raise UserError("record_ttl_s must exceed heartbeat_s, or live nodes would look dead between heartbeats")
+
+
+LIVE_RECOVERY = ("checkfree", "checkfree+", "copy", "random", "redundant")  # SwarmConfig.recovery
+
+
+def check_live_recovery(name: str) -> None:
+    """UserError unless a live swarm can rebuild a lost stage with strategy `name` (gwtf.recovery has one more,
+    `checkpoint`, for the one-process simulation only: a swarm of volunteers has no checkpoint store here)."""
+    if name == "checkpoint":
+        raise UserError(
+            "recovery='checkpoint' is not a live swarm mode (no volunteer stores checkpoints here); checkpoint restart "
+            "is measured as DeepSpeed's (`python -m benchmarks.churn ... --compare system=gwtf,deepspeed`) and "
+            "simulated by `python -m benchmarks.recovery --strategies checkpoint`"
+        )
+    if name not in LIVE_RECOVERY:
+        raise UserError(f"unknown recovery {name!r}; a live swarm rebuilds a lost stage with one of {LIVE_RECOVERY}")
 
 
 @dataclass

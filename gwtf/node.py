@@ -212,6 +212,9 @@ class NodeBase:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+IDLE_BEFORE_VERSION_CHECK_S = 3.0  # a replica routed through more recently is not behind (see _watch_version)
+
+
 def _timed(fn, *args) -> tuple[Any, float]:
     """fn(*args) and the seconds it took, measured where it runs (in the compute thread)."""
     t0 = time.perf_counter()
@@ -312,6 +315,8 @@ class RelayNode(NodeBase):
         self.averager = GroupAverager(transport, spec.run_id, f"stage{stage}", timeout=cfg.average_timeout)
         self.tasks: set[asyncio.Task] = set()
         self.catching_up: asyncio.Future | None = None
+        self.watchdog: asyncio.Future | None = None  # _watch_version, once serving
+        self.routed_at = 0.0  # when a microbatch at this replica's version last came in
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
         self.shadows: dict[int, Shadow] = {}  # recovery="redundant": the neighbouring stage(s) this relay shadows
         self.rebuilt_source = ""  # how this replica's stage was rebuilt, if it was ("mean(1,3)", "shadow@stage 1 v4")
@@ -356,7 +361,10 @@ class RelayNode(NodeBase):
         await self.fault("joining", self.run_version)
         module = await self.compute(build_module, self.stage)
         self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.cfg.capacity)
-        donors = sorted(p for p, r in serving(nodes, "relay", self.stage).items() if r.state_version > 0)
+        # Download from the replicas at the stage's newest version only: one left behind (it joined as a step ended
+        # and was never routed through since) would hand a stale state on to every later joiner.
+        have = {p: r.state_version for p, r in serving(nodes, "relay", self.stage).items() if r.state_version > 0}
+        donors = sorted(p for p, v in have.items() if v == max(have.values()))
         # At version 0 every replica of a stage holds what `build_module` gives (the seed's or the checkpoint's
         # weights, no optimizer state yet): nothing to download.
         downloaded = bool(donors) and await self.download_state(donors, timeout)
@@ -372,6 +380,7 @@ class RelayNode(NodeBase):
         self.status = "serving"
         await self.announce()
         self.start_heartbeat()
+        self.watchdog = asyncio.ensure_future(self._watch_version())
         await self._tell_data_nodes(nodes)
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
 
@@ -516,6 +525,39 @@ class RelayNode(NodeBase):
             return await self.call(donor, handler, msg, timeout=self.cfg.iteration_timeout)
 
         return await fetch_state(get, self.spec.run_id, donors, names)
+
+    async def _watch_version(self) -> None:
+        """A replica catches up with the run by itself. Data nodes route only through replicas at the iteration's
+        version, so one left a step behind (it announced itself as a step ended) is never sent the message that
+        would tell it, and stays behind for good, a stale donor for every later joiner. Once a heartbeat it compares
+        its version with the data nodes' records (written after their step, so after every used replica stepped);
+        behind on two checks in a row and not stepping, it downloads the state."""
+        behind_since: int | None = None
+        while not self.closed:
+            await asyncio.sleep(max(self.cfg.heartbeat_s, 0.05))
+            if self.replica is None or self.catching_up is not None:
+                continue
+            if time.monotonic() - self.routed_at < IDLE_BEFORE_VERSION_CHECK_S:
+                behind_since = None  # routed through at its version just now: not behind, and no DHT read
+                continue
+            try:
+                nodes = await self.live_nodes()
+            except Exception as exc:  # noqa: BLE001 (a watchdog must not die of a DHT hiccup; it tries again)
+                log.debug("relay %s: version check failed (%s)", self.peer_id[:8], exc)
+                continue
+            run = max((r.state_version for r in serving(nodes, "data").values()), default=0)
+            mine = self.replica.version
+            stepping = (t := self.iteration_steps.get(mine)) is not None and not t.done()
+            if run <= mine or stepping:
+                behind_since = None
+                continue
+            if behind_since != mine:  # first sight: the data node's record can be a heartbeat ahead of our step
+                behind_since = mine
+                continue
+            log.warning("relay %s: stage %d is at v%d, the run at v%d, and nobody routes through it: catching up",
+                        self.peer_id[:8], self.stage, mine, run)  # fmt: skip
+            self.catching_up = asyncio.ensure_future(self._catch_up(run))
+            behind_since = None
 
     async def _catch_up(self, version: int) -> None:
         try:
@@ -685,6 +727,7 @@ class RelayNode(NodeBase):
             self.catching_up = asyncio.ensure_future(self._catch_up(msg.iteration))
         if msg.iteration != self.replica.version:
             raise BadMessage(f"iteration {msg.iteration} but this replica is at version {self.replica.version}")
+        self.routed_at = time.monotonic()
         if len(self.replica.held) >= self.replica.capacity:
             raise BadMessage(f"replica full ({self.replica.capacity} microbatches held)")
 
@@ -919,6 +962,8 @@ class RelayNode(NodeBase):
             await asyncio.wait(pending, timeout=self.cfg.call_timeout)
 
     async def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         for t in [*self.tasks, *(s.refreshing for s in self.shadows.values() if s.refreshing is not None)]:
             t.cancel()
         await super().close()

@@ -190,3 +190,29 @@ def test_recorded_compute_time_is_one_forward_not_the_queue(monkeypatch):
     _, swarm = run(train_swarm(small_config(steps=2, microbatches=4), 2))
     for node in swarm.relays.values():
         assert 0.05 <= node.compute_s < 0.09, (node.stage, node.compute_s)
+
+
+def test_a_replica_left_a_step_behind_catches_up_by_itself():
+    # A relay that announced itself just as a step ended is a step behind; data nodes route only through replicas
+    # at the iteration's version, so no message ever tells it, and it stayed behind for good (in geo10-heavy every
+    # later stage-3 joiner downloaded its 30-step-old state from it and the run stalled). It now notices by itself.
+    async def main() -> tuple[int, int, bool]:
+        swarm = InProcessSwarm(small_config(steps=30), swarm=fast_swarm())
+        await swarm.start()
+        try:
+            for _ in range(3):
+                await swarm.step()
+            node = await swarm.add_relay(2)
+            donor = next(n for n in swarm.relays.values() if n.stage == 2 and n is not node)
+            node.replica.version -= 1  # as if it had missed the step that just ended
+            for _ in range(30):
+                await swarm.step()
+                if node.replica.version == donor.replica.version:
+                    break
+            same = all(torch.equal(a, b) for a, b in zip(stage_weights(node), stage_weights(donor)))
+            return node.replica.version, donor.replica.version, same
+        finally:
+            await swarm.close()
+
+    mine, run_version, same = run(main())
+    assert mine == run_version and same

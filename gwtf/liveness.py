@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
 
 from gwtf.errors import PeerError
@@ -37,19 +38,22 @@ async def probe(transport: Transport, peer: str, timeout: float = PROBE_TIMEOUT_
     return Answer.UP
 
 
+async def _those(ask, peers: set[str], timeout: float, answer: Answer) -> set[str]:
+    """The peers among `peers` whose probe (`ask(peer, timeout)`, all at once) gave `answer`."""
+    order = sorted(peers)
+    answers = await asyncio.gather(*(ask(p, timeout) for p in order))
+    return {p for p, a in zip(order, answers, strict=True) if a is answer}
+
+
 async def gone(transport: Transport, peers: set[str], timeout: float = PROBE_TIMEOUT_S) -> set[str]:
     """The peers among `peers` that are certainly gone (probed concurrently, bounded by `timeout`)."""
-    order = sorted(peers)
-    answers = await asyncio.gather(*(probe(transport, p, timeout) for p in order))
-    return {p for p, a in zip(order, answers, strict=True) if a is Answer.GONE}
+    return await _those(functools.partial(probe, transport), peers, timeout, Answer.GONE)
 
 
 async def answering(transport: Transport, peers: set[str], timeout: float = PROBE_TIMEOUT_S) -> set[str]:
     """The peers among `peers` that answered (UP): silent ones are left out too, for choices that must not count on
     a peer that may be gone (a joiner counting a stage's replicas)."""
-    order = sorted(peers)
-    answers = await asyncio.gather(*(probe(transport, p, timeout) for p in order))
-    return {p for p, a in zip(order, answers, strict=True) if a is Answer.UP}
+    return await _those(functools.partial(probe, transport), peers, timeout, Answer.UP)
 
 
 class ProbeCache:
@@ -87,6 +91,4 @@ class ProbeCache:
 
     async def gone(self, peers: set[str], timeout: float = PROBE_TIMEOUT_S) -> set[str]:
         """As `gone`, through the cache."""
-        order = sorted(peers)
-        answers = await asyncio.gather(*(self.probe(p, timeout) for p in order))
-        return {p for p, a in zip(order, answers, strict=True) if a is Answer.GONE}
+        return await _those(self.probe, peers, timeout, Answer.GONE)

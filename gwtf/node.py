@@ -283,9 +283,8 @@ class Shadow:
                 self.replica.module(hidden)
 
     def timed_forward(self, hidden: torch.Tensor | None) -> None:
-        t0 = time.perf_counter()
-        self.forward(hidden if self.fed else None)
-        self.forward_s += time.perf_counter() - t0
+        _, took = _timed(self.forward, hidden if self.fed else None)
+        self.forward_s += took
         self.forwards += 1
 
 
@@ -364,7 +363,8 @@ class RelayNode(NodeBase):
         # Download from the replicas at the stage's newest version only: one left behind (it joined as a step ended
         # and was never routed through since) would hand a stale state on to every later joiner.
         have = {p: r.state_version for p, r in serving(nodes, "relay", self.stage).items() if r.state_version > 0}
-        donors = sorted(p for p, v in have.items() if v == max(have.values()))
+        newest = max(have.values(), default=0)
+        donors = sorted(p for p, v in have.items() if v == newest)
         # At version 0 every replica of a stage holds what `build_module` gives (the seed's or the checkpoint's
         # weights, no optimizer state yet): nothing to download.
         downloaded = bool(donors) and await self.download_state(donors, timeout)

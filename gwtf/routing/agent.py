@@ -415,13 +415,7 @@ class Agent:
             raise BadMessage(f"request for {fresh} new slots, more than our recorded capacity")
         rejected = []
         for n, label, prefix, share in msg.slots:
-            if not (isinstance(n, int) and label in self.sink_regions and isinstance(prefix, float | int)):
-                rejected.append(n)
-                continue
-            if not (isinstance(share, float | int) and 0 <= share <= 1):
-                rejected.append(n)
-                continue
-            if not 0 <= prefix < MAX_COST:
+            if not self._valid_ask(n, label, prefix, share):
                 rejected.append(n)
                 continue
             slot = self.inbound.get((msg.sender, n))
@@ -432,6 +426,12 @@ class Agent:
         if rejected:
             self.bus.send(msg.sender, Reply(self.me, (), tuple(rejected), self.spare))
             self.last_advert = None
+
+    def _valid_ask(self, n, label, prefix, share) -> bool:
+        """One (slot, label, prefix, share) entry of a Request or Deflect: a known sink, finite bounded numbers."""
+        if not (isinstance(n, int) and label in self.sink_regions and isinstance(prefix, float | int)):
+            return False
+        return isinstance(share, float | int) and 0 <= share <= 1 and 0 <= prefix < MAX_COST
 
     def _grant(self) -> None:
         """Grant new slots within capacity: the least served data nodes first (by tenths of their demand), then
@@ -486,9 +486,7 @@ class Agent:
         ):
             raise BadMessage("too many or malformed deflected slots")
         for n, label, prefix, share in msg.slots:
-            ok = isinstance(n, int) and label in self.sink_regions and isinstance(prefix, float | int)
-            ok = ok and isinstance(share, float | int) and 0 <= share <= 1 and 0 <= prefix < MAX_COST
-            if ok and (msg.origin, n) not in self.inbound:
+            if self._valid_ask(n, label, prefix, share) and (msg.origin, n) not in self.inbound:
                 self._asks.append((msg.origin, n, label, float(prefix), float(share)))
                 self._via.add((msg.origin, n))
 

@@ -2,6 +2,7 @@
 their forward run on every microbatch, and an exact takeover of a stage that lost every replica."""
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
@@ -86,15 +87,28 @@ async def wait_for_shadows(swarm: InProcessSwarm, version: int) -> None:
     raise AssertionError(f"shadows not at v{version}")
 
 
+@contextlib.asynccontextmanager
+async def redundant_swarm(cfg, steps: int = 0):
+    """A started one-replica swarm under recovery="redundant", `steps` steps in with every shadow at that version;
+    closed on the way out."""
+    swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
+    await swarm.start()
+    try:
+        for _ in range(steps):
+            await swarm.step()
+        await wait_for_shadows(swarm, steps)
+        yield swarm
+    finally:
+        await swarm.close()
+
+
 def test_shadows_follow_their_stage_and_change_no_loss():
     cfg = small_config(steps=5, microbatches=2, stages=3)
     reference = train_local(cfg, progress=False)["losses"]
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
-        await swarm.start()
         losses = []
-        try:
+        async with redundant_swarm(cfg) as swarm:
             for step in range(5):
                 losses.append((await swarm.step()).loss)
                 await wait_for_shadows(swarm, step + 1)
@@ -109,8 +123,6 @@ def test_shadows_follow_their_stage_and_change_no_loss():
                     assert shadow.fed == (k == holder.stage + 1)
             with pytest.raises(PeerError, match="holds no shadow of stage 2"):
                 await by_stage[1].call(by_stage[3].peer_id, "get_shadow", by_stage[1].message("x", meta={"stage": 2}))
-        finally:
-            await swarm.close()
         return losses
 
     assert run(go()) == pytest.approx(reference, abs=1e-4)  # the redundant forwards change nothing
@@ -146,12 +158,7 @@ def test_a_stage_whose_shadow_holder_died_too_falls_back_to_a_copy_and_says_so(c
     caplog.set_level(logging.WARNING, logger="gwtf.node")
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
-        await swarm.start()
-        try:
-            for _ in range(3):
-                await swarm.step()
-            await wait_for_shadows(swarm, 3)
+        async with redundant_swarm(cfg, steps=3) as swarm:
             victims = {n.stage: n for n in swarm.relays.values() if n.stage in (2, 3)}
             lost = {k: n.replica.state()[0] for k, n in victims.items()}
             stage4 = params(next(n for n in swarm.relays.values() if n.stage == 4))
@@ -163,8 +170,6 @@ def test_a_stage_whose_shadow_holder_died_too_falls_back_to_a_copy_and_says_so(c
             second = await swarm.add_relay(2)
             second_state = second.replica.state()[0]
             reports = [(await step).reports] + [(await swarm.step()).reports for _ in range(2)]
-        finally:
-            await swarm.close()
         assert all(r.lost == 0 for rs in reports for r in rs)
         return third, third_weights, stage4, second, second_state, lost
 
@@ -182,12 +187,7 @@ def test_a_stage_lost_in_its_step_before_its_shadow_caught_up_takes_the_runs_ver
     cfg = small_config(steps=6, microbatches=2, stages=3)
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
-        await swarm.start()
-        try:
-            for _ in range(3):
-                await swarm.step()
-            await wait_for_shadows(swarm, 3)
+        async with redundant_swarm(cfg, steps=3) as swarm:
             victim = next(n for n in swarm.relays.values() if n.stage == 2)
             swarm.faults.faults.append(Fault(victim.peer_id, 3, "optimizer_step"))
             reports = [(await swarm.step()).reports]
@@ -195,8 +195,6 @@ def test_a_stage_lost_in_its_step_before_its_shadow_caught_up_takes_the_runs_ver
             joiner = await swarm.add_relay(2)
             state = joiner.replica.state()
             reports += [(await swarm.step()).reports for _ in range(2)]
-        finally:
-            await swarm.close()
         assert all(r.lost == 0 for rs in reports for r in rs)
         return victim.replica.state(), joiner, state
 

@@ -52,6 +52,7 @@ class Problem:
 def scenario_problem(sc: Scenario, capacity: int | None = None) -> Problem:
     """The scenario's starting swarm as the routers see it, and one iteration's microbatches."""
     from gwtf.config import load_config
+    from gwtf.swarm import activation_bytes
 
     cfg = load_config(None, [f"preset={sc.preset}", f"stages={sc.stages}", *sc.overrides])
     model, t = cfg.model_config(), cfg.train
@@ -63,7 +64,7 @@ def scenario_problem(sc: Scenario, capacity: int | None = None) -> Problem:
             compute = max(sc.compute_ms / 1000 / spec.speed, 1e-4)
             relays[peer] = RelayInfo(peer, stage, capacity or spec.capacity, compute, spec.region)
     data = {f"d{k}": DataInfo(f"d{k}", sc.data_region) for k in range(sc.data_nodes)}
-    view = SwarmView(sc.stages, relays, data, t.microbatch_size * model.seq_len * model.d_model * 4)
+    view = SwarmView(sc.stages, relays, data, activation_bytes(model, t.microbatch_size))
     share = t.microbatches_per_step // sc.data_nodes
     return Problem(view, dict.fromkeys(data, share))
 

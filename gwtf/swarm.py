@@ -47,11 +47,16 @@ def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
     return build
 
 
+def activation_bytes(model, microbatch_size: int) -> int:
+    """Bytes of one microbatch's activations between stages (fp32 hidden states): the routers' `size`."""
+    return microbatch_size * model.seq_len * model.d_model * 4
+
+
 def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, NodeRecord], int], SwarmView]:
     """Turn live membership records into what a router needs; only serving nodes at the iteration's version
     carry traffic (a replica that is behind catches up first)."""
     m = spec.model
-    activation_bytes = microbatch_size * m.seq_len * m.d_model * 4
+    size = activation_bytes(m, microbatch_size)
 
     def build(nodes: dict[str, NodeRecord], iteration: int) -> SwarmView:
         relays = {
@@ -60,7 +65,7 @@ def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, Nod
             if r.state_version == iteration
         }
         data = {p: DataInfo(p, r.region) for p, r in serving(nodes, "data").items()}
-        return SwarmView(m.n_stages, relays, data, activation_bytes)
+        return SwarmView(m.n_stages, relays, data, size)
 
     return build
 

@@ -497,36 +497,6 @@ def redundancy_cost(logs: list[Path]) -> dict[str, float]:
     return total
 
 
-def add_redundancy(report: dict[str, Any], results: list[RunResult]) -> None:
-    """Put each redundant run's extra work into its report entry (`redundancy`), per step, and against the compute
-    the scenario emulates for the relays' regular work (forward + backward: 3 x compute_ms per stage and finished
-    microbatch; the redundant seconds hold real compute too, which the debug preset keeps small)."""
-    for run, r in zip(report["runs"], results, strict=True):
-        if r.redundancy is None:
-            continue
-        steps = max(run["steps"], 1)
-        settings = report["settings"]
-        regular_s = run["microbatches"]["finished"] * settings["stages"] * 3 * settings["compute_ms"] / 1e3
-        run["redundancy"] = {
-            **r.redundancy,
-            "shadow_bytes_per_step": r.redundancy["shadow_bytes"] / steps,
-            "redundant_forward_s_per_step": r.redundancy["redundant_forward_s"] / steps,
-            "vs_regular_compute": r.redundancy["redundant_forward_s"] / regular_s if regular_s else None,
-        }
-
-
-def print_redundancy(report: dict[str, Any]) -> None:
-    for run in report["runs"]:
-        red = run.get("redundancy")
-        if red:
-            share = red["vs_regular_compute"]
-            print(f"{run['label']}: extra work of redundant computation: shadow state fetched "
-                  f"{red['shadow_bytes'] / 1e6:.1f} MB ({red['shadow_bytes_per_step'] / 1e6:.2f} MB/step), "
-                  f"{int(red['redundant_forwards'])} redundant forwards in {red['redundant_forward_s']:.1f} s "
-                  f"({red['redundant_forward_s_per_step']:.2f} s/step"
-                  f"{'' if share is None else f', {share:.2f} x the emulated regular compute'})")  # fmt: skip
-
-
 def leftovers(pgids: set[int]) -> list[int]:
     """Pids of anything still alive in the process groups `pgids` the harness started (should be none)."""
     import psutil
@@ -674,14 +644,12 @@ def main(argv: list[str] | None = None) -> int:
             sc.steps = args.steps
         results = run_scenario(sc, args.compare, Path(args.logs))
         report = build_report(sc, results)
-        add_redundancy(report, results)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
         if args.plots:
             write_plots(report, Path(args.plots))
         print_summary(report)
-        print_redundancy(report)
     except UserError as exc:
         print(f"benchmarks.churn: error: {exc}", file=sys.stderr)
         return 2

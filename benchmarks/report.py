@@ -62,6 +62,7 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
     totals = {k: sum(row.get(k, 0) for rs in all_rows for row in rs) for k in COUNTS}
     useful = sum(1 for row in rows if not row.get("rolled_back"))  # steps that count (a rollback redoes some)
     crashes = [e for e in r.events if "victims" in e]
+    extra = {"redundancy": _redundancy(sc, r.redundancy, len(rows), totals)} if getattr(r, "redundancy", None) else {}
     return {
         "variant": r.variant,
         "label": label(r.variant),
@@ -92,6 +93,21 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
             "seconds": [row["seconds"] for row in rows],
             "live_per_stage": [row["live_per_stage"] for row in rows],
         },
+        **extra,
+    }
+
+
+def _redundancy(sc: Any, cost: dict[str, float], steps: int, totals: dict[str, int]) -> dict[str, Any]:
+    """A recovery="redundant" run's extra work (all relays), per step, and against the compute the scenario emulates
+    for the relays' regular work (forward + backward: 3 x compute_ms per stage and finished microbatch; the redundant
+    seconds hold real compute too, which the debug preset keeps small)."""
+    steps = max(steps, 1)
+    regular_s = totals["finished"] * sc.stages * 3 * sc.compute_ms / 1e3
+    return {
+        **cost,
+        "shadow_bytes_per_step": cost["shadow_bytes"] / steps,
+        "redundant_forward_s_per_step": cost["redundant_forward_s"] / steps,
+        "vs_regular_compute": cost["redundant_forward_s"] / regular_s if regular_s else None,
     }
 
 
@@ -172,6 +188,15 @@ def print_summary(report: dict[str, Any]) -> None:
     for r in report["ratios"]:
         print(f"{r['a']} / {r['b']}: time to target {r['time_to_target']}, throughput {r['throughput']}, "
               f"time per iteration {r['time_per_iteration']}")  # fmt: skip
+    for run in report["runs"]:
+        red = run.get("redundancy")
+        if red:
+            share = red["vs_regular_compute"]
+            print(f"{run['label']}: extra work of redundant computation: shadow state fetched "
+                  f"{red['shadow_bytes'] / 1e6:.1f} MB ({red['shadow_bytes_per_step'] / 1e6:.2f} MB/step), "
+                  f"{int(red['redundant_forwards'])} redundant forwards in {red['redundant_forward_s']:.1f} s "
+                  f"({red['redundant_forward_s_per_step']:.2f} s/step"
+                  f"{'' if share is None else f', {share:.2f} x the emulated regular compute'})")  # fmt: skip
 
 
 def _fmt(v: float | None, width: int, digits: int) -> str:

@@ -20,6 +20,7 @@ import random
 import statistics
 import time
 
+from gwtf.routing.agent import AgentConfig
 from gwtf.routing.base import Plan, SwarmView
 from gwtf.routing.baselines import RoundRobinRouter, SwarmRouter
 from gwtf.routing.gwtf_router import GWTFRouter
@@ -47,7 +48,7 @@ def one_seed(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     opt = solve_optimum(view, demands)
     t_opt = time.perf_counter() - t0
-    router = GWTFRouter(seed, rounds=args.rounds, reconverge_rounds=args.reconverge_rounds)
+    router = GWTFRouter(seed, rounds=args.rounds, reconverge_rounds=args.reconverge_rounds, cfg=_agent_cfg(args))
     t0 = time.perf_counter()
     plan = router.plan(view, demands)
     t_gwtf = time.perf_counter() - t0
@@ -92,7 +93,8 @@ def _reconverge(view: SwarmView, demands: dict[str, int], router: GWTFRouter, se
 def _churn_timing(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> float:
     """Same topology, same churn schedule, same microbatches: GWTF's simulated time over SWARM's."""
     times = {}
-    for name, router in (("gwtf", GWTFRouter(seed, args.rounds, args.reconverge_rounds)), ("swarm", SwarmRouter(seed))):
+    gwtf = GWTFRouter(seed, args.rounds, args.reconverge_rounds, cfg=_agent_cfg(args))
+    for name, router in (("gwtf", gwtf), ("swarm", SwarmRouter(seed))):
         view, demands = random_topology(cfg, seed)
         rng = random.Random(seed + 2)
         clock = 0.0
@@ -104,6 +106,10 @@ def _churn_timing(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> f
             view = churn(view, CHURN_PER_HOUR * step / 3600, rng, tag=f"j{it}_")
         times[name] = clock
     return times["gwtf"] / times["swarm"]
+
+
+def _agent_cfg(args: argparse.Namespace) -> AgentConfig:
+    return AgentConfig(exchange=args.exchange)
 
 
 def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
@@ -118,6 +124,7 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
         "nodes": args.nodes,
         "stages": args.stages,
         "seeds": args.seeds,
+        "exchange": args.exchange,
         "optimality_ratio_mean": mean("optimality_ratio"),
         "optimality_ratio_min": min(r["optimality_ratio"] for r in rows),
         "worst_path_cost_ratio_mean": mean("worst_path_cost_ratio"),
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--reconverge-rounds", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--exchange", action="store_true", help="agents also exchange next hops across relays")
     parser.add_argument("--json", default=None, help="write the summary here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -15,9 +15,12 @@ from gwtf.routing.agent import (
     ChainCost,
     InProcessBus,
     InSlot,
+    Lost,
     OutSlot,
     PeerCard,
+    Permit,
     Request,
+    Transfer,
 )
 from gwtf.routing.gwtf_router import GWTFRouter
 from gwtf.routing.optimum import solve_optimum
@@ -250,3 +253,71 @@ def test_a_relay_whose_measured_compute_changes_renegotiates():
     # a small wobble of a measurement (within the tolerance) keeps the plan as it is
     wobble = build([[(4, 2.1, "Japan"), (4, 0.021, "LA")], [(4, 0.019, "Japan")]])
     assert router.plan(wobble, {"d0": 3}) == plan
+
+
+def crossed(run: ProtocolRun) -> bool:
+    """Japan's microbatch continues in London and London's in Japan."""
+    plan = run.plan()
+    return plan.get("dJ") == [["s1r0", "s2r0"]] and plan.get("dL") == [["s1r1", "s2r1"]]
+
+
+def test_exchange_uncrosses_two_paths_no_local_move_can_fix():
+    # One microbatch from Japan, one from London, every relay of room 1: stage 1 (Japan, London), stage 2 (London,
+    # Japan). A wide random pick (spread) can leave the two paths crossed; a local swap needs two microbatches at
+    # one relay and a move needs room, so only two stage-1 relays exchanging their next hops uncross them.
+    spec = [[(1, 0.1, "Japan"), (1, 0.1, "London")], [(1, 0.1, "London"), (1, 0.1, "Japan")]]
+    view = build(spec, data=(("dJ", "Japan"), ("dL", "London")))
+    demands = {"dJ": 1, "dL": 1}
+    for seed in range(40):
+        run = ProtocolRun(view, demands, AgentConfig(spread=50.0), seed=seed)
+        run.run(15)
+        if crossed(run):
+            break
+    assert crossed(run), "no seed leaves the paths crossed: the test lost its subject"
+    before = run.plan()
+    cost_before = max(view.path_cost(o, p) for o, paths in before.items() for p in paths)
+    run.run(10)  # nothing changes without exchanges
+    assert run.plan() == before
+    run.cfg.exchange = True  # the agents share the run's config
+    for _ in range(15):
+        run.step()
+        assert_within_capacity(run)
+        assert sum(len(p) for p in run.plan().values()) == 2  # never half-moved at the end of a round
+    plan = run.plan()
+    assert plan == {"dJ": [["s1r0", "s2r1"]], "dL": [["s1r1", "s2r0"]]}
+    assert max(view.path_cost(o, p) for o, paths in plan.items() for p in paths) < cost_before
+    assert sum(a.exchanges for a in run.agents.values()) == 2  # one exchange, counted by both relays
+    for agent in run.agents.values():  # every slot re-keyed: no permit, offer or pending switch left behind
+        assert not agent.permits and not agent.offers and not agent.switches, agent.me
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    spec=st.lists(st.lists(relay, min_size=1, max_size=4), min_size=2, max_size=4),
+    demand=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+)
+def test_exchanges_keep_capacity_and_throughput(spec, demand, seed):
+    view = build(spec, data=(("d0", "Japan"), ("d1", "LA")))
+    demands = {"d0": demand, "d1": demand}
+    plain = ProtocolRun(view, demands, AgentConfig(spread=1.0), seed=seed)
+    run = ProtocolRun(view, demands, AgentConfig(spread=1.0, exchange=True, exchange_cooldown=2), seed=seed)
+    plain.run(30)
+    for _ in range(30):
+        run.step()
+        assert_within_capacity(run)
+    assert sum(len(p) for p in run.plan().values()) == sum(len(p) for p in plain.plan().values())
+
+
+def test_a_transfer_needs_the_owner_or_its_permit():
+    agent, bus = lone_relay()
+    agent.learn(PeerCard("v", 0, "A", 0.0, 0))
+    agent.inbound[("u", 0)] = InSlot("A", prefix=0.5)
+    stolen = Transfer("v", "u", 0, "v", 7, "A", 0.2, token=3)  # v claims u's slot without u's permit
+    agent.step(1, [stolen], NoDirectory())
+    assert ("u", 0) in agent.inbound and ("v", 7) not in agent.inbound
+    assert any(isinstance(m, Lost) and m.slots == (7,) for m in bus.inboxes["v"])  # v is told to route anew
+    agent.step(2, [Permit("u", 0, 3)], NoDirectory())  # u permits a peer presenting token 3
+    agent.step(3, [stolen], NoDirectory())
+    assert ("v", 7) in agent.inbound and ("u", 0) not in agent.inbound
+    assert agent.inbound[("v", 7)].prefix == pytest.approx(0.2 + agent.card.compute_s)

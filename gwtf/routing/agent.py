@@ -32,7 +32,11 @@ Each round a node:
   (simulated annealing). Optionally (`moves` > 0) a microbatch also moves to a cheaper next hop with room: the
   new chain is built beside the old one and taken once complete and still cheaper. Off by default: measured,
   the chains being built hold room at tight stages that first-time microbatches need, and throughput
-  converged later for no better cost.
+  converged later for no better cost. Optionally (`exchange`) two same-stage relays swap next hops: a relay offers
+  its costliest microbatch to the next-stage peer that would carry it more cheaply, which matches it with the
+  microbatch it carries that would do best at the offerer's next hop; the four slots are re-keyed in one round
+  (see `Agent._offer`). Off by default: measured, it lowers iteration time at N = 1000 but not the worst path
+  within the benchmark's 40 rounds.
 Crashes: a node told that a peer died re-routes the microbatches it sent there and releases the chains of those
 that came from it (a `Release` travels down the chain). Joins: `Hello`.
 
@@ -135,7 +139,86 @@ class Deflect:
     slots: tuple[tuple[int, str, float, float], ...]  # as in Request
 
 
-Message = Advert | Hello | Request | Reply | Lost | Release | ChainCost | Deflect
+@dataclass(frozen=True)
+class Offer:
+    """Cross-relay exchange, step 1 (i -> j*): my microbatch on slot `slot` at `peer` (j) would continue more
+    cheaply at you; find one of your upstream peers whose microbatch would do better at j, and they swap."""
+
+    sender: str
+    slot: int  # i's out-slot at `peer`
+    peer: str  # j
+    label: str
+    prefix: float  # the microbatch's path cost through i's compute
+    chain: tuple[tuple[str, float], ...]  # what j's chain behind the slot costs per sink region
+    number: int  # the slot number i will hold at j* once the exchange is done; also the Permit's token
+
+
+@dataclass(frozen=True)
+class Permit:
+    """Step 1 (i -> j): a same-stage peer presenting `token` may take my slot `slot` over (see Transfer)."""
+
+    sender: str
+    slot: int
+    token: int
+
+
+@dataclass(frozen=True)
+class Match:
+    """Step 2 (j* -> i'): exchange your slot `theirs` at me with this offer."""
+
+    sender: str
+    theirs: int
+    offer: Offer
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Step 3 (i' -> j* and i' -> j): slot (`owner`, `slot`) is now (`new_owner`, `number`), carrying (label,
+    prefix). A holder takes it from the slot's owner, or from another peer with the owner's Permit token."""
+
+    sender: str
+    owner: str
+    slot: int
+    new_owner: str
+    number: int
+    label: str
+    prefix: float
+    token: int = -1
+
+
+@dataclass(frozen=True)
+class Declined:
+    """j* found no partner for the offer, or the partner i' turned it down: i may offer again (to i)."""
+
+    sender: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """Step 3 (i' -> i): done; next round your microbatch continues at j* on your slot `Offer.number`."""
+
+    sender: str
+    slot: int  # i's slot at j, the offer's
+    chain: tuple[tuple[str, float], ...]  # what j*'s chain behind that slot costs per sink region
+
+
+Message = (
+    Advert
+    | Hello
+    | Request
+    | Reply
+    | Lost
+    | Release
+    | ChainCost
+    | Deflect
+    | Offer
+    | Match
+    | Swapped
+    | Permit
+    | Transfer
+    | Declined
+)
 
 
 class Bus(Protocol):
@@ -202,6 +285,11 @@ class AgentConfig:
     fair_share: float = 0.5  # served less than this share of its demand, a data node tries blocked paths too
     deflect: bool = True  # requests a full relay cannot grant go to a same-stage peer with room (see Deflect)
     settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
+    # Cross-relay exchanges (Offer, Permit, Match, Transfer, Swapped; see Agent._offer). Off by default: measured
+    # in benchmarks.flow (40 rounds), they cut iteration time at N = 1000 (0.530 -> 0.497 of SWARM's) but leave
+    # the worst path higher at round 40 (1.78 -> 1.92; lower than without them only after 50 or more rounds).
+    exchange: bool = False
+    exchange_cooldown: int = 10  # rounds a microbatch waits after a swap or an offer before it is offered again
 
     def __post_init__(self) -> None:
         if min(self.neighbours, self.lookup, self.refresh_every, self.patience, self.build_rounds) < 1:
@@ -225,6 +313,7 @@ class InSlot:
     waited: int = 0
     sent_cost: tuple | None = None  # the chain cost the upstream holder knows
     swapped: int = -(10**9)  # round of its last swap
+    offered: int = -(10**9)  # round it was last offered for a cross-relay exchange
     rejected: int = 0  # requests for it that were turned down
 
 
@@ -237,6 +326,7 @@ class OutSlot:
     move: bool = False  # a cheaper chain being built beside the in-slot's current one
     chain: dict[str, float] = field(default_factory=dict)  # cost of the chain behind it (empty: not complete)
     sent: tuple[str, float] | None = None  # the (label, prefix) the peer knows
+    quiet_until: int = 0  # an exchanged slot: no updates until the holder has re-keyed it (see Transfer)
 
 
 @dataclass
@@ -279,6 +369,12 @@ class Agent:
         self._asks: list[tuple[str, int, str, float, float]] = []  # new slot requests of this round
         self._via: set[SlotKey] = set()  # of those, the ones another relay deflected here (not deflected again)
         self._directory = None
+        self.offers: dict[int, tuple[int, str, int]] = {}  # my out-slot offered -> (number at j*, j*, round)
+        self.matched: dict[SlotKey, int] = {}  # in-slots I proposed for an exchange -> round
+        self.permits: dict[SlotKey, tuple[int, int]] = {}  # in-slot -> (token, round) its owner may give away
+        self.switches: list[tuple[SlotKey, int, int]] = []  # (in-slot, new out-slot, old out-slot): next round
+        self.withdrawn: dict[int, tuple[int, str, int]] = {}  # offers withdrawn for a mirror match, as `offers`
+        self.exchanges = 0  # exchanges completed on my side
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -338,7 +434,9 @@ class Agent:
     def step(self, round_no: int, inbox: list[Message], directory) -> None:
         self.round_no = round_no
         self._directory = directory
-        for msg in inbox:
+        self._switch()
+        # Re-keyings first: a new owner's messages about a transferred slot may arrive with the transfer.
+        for msg in sorted(inbox, key=lambda m: not isinstance(m, Transfer)):
             try:
                 self._handle(msg)
             except BadMessage as exc:
@@ -350,6 +448,7 @@ class Agent:
             self._route(directory)
             self._move()
             self._swap()
+            self._offer()
             self._send_updates()
         self._flush()
         self._report_costs()
@@ -538,6 +637,236 @@ class Agent:
             out = self.outbound.get(n)
             if out is not None and out.peer == msg.sender:
                 out.chain = chain
+            elif out is None and isinstance(n, int):  # a slot we no longer have (e.g. after an exchange): free it
+                self.bus.send(msg.sender, Release(self.me, (n,)))
+
+    # ------------------------------------------------------------------------------ cross-relay exchange
+    # Two same-stage relays swap next hops (design.md's improvement move). Rounds: t, i offers its costliest
+    # microbatch A (on slot m at j) to the next-stage peer j* that would carry it more cheaply, and permits j to
+    # hand slot m to whoever presents the offer's token; t+1, j* picks the microbatch B it carries (from i') that
+    # would do best at j and forwards the offer (Match); t+2, i' checks the exchange with its own figures and, if
+    # it lowers the costlier of the two paths, sends both Transfers and tells i (Swapped); t+3, j* and j re-key
+    # their slots and i and i' switch, all in one round, so no path is ever half-moved at the end of a round.
+
+    def _valid_offer(self, offer: Offer) -> PeerCard:
+        """An Offer's fields: a known offerer one stage before `peer`, a known sink, finite bounded numbers."""
+        ok = isinstance(offer, Offer) and isinstance(offer.slot, int) and isinstance(offer.number, int)
+        origin = self.known.get(offer.sender) if ok and isinstance(offer.sender, str) else None
+        peer = self.known.get(offer.peer) if ok and isinstance(offer.peer, str) else None
+        if origin is None or peer is None or peer.stage != origin.stage + 1 or offer.label not in self.sink_regions:
+            raise BadMessage("offer from or about an unknown peer, or for an unknown sink")
+        if not (isinstance(offer.prefix, float | int) and 0 <= offer.prefix < MAX_COST):
+            raise BadMessage("offer prefix negative, NaN or huge")
+        return origin
+
+    def _on_offer(self, msg: Offer, card: PeerCard) -> None:
+        """j*: find the upstream microbatch here that would do better at the offer's j, and ask its sender."""
+        self._expect_stage(card, self.card.stage - 1)
+        self._valid_offer(msg)
+        if msg.peer == self.me:
+            raise BadMessage("offer to exchange with the peer it already continues at")
+        chain_j = self._valid_cost(msg.chain)
+        label_a, pref_a = msg.label, float(msg.prefix)
+        if label_a not in chain_j:
+            return
+        old_a = pref_a + self.costs.link(msg.sender, msg.peer) + chain_j[label_a]
+        best: tuple[float, SlotKey] | None = None
+        for key, slot in self.inbound.items():
+            if key[0] == msg.sender or self.round_no - self.matched.get(key, -(10**9)) <= EXPIRY_ROUNDS:
+                continue
+            here = self._chain_of(slot)  # my compute + the rest, per sink region
+            if slot.label not in here or label_a not in here or slot.label not in chain_j:
+                continue
+            before_me = slot.prefix - self.card.compute_s - self.costs.link(key[0], self.me)  # B's prefix at i'
+            old = max(old_a, before_me + self.costs.link(key[0], self.me) + here[slot.label])
+            new = max(
+                pref_a + self.costs.link(msg.sender, self.me) + here[label_a],
+                before_me + self.costs.link(key[0], msg.peer) + chain_j[slot.label],
+            )
+            if old - new > self.cfg.margin and (best is None or old - new > best[0]):
+                best = (old - new, key)
+        if best is None:
+            self.bus.send(msg.sender, Declined(self.me, msg.slot))
+            return
+        key = best[1]
+        self.matched[key] = self.round_no
+        self.bus.send(key[0], Match(self.me, key[1], msg))
+
+    def _on_permit(self, msg: Permit, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage - 1)
+        if not (isinstance(msg.slot, int) and isinstance(msg.token, int)):
+            raise BadMessage("malformed permit")
+        if (msg.sender, msg.slot) in self.inbound:
+            self.permits[(msg.sender, msg.slot)] = (msg.token, self.round_no)
+
+    def _on_match(self, msg: Match, card: PeerCard) -> None:
+        """i': check the exchange with my own figures; if it lowers the costlier path, hand my slot at j* to i and
+        take i's slot at j (both Transfers), tell i, and switch next round, when both holders have re-keyed."""
+        self._expect_stage(card, self.card.stage + 1)
+        offer = msg.offer
+        origin = self._valid_offer(offer)
+        if origin.stage != self.card.stage or offer.sender == self.me or offer.peer == msg.sender:
+            raise BadMessage("match for an offer from a peer of another stage, or about the same next hop")
+        chain_j = self._valid_cost(offer.chain)
+        if not self._take(msg, chain_j):
+            self.bus.send(offer.sender, Declined(self.me, offer.slot))
+
+    def _take(self, msg: Match, chain_j: dict[str, float]) -> bool:
+        offer = msg.offer
+        out = self.outbound.get(msg.theirs) if isinstance(msg.theirs, int) else None
+        if out is None or out.peer != msg.sender or not out.held:
+            return False
+        key = out.paired
+        slot = self.inbound.get(key)
+        # Two relays that offered each other's next hop at once: the one with the smaller id takes the match and
+        # withdraws its own offer (a Swapped that still comes for it is undone), the other declines.
+        mirror = msg.theirs in self.offers and self.me < offer.sender
+        if mirror:
+            self.withdrawn[msg.theirs] = self.offers.pop(msg.theirs)
+        if slot is None or slot.out != msg.theirs or not self._exchangeable(slot, partner=True):
+            return False
+        la, lb = offer.label, slot.label
+        if la not in out.chain or lb not in out.chain or la not in chain_j or lb not in chain_j:
+            return False
+        old = max(offer.prefix + self.costs.link(offer.sender, offer.peer) + chain_j[la], self._total(key))
+        prefix_a = round(float(offer.prefix) + self.costs.link(offer.sender, msg.sender), 4)
+        prefix_b = round(slot.prefix + self.costs.link(self.me, offer.peer), 4)
+        if old - max(prefix_a + out.chain[la], prefix_b + chain_j[lb]) <= self.cfg.margin:
+            return False
+        mine = self.next_no
+        self.next_no += 1
+        self.outbound[mine] = OutSlot(
+            offer.peer, key, self.round_no, held=True, chain=chain_j, sent=(lb, prefix_b), quiet_until=self.round_no + 3
+        )
+        self.switches.append((key, mine, msg.theirs))
+        slot.swapped, out.quiet_until = self.round_no, self.round_no + 2  # no swap, no update until the switch
+        self.bus.send(msg.sender, Transfer(self.me, self.me, msg.theirs, offer.sender, offer.number, la, prefix_a))
+        self.bus.send(
+            offer.peer, Transfer(self.me, offer.sender, offer.slot, self.me, mine, lb, prefix_b, offer.number)
+        )
+        self.bus.send(offer.sender, Swapped(self.me, offer.slot, tuple(sorted(out.chain.items()))))
+        return True
+
+    def _on_declined(self, msg: Declined, card: PeerCard) -> None:
+        if card.stage not in (self.card.stage, self.card.stage + 1) or not isinstance(msg.slot, int):
+            raise BadMessage("declined from a peer of an unrelated stage, or malformed")
+        self.offers.pop(msg.slot, None)
+
+    def _on_swapped(self, msg: Swapped, card: PeerCard) -> None:
+        """i: my offer was taken; my microbatch switches to its slot at j* next round (j* re-keys this round)."""
+        self._expect_stage(card, self.card.stage)
+        if not isinstance(msg.slot, int):
+            raise BadMessage("malformed swapped")
+        chain = self._valid_cost(msg.chain)
+        pending = self.offers.pop(msg.slot, None)
+        if pending is None:
+            late = self.withdrawn.pop(msg.slot, None)
+            if late is not None:  # j* handed us its slot for an offer we withdrew: give it back
+                self.bus.send(late[1], Release(self.me, (late[0],)))
+            return  # or not ours: j refuses the partner's Transfer without our permit, and the partner re-routes
+        number, jstar, _ = pending
+        out = self.outbound.get(msg.slot)
+        slot = self.inbound.get(out.paired) if out is not None else None
+        if out is None or slot is None or slot.out != msg.slot:  # the microbatch left meanwhile
+            self.bus.send(jstar, Release(self.me, (number,)))
+            return
+        prefix = round(slot.prefix + self._hop(jstar), 4)
+        self.outbound[number] = OutSlot(
+            jstar,
+            out.paired,
+            self.round_no,
+            held=True,
+            chain=chain,
+            sent=(slot.label, prefix),
+            quiet_until=self.round_no + 2,
+        )
+        slot.out, slot.swapped = number, self.round_no
+        del self.outbound[msg.slot]
+        self.exchanges += 1
+
+    def _on_transfer(self, msg: Transfer, card: PeerCard) -> None:
+        """A holder re-keys a slot handed to a same-stage peer: told by the slot's owner, or with its permit."""
+        self._expect_stage(card, self.card.stage - 1)
+        owner = self.known.get(msg.new_owner) if isinstance(msg.new_owner, str) else None
+        if owner is None or owner.stage != card.stage or msg.new_owner == msg.owner or not isinstance(msg.number, int):
+            raise BadMessage("transfer to an unknown or wrong-stage owner")
+        if not self._valid_ask(msg.slot, msg.label, msg.prefix, 0) or not isinstance(msg.owner, str):
+            raise BadMessage("malformed transfer")
+        key, new = (msg.owner, msg.slot), (msg.new_owner, msg.number)
+        permit = self.permits.pop(key, None)
+        allowed = msg.owner == msg.sender or (
+            permit is not None and permit[0] == msg.token and self.round_no - permit[1] <= 2 * EXPIRY_ROUNDS
+        )
+        if not allowed or key not in self.inbound or new in self.inbound:
+            self.bus.send(msg.new_owner, Lost(self.me, (msg.number,)))  # the new owner routes its microbatch anew
+            return
+        slot = self.inbound.pop(key)
+        slot.label, slot.prefix, slot.sent_cost = msg.label, float(msg.prefix) + self.card.compute_s, None
+        self.inbound[new] = slot
+        self.matched.pop(key, None)
+        for out in self.outbound.values():
+            if out.paired == key:
+                out.paired = new
+
+    def _switch(self) -> None:
+        """i': the exchange's microbatch moves to its new slot now that the holders have re-keyed."""
+        for key, new, old in self.switches:
+            slot = self.inbound.get(key)
+            self.outbound.pop(old, None)
+            if slot is not None and slot.out == old:  # (new is gone if its holder died meanwhile: route anew)
+                slot.out = new if new in self.outbound else None
+                self.exchanges += slot.out is not None
+            elif new in self.outbound:
+                self._release_out(new)
+        self.switches.clear()
+
+    def _exchangeable(self, slot: InSlot, partner: bool = False) -> bool:
+        """On a complete chain, settled (not swapped lately), not offered now (nor lately, to be offered)."""
+        if slot.out is None or slot.out in self.offers or self._held_out(slot) is None:
+            return False
+        out = self.outbound[slot.out]
+        if self.round_no < out.quiet_until or slot.label not in out.chain:
+            return False
+        if partner:
+            return self.round_no - slot.swapped >= self.cfg.swap_cooldown
+        return self.round_no - max(slot.swapped, slot.offered) >= self.cfg.exchange_cooldown
+
+    def _offer(self) -> None:
+        """Offer my costliest microbatch whose continuation a next-stage peer could carry more cheaply (by its
+        advert) for an exchange: in a saturated stage a costly path cannot move (no room), and the local swap
+        only re-pairs continuations at one relay. One offer at a time."""
+        for n, (_, _, at) in list(self.offers.items()):
+            if self.round_no - at > 2 * EXPIRY_ROUNDS:  # no partner took it (a Swapped comes 3 rounds after)
+                del self.offers[n]
+        for key in [k for k, (_, at) in self.permits.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
+            del self.permits[key]
+        for n in [n for n, (_, _, at) in self.withdrawn.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
+            del self.withdrawn[n]
+        if not self.cfg.exchange or self.offers:
+            return
+        for key in sorted(self.inbound, key=lambda k: -self._total(k) if self.inbound[k].out is not None else 0):
+            slot = self.inbound[key]
+            if not self._exchangeable(slot):
+                continue
+            assert slot.out is not None
+            out = self.outbound[slot.out]
+            here = self._value(slot.out, slot.label)
+            slot.offered = self.round_no
+            options = [
+                (self._option(p, slot.label), p)
+                for p, st in self.next.items()
+                if st.heard and p != out.peer and slot.label in st.cost
+            ]
+            if not options or min(options)[0] >= here - self.cfg.margin:
+                continue
+            jstar = min(options)[1]
+            number = self.next_no
+            self.next_no += 1
+            self.offers[slot.out] = (number, jstar, self.round_no)
+            chain = tuple(sorted(out.chain.items()))
+            self.bus.send(out.peer, Permit(self.me, slot.out, number))
+            self.bus.send(jstar, Offer(self.me, slot.out, out.peer, slot.label, round(slot.prefix, 4), chain, number))
+            return
 
     # ----------------------------------------------------------------------------------------- slot changes
 
@@ -706,6 +1035,7 @@ class Agent:
             if (o := self._held_out(s)) is not None
             and s.label in o.chain
             and self.round_no - s.swapped >= self.cfg.swap_cooldown
+            and s.out not in self.offers
         )
         if len(keys) < 2:
             return
@@ -732,7 +1062,7 @@ class Agent:
         """Labels and prefixes travel down the chains when the microbatch on a slot changed."""
         for n, out in self.outbound.items():
             slot = self.inbound.get(out.paired)
-            if not out.held or slot is None:
+            if not out.held or slot is None or self.round_no < out.quiet_until or n in self.offers:
                 continue
             want = (slot.label, round(slot.prefix + self._hop(out.peer), 4))
             if want != out.sent:

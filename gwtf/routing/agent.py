@@ -286,8 +286,9 @@ class AgentConfig:
     deflect: bool = True  # requests a full relay cannot grant go to a same-stage peer with room (see Deflect)
     settle: int = 0  # rounds a data node lets the cost adverts settle before it sends its first microbatch
     # Cross-relay exchanges (Offer, Permit, Match, Transfer, Swapped; see Agent._offer). Off by default: measured
-    # in benchmarks.flow (40 rounds), they cut iteration time at N = 1000 (0.530 -> 0.497 of SWARM's) but leave
-    # the worst path higher at round 40 (1.78 -> 1.92; lower than without them only after 50 or more rounds).
+    # in benchmarks.flow (40 rounds, N = 1000, 2 seeds), they cut iteration time (0.530 -> 0.514 of SWARM's) but
+    # leave the worst path higher at round 40 (1.78 -> 1.96; lower only after 45 or more rounds), and at N = 100
+    # (6 seeds) both are worse (worst path 1.165 -> 1.247, iteration time 0.633 -> 0.641).
     exchange: bool = False
     exchange_cooldown: int = 10  # rounds a microbatch waits after a swap or an offer before it is offered again
 

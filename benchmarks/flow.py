@@ -109,7 +109,7 @@ def _churn_timing(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> f
 
 
 def _agent_cfg(args: argparse.Namespace) -> AgentConfig:
-    return AgentConfig(exchange=args.exchange)
+    return AgentConfig(exchange=args.exchange, takeover=args.takeover)
 
 
 def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
@@ -125,6 +125,7 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
         "stages": args.stages,
         "seeds": args.seeds,
         "exchange": args.exchange,
+        "takeover": args.takeover,
         "optimality_ratio_mean": mean("optimality_ratio"),
         "optimality_ratio_min": min(r["optimality_ratio"] for r in rows),
         "worst_path_cost_ratio_mean": mean("worst_path_cost_ratio"),
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconverge-rounds", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--exchange", action="store_true", help="agents also exchange next hops across relays")
+    parser.add_argument("--takeover", action="store_true", help="relays hand costly microbatches to peers with room")
     parser.add_argument("--json", default=None, help="write the summary here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

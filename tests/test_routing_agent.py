@@ -13,6 +13,7 @@ from gwtf.routing.agent import (
     Agent,
     AgentConfig,
     ChainCost,
+    Handback,
     InProcessBus,
     InSlot,
     Lost,
@@ -20,6 +21,7 @@ from gwtf.routing.agent import (
     PeerCard,
     Permit,
     Request,
+    Taken,
     Transfer,
 )
 from gwtf.routing.gwtf_router import GWTFRouter
@@ -297,11 +299,12 @@ def test_exchange_uncrosses_two_paths_no_local_move_can_fix():
     demand=st.integers(1, 6),
     seed=st.integers(0, 1000),
 )
-def test_exchanges_keep_capacity_and_throughput(spec, demand, seed):
+def test_exchanges_and_takeovers_keep_capacity_and_throughput(spec, demand, seed):
     view = build(spec, data=(("d0", "Japan"), ("d1", "LA")))
     demands = {"d0": demand, "d1": demand}
     plain = ProtocolRun(view, demands, AgentConfig(spread=1.0), seed=seed)
-    run = ProtocolRun(view, demands, AgentConfig(spread=1.0, exchange=True, exchange_cooldown=2), seed=seed)
+    cfg = AgentConfig(spread=1.0, exchange=True, takeover=True, exchange_cooldown=2)
+    run = ProtocolRun(view, demands, cfg, seed=seed)
     plain.run(30)
     for _ in range(30):
         run.step()
@@ -321,3 +324,42 @@ def test_a_transfer_needs_the_owner_or_its_permit():
     agent.step(3, [stolen], NoDirectory())
     assert ("v", 7) in agent.inbound and ("u", 0) not in agent.inbound
     assert agent.inbound[("v", 7)].prefix == pytest.approx(0.2 + agent.card.compute_s)
+
+
+def test_takeover_moves_a_costly_hop_to_a_newcomer_with_room():
+    # The only stage-2 relay is in LA; a Japan relay joins it later. Nothing moves to the newcomer by itself (moves
+    # are off and the LA relay is not full): the LA relay hands its microbatch over, with the up- and downstream
+    # slots re-keyed in one round, so the path is whole at the end of every round.
+    spec = [[(1, 0.1, "Japan")], [(1, 0.1, "LA")], [(1, 0.1, "Japan")]]
+    view = build(spec)
+    relays = {**view.relays, "new": RelayInfo("new", 2, 2, 0.1, "Japan")}
+    joined = SwarmView(view.n_stages, relays, view.data_nodes, view.activation_bytes, view.links)
+    for takeover in (False, True):
+        router = GWTFRouter(seed=0, rounds=12, reconverge_rounds=0, cfg=AgentConfig(takeover=takeover))
+        assert router.plan(view, {"d0": 1}) == {"d0": [["s1r0", "s2r0", "s3r0"]]}
+        router.plan(joined, {"d0": 1})  # the newcomer joins; the rounds are stepped here
+        run = router.run
+        assert run is not None
+        for _ in range(20):
+            run.step()
+            assert_within_capacity(run)
+            assert len(run.plan()["d0"]) == 1
+        expect = ["s1r0", "new", "s3r0"] if takeover else ["s1r0", "s2r0", "s3r0"]
+        assert run.plan() == {"d0": [expect]}
+        assert sum(a.takeovers for a in run.agents.values()) == int(takeover)
+        assert len(run.agents["s2r0"].inbound) == int(not takeover)  # after a takeover the old holder kept nothing
+        for agent in run.agents.values():
+            assert not agent.handovers and not agent.leaving, agent.me
+
+
+def test_a_declined_handover_leaves_the_microbatch_where_it_is():
+    relay, bus = lone_relay()
+    relay.learn(PeerCard("k", 1, "A", 0.1, 1))
+    relay.inbound[("u", 0)] = InSlot("A", prefix=0.3, out=0)
+    relay.outbound[0] = OutSlot("p", ("u", 0), asked=0, held=True, chain={"A": 0.5})
+    relay.handovers[("u", 0)] = ("k", 0)
+    relay.step(1, [Handback("k", "u", 0)], NoDirectory())
+    assert not relay.handovers and relay.inbound[("u", 0)].out == 0  # unlocked, unchanged
+    # a Taken for a handover never asked (or expired) is answered with a Handback: k drops its reservation
+    relay.step(2, [Taken("k", "u", 0, 5, 0.4)], NoDirectory())
+    assert any(isinstance(m, Handback) for m in bus.inboxes["k"]) and ("u", 0) in relay.inbound

@@ -35,8 +35,9 @@ Each round a node:
   converged later for no better cost. Optionally (`exchange`) two same-stage relays swap next hops: a relay offers
   its costliest microbatch to the next-stage peer that would carry it more cheaply, which matches it with the
   microbatch it carries that would do best at the offerer's next hop; the four slots are re-keyed in one round
-  (see `Agent._offer`). Off by default: measured, it lowers iteration time at N = 1000 but not the worst path
-  within the benchmark's 40 rounds.
+  (see `Agent._offer`). Optionally (`takeover`) a relay hands a costly microbatch over to a same-stage peer
+  with room that carries it more cheaply between the same hops, re-keyed the same way (`Agent._hand_over`).
+  Both off by default: measured, each helps some of the benchmark's figures and hurts others (AgentConfig).
 Crashes: a node told that a peer died re-routes the microbatches it sent there and releases the chains of those
 that came from it (a `Release` travels down the chain). Joins: `Hello`.
 
@@ -195,6 +196,53 @@ class Declined:
 
 
 @dataclass(frozen=True)
+class Handover:
+    """Takeover, step 1 (i -> k, a same-stage peer with room): carry my microbatch from `up`'s slot `slot` on to
+    `peer` (j) instead of me, on my slot `out` there; `cost` is what it costs from `up` on through me."""
+
+    sender: str
+    up: str
+    slot: int
+    label: str
+    prefix: float  # path cost up to and including `up`'s compute
+    share: float
+    cost: float
+    peer: str  # "" when I am the last stage (the microbatch goes home from here)
+    out: int
+    chain: tuple[tuple[str, float], ...]  # what j's chain behind `out` costs per sink region
+
+
+@dataclass(frozen=True)
+class Taken:
+    """Step 2 (k -> i): I reserved the slot; hand me your slot at j as my slot `number` (prefix: up to j)."""
+
+    sender: str
+    up: str
+    slot: int
+    number: int
+    prefix: float
+
+
+@dataclass(frozen=True)
+class Handback:
+    """k -> i: no room or no gain (i may hand the microbatch over again later); i -> k: the microbatch left
+    meanwhile, drop the reserved slot."""
+
+    sender: str
+    up: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class Moved:
+    """Step 3 (i -> up): your slot `slot` continues at `peer` from next round (the holders re-key this round)."""
+
+    sender: str
+    slot: int
+    peer: str
+
+
+@dataclass(frozen=True)
 class Swapped:
     """Step 3 (i' -> i): done; next round your microbatch continues at j* on your slot `Offer.number`."""
 
@@ -218,6 +266,10 @@ Message = (
     | Permit
     | Transfer
     | Declined
+    | Handover
+    | Taken
+    | Handback
+    | Moved
 )
 
 
@@ -290,6 +342,14 @@ class AgentConfig:
     # leave the worst path higher at round 40 (1.78 -> 1.96; lower only after 45 or more rounds), and at N = 100
     # (6 seeds) both are worse (worst path 1.165 -> 1.247, iteration time 0.633 -> 0.641).
     exchange: bool = False
+    # A relay hands a costly microbatch over to a same-stage peer with room that carries it more cheaply between
+    # the same upstream and downstream hops (design.md: "a node with spare capacity takes over another's flow";
+    # see Agent._hand_over). Off by default: measured in benchmarks.flow (40 rounds), at N = 100 (6 seeds) it
+    # lowers the worst path (1.165 -> 1.132) and total cost (1.196 -> 1.145) at the same iteration time; at
+    # N = 1000 (2 seeds) it lowers total cost (1.142 -> 1.125) and iteration time (0.530 -> 0.513 of SWARM's) but
+    # the room it takes slows the fill: worst path 1.78 -> 1.99 at round 40, throughput 0.996 of the optimum,
+    # and 0.92 instead of 0.96 reached 20 rounds after a 20 % crash.
+    takeover: bool = False
     exchange_cooldown: int = 10  # rounds a microbatch waits after a swap or an offer before it is offered again
 
     def __post_init__(self) -> None:
@@ -314,7 +374,8 @@ class InSlot:
     waited: int = 0
     sent_cost: tuple | None = None  # the chain cost the upstream holder knows
     swapped: int = -(10**9)  # round of its last swap
-    offered: int = -(10**9)  # round it was last offered for a cross-relay exchange
+    offered: int = -(10**9)  # round it was last offered for a cross-relay exchange or handed over
+    quiet_until: int = 0  # taken over: no chain costs upstream until the upstream has switched to us
     rejected: int = 0  # requests for it that were turned down
 
 
@@ -374,6 +435,10 @@ class Agent:
         self.matched: dict[SlotKey, int] = {}  # in-slots I proposed for an exchange -> round
         self.permits: dict[SlotKey, tuple[int, int]] = {}  # in-slot -> (token, round) its owner may give away
         self.switches: list[tuple[SlotKey, int, int]] = []  # (in-slot, new out-slot, old out-slot): next round
+        self.handovers: dict[SlotKey, tuple[str, int]] = {}  # in-slot handed over -> (to whom, round)
+        self.adopted: dict[SlotKey, tuple[str, int]] = {}  # in-slot reserved for a handover -> (from whom, round)
+        self.leaving: list[tuple[SlotKey, int | None, int]] = []  # handed over: dropped at the given round
+        self.takeovers = 0  # microbatches handed over to a same-stage peer
         self.withdrawn: dict[int, tuple[int, str, int]] = {}  # offers withdrawn for a mirror match, as `offers`
         self.exchanges = 0  # exchanges completed on my side
 
@@ -436,6 +501,7 @@ class Agent:
         self.round_no = round_no
         self._directory = directory
         self._switch()
+        self._leave()
         # Re-keyings first: a new owner's messages about a transferred slot may arrive with the transfer.
         for msg in sorted(inbox, key=lambda m: not isinstance(m, Transfer)):
             try:
@@ -450,6 +516,8 @@ class Agent:
             self._move()
             self._swap()
             self._offer()
+        self._hand_over()
+        if not self.is_last:
             self._send_updates()
         self._flush()
         self._report_costs()
@@ -724,7 +792,12 @@ class Agent:
         mirror = msg.theirs in self.offers and self.me < offer.sender
         if mirror:
             self.withdrawn[msg.theirs] = self.offers.pop(msg.theirs)
-        if slot is None or slot.out != msg.theirs or not self._exchangeable(slot, partner=True):
+        if (
+            slot is None
+            or slot.out != msg.theirs
+            or key in self.handovers
+            or not self._exchangeable(slot, partner=True)
+        ):
             return False
         la, lb = offer.label, slot.label
         if la not in out.chain or lb not in out.chain or la not in chain_j or lb not in chain_j:
@@ -821,6 +894,165 @@ class Agent:
                 self._release_out(new)
         self.switches.clear()
 
+    # ------------------------------------------------------------------------------------------- takeover
+    # Rounds: t, i hands its costly microbatch A (from h's slot n, on to j) to a same-stage peer k with room that
+    # would carry it more cheaply (Handover); t+1, k checks with its own figures, reserves the slot and its own
+    # slot at j (held, j not told yet) and answers Taken; t+2, i tells j (Transfer: its slot is now k's) and h
+    # (Moved); t+3, j re-keys, h points its slot at k and i drops A: the path is whole at the end of every round.
+
+    def _on_handover(self, msg: Handover, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage)
+        up = self.known.get(msg.up) if isinstance(msg.up, str) else None
+        nxt = self.known.get(msg.peer) if isinstance(msg.peer, str) and msg.peer else None
+        if up is None or up.stage != self.card.stage - 1 or (nxt is None) != self.is_last:
+            raise BadMessage("handover from or to a peer of the wrong stage")
+        if nxt is not None and nxt.stage != self.card.stage + 1:
+            raise BadMessage("handover to a next hop of the wrong stage")
+        if not (self._valid_ask(msg.slot, msg.label, msg.prefix, msg.share) and isinstance(msg.out, int)):
+            raise BadMessage("malformed handover")
+        if not (isinstance(msg.cost, float | int) and 0 <= msg.cost < MAX_COST):
+            raise BadMessage("handover cost negative, NaN or huge")
+        chain = self._valid_cost(msg.chain)
+        key = (msg.up, msg.slot)
+        here = self.card.compute_s + self.costs.link(msg.up, self.me)
+        if nxt is None:
+            rest = self.costs.link(self.me, self.sink_regions[msg.label])
+        else:
+            rest = self.costs.link(self.me, msg.peer) + chain.get(msg.label, INF)
+        if key in self.inbound or self.spare <= 0 or here + rest >= msg.cost - self.cfg.margin:
+            self.bus.send(msg.sender, Handback(self.me, msg.up, msg.slot))
+            return
+        prefix = float(msg.prefix) + here
+        slot = InSlot(msg.label, prefix, share=float(msg.share), quiet_until=self.round_no + 2)
+        slot.swapped = self.round_no
+        self.inbound[key] = slot
+        self.adopted[key] = (msg.sender, self.round_no)
+        number, to_j = -1, 0.0
+        if nxt is not None:
+            number = self.next_no
+            self.next_no += 1
+            to_j = round(prefix + self.costs.link(self.me, msg.peer), 4)
+            self.outbound[number] = OutSlot(
+                msg.peer,
+                key,
+                self.round_no,
+                held=True,
+                chain=chain,
+                sent=(msg.label, to_j),
+                quiet_until=self.round_no + 2,
+            )
+            slot.out = number
+        self.bus.send(msg.sender, Taken(self.me, msg.up, msg.slot, number, to_j))
+
+    def _on_taken(self, msg: Taken, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage)
+        if not (isinstance(msg.slot, int) and isinstance(msg.number, int) and isinstance(msg.prefix, float | int)):
+            raise BadMessage("malformed taken")
+        key = (msg.up, msg.slot)
+        pending = self.handovers.get(key)
+        slot = self.inbound.get(key)
+        out = self._held_out(slot) if slot is not None else None
+        if pending is None or pending[0] != msg.sender or slot is None or (not self.is_last and out is None):
+            if pending is not None and pending[0] == msg.sender:
+                del self.handovers[key]
+            self.bus.send(msg.sender, Handback(self.me, msg.up, msg.slot))  # gone meanwhile: k drops its reservation
+            return
+        if out is not None:
+            assert slot.out is not None
+            out.quiet_until = self.round_no + 2 * EXPIRY_ROUNDS  # no more updates to j about it
+            self.bus.send(
+                out.peer, Transfer(self.me, self.me, slot.out, msg.sender, msg.number, slot.label, msg.prefix)
+            )
+        self.bus.send(msg.up, Moved(self.me, msg.slot, msg.sender))
+        self.leaving.append((key, slot.out, self.round_no + 1))
+        self.takeovers += 1
+
+    def _on_handback(self, msg: Handback, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage)
+        key = (msg.up, msg.slot)
+        if self.handovers.get(key, ("",))[0] == msg.sender:
+            del self.handovers[key]  # declined: A stays here
+        elif self.adopted.get(key, ("",))[0] == msg.sender and key in self.inbound:
+            del self.adopted[key]  # the microbatch left before the handover: drop the reservation quietly
+            slot = self.inbound.pop(key)
+            if slot.out is not None:
+                self.outbound.pop(slot.out, None)
+
+    def _on_moved(self, msg: Moved, card: PeerCard) -> None:
+        self._expect_stage(card, self.card.stage + 1)
+        peer = self.known.get(msg.peer) if isinstance(msg.peer, str) else None
+        if peer is None or peer.stage != card.stage or not isinstance(msg.slot, int):
+            raise BadMessage("moved to an unknown or wrong-stage peer")
+        out = self.outbound.get(msg.slot)
+        if out is None or out.peer != msg.sender or not out.held:
+            self.bus.send(msg.peer, Release(self.me, (msg.slot,)))  # we gave it up meanwhile
+            return
+        out.peer = msg.peer  # this round the old holder drops it and the next hop re-keys it
+
+    def _leave(self) -> None:
+        """Handed-over microbatches leave (their upstream points at the new holder from this round on)."""
+        due = [e for e in self.leaving if e[2] <= self.round_no]
+        self.leaving = [e for e in self.leaving if e[2] > self.round_no]
+        for key, n, _ in due:
+            self.handovers.pop(key, None)
+            slot = self.inbound.get(key)
+            if slot is not None and slot.out == n:
+                del self.inbound[key]
+                if n is not None:
+                    self.outbound.pop(n, None)
+
+    def _hand_over(self) -> None:
+        """My costliest microbatch goes to a same-stage peer with room (from the directory: nearest the upstream
+        and nearest the downstream hop) that carries it more cheaply between the same hops. One at a time."""
+        for key in [k for k, (_, at) in self.handovers.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
+            del self.handovers[key]
+        for key in [k for k, (_, at) in self.adopted.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
+            del self.adopted[key]
+        lookup = getattr(self._directory, "lookup", None)
+        # Adjacent stages hand over in turn (a handover takes 4 rounds): the upstream of a microbatch being handed
+        # over must not hand over the same slot from its side at the same time.
+        window = self.round_no % 8 == 4 * (self.card.stage % 2)
+        if not self.cfg.takeover or self.is_data or self.handovers or lookup is None or not window:
+            return
+        for key in sorted(self.inbound, key=lambda k: -self._total(k) if self.inbound[k].out is not None else 0):
+            slot = self.inbound[key]
+            if key in self.adopted or not (self.is_last or self._exchangeable(slot)):
+                continue
+            if self.is_last and self.round_no - max(slot.swapped, slot.offered) < self.cfg.exchange_cooldown:
+                continue
+            slot.offered = self.round_no
+            up = key[0]
+            before = slot.prefix - self.card.compute_s - self._up_link(up)
+            if self.is_last:
+                nxt, chain, out_n = "", {}, -1
+                rest = self.costs.link(self.me, self.sink_regions[slot.label])
+            else:
+                assert slot.out is not None
+                out = self.outbound[slot.out]
+                nxt, chain, out_n = out.peer, out.chain, slot.out
+                rest = self._value(slot.out, slot.label)
+            cost = slot.prefix - before + rest  # from `up` on, through me
+            best = None
+            for near in (up, nxt or self.sink_regions[slot.label]):
+                for c in lookup(self.card.stage, near, self.cfg.lookup // 2, self.rng):
+                    if c.peer_id == self.me or c.stage != self.card.stage:
+                        continue
+                    tail = self.costs.link(c.peer_id, nxt) + chain.get(slot.label, INF) if nxt else 0.0
+                    if not nxt:
+                        tail = self.costs.link(c.peer_id, self.sink_regions[slot.label])
+                    est = self.costs.link(up, c.peer_id) + c.compute_s + tail
+                    if est < cost - self.cfg.margin and (best is None or est < best[0]):
+                        best = (est, c.peer_id)
+            if best is None:
+                return  # one slot looked at per round: the lookups are bounded
+            self.handovers[key] = (best[1], self.round_no)
+            entry = (up, key[1], slot.label, round(before, 4), slot.share, round(cost, 4), nxt, out_n)
+            self.bus.send(best[1], Handover(self.me, *entry, tuple(sorted(chain.items()))))
+            return
+
+    def _up_link(self, up: str) -> float:
+        return self.costs.link(up, self.me)
+
     def _exchangeable(self, slot: InSlot, partner: bool = False) -> bool:
         """On a complete chain, settled (not swapped lately), not offered now (nor lately, to be offered)."""
         if slot.out is None or slot.out in self.offers or self._held_out(slot) is None:
@@ -847,7 +1079,7 @@ class Agent:
             return
         for key in sorted(self.inbound, key=lambda k: -self._total(k) if self.inbound[k].out is not None else 0):
             slot = self.inbound[key]
-            if not self._exchangeable(slot):
+            if key in self.handovers or not self._exchangeable(slot):
                 continue
             assert slot.out is not None
             out = self.outbound[slot.out]
@@ -1037,6 +1269,7 @@ class Agent:
             and s.label in o.chain
             and self.round_no - s.swapped >= self.cfg.swap_cooldown
             and s.out not in self.offers
+            and k not in self.handovers
         )
         if len(keys) < 2:
             return
@@ -1092,6 +1325,8 @@ class Agent:
             return
         updates: dict[str, list[tuple[int, tuple[tuple[str, float], ...]]]] = defaultdict(list)
         for (up, n), slot in self.inbound.items():
+            if self.round_no < slot.quiet_until:
+                continue
             cost = tuple(sorted((g, round(v, 4)) for g, v in self._chain_of(slot).items() if v < MAX_COST))
             if cost != slot.sent_cost and (cost or slot.sent_cost):
                 slot.sent_cost = cost

@@ -363,3 +363,15 @@ def test_a_declined_handover_leaves_the_microbatch_where_it_is():
     # a Taken for a handover never asked (or expired) is answered with a Handback: k drops its reservation
     relay.step(2, [Taken("k", "u", 0, 5, 0.4)], NoDirectory())
     assert any(isinstance(m, Handback) for m in bus.inboxes["k"]) and ("u", 0) in relay.inbound
+
+
+def test_a_data_node_lists_its_cheapest_paths_first():
+    # An iteration with more microbatches than paths runs extra waves on the plan's first paths (the simulator's
+    # iteration_time and the data node's _plan_wave both): they should be the fastest the data node knows of.
+    bus = InProcessBus()
+    data = Agent(PeerCard("d", 0, "A", 0.0, 0), 2, FlatCosts(), bus, {"A": "d"}, AgentConfig(), seed=0)
+    data.add_units(3)
+    for n, (peer, cost) in enumerate([("p", 0.9), ("q", 0.2), ("p", 0.5)]):
+        data.inbound[("d", n)].out = 10 + n
+        data.outbound[10 + n] = OutSlot(peer, ("d", n), asked=0, held=True, chain={"A": cost})
+    assert [n for n, _ in data.units()] == [11, 12, 10]

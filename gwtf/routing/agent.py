@@ -487,9 +487,14 @@ class Agent:
             self.next_no += 1
 
     def units(self) -> list[tuple[int, OutSlot]]:
-        """A data node's microbatches that have a first hop."""
-        held = sorted(s.out for s in self.inbound.values() if s.out is not None and self._held_out(s) is not None)
-        return [(n, self.outbound[n]) for n in held]
+        """A data node's microbatches that have a first hop, the cheapest path first (by the chain costs it was
+        told): when an iteration has more microbatches than paths, the extra waves take the first paths."""
+        held = [
+            (self._value(s.out, s.label), s.out)
+            for s in self.inbound.values()
+            if s.out is not None and s.out in self.outbound and self.outbound[s.out].held
+        ]
+        return [(n, self.outbound[n]) for _, n in sorted(held)]
 
     def _held_out(self, slot: InSlot) -> OutSlot | None:
         out = self.outbound.get(slot.out) if slot.out is not None else None

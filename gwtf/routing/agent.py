@@ -189,7 +189,7 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Declined:
-    """j* found no partner for the offer, or the partner i' turned it down: i may offer again (to i)."""
+    """To i: j* found no partner for its offer, or the partner i' turned it down; i may offer again."""
 
     sender: str
     slot: int
@@ -198,7 +198,7 @@ class Declined:
 @dataclass(frozen=True)
 class Handover:
     """Takeover, step 1 (i -> k, a same-stage peer with room): carry my microbatch from `up`'s slot `slot` on to
-    `peer` (j) instead of me, on my slot `out` there; `cost` is what it costs from `up` on through me."""
+    `peer` (j) instead of me; `cost` is what it costs from `up` on through me."""
 
     sender: str
     up: str
@@ -208,7 +208,6 @@ class Handover:
     share: float
     cost: float
     peer: str  # "" when I am the last stage (the microbatch goes home from here)
-    out: int
     chain: tuple[tuple[str, float], ...]  # what j's chain behind `out` costs per sink region
 
 
@@ -913,7 +912,7 @@ class Agent:
             raise BadMessage("handover from or to a peer of the wrong stage")
         if nxt is not None and nxt.stage != self.card.stage + 1:
             raise BadMessage("handover to a next hop of the wrong stage")
-        if not (self._valid_ask(msg.slot, msg.label, msg.prefix, msg.share) and isinstance(msg.out, int)):
+        if not self._valid_ask(msg.slot, msg.label, msg.prefix, msg.share):
             raise BadMessage("malformed handover")
         if not (isinstance(msg.cost, float | int) and 0 <= msg.cost < MAX_COST):
             raise BadMessage("handover cost negative, NaN or huge")
@@ -1027,36 +1026,33 @@ class Agent:
                 continue
             slot.offered = self.round_no
             up = key[0]
-            before = slot.prefix - self.card.compute_s - self._up_link(up)
-            if self.is_last:
-                nxt, chain, out_n = "", {}, -1
-                rest = self.costs.link(self.me, self.sink_regions[slot.label])
-            else:
+            before = slot.prefix - self.card.compute_s - self.costs.link(up, self.me)
+            nxt, chain = "", {}
+            if not self.is_last:
                 assert slot.out is not None
-                out = self.outbound[slot.out]
-                nxt, chain, out_n = out.peer, out.chain, slot.out
-                rest = self._value(slot.out, slot.label)
-            cost = slot.prefix - before + rest  # from `up` on, through me
+                nxt, chain = self.outbound[slot.out].peer, self.outbound[slot.out].chain
+            via = (nxt, chain, slot.label)
+            cost = self.costs.link(up, self.me) + self.card.compute_s + self._onwards(self.me, *via)  # from `up` on
             best = None
             for near in (up, nxt or self.sink_regions[slot.label]):
                 for c in lookup(self.card.stage, near, self.cfg.lookup // 2, self.rng):
                     if c.peer_id == self.me or c.stage != self.card.stage:
                         continue
-                    tail = self.costs.link(c.peer_id, nxt) + chain.get(slot.label, INF) if nxt else 0.0
-                    if not nxt:
-                        tail = self.costs.link(c.peer_id, self.sink_regions[slot.label])
-                    est = self.costs.link(up, c.peer_id) + c.compute_s + tail
+                    est = self.costs.link(up, c.peer_id) + c.compute_s + self._onwards(c.peer_id, *via)
                     if est < cost - self.cfg.margin and (best is None or est < best[0]):
                         best = (est, c.peer_id)
             if best is None:
                 return  # one slot looked at per round: the lookups are bounded
             self.handovers[key] = (best[1], self.round_no)
-            entry = (up, key[1], slot.label, round(before, 4), slot.share, round(cost, 4), nxt, out_n)
+            entry = (up, key[1], slot.label, round(before, 4), slot.share, round(cost, 4), nxt)
             self.bus.send(best[1], Handover(self.me, *entry, tuple(sorted(chain.items()))))
             return
 
-    def _up_link(self, up: str) -> float:
-        return self.costs.link(up, self.me)
+    def _onwards(self, peer: str, nxt: str, chain: dict[str, float], label: str) -> float:
+        """From `peer` to the sink over next hop `nxt` and its chain (no next hop: straight home)."""
+        if not nxt:
+            return self.costs.link(peer, self.sink_regions[label])
+        return self.costs.link(peer, nxt) + chain.get(label, INF)
 
     def _exchangeable(self, slot: InSlot, partner: bool = False) -> bool:
         """On a complete chain, settled (not swapped lately), not offered now (nor lately, to be offered)."""

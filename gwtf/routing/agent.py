@@ -491,7 +491,7 @@ class Agent:
         held = [
             (self._value(s.out, s.label), s.out)
             for s in self.inbound.values()
-            if s.out is not None and s.out in self.outbound and self.outbound[s.out].held
+            if s.out is not None and self._held_out(s) is not None
         ]
         return [(n, self.outbound[n]) for _, n in sorted(held)]
 
@@ -751,7 +751,7 @@ class Agent:
             if slot.label not in here or label_a not in here or slot.label not in chain_j:
                 continue
             before_me = slot.prefix - self.card.compute_s - self.costs.link(key[0], self.me)  # B's prefix at i'
-            old = max(old_a, before_me + self.costs.link(key[0], self.me) + here[slot.label])
+            old = max(old_a, slot.prefix - self.card.compute_s + here[slot.label])
             new = max(
                 pref_a + self.costs.link(msg.sender, self.me) + here[label_a],
                 before_me + self.costs.link(key[0], msg.peer) + chain_j[slot.label],
@@ -1008,21 +1008,16 @@ class Agent:
     def _hand_over(self) -> None:
         """My costliest microbatch goes to a same-stage peer with room (from the directory: nearest the upstream
         and nearest the downstream hop) that carries it more cheaply between the same hops. One at a time."""
-        for key in [k for k, (_, at) in self.handovers.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
-            del self.handovers[key]
-        for key in [k for k, (_, at) in self.adopted.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
-            del self.adopted[key]
+        self._forget(self.handovers, self.adopted)
         lookup = getattr(self._directory, "lookup", None)
         # Adjacent stages hand over in turn (a handover takes 4 rounds): the upstream of a microbatch being handed
         # over must not hand over the same slot from its side at the same time.
         window = self.round_no % 8 == 4 * (self.card.stage % 2)
         if not self.cfg.takeover or self.is_data or self.handovers or lookup is None or not window:
             return
-        for key in sorted(self.inbound, key=lambda k: -self._total(k) if self.inbound[k].out is not None else 0):
+        for key in self._costliest_first():
             slot = self.inbound[key]
-            if key in self.adopted or not (self.is_last or self._exchangeable(slot)):
-                continue
-            if self.is_last and self.round_no - max(slot.swapped, slot.offered) < self.cfg.exchange_cooldown:
+            if key in self.adopted or not (self._rested(slot) if self.is_last else self._exchangeable(slot)):
                 continue
             slot.offered = self.round_no
             up = key[0]
@@ -1061,24 +1056,30 @@ class Agent:
         out = self.outbound[slot.out]
         if self.round_no < out.quiet_until or slot.label not in out.chain:
             return False
-        if partner:
-            return self.round_no - slot.swapped >= self.cfg.swap_cooldown
+        return self.round_no - slot.swapped >= self.cfg.swap_cooldown if partner else self._rested(slot)
+
+    def _rested(self, slot: InSlot) -> bool:
+        """Not swapped, offered or handed over within the exchange cooldown."""
         return self.round_no - max(slot.swapped, slot.offered) >= self.cfg.exchange_cooldown
+
+    def _costliest_first(self) -> list[SlotKey]:
+        """My in-slots, the costliest path first (those without a next hop yet last)."""
+        return sorted(self.inbound, key=lambda k: -self._total(k) if self.inbound[k].out is not None else 0)
+
+    def _forget(self, *tables: dict) -> None:
+        """Drop pending entries (each value ends with the round it was made) older than two request round trips."""
+        for table in tables:
+            for key in [k for k, v in table.items() if self.round_no - v[-1] > 2 * EXPIRY_ROUNDS]:
+                del table[key]
 
     def _offer(self) -> None:
         """Offer my costliest microbatch whose continuation a next-stage peer could carry more cheaply (by its
         advert) for an exchange: in a saturated stage a costly path cannot move (no room), and the local swap
         only re-pairs continuations at one relay. One offer at a time."""
-        for n, (_, _, at) in list(self.offers.items()):
-            if self.round_no - at > 2 * EXPIRY_ROUNDS:  # no partner took it (a Swapped comes 3 rounds after)
-                del self.offers[n]
-        for key in [k for k, (_, at) in self.permits.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
-            del self.permits[key]
-        for n in [n for n, (_, _, at) in self.withdrawn.items() if self.round_no - at > 2 * EXPIRY_ROUNDS]:
-            del self.withdrawn[n]
+        self._forget(self.offers, self.permits, self.withdrawn)  # no partner took an offer this old
         if not self.cfg.exchange or self.offers:
             return
-        for key in sorted(self.inbound, key=lambda k: -self._total(k) if self.inbound[k].out is not None else 0):
+        for key in self._costliest_first():
             slot = self.inbound[key]
             if key in self.handovers or not self._exchangeable(slot):
                 continue

@@ -375,3 +375,16 @@ def test_a_data_node_lists_its_cheapest_paths_first():
         data.inbound[("d", n)].out = 10 + n
         data.outbound[10 + n] = OutSlot(peer, ("d", n), asked=0, held=True, chain={"A": cost})
     assert [n for n, _ in data.units()] == [11, 12, 10]
+
+
+def test_a_last_stage_relay_forgets_a_permit_nobody_used():
+    # Permits are held by the offerer's next hop, which may be a last-stage relay that never offers anything itself
+    bus = InProcessBus()
+    last = Agent(PeerCard("x", 2, "A", 0.1, 2), 2, FlatCosts(), bus, {"A": "d"}, AgentConfig(exchange=True), seed=0)
+    last.learn(PeerCard("u", 1, "A", 0.1, 2))
+    last.inbound[("u", 0)] = InSlot("A", prefix=0.5)
+    last.step(1, [Permit("u", 0, 7)], NoDirectory())
+    assert last.permits == {("u", 0): (7, 1)}
+    for r in range(2, 3 + 2 * EXPIRY_ROUNDS):
+        last.step(r, [], NoDirectory())
+    assert not last.permits

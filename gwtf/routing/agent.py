@@ -519,7 +519,7 @@ class Agent:
             self._route(directory)
             self._move()
             self._swap()
-            self._offer()
+        self._offer()
         self._hand_over()
         if not self.is_last:
             self._send_updates()
@@ -1076,8 +1076,10 @@ class Agent:
         """Offer my costliest microbatch whose continuation a next-stage peer could carry more cheaply (by its
         advert) for an exchange: in a saturated stage a costly path cannot move (no room), and the local swap
         only re-pairs continuations at one relay. One offer at a time."""
-        self._forget(self.offers, self.permits, self.withdrawn)  # no partner took an offer this old
-        if not self.cfg.exchange or self.offers:
+        # No partner took an offer this old (a Swapped comes 3 rounds after); permits are held by its next hop,
+        # which may be a last-stage relay that never offers anything itself.
+        self._forget(self.offers, self.permits, self.withdrawn)
+        if not self.cfg.exchange or self.offers or self.is_last:
             return
         for key in self._costliest_first():
             slot = self.inbound[key]

@@ -575,6 +575,9 @@ class RelayNode(NodeBase):
                 )
                 await self.download_state(sorted(donors), self.cfg.iteration_timeout)
                 await self.announce()
+                # As a joiner does: the data nodes re-read the DHT now and route through it from the next iteration,
+                # instead of running steps without it until their cached view expires, which left it behind again.
+                await self._tell_data_nodes(await self.live_nodes(max_age=0))
         finally:
             self.catching_up = None
 

@@ -68,6 +68,7 @@ class NodeRecord:
     throughput: float
     microbatches_done: int
     maddrs: list[str] = field(default_factory=list)
+    room: int = -1  # router gwtf-p2p: microbatches the relay's routing agent can still take (-1: not routing)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

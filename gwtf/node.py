@@ -46,6 +46,7 @@ from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.faults import FaultInjector
 from gwtf.membership import Membership, NodeRecord
 from gwtf.optim import OptimConfig
+from gwtf.routing.p2p import AgentService
 from gwtf.stage import STATE_CHUNK, Key, StageReplica, state_subset
 from gwtf.transport import Message, Transport
 
@@ -68,8 +69,11 @@ class SwarmConfig:
     recovery: str = "checkfree"  # how a stage with no live replica is rebuilt (gwtf.recovery.make_strategy)
     stage_recovery_timeout: float = 120.0  # how long data nodes wait for a lost stage to be rebuilt
     region: str | None = None
+    route_round_s: float = 0.1  # router "gwtf-p2p": seconds between two routing rounds of a node's agent
 
     def __post_init__(self) -> None:
+        if self.route_round_s <= 0:
+            raise UserError(f"route_round_s must be positive, got {self.route_round_s}")
         if self.capacity < 1:
             raise UserError(f"capacity must be >= 1, got {self.capacity}")
         check_live_recovery(self.recovery)
@@ -104,6 +108,7 @@ class RunSpec:
     seed: int
     data_nodes: int = 1  # data nodes the run expects; fewer only when some have died
     pretrained: str | None = None  # staged checkpoint the first replicas load (fine-tuning); later ones download
+    microbatch_size: int = 1  # sequences per microbatch (the routers' activation size)
 
 
 async def fetch_state(call, run_id: str, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -319,6 +324,7 @@ class RelayNode(NodeBase):
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
         self.shadows: dict[int, Shadow] = {}  # recovery="redundant": the neighbouring stage(s) this relay shadows
         self.rebuilt_source = ""  # how this replica's stage was rebuilt, if it was ("mean(1,3)", "shadow@stage 1 v4")
+        self.routing: AgentService | None = None  # router gwtf-p2p: this relay's routing agent
         for name, fn in {
             "regrad": self.rpc_regrad,
             "release": self.rpc_release,
@@ -349,6 +355,7 @@ class RelayNode(NodeBase):
             throughput=(r.stats.backward / max(time.time() - self.started, 1e-6)) if r else 0.0,
             microbatches_done=r.stats.backward if r else 0,
             maddrs=[],
+            room=self.routing.room() if self.routing is not None else -1,
         )
 
     # ---- joining -----------------------------------------------------------------------------------------------
@@ -381,8 +388,22 @@ class RelayNode(NodeBase):
         await self.announce()
         self.start_heartbeat()
         self.watchdog = asyncio.ensure_future(self._watch_version())
+        if self.cfg.router == "gwtf-p2p":
+            await self.start_routing()
         await self._tell_data_nodes(nodes)
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
+
+    async def start_routing(self) -> None:
+        """Router gwtf-p2p: this relay's own GWTF agent (gwtf.routing.p2p), in rounds until the relay closes."""
+        from gwtf.swarm import view_builder  # gwtf.swarm assembles nodes: imported here, not at the top
+
+        views = view_builder(self.spec, self.spec.microbatch_size)
+        n = self.spec.model.n_stages
+        self.routing = AgentService(
+            self, self.stage, n, lambda nodes: views(nodes, None), round_s=self.cfg.route_round_s, seed=self.spec.seed
+        )
+        await self.routing.start()
+        await self.announce()  # its room, for the other agents' directory
 
     async def _tell_data_nodes(self, nodes: dict[str, NodeRecord]) -> None:
         """Data nodes read the DHT about once a heartbeat: tell them this replica serves now (best effort, bounded),
@@ -965,6 +986,8 @@ class RelayNode(NodeBase):
             await asyncio.wait(pending, timeout=self.cfg.call_timeout)
 
     async def close(self) -> None:
+        if self.routing is not None:
+            await self.routing.close()
         if self.watchdog is not None:
             self.watchdog.cancel()
         for t in [*self.tasks, *(s.refreshing for s in self.shadows.values() if s.refreshing is not None)]:

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 def run_spec(run_id: str, cfg: RunConfig, data_nodes: int = 1) -> RunSpec:
     t = cfg.train
-    return RunSpec(run_id, cfg.model_config(), cfg.optim, t.steps, t.seed, data_nodes, cfg.pretrained)
+    return RunSpec(
+        run_id, cfg.model_config(), cfg.optim, t.steps, t.seed, data_nodes, cfg.pretrained, t.microbatch_size
+    )
 
 
 def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
@@ -52,17 +54,17 @@ def activation_bytes(model, microbatch_size: int) -> int:
     return microbatch_size * model.seq_len * model.d_model * 4
 
 
-def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, NodeRecord], int], SwarmView]:
+def view_builder(spec: RunSpec, microbatch_size: int) -> Callable[[dict[str, NodeRecord], int | None], SwarmView]:
     """Turn live membership records into what a router needs; only serving nodes at the iteration's version
-    carry traffic (a replica that is behind catches up first)."""
+    carry traffic (a replica that is behind catches up first). Iteration None: every serving node."""
     m = spec.model
     size = activation_bytes(m, microbatch_size)
 
-    def build(nodes: dict[str, NodeRecord], iteration: int) -> SwarmView:
+    def build(nodes: dict[str, NodeRecord], iteration: int | None) -> SwarmView:
         relays = {
             p: RelayInfo(p, r.stage, r.capacity, max(r.compute_s, 1e-4), r.region)
             for p, r in serving(nodes, "relay").items()
-            if r.state_version == iteration
+            if iteration is None or r.state_version == iteration
         }
         data = {p: DataInfo(p, r.region) for p, r in serving(nodes, "data").items()}
         return SwarmView(m.n_stages, relays, data, size)

@@ -11,8 +11,8 @@ from gwtf.trainer import train_local
 SETTINGS = ["data.max_bytes=300000", "train.microbatch_size=4", "train.microbatches_per_step=4", "optim.warmup_steps=3"]
 
 
-def demo(tmp_path, *extra: str) -> dict:
-    argv = ["demo", "--preset", "debug", "--stages", "2", "--router", "round-robin", "--out", str(tmp_path),
+def demo(tmp_path, *extra: str, router: str = "round-robin") -> dict:
+    argv = ["demo", "--preset", "debug", "--stages", "2", "--router", router, "--out", str(tmp_path),
             "--timeout", "240", *sum((["--set", s] for s in SETTINGS), []), *extra]  # fmt: skip
     code = main(argv)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -31,8 +31,10 @@ def test_process_swarm_reproduces_train_local(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path):
-    summary = demo(tmp_path, "--replicas", "2", "--steps", "24", "--crash-at", "4", "--crash-stage", "1")
+@pytest.mark.parametrize("router", ["round-robin", "gwtf-p2p"])  # gwtf-p2p: every node's own agent, over hivemind
+def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path, router):
+    argv = ["--replicas", "2", "--steps", "24", "--crash-at", "4", "--crash-stage", "1"]
+    summary = demo(tmp_path, *argv, router=router)
     assert summary["crash"]["stage"] == 1
     mb = summary["microbatches"]
     assert mb["lost"] == 0

@@ -7,7 +7,9 @@ Files:
     graph.py       the flow graph (networkx): relays split into in/out vertices, networkx reference solver
     optimum.py     the yardstick with ortools: min-cost max-flow, worst path, multi-commodity LP / MIP; OracleRouter
     agent.py       the decentralized GWTF agent, its messages and the message bus abstraction
-    gwtf_router.py GWTFRouter: runs the agents over a SwarmView, re-runs only the affected ones on crash/join
+    protocol.py    ProtocolRun: every agent of a view stepping in synchronous rounds over the in-process bus
+    gwtf_router.py GWTFRouter (router "gwtf"): a data node runs every agent over its view of the swarm
+    p2p.py         router "gwtf-p2p": one agent per live node, messages over the runtime's transport
     simulator.py   topologies from the region matrix, protocol rounds and discrete-event iteration timing
 """
 

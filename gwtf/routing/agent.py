@@ -130,6 +130,16 @@ class ChainCost:
 
 
 @dataclass(frozen=True)
+class Route:
+    """Sent with `AgentConfig.routes` only: which relays the chain behind each slot goes through, the sender first
+    (() = broken). A live swarm's data node needs its paths relay by relay; in the simulator the run reads them off
+    the agents (ProtocolRun._trace), so it does not send these."""
+
+    sender: str
+    slots: tuple[tuple[int, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
 class Deflect:
     """A full relay passes on requests it cannot grant to a same-stage peer with room, which answers the
     requester directly (a Reply from a peer it did not ask): a turned-down microbatch moves on a round later
@@ -258,6 +268,7 @@ Message = (
     | Lost
     | Release
     | ChainCost
+    | Route
     | Deflect
     | Offer
     | Match
@@ -350,6 +361,7 @@ class AgentConfig:
     # and 0.92 instead of 0.96 reached 20 rounds after a 20 % crash.
     takeover: bool = False
     exchange_cooldown: int = 10  # rounds a microbatch waits after a swap or an offer before it is offered again
+    routes: bool = False  # report the relays of each chain upstream (`Route`): on in a live swarm (gwtf.routing.p2p)
 
     def __post_init__(self) -> None:
         if min(self.neighbours, self.lookup, self.refresh_every, self.patience, self.build_rounds) < 1:
@@ -372,6 +384,7 @@ class InSlot:
     out: int | None = None  # the out-slot it continues on
     waited: int = 0
     sent_cost: tuple | None = None  # the chain cost the upstream holder knows
+    sent_route: tuple[str, ...] | None = None  # the chain's relays the upstream holder knows (AgentConfig.routes)
     swapped: int = -(10**9)  # round of its last swap
     offered: int = -(10**9)  # round it was last offered for a cross-relay exchange or handed over
     quiet_until: int = 0  # taken over: no chain costs upstream until the upstream has switched to us
@@ -386,6 +399,7 @@ class OutSlot:
     held: bool = False  # granted by peer
     move: bool = False  # a cheaper chain being built beside the in-slot's current one
     chain: dict[str, float] = field(default_factory=dict)  # cost of the chain behind it (empty: not complete)
+    route: tuple[str, ...] = ()  # the relays of that chain, the peer first (AgentConfig.routes; (): not known)
     sent: tuple[str, float] | None = None  # the (label, prefix) the peer knows
     quiet_until: int = 0  # an exchanged slot: no updates until the holder has re-keyed it (see Transfer)
 
@@ -525,6 +539,8 @@ class Agent:
             self._send_updates()
         self._flush()
         self._report_costs()
+        if self.cfg.routes:
+            self._report_routes()
         self._advertise()
 
     def peer_died(self, peer: str) -> None:
@@ -698,20 +714,36 @@ class Agent:
             if (msg.sender, n) in self.inbound:
                 self._drop_in((msg.sender, n))
 
-    def _on_chaincost(self, msg: ChainCost, card: PeerCard) -> None:
+    def _downstream_entries(self, msg: ChainCost | Route, card: PeerCard, what: str) -> list[tuple[int, tuple]]:
+        """A per-slot report from a next-stage peer: (slot, tuple) pairs, bounded."""
         self._expect_stage(card, self.card.stage + 1)
         if len(msg.slots) > MAX_BATCH:
-            raise BadMessage("chain cost list too long")
+            raise BadMessage(f"{what} list too long")
         for entry in msg.slots:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], tuple)):
-                raise BadMessage("malformed chain cost entry")
-            n, cost = entry
+                raise BadMessage(f"malformed {what} entry")
+        return list(msg.slots)
+
+    def _on_chaincost(self, msg: ChainCost, card: PeerCard) -> None:
+        for n, cost in self._downstream_entries(msg, card, "chain cost"):
             chain = self._valid_cost(cost)
             out = self.outbound.get(n)
             if out is not None and out.peer == msg.sender:
                 out.chain = chain
             elif out is None and isinstance(n, int):  # a slot we no longer have (e.g. after an exchange): free it
                 self.bus.send(msg.sender, Release(self.me, (n,)))
+
+    def _on_route(self, msg: Route, card: PeerCard) -> None:
+        for n, route in self._downstream_entries(msg, card, "route"):
+            if route and not self._valid_route(route, msg.sender):
+                raise BadMessage("a route must list known relays of the next stages in order, the sender first")
+            out = self.outbound.get(n)
+            if out is not None and out.peer == msg.sender:
+                out.route = route
+
+    def _valid_route(self, route: tuple, sender: str) -> bool:
+        stages = [self.known[p].stage if isinstance(p, str) and p in self.known else -1 for p in route]
+        return route[0] == sender and stages == list(range(self.card.stage + 1, self.n_stages + 1))
 
     # ------------------------------------------------------------------------------ cross-relay exchange
     # Two same-stage relays swap next hops (design.md's improvement move). Rounds: t, i offers its costliest
@@ -1338,6 +1370,30 @@ class Agent:
         for dst, items in updates.items():
             for k in range(0, len(items), MAX_BATCH):
                 self.bus.send(dst, ChainCost(self.me, tuple(items[k : k + MAX_BATCH])))
+
+    def _route_of(self, slot: InSlot) -> tuple[str, ...]:
+        if self.is_last:
+            return (self.me,)
+        out = self._held_out(slot)
+        return (self.me, *out.route) if out is not None and out.route else ()
+
+    def _report_routes(self) -> None:
+        """Tell each upstream holder which relays the chains behind its slots go through (only what changed)."""
+        if self.is_data:
+            return
+        updates: dict[str, list[tuple[int, tuple[str, ...]]]] = defaultdict(list)
+        for (up, n), slot in self.inbound.items():
+            route = self._route_of(slot)
+            if self.round_no >= slot.quiet_until and route != slot.sent_route and (route or slot.sent_route):
+                slot.sent_route = route
+                updates[up].append((n, route))
+        for dst, items in updates.items():
+            for k in range(0, len(items), MAX_BATCH):
+                self.bus.send(dst, Route(self.me, tuple(items[k : k + MAX_BATCH])))
+
+    def paths(self) -> list[list[str]]:
+        """A data node's complete paths, cheapest first, relay by relay (with `AgentConfig.routes`)."""
+        return [list(o.route) for _, o in self.units() if len(o.route) == self.n_stages and o.route[0] == o.peer]
 
     def _advertise(self) -> None:
         if self.is_data:

@@ -133,11 +133,12 @@ def validate_demands(view: SwarmView, demands: dict[str, int]) -> None:
             raise ValueError(f"negative demand {count} for {peer}")
 
 
-ROUTERS = ("gwtf", "swarm", "round-robin", "oracle")
+ROUTERS = ("gwtf", "gwtf-p2p", "swarm", "round-robin", "oracle")
 
 
 def make_router(name: str, seed: int = 0) -> Router:
-    """A router by config name: gwtf | swarm | round-robin | oracle."""
+    """A router by config name: gwtf | gwtf-p2p | swarm | round-robin | oracle (gwtf-p2p: attached to a data node's
+    own agent when the node starts; see gwtf.routing.p2p)."""
     # Imported here: the implementations import this module.
     if name == "round-robin":
         from gwtf.routing.baselines import RoundRobinRouter
@@ -155,4 +156,8 @@ def make_router(name: str, seed: int = 0) -> Router:
         from gwtf.routing.gwtf_router import GWTFRouter
 
         return GWTFRouter(seed)
+    if name == "gwtf-p2p":
+        from gwtf.routing.p2p import P2PRouter
+
+        return P2PRouter(seed)
     raise UserError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

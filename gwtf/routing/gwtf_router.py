@@ -1,9 +1,10 @@
-"""GWTFRouter: the decentralized agents behind the Router interface.
+"""GWTFRouter (router "gwtf"): the agents of every node of a view, run inside one process.
 
-How it maps to a deployment: in a swarm every node runs its own `Agent` and the messages go over the
-runtime's transport; here one process holds all agents of the view and steps them over the in-process bus
-(the simulator does the same). The state carries over between plans: on a crash or a join only the agents
-that knew the departed peer, and the newcomer, renegotiate; everyone else keeps its slots.
+The simulator and `benchmarks.flow` use it, and so does a live swarm under router "gwtf": each data node steps
+every agent of its view of the swarm over the in-process bus, the same algorithm without the messages on the wire
+(and two data nodes plan independently). Under router "gwtf-p2p" (gwtf.routing.p2p) every node runs its own
+agent instead and the messages go over the runtime's transport. The state carries over between plans: on a crash
+or a join only the agents that knew the departed peer, and the newcomer, renegotiate; everyone else keeps its slots.
 """
 
 from __future__ import annotations

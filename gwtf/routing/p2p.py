@@ -1,0 +1,323 @@
+"""GWTF deployed: one agent per node of a live swarm, its messages over the runtime's transport.
+
+`router = "gwtf-p2p"`. Every relay and every data node runs an `AgentService`: each `round_s` seconds it steps its
+own `Agent` (gwtf.routing.agent, the simulator's code) with the messages that came in since its last round, then
+sends what the agent said, one bounded call per destination peer (handler `gwtf_route`). Rounds are not
+synchronized across nodes: a message sent in one node's round is read in the receiver's next round, as on the
+simulator's bus, give or take the link's delay. What an agent knows: the peers' DHT records (stage, region, measured
+compute time, capacity and the room the relay's agent last published), re-read once a heartbeat, and its own
+messages. A peer whose record expired is dead to it (`Agent.peer_died`: only its neighbours renegotiate).
+
+A data node reads its paths off its own agent (`P2PRouter`): `Route` messages bring each chain's relays up to it.
+`gwtf` (gwtf.routing.gwtf_router) instead runs every agent inside each data node on its view of the swarm: the same
+algorithm, without the messages.
+
+Wire format: a call's `meta["m"]` is a list of messages, each `[type name, field, field, ...]` (tuples as lists).
+Every message is checked against its dataclass's field types and must name the transport-stamped caller as its
+sender before the agent sees it; the agent then checks what it says (stages, slots, numbers, capacity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import time
+import typing
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from gwtf.errors import BadMessage, PeerError, UserError
+from gwtf.routing.agent import Agent, AgentConfig, Hello, PeerCard
+from gwtf.routing.agent import Message as AgentMessage
+from gwtf.routing.base import Plan, Router, SwarmView
+from gwtf.routing.protocol import Directory, ViewCosts
+from gwtf.transport import Message
+
+log = logging.getLogger(__name__)
+
+HANDLER = "gwtf_route"
+MAX_MESSAGES = 256  # agent messages per call
+MAX_INBOX = 4096  # agent messages waiting for the next round; beyond, calls are refused (the sender retries)
+MAX_ITEMS = 1024  # entries of one tuple field
+MAX_STR = 256
+
+MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(AgentMessage)}
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGE_TYPES.items()}
+
+
+# ------------------------------------------------------------------------------------------------------ codec
+
+
+def encode(msg: Any) -> list:
+    return [type(msg).__name__, *(_plain(getattr(msg, f.name)) for f in dataclasses.fields(msg))]
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return encode(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def decode(entry: Any, sender: str | None) -> Any:
+    """An agent message from its wire form; BadMessage unless every field has its declared type and, when `sender`
+    is given, the message names that peer (the transport-stamped caller) as its sender."""
+    if not isinstance(entry, list) or not entry or entry[0] not in MESSAGE_TYPES:
+        raise BadMessage("not an agent message")
+    cls, hints = MESSAGE_TYPES[entry[0]], _HINTS[entry[0]]
+    fields = dataclasses.fields(cls)
+    if len(entry) != len(fields) + 1:
+        raise BadMessage(f"{entry[0]}: expected {len(fields)} fields, got {len(entry) - 1}")
+    msg = cls(*(_typed(v, hints[f.name], f"{entry[0]}.{f.name}") for v, f in zip(entry[1:], fields)))
+    if sender is not None and msg.sender != sender:
+        raise BadMessage(f"{entry[0]} claims to come from {msg.sender!r}, not from its caller")
+    return msg
+
+
+def _typed(value: Any, tp: Any, where: str) -> Any:
+    if tp is int:
+        if type(value) is not int:
+            raise BadMessage(f"{where}: expected an integer")
+        return value
+    if tp is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise BadMessage(f"{where}: expected a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or len(value) > MAX_STR:
+            raise BadMessage(f"{where}: expected a string of at most {MAX_STR} characters")
+        return value
+    if isinstance(tp, type) and tp.__name__ in MESSAGE_TYPES:
+        inner = decode(value, None)
+        if type(inner) is not tp:
+            raise BadMessage(f"{where}: expected a {tp.__name__}")
+        return inner
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list) or len(value) > MAX_ITEMS:
+            raise BadMessage(f"{where}: expected a list of at most {MAX_ITEMS} entries")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise BadMessage(f"{where}: expected {len(args)} entries")
+        return tuple(_typed(v, a, where) for v, a in zip(value, args))
+    raise BadMessage(f"{where}: field of a type the wire does not carry")
+
+
+# ----------------------------------------------------------------------------------------------- the service
+
+
+def cards_of(view: SwarmView) -> dict[str, PeerCard]:
+    cards = {p: PeerCard(p, r.stage, r.region, r.compute_s, r.capacity) for p, r in view.relays.items()}
+    cards.update({p: PeerCard(p, 0, d.region, d.compute_s, 0) for p, d in view.data_nodes.items()})
+    return cards
+
+
+class _Outbox:
+    """The agent's bus: what it says in a round, by destination, sent when the round ends."""
+
+    def __init__(self) -> None:
+        self.queued: dict[str, list] = defaultdict(list)
+        self.sent = 0
+
+    def send(self, dst: str, msg: Any) -> None:
+        self.sent += 1
+        self.queued[dst].append(msg)
+
+    def take(self) -> dict[str, list]:
+        out, self.queued = self.queued, defaultdict(list)
+        return out
+
+
+class AgentService:
+    """One node's agent, stepped every `round_s` seconds.
+
+    `node` is the gwtf.node.NodeBase it runs in (its transport, run id, bounded calls, cached DHT records);
+    `views(records)` turns the live records into a SwarmView of every serving node (figures and links);
+    `room(records)` gives each relay's published room."""
+
+    def __init__(
+        self,
+        node: Any,
+        stage: int,
+        n_stages: int,
+        views: Callable[[dict], SwarmView],
+        cfg: AgentConfig | None = None,
+        round_s: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if round_s <= 0:
+            raise UserError(f"route_round_s must be positive, got {round_s}")
+        self.node, self.stage, self.n_stages, self.views = node, stage, n_stages, views
+        self.cfg = dataclasses.replace(cfg or AgentConfig(), routes=True)
+        self.round_s = round_s
+        self.rng = random.Random(f"{seed}/{node.peer_id}")
+        self.bus = _Outbox()
+        self.inbox: list = []
+        self.agent: Agent | None = None
+        self.cards: dict[str, PeerCard] = {}
+        self.sinks: dict[str, str] = {}
+        self.directory: Directory | None = None
+        self.round_no = 0
+        self.refreshed = -math.inf
+        self.task: asyncio.Task | None = None
+        self.failed_calls = 0
+        self.refused = 0  # calls refused by validation or a full inbox
+        node.transport.add_handler(HANDLER, self.rpc_route)
+
+    @property
+    def me(self) -> str:
+        return self.node.peer_id
+
+    async def start(self, units: int = 0) -> None:
+        """Read the records, make the agent (a data node with `units` microbatches per iteration), start rounds."""
+        await self._refresh(max_age=0)
+        card = self.cards.get(self.me)
+        if card is None:
+            raise PeerError(f"{self.me}: its own record is not in the DHT yet; announce before starting routing")
+        assert self.directory is not None
+        agent = Agent(
+            card, self.n_stages, self.directory.costs, self.bus, self.sinks, self.cfg, self.rng.randrange(2**31)
+        )
+        agent.known = self.cards
+        if units:
+            agent.add_units(units)
+        k = self.cfg.neighbours
+        if self.stage < self.n_stages:
+            for other in self.directory.nearest(self.stage + 1, self.me, k, agent.rng, need_spare=False):
+                agent.add_next(other)
+        if self.stage >= 2:  # a newcomer tells the nearest upstream peers it is there (as ProtocolRun.join)
+            for other in self.directory.nearest(self.stage - 1, self.me, k, agent.rng, need_spare=False):
+                self.bus.send(other.peer_id, Hello(agent.me, agent.card.stage))
+        self.agent = agent
+        self.task = asyncio.ensure_future(self._rounds())
+
+    def room(self) -> int:
+        """The room this relay's agent has left, for its DHT record (the directory's `spare`)."""
+        return self.agent.spare if self.agent is not None else -1
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        log.info("%s: routing agent stopped after %d rounds: %s", self.me[:8], self.round_no, self.stats())
+
+    def stats(self) -> dict[str, float]:
+        rounds = max(self.round_no, 1)
+        agent = self.agent
+        return {
+            "messages_per_round": round(self.bus.sent / rounds, 2),
+            "failed_calls": self.failed_calls,
+            "refused_calls": self.refused,
+            "rejected_messages": agent.rejected if agent is not None else 0,
+        }
+
+    async def rpc_route(self, msg: Message) -> Message:
+        entries = msg.meta.get("m")
+        if not isinstance(entries, list) or len(entries) > MAX_MESSAGES:
+            self.refused += 1
+            raise BadMessage(f"gwtf_route carries a list of at most {MAX_MESSAGES} agent messages")
+        if len(self.inbox) + len(entries) > MAX_INBOX:
+            self.refused += 1
+            raise BadMessage("gwtf_route: inbox full, try next round")
+        try:
+            decoded = [decode(e, msg.sender) for e in entries]
+        except BadMessage:
+            self.refused += 1
+            raise
+        self.inbox.extend(decoded)
+        return Message(kind="ok", run_id=msg.run_id)
+
+    # ---- rounds --------------------------------------------------------------------------------------------------
+    async def _rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.node.closed:
+            t0 = loop.time()
+            try:
+                await self.round()
+            except PeerError as exc:  # the DHT read failed: next round
+                log.info("%s: routing round skipped (%s)", self.me[:8], exc)
+            await asyncio.sleep(max(0.0, self.round_s - (loop.time() - t0)))
+
+    async def round(self) -> None:
+        """One round: the records (once a heartbeat), the agent's step, its messages out (each call bounded)."""
+        agent = self.agent
+        assert agent is not None and self.directory is not None
+        if time.monotonic() - self.refreshed >= self.node.cfg.heartbeat_s:
+            await self._refresh()
+        inbox, self.inbox = self.inbox, []
+        agent.step(self.round_no, inbox, self.directory)
+        self.round_no += 1
+        await self._send(self.bus.take())
+
+    async def _send(self, outbox: dict[str, list]) -> None:
+        calls, timeout = [], min(self.node.cfg.call_timeout, max(1.0, 10 * self.round_s))
+        for dst, msgs in sorted(outbox.items()):
+            for k in range(0, len(msgs), MAX_MESSAGES):
+                meta = {"m": [encode(m) for m in msgs[k : k + MAX_MESSAGES]]}
+                calls.append(self.node.call(dst, HANDLER, self.node.message(HANDLER, meta=meta), timeout=timeout))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):  # lost messages are the protocol's normal case (requests expire)
+                self.failed_calls += 1
+                log.debug("%s: routing messages not delivered (%s)", self.me[:8], result)
+
+    async def _refresh(self, max_age: float | None = None) -> None:
+        """Re-read the records: who is there (peers whose record expired are dead), their figures and room."""
+        records = await self.node.live_nodes(max_age=max_age)
+        view = self.views(records)
+        cards = cards_of(view)
+        directory = Directory(ViewCosts(view))
+        for card in sorted(cards.values(), key=lambda c: c.peer_id):
+            directory.add(card)
+            room = getattr(records.get(card.peer_id), "room", -1)
+            if card.stage and isinstance(room, int) and room >= 0:
+                directory.spare[card.peer_id] = min(room, card.capacity)
+        gone = set(self.cards) - set(cards) - {self.me}
+        self.cards.clear()
+        self.cards.update(cards)
+        self.sinks.clear()
+        for peer in sorted(view.data_nodes):
+            self.sinks.setdefault(str(view.data_nodes[peer].region), peer)
+        self.directory = directory
+        self.refreshed = time.monotonic()
+        agent = self.agent
+        if agent is None:
+            return
+        agent.costs = directory.costs
+        mine = cards.get(self.me)
+        if mine is not None and mine != agent.card:
+            agent.card = mine  # measured compute time: the adverts and prefixes use it from now on
+        for peer in sorted(gone):
+            agent.peer_died(peer)
+
+
+# ------------------------------------------------------------------------------------------------ the router
+
+
+class P2PRouter(Router):
+    """A data node's paths, read off its own agent (the relays' agents run in the relays)."""
+
+    name = "gwtf-p2p"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.service: AgentService | None = None
+        self.me = ""
+
+    def attach(self, service: AgentService) -> None:
+        self.service, self.me = service, service.me
+
+    def plan(self, view: SwarmView, demands: dict[str, int]) -> Plan:
+        """This data node's complete paths through relays the view routes through (at the iteration's version),
+        cheapest first; the other data nodes' agents give theirs."""
+        service = self.service
+        if service is None or service.agent is None:
+            raise UserError("router gwtf-p2p runs inside a data node: its AgentService must be started first")
+        ok = view.relays
+        paths = [p for p in service.agent.paths() if all(r in ok and ok[r].stage == k for k, r in enumerate(p, 1))]
+        return self._record({self.me: paths[: demands.get(self.me, len(paths))]})

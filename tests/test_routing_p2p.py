@@ -1,0 +1,165 @@
+"""GWTF deployed one agent per node (router gwtf-p2p): the wire codec, and swarms whose relays and data nodes
+negotiate their paths with their own agents over the in-process transport."""
+
+import asyncio
+
+import pytest
+
+from gwtf.errors import BadMessage, PeerError
+from gwtf.faults import Fault
+from gwtf.node import SwarmConfig
+from gwtf.routing.agent import AgentConfig, ChainCost, Hello, Match, Offer, Request, Route
+from gwtf.routing.p2p import HANDLER, decode, encode
+from gwtf.routing.protocol import ProtocolRun
+from gwtf.swarm import InProcessSwarm
+from gwtf.trainer import train_local
+from tests.test_routing_agent import build
+from tests.test_swarm_inprocess import small_config
+
+ALL = [
+    Hello("a", 1),
+    Request("a", ((3, "LA", 0.25, 0.5), (4, "Japan", 1, 0.0))),
+    ChainCost("b", ((2, (("LA", 1.5),)), (5, ()))),
+    Route("b", ((2, ("b", "c")), (3, ()))),
+    Match("j", 7, Offer("i", 1, "j0", "LA", 0.5, (("LA", 2.0),), 9)),
+]
+
+
+@pytest.mark.parametrize("msg", ALL, ids=lambda m: type(m).__name__)
+def test_agent_messages_survive_the_wire(msg):
+    import json
+
+    wire = json.loads(json.dumps(encode(msg)))  # what the transport's JSON header carries
+    assert decode(wire, msg.sender) == msg
+
+
+@pytest.mark.parametrize(
+    "wire, why",
+    [
+        (["Nope", "a"], "not an agent message"),
+        (["Hello", "a"], "expected 2 fields"),
+        (["Hello", "a", "1"], "expected an integer"),
+        (["Hello", "a", True], "expected an integer"),
+        (["Request", "a", [[3, "LA", float("nan"), 0.5]]], "finite"),
+        (["Request", "a", [[3, "LA", 0.5]]], "expected 4 entries"),
+        (["Route", "b", [[2, ["b", 7]]]], "string"),
+        (["Match", "j", 7, ["Hello", "i", 1]], "expected a Offer"),
+        (["Hello", "mallory", 1], "claims to come from"),
+    ],
+)
+def test_malformed_or_forged_agent_messages_are_refused(wire, why):
+    with pytest.raises(BadMessage, match=why):
+        decode(wire, "a" if wire[1] == "mallory" else wire[1])
+
+
+def p2p_swarm(**kw) -> SwarmConfig:
+    return SwarmConfig(
+        heartbeat_s=0.1, record_ttl_s=0.6, call_timeout=5.0, microbatch_timeout=10.0, router="gwtf-p2p",
+        route_round_s=0.02, **kw,
+    )  # fmt: skip
+
+
+def planned_paths(swarm: InProcessSwarm) -> list[list[str]]:
+    return [p for d in swarm.data_nodes for p in d.routing.agent.paths()]
+
+
+def test_p2p_agents_route_a_swarm_like_the_trainer():
+    # 2 replicas per stage of capacity 1 and 4 microbatches: the agents must find 2 disjoint paths; the losses are
+    # the single-process trainer's (routing changes where, not what, is computed).
+    cfg = small_config(steps=5)
+    reference = train_local(cfg, progress=False)["losses"]
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=2, swarm=p2p_swarm(capacity=1))
+        await swarm.start()
+        try:
+            losses = []
+            for _ in range(4):
+                result = await swarm.step()
+                assert all(r.lost == 0 and r.partial == 0 for r in result.reports)
+                losses.append(result.loss)
+            paths = planned_paths(swarm)
+            relays = [r for p in paths for r in p]
+            assert len(paths) == 2 and len(set(relays)) == len(relays)  # capacity 1: two disjoint paths
+            assert all(n.replica.stats.backward > 0 for n in swarm.relays.values())  # both paths carried traffic
+            sent = {n.routing.bus.sent for n in swarm.relays.values()}
+            assert min(sent) > 0  # every relay's agent talked over the transport
+            # A forged routing message is refused with an error, and the relay goes on routing.
+            relay, data = swarm.relays["relay-s1-1"], swarm.data_nodes[0]
+            forged = data.message(HANDLER, meta={"m": [["Hello", "relay-s1-2", 1]]})
+            with pytest.raises(PeerError, match="claims to come from"):
+                await data.call("relay-s1-1", HANDLER, forged)
+            assert relay.routing.refused == 1
+            losses.append((await swarm.step()).loss)
+            return losses
+        finally:
+            await swarm.close()
+
+    losses = asyncio.run(asyncio.wait_for(go(), timeout=100))
+    assert losses == pytest.approx(reference, abs=1e-4)
+
+
+def test_p2p_agents_reroute_around_a_crash_and_take_in_a_joiner():
+    # A stage-2 relay dies while microbatches are in flight: nothing is lost (the data node reroutes its flights),
+    # the agents that knew it renegotiate once its record expires (one path is left: stage 2 has room for one), and
+    # a stage-2 newcomer is taken into a second path by the agents, then carries traffic.
+    cfg = small_config(steps=8, microbatches=4)
+
+    async def until_paths(swarm, n, timeout=10.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(planned_paths(swarm)) != n:
+            assert asyncio.get_running_loop().time() < deadline, planned_paths(swarm)
+            await asyncio.sleep(0.05)
+
+    async def step(swarm):
+        result = await swarm.step()
+        assert all(r.lost == 0 and r.partial == 0 for r in result.reports), result.reports
+        return result
+
+    async def go():
+        victim = "relay-s2-3"  # the first replica of stage 2; capacity 1 puts a path through each
+        swarm = InProcessSwarm(cfg, replicas=2, swarm=p2p_swarm(capacity=1), faults=[Fault(victim, 1, "backward")])
+        await swarm.start()
+        try:
+            await step(swarm)
+            rerouted = sum(r.rerouted for r in (await step(swarm)).reports)
+            assert victim not in swarm.relays
+            await until_paths(swarm, 1)
+            assert all(victim not in p for p in planned_paths(swarm))
+            await step(swarm)
+            joiner = await swarm.add_relay(2)
+            await until_paths(swarm, 2)
+            assert any(joiner.peer_id in p for p in planned_paths(swarm))
+            result = await step(swarm)
+            assert joiner.replica.stats.backward > 0 and result.reports[0].waves == 2
+            return rerouted
+        finally:
+            await swarm.close()
+
+    assert asyncio.run(asyncio.wait_for(go(), timeout=100)) >= 1  # the crash hit microbatches in flight
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_route_reports_give_a_data_node_the_paths_its_agents_hold(seed):
+    # What a data node learns from Route messages is the chain of slots the agents hold, relay by relay (the
+    # simulator reads the same chains off the agents directly), swaps included.
+    spec = [[(2, 0.1, "Japan"), (1, 0.2, "LA"), (2, 0.05, "London")] for _ in range(4)]
+    view = build(spec, data=(("d0", "Japan"), ("d1", "LA")))
+    run = ProtocolRun(view, {"d0": 3, "d1": 3}, AgentConfig(routes=True), seed=seed)
+    run.run(40)
+    plan = run.plan()
+    assert sum(len(p) for p in plan.values()) == 5  # capacity 5 per stage
+    for d in ("d0", "d1"):
+        assert sorted(run.agents[d].paths()) == sorted(plan[d])
+
+
+def test_a_route_that_skips_a_stage_or_names_another_sender_is_dropped():
+    view = build([[(2, 0.1, "Japan")], [(2, 0.1, "Japan")], [(2, 0.1, "Japan")]])
+    run = ProtocolRun(view, {"d0": 1}, AgentConfig(routes=True), seed=0)
+    run.run(15)
+    relay = run.agents["s1r0"]
+    (n,) = list(relay.outbound)
+    assert relay.outbound[n].route == ("s2r0", "s3r0")
+    bad = [Route("s2r0", ((n, ("s2r0",)),)), Route("s2r0", ((n, ("s3r0", "s2r0")),)), Route("s2r0", ((n, "s2r0"),))]
+    relay.step(15, bad, run.directory)
+    assert relay.rejected == len(bad) and relay.outbound[n].route == ("s2r0", "s3r0")

@@ -8,7 +8,7 @@ import pytest
 from gwtf.errors import BadMessage, PeerError
 from gwtf.faults import Fault
 from gwtf.node import SwarmConfig
-from gwtf.routing.agent import AgentConfig, ChainCost, Hello, Match, Offer, Request, Route
+from gwtf.routing.agent import AgentConfig, ChainCost, Claim, Hello, Match, Offer, Request, Route, Yield
 from gwtf.routing.p2p import HANDLER, decode, encode
 from gwtf.routing.protocol import ProtocolRun
 from gwtf.swarm import InProcessSwarm
@@ -18,6 +18,8 @@ from tests.test_swarm_inprocess import small_config
 
 ALL = [
     Hello("a", 1),
+    Claim("r", 3),
+    Yield("d", 3),
     Request("a", ((3, "LA", 0.25, 0.5), (4, "Japan", 1, 0.0))),
     ChainCost("b", ((2, (("LA", 1.5),)), (5, ()))),
     Route("b", ((2, ("b", "c")), (3, ()))),
@@ -163,3 +165,49 @@ def test_a_route_that_skips_a_stage_or_names_another_sender_is_dropped():
     bad = [Route("s2r0", ((n, ("s2r0",)),)), Route("s2r0", ((n, ("s3r0", "s2r0")),)), Route("s2r0", ((n, "s2r0"),))]
     relay.step(15, bad, run.directory)
     assert relay.rejected == len(bad) and relay.outbound[n].route == ("s2r0", "s3r0")
+
+
+def test_two_data_nodes_share_the_relays_room():
+    # The relays' agents grant slots to both data nodes from one capacity (under router gwtf each data node plans
+    # the whole swarm on its own and both would count on the same room): capacity 1 x 2 replicas per stage gives
+    # two disjoint paths, one per data node (contested room goes to the least served).
+    cfg = small_config(steps=2)
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=2, data_nodes=2, swarm=p2p_swarm(capacity=1))
+        await swarm.start()
+        try:
+            for _ in range(2):
+                result = await swarm.step()
+                assert all(r.lost == 0 and r.partial == 0 for r in result.reports)
+            per_node = [d.routing.agent.paths() for d in swarm.data_nodes]
+            relays = [r for paths in per_node for p in paths for r in p]
+            assert [len(p) for p in per_node] == [1, 1] and len(set(relays)) == len(relays) == 6
+        finally:
+            await swarm.close()
+
+    asyncio.run(asyncio.wait_for(go(), timeout=100))
+
+
+@pytest.mark.parametrize("evict", [True, False])
+def test_a_late_data_node_takes_room_from_one_with_two_first_hops(evict):
+    # Stage capacity 2; d0 starts first and takes both; d1 starts later with 2 microbatches. With evict (on in
+    # gwtf-p2p) d1 takes one slot and its chain, and it stays 1 + 1; without, the room is never given back.
+    view = build([[(2, 0.1, "Japan")], [(2, 0.1, "Japan")], [(2, 0.1, "Japan")]], data=(("d0", "Japan"), ("d1", "LA")))
+    run = ProtocolRun(view, {"d0": 2, "d1": 0}, AgentConfig(routes=True, evict=evict), seed=0)
+    run.run(20)
+    assert [len(run.plan()[d]) for d in ("d0", "d1")] == [2, 0]
+    run.agents["d1"].add_units(2)
+    counts = [[len(p) for p in run.plan().values()] for _ in range(40) if run.step() is None]
+    assert counts[-1] == ([1, 1] if evict else [2, 0])
+    assert all(c == counts[-1] for c in counts[-20:])  # no swinging back and forth
+    assert sorted(run.agents["d1"].paths()) == sorted(run.plan()["d1"])  # its Route reports followed the chain
+
+
+def test_a_data_node_with_one_first_hop_keeps_it():
+    view = build([[(1, 0.1, "Japan")], [(1, 0.1, "Japan")]], data=(("d0", "Japan"), ("d1", "LA")))
+    run = ProtocolRun(view, {"d0": 1, "d1": 0}, AgentConfig(evict=True), seed=0)
+    run.run(15)
+    run.agents["d1"].add_units(1)
+    run.run(30)
+    assert [len(p) for p in run.plan().values()] == [1, 0]

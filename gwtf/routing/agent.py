@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -137,6 +137,22 @@ class Route:
 
     sender: str
     slots: tuple[tuple[int, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A stage-1 relay to a data node (`AgentConfig.evict`): give slot `slot` here up to a data node with none."""
+
+    sender: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class Yield:
+    """The data node's answer: slot `slot` is yours to give on (it routes that microbatch again)."""
+
+    sender: str
+    slot: int
 
 
 @dataclass(frozen=True)
@@ -269,6 +285,8 @@ Message = (
     | Release
     | ChainCost
     | Route
+    | Claim
+    | Yield
     | Deflect
     | Offer
     | Match
@@ -362,6 +380,7 @@ class AgentConfig:
     takeover: bool = False
     exchange_cooldown: int = 10  # rounds a microbatch waits after a swap or an offer before it is offered again
     routes: bool = False  # report the relays of each chain upstream (`Route`): on in a live swarm (gwtf.routing.p2p)
+    evict: bool = False  # a data node with no first hop may claim one from a data node with two (Agent._claim_for)
 
     def __post_init__(self) -> None:
         if min(self.neighbours, self.lookup, self.refresh_every, self.patience, self.build_rounds) < 1:
@@ -454,6 +473,8 @@ class Agent:
         self.takeovers = 0  # microbatches handed over to a same-stage peer
         self.withdrawn: dict[int, tuple[int, str, int]] = {}  # offers withdrawn for a mirror match, as `offers`
         self.exchanges = 0  # exchanges completed on my side
+        self.claims: dict[SlotKey, tuple[tuple[str, int, str, float, float], int]] = {}  # see _claim_for
+        self.claimed = 0  # slots handed to a data node that had no first hop (see _claim_for)
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -624,16 +645,20 @@ class Agent:
     def _grant(self) -> None:
         """Grant new slots within capacity: the least served data nodes first (by tenths of their demand), then
         the shortest prefixes (see the module docstring). What does not fit is deflected to peers with room."""
+        self._forget(self.claims)
         if not self._asks:
             return
         accepted: dict[str, list[int]] = defaultdict(list)
         rejected: dict[str, list[int]] = defaultdict(list)
         overflow = []
+        claimed: list[SlotKey] = []
         for ask in sorted(self._asks, key=lambda a: (round(a[4], 1), a[3], a[0], a[1])):
             sender, n, label, prefix, share = ask
             if len(self.inbound) < self.card.capacity and (sender, n) not in self.inbound:
                 self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s, share=share)
                 accepted[sender].append(n)
+            elif self._claim_for(ask, claimed):
+                continue
             elif (sender, n) not in self.inbound and (sender, n) not in self._via and self.cfg.deflect:
                 overflow.append(ask)
             else:
@@ -646,6 +671,55 @@ class Agent:
             self.bus.send(sender, Reply(self.me, tuple(accepted[sender]), tuple(rejected[sender]), self.spare))
         if rejected:  # the rejected believe we are full from now on: they hear from us when that changes
             self.last_advert = None
+
+    def _claim_for(self, ask: tuple[str, int, str, float, float], claimed: list) -> bool:
+        """Where data nodes meet (stage 1), with `AgentConfig.evict`: a data node with no first hop at all finds
+        this relay full. Ask the data node that holds the most slots here to give one up (`Claim`); if it has
+        another first hop it yields (`Yield`) and the slot, with the chain behind it, goes to the newcomer. The
+        holder decides, from what it holds now, so two relays claiming at once cannot leave it without a first
+        hop (no swinging back). One claim per round. Without it a data node that starts after another has taken
+        the room waits for good (room is never given back)."""
+        sender, n, label, prefix, share = ask
+        if not self.cfg.evict or self.card.stage != 1 or share > 0 or claimed:
+            return False
+        if any(k[0] == sender for k in self.inbound) or any(c[0][0] == sender for c in self.claims.values()):
+            return False
+        held = Counter(k[0] for k in self.inbound if k not in self.claims)
+        if not held:
+            return False
+        most = max(held.values())  # the data node with the most slots here gives one up (ties: the first)
+        victim = min(k for k in self.inbound if k not in self.claims and held[k[0]] == most)
+        self.claims[victim] = (ask, self.round_no)
+        self.bus.send(victim[0], Claim(self.me, victim[1]))
+        claimed.append(victim)
+        return True
+
+    def _on_claim(self, msg: Claim, card: PeerCard) -> None:
+        """A data node gives a first hop up for another data node that has none, if it keeps one (`_claim_for`)."""
+        self._expect_stage(card, self.card.stage + 1)
+        out = self.outbound.get(msg.slot)
+        if not self.is_data or out is None or out.peer != msg.sender or not out.held:
+            return
+        if len(self.units()) >= 2:
+            self._drop_out(msg.slot)  # the microbatch is routed again; the slot is the relay's to give on
+            self.bus.send(msg.sender, Yield(self.me, msg.slot))
+
+    def _on_yield(self, msg: Yield, card: PeerCard) -> None:
+        self._expect_stage(card, 0)
+        key = (msg.sender, msg.slot)
+        claim = self.claims.pop(key, None)
+        if key not in self.inbound:
+            return
+        if claim is None or (claim[0][0], claim[0][1]) in self.inbound:
+            self._drop_in(key)  # nobody waits for it (any more): as a Release
+            return
+        old = self.inbound.pop(key)
+        sender, n, label, prefix, share = claim[0]
+        self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s, share=share, out=old.out)
+        if old.out is not None and old.out in self.outbound:
+            self.outbound[old.out].paired = (sender, n)  # the chain continues the newcomer; it learns the label
+        self.bus.send(sender, Reply(self.me, (n,), (), self.spare))
+        self.claimed += 1
 
     def _deflect(self, overflow: list[tuple[str, int, str, float, float]]) -> list[SlotKey]:
         """Pass asks we cannot grant to same-stage peers with room (from the directory, nearest first), a few
@@ -1242,10 +1316,20 @@ class Agent:
             if options:
                 self._new_out(key, self._pick(options, slot.rejected), move=False)
                 continue
+            if self._starving() and (full := sorted((st.hop, p) for p, st in self.next.items())):
+                self._new_out(key, full[0][1], move=False)  # no room anywhere: the relay claims a slot for us
+                continue
             slot.waited += 1
             if slot.waited > self.cfg.patience and not self.is_data:
                 give_up.append(key)
         self._revoke(give_up)
+
+    def _starving(self) -> bool:
+        """With `evict`: a data node with no first hop and no request out asks a full stage-1 relay anyway, one
+        microbatch at a time (see `_claim_for`)."""
+        if not (self.is_data and self.cfg.evict) or self.units():
+            return False
+        return all(o.held for o in self.outbound.values())
 
     def _pick(self, options: list[tuple[float, str]], rejected: int) -> str:
         """One of the near-cheapest peers, at random by believed room: upstream peers that all see the same

@@ -154,7 +154,9 @@ class AgentService:
         if round_s <= 0:
             raise UserError(f"route_round_s must be positive, got {round_s}")
         self.node, self.stage, self.n_stages, self.views = node, stage, n_stages, views
-        self.cfg = dataclasses.replace(cfg or AgentConfig(), routes=True)
+        # Data nodes start at different times here, unlike in the simulator: a late one must be able to take room
+        # from one that holds two first hops or more (AgentConfig.evict), or it may wait for good.
+        self.cfg = dataclasses.replace(cfg or AgentConfig(), routes=True, evict=True)
         self.round_s = round_s
         self.rng = random.Random(f"{seed}/{node.peer_id}")
         self.bus = _Outbox()

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
     parser.add_argument("--config", default=None, help="run config TOML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--data-nodes", type=int, default=1, help="data nodes that drive the run")
-    parser.add_argument("--router", default="gwtf", help="gwtf | gwtf-p2p | swarm | round-robin | oracle")
+    parser.add_argument("--router", default="gwtf-p2p", help="gwtf-p2p | gwtf | swarm | round-robin | oracle")
     parser.add_argument("--addr-file", default=None, help="also write the address here")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--key", default=None, metavar="FILE", help="run key: joining needs it (created if missing)")

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "finetune") ->
     parser.add_argument("--crash-at", type=int, default=5, help="step at which a relay crashes (-1: never)")
     parser.add_argument("--crash-stage", type=int, default=1)
     parser.add_argument("--crash-phase", default="backward")
-    parser.add_argument("--router", default="gwtf")
+    parser.add_argument("--router", default="gwtf-p2p")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     parser.add_argument("--out", required=True, help="output folder: staged/, hf/, swarm/ logs, finetune.json")
     parser.add_argument("--timeout", type=float, default=1800.0)

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
                         "the one set to crash is in use when its step comes)")  # fmt: skip
     parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")
     parser.add_argument("--crash-phase", default="backward", help="phase of the crash (gwtf.faults.PHASES)")
-    parser.add_argument("--router", default="gwtf", help="gwtf | gwtf-p2p | swarm | round-robin | oracle")
+    parser.add_argument("--router", default="gwtf-p2p", help="gwtf-p2p | gwtf | swarm | round-robin | oracle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     parser.add_argument("--out", default="runs/demo", help="logs, metrics and the summary JSON")
     parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")

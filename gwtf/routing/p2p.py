@@ -1,12 +1,13 @@
 """GWTF deployed: one agent per node of a live swarm, its messages over the runtime's transport.
 
 `router = "gwtf-p2p"`. Every relay and every data node runs an `AgentService`: each `round_s` seconds it steps its
-own `Agent` (gwtf.routing.agent, the simulator's code) with the messages that came in since its last round, then
-sends what the agent said, one bounded call per destination peer (handler `gwtf_route`). Rounds are not
-synchronized across nodes: a message sent in one node's round is read in the receiver's next round, as on the
-simulator's bus, give or take the link's delay. What an agent knows: the peers' DHT records (stage, region, measured
-compute time, capacity and the room the relay's agent last published), re-read once a heartbeat, and its own
-messages. A peer whose record expired is dead to it (`Agent.peer_died`: only its neighbours renegotiate).
+own `Agent` (gwtf.routing.agent, the simulator's code) with the messages that came in since its last round; what
+the agent said goes out per destination peer, in order, one bounded call at a time (handler `gwtf_route`), without
+holding up the next round. Rounds are not synchronized across nodes: a message sent in one node's round is read in
+the receiver's next round, as on the simulator's bus, give or take the link's delay. What an agent knows: the peers'
+DHT records (stage, region, measured compute time, capacity and the room the relay's agent last published), re-read
+once a heartbeat, and its own messages. A peer whose record expired is dead to it (`Agent.peer_died`: only its
+neighbours renegotiate).
 
 A data node reads its paths off its own agent (`P2PRouter`): `Route` messages bring each chain's relays up to it.
 `gwtf` (gwtf.routing.gwtf_router) instead runs every agent inside each data node on its view of the swarm: the same
@@ -21,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import random
-import time
 import typing
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 
 HANDLER = "gwtf_route"
 MAX_MESSAGES = 256  # agent messages per call
+MAX_CALL_BYTES = 24 << 10  # and about this much JSON (a call's meta may hold 64 KiB: gwtf.transport.MessageLimits)
 MAX_INBOX = 4096  # agent messages waiting for the next round; beyond, calls are refused (the sender retries)
+MAX_QUEUE = 4096  # agent messages waiting to go to one peer; beyond, the oldest are dropped (as the wire may)
 MAX_ITEMS = 1024  # entries of one tuple field
 MAX_STR = 256
 
@@ -166,8 +169,11 @@ class AgentService:
         self.sinks: dict[str, str] = {}
         self.directory: Directory | None = None
         self.round_no = 0
-        self.refreshed = -math.inf
         self.task: asyncio.Task | None = None
+        self.refresher: asyncio.Task | None = None
+        self.queues: dict[str, list] = {}  # per destination, in order; one call in flight per destination
+        self.pumps: dict[str, asyncio.Task] = {}
+        self.dropped = 0
         self.failed_calls = 0
         self.refused = 0  # calls refused by validation or a full inbox
         node.transport.add_handler(HANDLER, self.rpc_route)
@@ -198,15 +204,17 @@ class AgentService:
                 self.bus.send(other.peer_id, Hello(agent.me, agent.card.stage))
         self.agent = agent
         self.task = asyncio.ensure_future(self._rounds())
+        self.refresher = asyncio.ensure_future(self._refreshes())
 
     def room(self) -> int:
         """The room this relay's agent has left, for its DHT record (the directory's `spare`)."""
         return self.agent.spare if self.agent is not None else -1
 
     async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+        tasks = [t for t in (self.task, self.refresher, *self.pumps.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         log.info("%s: routing agent stopped after %d rounds: %s", self.me[:8], self.round_no, self.stats())
 
     def stats(self) -> dict[str, float]:
@@ -215,6 +223,7 @@ class AgentService:
         return {
             "messages_per_round": round(self.bus.sent / rounds, 2),
             "failed_calls": self.failed_calls,
+            "dropped_messages": self.dropped,
             "refused_calls": self.refused,
             "rejected_messages": agent.rejected if agent is not None else 0,
         }
@@ -235,38 +244,59 @@ class AgentService:
         self.inbox.extend(decoded)
         return Message(kind="ok", run_id=msg.run_id)
 
-    # ---- rounds --------------------------------------------------------------------------------------------------
+    # ---- rounds ----------------------------------------------------------------------------------------------------
+    # A round never waits on the network: the agent steps every `round_s` seconds on what has arrived, what it says
+    # is queued per destination and sent by one pump per destination (in order, one call at a time), and the DHT
+    # records are re-read by their own task once a heartbeat. A slow peer or a slow DHT read delays only itself.
+
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.node.closed:
             t0 = loop.time()
-            try:
-                await self.round()
-            except PeerError as exc:  # the DHT read failed: next round
-                log.info("%s: routing round skipped (%s)", self.me[:8], exc)
+            self.round()
             await asyncio.sleep(max(0.0, self.round_s - (loop.time() - t0)))
 
-    async def round(self) -> None:
-        """One round: the records (once a heartbeat), the agent's step, its messages out (each call bounded)."""
+    def round(self) -> None:
+        """One round: the agent's step on the messages that came in, its messages queued for the pumps."""
         agent = self.agent
         assert agent is not None and self.directory is not None
-        if time.monotonic() - self.refreshed >= self.node.cfg.heartbeat_s:
-            await self._refresh()
         inbox, self.inbox = self.inbox, []
         agent.step(self.round_no, inbox, self.directory)
         self.round_no += 1
-        await self._send(self.bus.take())
+        for dst, msgs in self.bus.take().items():
+            queue = self.queues.setdefault(dst, [])
+            queue.extend(msgs)
+            if len(queue) > MAX_QUEUE:
+                self.dropped += len(queue) - MAX_QUEUE
+                del queue[: len(queue) - MAX_QUEUE]
+            pump = self.pumps.get(dst)
+            if pump is None or pump.done():
+                self.pumps[dst] = asyncio.ensure_future(self._pump(dst))
 
-    async def _send(self, outbox: dict[str, list]) -> None:
-        calls, timeout = [], min(self.node.cfg.call_timeout, max(1.0, 10 * self.round_s))
-        for dst, msgs in sorted(outbox.items()):
-            for k in range(0, len(msgs), MAX_MESSAGES):
-                meta = {"m": [encode(m) for m in msgs[k : k + MAX_MESSAGES]]}
-                calls.append(self.node.call(dst, HANDLER, self.node.message(HANDLER, meta=meta), timeout=timeout))
-        for result in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(result, Exception):  # lost messages are the protocol's normal case (requests expire)
+    async def _pump(self, dst: str) -> None:
+        timeout = min(self.node.cfg.call_timeout, max(1.0, 10 * self.round_s))
+        queue = self.queues.get(dst)
+        while queue and not self.node.closed:
+            batch, size = [], 0
+            while queue and len(batch) < MAX_MESSAGES and size < MAX_CALL_BYTES:
+                batch.append(encode(queue.pop(0)))
+                size += len(json.dumps(batch[-1]))
+            msg = self.node.message(HANDLER, meta={"m": batch})
+            try:
+                await self.node.call(dst, HANDLER, msg, timeout=timeout)
+            except PeerError as exc:  # lost messages are the protocol's normal case (requests expire)
                 self.failed_calls += 1
-                log.debug("%s: routing messages not delivered (%s)", self.me[:8], result)
+                log.debug("%s: routing messages to %s not delivered (%s)", self.me[:8], dst[:8], exc)
+        if not queue:
+            self.queues.pop(dst, None)
+
+    async def _refreshes(self) -> None:
+        while not self.node.closed:
+            await asyncio.sleep(self.node.cfg.heartbeat_s)
+            try:
+                await self._refresh()
+            except Exception as exc:  # noqa: BLE001 (a DHT hiccup: the agent goes on with what it knew)
+                log.info("%s: routing records not refreshed (%s)", self.me[:8], exc)
 
     async def _refresh(self, max_age: float | None = None) -> None:
         """Re-read the records: who is there (peers whose record expired are dead), their figures and room."""
@@ -286,7 +316,6 @@ class AgentService:
         for peer in sorted(view.data_nodes):
             self.sinks.setdefault(str(view.data_nodes[peer].region), peer)
         self.directory = directory
-        self.refreshed = time.monotonic()
         agent = self.agent
         if agent is None:
             return

@@ -321,6 +321,7 @@ class RelayNode(NodeBase):
         self.catching_up: asyncio.Future | None = None
         self.watchdog: asyncio.Future | None = None  # _watch_version, once serving
         self.routed_at = 0.0  # when a microbatch at this replica's version last came in
+        self.incoming: set[Key] = set()  # forwards acknowledged, not computed yet (they count against capacity)
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
         self.shadows: dict[int, Shadow] = {}  # recovery="redundant": the neighbouring stage(s) this relay shadows
         self.rebuilt_source = ""  # how this replica's stage was rebuilt, if it was ("mean(1,3)", "shadow@stage 1 v4")
@@ -752,21 +753,27 @@ class RelayNode(NodeBase):
         if msg.iteration != self.replica.version:
             raise BadMessage(f"iteration {msg.iteration} but this replica is at version {self.replica.version}")
         self.routed_at = time.monotonic()
-        if len(self.replica.held) >= self.replica.capacity:
-            raise BadMessage(f"replica full ({self.replica.capacity} microbatches held)")
+        key = self._key(msg)
+        taken = {k for k in self.replica.held if k[:2] != key[:2]} | {k for k in self.incoming if k[:2] != key[:2]}
+        if len(taken) >= self.replica.capacity:
+            raise BadMessage(f"replica full ({self.replica.capacity} microbatches held or arriving)")
 
     # ---- forward / backward ------------------------------------------------------------------------------------
     async def rpc_forward(self, msg: Message) -> Message:
         if self.replica is None:
             raise BadMessage("not serving yet")
         self._check_iteration(msg)
+        self.incoming.add(self._key(msg))  # counted against capacity until its forward has run (or failed)
         self._spawn(self._forward(msg))
         return self.message("ack")
 
     async def _forward(self, msg: Message) -> None:
         assert self.replica is not None
-        await self.fault("forward", msg.iteration)
-        out, took = await self.compute(_timed, self.replica.forward, self._key(msg), msg.tensors[0])
+        try:
+            await self.fault("forward", msg.iteration)
+            out, took = await self.compute(_timed, self.replica.forward, self._key(msg), msg.tensors[0])
+        finally:
+            self.incoming.discard(self._key(msg))
         # Timed inside the compute thread: the record's compute time is one forward's, not the wait behind the
         # others a relay holds (that made busy relays look slow to the routers and to joiners choosing a stage).
         self.compute_s = 0.8 * self.compute_s + 0.2 * took if self.compute_s else took

@@ -216,3 +216,36 @@ def test_a_replica_left_a_step_behind_catches_up_by_itself():
 
     mine, run_version, same = run(main())
     assert mine == run_version and same
+
+
+def test_a_full_relay_refuses_a_forward_on_receipt_not_after_acknowledging_it():
+    # Two forwards reach a capacity-1 relay before either has run: the second must be refused when it arrives (the
+    # sender then asks for another hop). It used to be acknowledged, then dropped when the stage found itself full,
+    # and its data node waited for it until the microbatch timeout (a 31 s iteration in geo10-heavy).
+    from gwtf.errors import BadMessage
+    from gwtf.transport import Message
+
+    async def main() -> None:
+        cfg = small_config(steps=2)
+        swarm = InProcessSwarm(cfg, swarm=fast_swarm(capacity=1))
+        await swarm.start()
+        try:
+            relay = swarm.relays["relay-s1-1"]
+            m = swarm.spec.model
+            route = sorted(swarm.relays)
+
+            def forward(mb: int) -> Message:
+                meta = {"origin": "data-0", "attempt": 0, "route": route, "order": [1, 2, 3]}
+                x = torch.zeros(1, m.seq_len, m.d_model)
+                return Message(
+                    kind="forward", run_id=swarm.run_id, iteration=0, microbatch_id=mb, tensors=[x], meta=meta
+                )
+
+            await relay.rpc_forward(forward(100))
+            with pytest.raises(BadMessage, match="arriving"):
+                await relay.rpc_forward(forward(101))
+            await relay.rpc_forward(forward(100))  # the same microbatch again (a restart) is not turned away
+        finally:
+            await swarm.close()
+
+    run(main())

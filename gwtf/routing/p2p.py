@@ -277,7 +277,8 @@ class AgentService:
         timeout = min(self.node.cfg.call_timeout, max(1.0, 10 * self.round_s))
         queue = self.queues.get(dst)
         while queue and not self.node.closed:
-            batch, size = [], 0
+            batch: list[list] = []
+            size = 0
             while queue and len(batch) < MAX_MESSAGES and size < MAX_CALL_BYTES:
                 batch.append(encode(queue.pop(0)))
                 size += len(json.dumps(batch[-1]))

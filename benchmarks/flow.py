@@ -7,7 +7,7 @@ for --rounds rounds, then 20 % of the relays crash and they run --reconverge-rou
 same topology. Ratios are against the optimum computed in the same run. Converged = the first round from which
 throughput stays at its final value and total cost within 1 % of its final value.
 iteration_time_vs_swarm: simulated time of --iterations iterations (same microbatches) under churn of 10 % of the
-relays per simulated hour, GWTF over SWARM (below 1 = GWTF faster).
+relays per simulated hour, GWTF over SWARM (below 1 = GWTF faster); --oracle-timing adds the optimum's plan's.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import statistics
 import time
 
 from gwtf.routing.agent import AgentConfig
-from gwtf.routing.base import Plan, SwarmView
+from gwtf.routing.base import Plan, Router, SwarmView
 from gwtf.routing.baselines import RoundRobinRouter, SwarmRouter
 from gwtf.routing.gwtf_router import GWTFRouter
-from gwtf.routing.optimum import solve_optimum, total_cost, worst_path
+from gwtf.routing.optimum import OracleRouter, solve_optimum, total_cost, worst_path
 from gwtf.routing.simulator import TopologyConfig, churn, crash, iteration_time, random_topology
 
 CHURN_PER_HOUR = 0.10
@@ -76,7 +76,7 @@ def one_seed(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict:
         out[f"{key}_cost_ratio"] = total_cost(view, base) / max(opt.total_cost, 1e-9)
         out[f"{key}_worst_path_ratio"] = worst_path(view, base) / opt.worst_path if opt.worst_path else 1.0
     out.update(_reconverge(view, demands, router, seed))
-    out["iteration_time_vs_swarm"] = _churn_timing(cfg, seed, args)
+    out.update(_churn_timing(cfg, seed, args))
     return out
 
 
@@ -90,22 +90,29 @@ def _reconverge(view: SwarmView, demands: dict[str, int], router: GWTFRouter, se
     }
 
 
-def _churn_timing(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> float:
-    """Same topology, same churn schedule, same microbatches: GWTF's simulated time over SWARM's."""
+def _churn_timing(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """Same topology, same churn schedule, same microbatches: GWTF's simulated time over SWARM's (and, with
+    --oracle-timing, the optimum's plan's: what the flow objective itself gives)."""
     times = {}
     gwtf = GWTFRouter(seed, args.rounds, args.reconverge_rounds, cfg=_agent_cfg(args))
-    for name, router in (("gwtf", gwtf), ("swarm", SwarmRouter(seed))):
+    routers: list[tuple[str, Router]] = [("gwtf", gwtf), ("swarm", SwarmRouter(seed))]
+    if args.oracle_timing:
+        routers.append(("oracle", OracleRouter(seed)))
+    for name, router in routers:
         view, demands = random_topology(cfg, seed)
         rng = random.Random(seed + 2)
         clock = 0.0
         for it in range(args.iterations):
             step = iteration_time(view, router.plan(view, demands), demands)
-            if math.isinf(step):
-                return math.inf
             clock += step
+            if math.isinf(step):
+                break
             view = churn(view, CHURN_PER_HOUR * step / 3600, rng, tag=f"j{it}_")
         times[name] = clock
-    return times["gwtf"] / times["swarm"]
+    out = {"iteration_time_vs_swarm": times["gwtf"] / times["swarm"]}
+    if "oracle" in times:
+        out["oracle_iteration_time_vs_swarm"] = times["oracle"] / times["swarm"]
+    return out
 
 
 def _agent_cfg(args: argparse.Namespace) -> AgentConfig:
@@ -140,6 +147,7 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
         "round_robin_ratio_mean": mean("round_robin_ratio"),
         "round_robin_cost_ratio_mean": mean("round_robin_cost_ratio"),
         "iteration_time_vs_swarm": mean("iteration_time_vs_swarm"),
+        **({"oracle_iteration_time_vs_swarm": mean("oracle_iteration_time_vs_swarm")} if args.oracle_timing else {}),
         "sim_rounds_per_s": mean("sim_rounds_per_s"),
         "optimum_s_mean": mean("optimum_s"),
         "runs": rows,
@@ -156,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--exchange", action="store_true", help="agents also exchange next hops across relays")
     parser.add_argument("--takeover", action="store_true", help="relays hand costly microbatches to peers with room")
+    parser.add_argument(
+        "--oracle-timing", action="store_true", help="also time the optimum's plan (oracle_iteration_time_vs_swarm)"
+    )
     parser.add_argument("--json", default=None, help="write the summary here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -559,9 +559,9 @@ class Agent:
         if not self.is_last:
             self._send_updates()
         self._flush()
-        self._report_costs()
+        self._report_upstream(ChainCost, "sent_cost", self._cost_of)
         if self.cfg.routes:
-            self._report_routes()
+            self._report_upstream(Route, "sent_route", self._route_of)
         self._advertise()
 
     def peer_died(self, peer: str) -> None:
@@ -713,11 +713,8 @@ class Agent:
         if claim is None or (claim[0][0], claim[0][1]) in self.inbound:
             self._drop_in(key)  # nobody waits for it (any more): as a Release
             return
-        old = self.inbound.pop(key)
         sender, n, label, prefix, share = claim[0]
-        self.inbound[(sender, n)] = InSlot(label, prefix + self.card.compute_s, share=share, out=old.out)
-        if old.out is not None and old.out in self.outbound:
-            self.outbound[old.out].paired = (sender, n)  # the chain continues the newcomer; it learns the label
+        self._rekey(key, (sender, n), label, prefix).share = share  # the chain continues the newcomer
         self.bus.send(sender, Reply(self.me, (n,), (), self.spare))
         self.claimed += 1
 
@@ -984,13 +981,20 @@ class Agent:
         if not allowed or key not in self.inbound or new in self.inbound:
             self.bus.send(msg.new_owner, Lost(self.me, (msg.number,)))  # the new owner routes its microbatch anew
             return
-        slot = self.inbound.pop(key)
-        slot.label, slot.prefix, slot.sent_cost = msg.label, float(msg.prefix) + self.card.compute_s, None
-        self.inbound[new] = slot
+        self._rekey(key, new, msg.label, msg.prefix)
         self.matched.pop(key, None)
+
+    def _rekey(self, key: SlotKey, new: SlotKey, label: str, prefix: float) -> InSlot:
+        """In-slot `key` now carries the microbatch of `new` (label, path cost up to the upstream holder): the slot
+        and the chains behind it stay; the new holder is told what they cost (and go through) afresh."""
+        slot = self.inbound.pop(key)
+        slot.label, slot.prefix = label, float(prefix) + self.card.compute_s
+        slot.sent_cost = slot.sent_route = None
+        self.inbound[new] = slot
         for out in self.outbound.values():
             if out.paired == key:
                 out.paired = new
+        return slot
 
     def _switch(self) -> None:
         """i': the exchange's microbatch moves to its new slot now that the holders have re-keyed."""
@@ -1425,9 +1429,13 @@ class Agent:
 
     def _flush(self) -> None:
         for dst, slots in self._requests.items():
-            for k in range(0, len(slots), MAX_BATCH):
-                self.bus.send(dst, Request(self.me, tuple(slots[k : k + MAX_BATCH])))
+            self._send_batches(dst, Request, slots)
         self._requests.clear()
+
+    def _send_batches(self, dst: str, kind: type[Request] | type[ChainCost] | type[Route], items: list) -> None:
+        """Per-slot entries to one peer, in messages of at most MAX_BATCH (validated lists are bounded)."""
+        for k in range(0, len(items), MAX_BATCH):
+            self.bus.send(dst, kind(self.me, tuple(items[k : k + MAX_BATCH])))
 
     def _chain_of(self, slot: InSlot) -> dict[str, float]:
         c = self.card.compute_s
@@ -1439,41 +1447,30 @@ class Agent:
         assert slot.out is not None
         return {g: c + self._value(slot.out, g) for g in out.chain}
 
-    def _report_costs(self) -> None:
-        """Tell each upstream holder what the chains behind its slots cost now (only what changed)."""
+    def _cost_of(self, slot: InSlot) -> tuple[tuple[str, float], ...]:
+        return tuple(sorted((g, round(v, 4)) for g, v in self._chain_of(slot).items() if v < MAX_COST))
+
+    def _report_upstream(self, kind: type[ChainCost] | type[Route], sent: str, value_of) -> None:
+        """Tell each upstream holder, per slot, what the chain behind it is now by `value_of` (its cost per sink
+        region, or with `routes` its relays), when that changed from what it was told (the slot's `sent` field)."""
         if self.is_data:
             return
-        updates: dict[str, list[tuple[int, tuple[tuple[str, float], ...]]]] = defaultdict(list)
+        updates: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
         for (up, n), slot in self.inbound.items():
             if self.round_no < slot.quiet_until:
                 continue
-            cost = tuple(sorted((g, round(v, 4)) for g, v in self._chain_of(slot).items() if v < MAX_COST))
-            if cost != slot.sent_cost and (cost or slot.sent_cost):
-                slot.sent_cost = cost
-                updates[up].append((n, cost))
+            value, told = value_of(slot), getattr(slot, sent)
+            if value != told and (value or told):
+                setattr(slot, sent, value)
+                updates[up].append((n, value))
         for dst, items in updates.items():
-            for k in range(0, len(items), MAX_BATCH):
-                self.bus.send(dst, ChainCost(self.me, tuple(items[k : k + MAX_BATCH])))
+            self._send_batches(dst, kind, items)
 
     def _route_of(self, slot: InSlot) -> tuple[str, ...]:
         if self.is_last:
             return (self.me,)
         out = self._held_out(slot)
         return (self.me, *out.route) if out is not None and out.route else ()
-
-    def _report_routes(self) -> None:
-        """Tell each upstream holder which relays the chains behind its slots go through (only what changed)."""
-        if self.is_data:
-            return
-        updates: dict[str, list[tuple[int, tuple[str, ...]]]] = defaultdict(list)
-        for (up, n), slot in self.inbound.items():
-            route = self._route_of(slot)
-            if self.round_no >= slot.quiet_until and route != slot.sent_route and (route or slot.sent_route):
-                slot.sent_route = route
-                updates[up].append((n, route))
-        for dst, items in updates.items():
-            for k in range(0, len(items), MAX_BATCH):
-                self.bus.send(dst, Route(self.me, tuple(items[k : k + MAX_BATCH])))
 
     def paths(self) -> list[list[str]]:
         """A data node's complete paths, cheapest first, relay by relay (with `AgentConfig.routes`)."""

@@ -510,6 +510,17 @@ class Agent:
             self.next[card.peer_id] = NeighbourState(card, card.capacity, self.costs.link(self.me, card.peer_id))
             self.bus.send(card.peer_id, Hello(self.me, self.card.stage))
 
+    def meet(self, directory, newcomer: bool) -> None:
+        """First candidates from the directory: the nearest next-stage peers; a newcomer also tells the nearest
+        previous-stage relays that it is there (they keep it as a candidate)."""
+        k = self.cfg.neighbours
+        if self.card.stage < self.n_stages:
+            for other in directory.nearest(self.card.stage + 1, self.me, k, self.rng, need_spare=False):
+                self.add_next(other)
+        if newcomer and self.card.stage >= 2:
+            for other in directory.nearest(self.card.stage - 1, self.me, k, self.rng, need_spare=False):
+                self.bus.send(other.peer_id, Hello(self.me, self.card.stage))
+
     def add_same(self, card: PeerCard) -> None:
         self.learn(card)
 

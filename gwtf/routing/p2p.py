@@ -27,12 +27,11 @@ import logging
 import math
 import random
 import typing
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from gwtf.errors import BadMessage, PeerError, UserError
-from gwtf.routing.agent import Agent, AgentConfig, Hello, PeerCard
+from gwtf.routing.agent import Agent, AgentConfig, InProcessBus, PeerCard
 from gwtf.routing.agent import Message as AgentMessage
 from gwtf.routing.base import Plan, Router, SwarmView
 from gwtf.routing.protocol import Directory, ViewCosts
@@ -121,28 +120,11 @@ def cards_of(view: SwarmView) -> dict[str, PeerCard]:
     return cards
 
 
-class _Outbox:
-    """The agent's bus: what it says in a round, by destination, sent when the round ends."""
-
-    def __init__(self) -> None:
-        self.queued: dict[str, list] = defaultdict(list)
-        self.sent = 0
-
-    def send(self, dst: str, msg: Any) -> None:
-        self.sent += 1
-        self.queued[dst].append(msg)
-
-    def take(self) -> dict[str, list]:
-        out, self.queued = self.queued, defaultdict(list)
-        return out
-
-
 class AgentService:
     """One node's agent, stepped every `round_s` seconds.
 
     `node` is the gwtf.node.NodeBase it runs in (its transport, run id, bounded calls, cached DHT records);
-    `views(records)` turns the live records into a SwarmView of every serving node (figures and links);
-    `room(records)` gives each relay's published room."""
+    `views(records)` turns the live records into a SwarmView of every serving node (figures and links)."""
 
     def __init__(
         self,
@@ -162,7 +144,7 @@ class AgentService:
         self.cfg = dataclasses.replace(cfg or AgentConfig(), routes=True, evict=True)
         self.round_s = round_s
         self.rng = random.Random(f"{seed}/{node.peer_id}")
-        self.bus = _Outbox()
+        self.bus = InProcessBus()  # what the agent says in a round, by destination, for the pumps
         self.inbox: list = []
         self.agent: Agent | None = None
         self.cards: dict[str, PeerCard] = {}
@@ -195,13 +177,7 @@ class AgentService:
         agent.known = self.cards
         if units:
             agent.add_units(units)
-        k = self.cfg.neighbours
-        if self.stage < self.n_stages:
-            for other in self.directory.nearest(self.stage + 1, self.me, k, agent.rng, need_spare=False):
-                agent.add_next(other)
-        if self.stage >= 2:  # a newcomer tells the nearest upstream peers it is there (as ProtocolRun.join)
-            for other in self.directory.nearest(self.stage - 1, self.me, k, agent.rng, need_spare=False):
-                self.bus.send(other.peer_id, Hello(agent.me, agent.card.stage))
+        agent.meet(self.directory, newcomer=True)
         self.agent = agent
         self.task = asyncio.ensure_future(self._rounds())
         self.refresher = asyncio.ensure_future(self._refreshes())

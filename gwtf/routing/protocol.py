@@ -102,7 +102,7 @@ class ProtocolRun:
             if count > 0:
                 self.agents[peer].add_units(count)
 
-    def _spawn(self, peer: str) -> Agent:
+    def _spawn(self, peer: str, newcomer: bool = False) -> Agent:
         card = self.directory.cards[peer]
         agent = Agent(
             card,
@@ -115,10 +115,7 @@ class ProtocolRun:
         )
         agent.known = self.directory.cards  # records are public (DHT); state and neighbours are not
         self.agents[peer] = agent
-        k = self.cfg.neighbours
-        if card.stage < self.view.n_stages:
-            for other in self.directory.nearest(card.stage + 1, peer, k, agent.rng, need_spare=False):
-                agent.add_next(other)
+        agent.meet(self.directory, newcomer)
         return agent
 
     # ------------------------------------------------------------------------------------------------ rounds
@@ -199,17 +196,7 @@ class ProtocolRun:
             self.bus.dead.discard(card.peer_id)
             self.directory.add(card)
         for card in cards:
-            agent = self._spawn(card.peer_id)
-            if card.stage >= 2:
-                k = self.cfg.neighbours
-                for other in self.directory.nearest(card.stage - 1, card.peer_id, k, agent.rng, False):
-                    self.bus.send(other.peer_id, _hello(agent))
-
-
-def _hello(agent: Agent):
-    from gwtf.routing.agent import Hello
-
-    return Hello(agent.me, agent.card.stage)
+            self._spawn(card.peer_id, newcomer=True)
 
 
 def _count(plan: Plan) -> int:

@@ -30,7 +30,7 @@ from gwtf.liveness import ProbeCache
 from gwtf.membership import Membership, NodeRecord
 from gwtf.node import NodeBase, RunSpec, SwarmConfig, fetch_state, serving
 from gwtf.routing.base import Router, SwarmView
-from gwtf.routing.p2p import AgentService, P2PRouter
+from gwtf.routing.p2p import P2PRouter
 from gwtf.stage import StageReplica, state_subset
 from gwtf.transport import Message, Transport
 
@@ -107,7 +107,6 @@ class DataNode(NodeBase):
     ):
         super().__init__(spec, transport, membership, cfg)
         self.rank, self.schedule, self.router = rank, schedule, router
-        self.routing: AgentService | None = None  # router gwtf-p2p: this data node's routing agent
         self.view_builder = view_builder  # (live records, iteration) -> SwarmView
         self.stage0 = StageReplica(0, build_module(0), spec.optim, spec.total_steps, capacity=1 << 30)
         self.head: Any = self.stage0.module  # models.staged.HeadStage: embed / loss
@@ -164,27 +163,9 @@ class DataNode(NodeBase):
         ahead = sorted((r.state_version, p) for p, r in peers.items() if p != self.peer_id and r.state_version > 0)
         if ahead:
             await self._download_stage0(ahead[-1][1])
-        if isinstance(self.router, P2PRouter):
-            await self._start_routing(self.router)
-
-    async def _start_routing(self, router: P2PRouter) -> None:
-        """Router gwtf-p2p: this data node's own agent, with one unit per microbatch of an iteration."""
-        n = self.spec.model.n_stages
-        self.routing = AgentService(
-            self,
-            0,
-            n,
-            lambda nodes: self.view_builder(nodes, None),
-            round_s=self.cfg.route_round_s,
-            seed=self.spec.seed,
-        )
-        await self.routing.start(units=len(self.schedule.microbatches(self.iteration, self.rank)))
-        router.attach(self.routing)
-
-    async def close(self) -> None:
-        if self.routing is not None:
-            await self.routing.close()
-        await super().close()
+        if isinstance(self.router, P2PRouter):  # its own agent, one unit per microbatch of an iteration
+            units = len(self.schedule.microbatches(self.iteration, self.rank))
+            self.router.attach(await self.start_routing(0, lambda records: self.view_builder(records, None), units))
 
     async def _download_stage0(self, donor: str) -> None:
         async def get(peer: str, msg: Message) -> Message:

@@ -151,6 +151,7 @@ class NodeBase:
         self._view: tuple[float, dict[str, NodeRecord]] | None = None
         self.faults: FaultInjector | None = None
         self.run_version = 0
+        self.routing: AgentService | None = None  # router gwtf-p2p: this node's routing agent (start_routing)
 
     async def fault(self, phase: str, iteration: int) -> None:
         """A point where an injected fault may strike (gwtf.faults)."""
@@ -210,9 +211,21 @@ class NodeBase:
         cfg = self.cfg
         self.membership.start_heartbeat(self.record, cfg.heartbeat_s, cfg.record_ttl_s)
 
+    async def start_routing(self, stage: int, views, units: int = 0) -> AgentService:
+        """Router gwtf-p2p: this node's own GWTF agent (gwtf.routing.p2p), in rounds until the node closes.
+        `views(records)`: the swarm of every serving node; `units`: a data node's microbatches per iteration."""
+        n = self.spec.model.n_stages
+        self.routing = AgentService(self, stage, n, views, round_s=self.cfg.route_round_s, seed=self.spec.seed)
+        await self.routing.start(units)
+        return self.routing
+
     async def close(self) -> None:
+        # Nothing is awaited before the record stops being refreshed: a relay that crashes closes from one of its
+        # own tasks, which close() cancels, so the first await may be the last thing it runs.
         self.closed = True
         self.membership.close()
+        if self.routing is not None:
+            await self.routing.close()
         await self.transport.shutdown()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -325,7 +338,6 @@ class RelayNode(NodeBase):
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
         self.shadows: dict[int, Shadow] = {}  # recovery="redundant": the neighbouring stage(s) this relay shadows
         self.rebuilt_source = ""  # how this replica's stage was rebuilt, if it was ("mean(1,3)", "shadow@stage 1 v4")
-        self.routing: AgentService | None = None  # router gwtf-p2p: this relay's routing agent
         for name, fn in {
             "regrad": self.rpc_regrad,
             "release": self.rpc_release,
@@ -390,21 +402,13 @@ class RelayNode(NodeBase):
         self.start_heartbeat()
         self.watchdog = asyncio.ensure_future(self._watch_version())
         if self.cfg.router == "gwtf-p2p":
-            await self.start_routing()
+            from gwtf.swarm import view_builder  # gwtf.swarm assembles nodes: imported here, not at the top
+
+            views = view_builder(self.spec, self.spec.microbatch_size)
+            await self.start_routing(self.stage, lambda records: views(records, None))
+            await self.announce()  # its room, for the other agents' directory
         await self._tell_data_nodes(nodes)
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
-
-    async def start_routing(self) -> None:
-        """Router gwtf-p2p: this relay's own GWTF agent (gwtf.routing.p2p), in rounds until the relay closes."""
-        from gwtf.swarm import view_builder  # gwtf.swarm assembles nodes: imported here, not at the top
-
-        views = view_builder(self.spec, self.spec.microbatch_size)
-        n = self.spec.model.n_stages
-        self.routing = AgentService(
-            self, self.stage, n, lambda nodes: views(nodes, None), round_s=self.cfg.route_round_s, seed=self.spec.seed
-        )
-        await self.routing.start()
-        await self.announce()  # its room, for the other agents' directory
 
     async def _tell_data_nodes(self, nodes: dict[str, NodeRecord]) -> None:
         """Data nodes read the DHT about once a heartbeat: tell them this replica serves now (best effort, bounded),
@@ -769,11 +773,12 @@ class RelayNode(NodeBase):
 
     async def _forward(self, msg: Message) -> None:
         assert self.replica is not None
+        key = self._key(msg)
         try:
             await self.fault("forward", msg.iteration)
-            out, took = await self.compute(_timed, self.replica.forward, self._key(msg), msg.tensors[0])
+            out, took = await self.compute(_timed, self.replica.forward, key, msg.tensors[0])
         finally:
-            self.incoming.discard(self._key(msg))
+            self.incoming.discard(key)
         # Timed inside the compute thread: the record's compute time is one forward's, not the wait behind the
         # others a relay holds (that made busy relays look slow to the routers and to joiners choosing a stage).
         self.compute_s = 0.8 * self.compute_s + 0.2 * took if self.compute_s else took
@@ -993,8 +998,6 @@ class RelayNode(NodeBase):
             await asyncio.wait(pending, timeout=self.cfg.call_timeout)
 
     async def close(self) -> None:
-        if self.routing is not None:
-            await self.routing.close()
         if self.watchdog is not None:
             self.watchdog.cancel()
         for t in [*self.tasks, *(s.refreshing for s in self.shadows.values() if s.refreshing is not None)]:

@@ -29,14 +29,19 @@ EXTRAS = {
     "deepspeed": ["deepspeed==0.19.8"],
 }
 
+TOP_LEVEL_FOLDERS = ("models", "launch", "benchmarks")
+
 setup(
     name="gwtf",
     version="0.1.0",
     description="Go With The Flow: crash-tolerant pipeline-parallel training on volunteer swarms",
     python_requires=">=3.11",
-    packages=find_packages(include=["gwtf", "gwtf.*", "models", "models.*", "launch", "launch.*", "benchmarks", "benchmarks.*"]),
-    package_data={"benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*.json"]},
+    # The repo keeps the design card's top-level folders (models/, launch/, benchmarks/), but an install claims one
+    # top-level name only: they are installed as gwtf.models, gwtf.launch and gwtf.benchmarks.
+    packages=[*find_packages(include=["gwtf", "gwtf.*"]), *(f"gwtf.{name}" for name in TOP_LEVEL_FOLDERS)],
+    package_dir={f"gwtf.{name}": name for name in TOP_LEVEL_FOLDERS},
+    package_data={"gwtf.benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["gwtf=gwtf.cli:main"]},
+    entry_points={"console_scripts": ["gwtf=gwtf.launch.cli:main"]},
 )

@@ -11,7 +11,7 @@ run() {
     local name=$1
     shift
     echo "== $name $*"
-    timeout 1500 .venv/bin/python -m benchmarks.churn --scenario "benchmarks/scenarios/$name.toml" "$@" \
+    timeout 1500 .venv/bin/python -m gwtf.benchmarks.churn --scenario "benchmarks/scenarios/$name.toml" "$@" \
         --json "$out/$name.json" --plots docs/plots --logs "$out/churn" > "$out/$name.out" 2>&1 || status=1
     sed -n '/target loss/,$p' "$out/$name.out"
 }

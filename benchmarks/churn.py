@@ -1,8 +1,8 @@
 """Crash-injection benchmark: a scenario's swarm as real processes on 127.0.0.1, crashes and joins, a report.
 
-    python -m benchmarks.churn --scenario benchmarks/scenarios/geo10.toml --compare router=gwtf,swarm \
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/geo10.toml --compare router=gwtf,swarm \
         --json runs/geo10.json --plots docs/plots
-    python -m benchmarks.churn --scenario benchmarks/scenarios/local.toml --json runs/local.json
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --json runs/local.json
 
 Every node is a `gwtf` process (bootstrap, relays, data nodes; hivemind DHT + P2P on loopback). With a region a
 node's transport emulates that region's links (gwtf.transport.LinkEmulator, real time). A node's compute speed is
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from gwtf.errors import UserError
-from launch.local_swarm import ProcessGroup, read_jsonl, wait_for_file
+from gwtf.launch.local_swarm import ProcessGroup, read_jsonl, wait_for_file
 
 COMPARE_KEYS = ("router", "recovery", "system")
 SYSTEMS = ("gwtf", "deepspeed")  # deepspeed: the static pipeline with checkpoint restart (benchmarks.ds_churn)
@@ -216,7 +216,7 @@ class Relay:
 
 
 class Launcher(ProcessGroup):
-    """A ProcessGroup whose children go through `benchmarks.churn node` (compute speed, swarm overrides), and
+    """A ProcessGroup whose children go through `gwtf.benchmarks.churn node` (compute speed, swarm overrides), and
     whose kills take the whole process group (a node and its p2pd), as a machine's crash would."""
 
     def start_node(self, name: str, argv: list[str], speed: float = 1.0, compute_ms: float = 0.0,
@@ -225,7 +225,7 @@ class Launcher(ProcessGroup):
         out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (the child holds it)
         wrapper = ["node", "--speed", str(speed), "--compute-ms", str(compute_ms), "--swarm", json.dumps(swarm or {})]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.churn", *wrapper, "--", *argv],
+            [sys.executable, "-m", "gwtf.benchmarks.churn", *wrapper, "--", *argv],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -559,7 +559,7 @@ def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunR
         print(f"== {sc.name} [{label}]: {sc.relays} relays over {sc.stages} stages, {sc.data_nodes} data node(s), "
               f"{sc.steps} steps, {len(events)} planned events; logs in {log_dir}", flush=True)  # fmt: skip
         if variant.get("system", "gwtf") == "deepspeed":
-            from benchmarks.ds_churn import DeepSpeedRun
+            from gwtf.benchmarks.ds_churn import DeepSpeedRun
 
             results.append(DeepSpeedRun(sc, variant, log_dir, events).execute())
         else:
@@ -568,9 +568,9 @@ def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunR
 
 
 def _node_main(argv: list[str]) -> int:
-    """`python -m benchmarks.churn node --speed S --compute-ms C --swarm JSON -- GWTF-ARGS`: a gwtf process
+    """`python -m gwtf.benchmarks.churn node --speed S --compute-ms C --swarm JSON -- GWTF-ARGS`: a gwtf process
     with emulated compute speed (relays) and SwarmConfig overrides written into the run record (bootstrap)."""
-    parser = argparse.ArgumentParser(prog="benchmarks.churn node")
+    parser = argparse.ArgumentParser(prog="gwtf.benchmarks.churn node")
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--compute-ms", type=float, default=0.0)
     parser.add_argument("--swarm", default="{}")
@@ -582,7 +582,7 @@ def _node_main(argv: list[str]) -> int:
     swarm = json.loads(args.swarm)
     if swarm and gwtf_argv[:1] == ["bootstrap"]:
         _override_swarm(swarm)
-    from gwtf.cli import main
+    from gwtf.launch.cli import main
 
     return main(gwtf_argv)
 
@@ -607,7 +607,7 @@ def _emulate_compute(forward_s: float) -> None:
 
 
 def _override_swarm(swarm: dict[str, Any]) -> None:
-    import launch.bootstrap as bootstrap
+    import gwtf.launch.bootstrap as bootstrap
 
     original = bootstrap.build_record
 
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default="runs/churn", help="node logs and metrics, one folder per run")
     parser.add_argument("--steps", type=int, default=None, help="override the scenario's steps")
     args = parser.parse_args(argv)
-    from benchmarks.report import build_report, print_summary, write_plots
+    from gwtf.benchmarks.report import build_report, print_summary, write_plots
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the harness stops its children like Ctrl-C does
     try:
@@ -651,10 +651,10 @@ def main(argv: list[str] | None = None) -> int:
             write_plots(report, Path(args.plots))
         print_summary(report)
     except UserError as exc:
-        print(f"benchmarks.churn: error: {exc}", file=sys.stderr)
+        print(f"gwtf.benchmarks.churn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("benchmarks.churn: interrupted; every process it started is stopped", file=sys.stderr)
+        print("gwtf.benchmarks.churn: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
     return 0 if all(r.done and not r.leftover_pids for r in results) else 1
 

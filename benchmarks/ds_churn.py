@@ -1,7 +1,7 @@
 """The harness's static-pipeline baseline: DeepSpeed's `deepspeed.pipe` under a scenario's crashes, restarted from
 its last checkpoint as its user would have to.
 
-    python -m benchmarks.churn --scenario benchmarks/scenarios/geo10.toml --compare system=gwtf,deepspeed ...
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/geo10.toml --compare system=gwtf,deepspeed ...
 
 The same model, stages, data order, optimizer and schedule as the gwtf run (gwtf's own stage modules, built from the
 same seed; benchmarks.ds_pipeline has the layers). A static pipeline is a grid: `dp` pipelines (data parallel) of
@@ -117,7 +117,7 @@ class DeepSpeedRun:
 
     # ---- processes -------------------------------------------------------------------------------------------
     def _start_job(self) -> None:
-        from benchmarks.ds_pipeline import free_port
+        from gwtf.benchmarks.ds_pipeline import free_port
 
         self.attempt += 1
         port, world = free_port(), self.sc.stages * self.dp
@@ -131,7 +131,7 @@ class DeepSpeedRun:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
         for rank in range(world):
             out = open(self.log_dir / f"ds-rank{rank}-attempt{self.attempt}.log", "w")  # noqa: SIM115
-            argv = [sys.executable, "-m", "benchmarks.ds_churn", "worker", "--rank", str(rank), "--world",
+            argv = [sys.executable, "-m", "gwtf.benchmarks.ds_churn", "worker", "--rank", str(rank), "--world",
                     str(world), "--port", str(port), "--settings", json.dumps(settings)]  # fmt: skip
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self.procs.append(proc)
@@ -185,7 +185,7 @@ class DeepSpeedRun:
         return self._kill(self._live(stage), ev)
 
     def _kill(self, victims: list[str], ev: Any) -> dict:
-        from benchmarks.churn import Event
+        from gwtf.benchmarks.churn import Event
 
         hit = [v for v in victims if v in self.grid.machines()]
         for v in victims:
@@ -241,7 +241,7 @@ class DeepSpeedRun:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def execute(self) -> Any:
-        from benchmarks.churn import RunResult, _done, _iterations, _tokens_per_iteration, leftovers
+        from gwtf.benchmarks.churn import RunResult, _done, _iterations, _tokens_per_iteration, leftovers
 
         t_start = time.time()
         metrics = self.log_dir / METRICS
@@ -289,7 +289,7 @@ class DeepSpeedRun:
 
 
 def _slot(stage: int, region: str | None, speed: float) -> Any:
-    from benchmarks.churn import NodeSpec
+    from gwtf.benchmarks.churn import NodeSpec
 
     return NodeSpec(stage, region, speed, 1, 1)
 
@@ -323,7 +323,7 @@ def _worker(rank: int, world: int, port: int, s: dict) -> None:
     import deepspeed
     from deepspeed.pipe import LayerSpec, PipelineModule
 
-    from benchmarks.ds_pipeline import EmbedLayer, HeadLayer, _skip_shm_build, next_token_loss
+    from gwtf.benchmarks.ds_pipeline import EmbedLayer, HeadLayer, _skip_shm_build, next_token_loss
     from gwtf.config import load_config
     from gwtf.data import MicrobatchSchedule, load_data
     from gwtf.optim import lr_at, make_optimizer, set_lr
@@ -400,7 +400,7 @@ def _sleep_in_backward(seconds: float) -> Any:
 
 
 def _make_slow_relay() -> type:
-    from benchmarks.ds_pipeline import RelayLayer
+    from gwtf.benchmarks.ds_pipeline import RelayLayer
 
     class SlowRelay(RelayLayer):
         """gwtf's relay stage k with a device `speed` times the base one: sleeps as benchmarks.churn's relays do."""
@@ -468,7 +468,7 @@ def _emulate_links(engine: Any, s: dict, stage: int, d: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks.ds_churn", description="one rank of the DeepSpeed baseline")
+    parser = argparse.ArgumentParser(prog="gwtf.benchmarks.ds_churn", description="one rank of the DeepSpeed baseline")
     parser.add_argument("role", choices=["worker"])
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)

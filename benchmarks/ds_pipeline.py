@@ -1,6 +1,6 @@
 """DeepSpeed's pipeline engine on CPU (gloo), on the same staged modules as gwtf: the static-pipeline baseline.
 
-    python -m benchmarks.ds_pipeline --preset debug --stages 4 --steps 12 --warmup 3
+    python -m gwtf.benchmarks.ds_pipeline --preset debug --stages 4 --steps 12 --warmup 3
 
 S processes, one per pipeline stage, run `deepspeed.pipe.PipelineModule` with the 1F1B training schedule
 (`engine.train_batch()`). The layers are gwtf's own modules built from the same seed: gwtf's stage 0 is split into
@@ -55,7 +55,7 @@ class EmbedLayer(nn.Module):
 
     def __init__(self, model_cfg: Any, seed: int) -> None:
         super().__init__()
-        from models.staged import build_stage
+        from gwtf.models.staged import build_stage
 
         head: Any = build_stage(model_cfg, 0, seed)
         self.tok_embed, self.pos_embed, self.drop = head.tok_embed, head.pos_embed, head.drop
@@ -73,7 +73,7 @@ class HeadLayer(nn.Module):
 
     def __init__(self, model_cfg: Any, seed: int) -> None:
         super().__init__()
-        from models.staged import build_stage
+        from gwtf.models.staged import build_stage
 
         head: Any = build_stage(model_cfg, 0, seed)
         if head.lm_head is None:
@@ -95,7 +95,7 @@ class RelayLayer(nn.Module):
 
     def __init__(self, model_cfg: Any, k: int, seed: int) -> None:
         super().__init__()
-        from models.staged import build_stage
+        from gwtf.models.staged import build_stage
 
         self.stage = build_stage(model_cfg, k, seed)
 

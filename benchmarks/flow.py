@@ -1,6 +1,6 @@
 """GWTF routing against the ortools optimum and the SWARM / round-robin baselines, in the simulator.
 
-    python -m benchmarks.flow --nodes 1000 --stages 10 --seeds 5 --json flow_1000.json
+    python -m gwtf.benchmarks.flow --nodes 1000 --stages 10 --seeds 5 --json flow_1000.json
 
 Per seed: a random topology (gwtf.routing.simulator), the optimum (gwtf.routing.optimum), the GWTF agents run
 for --rounds rounds, then 20 % of the relays crash and they run --reconverge-rounds more; the baselines plan the

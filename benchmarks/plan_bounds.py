@@ -1,7 +1,7 @@
 """How much routing alone can gain on a harness scenario: every router's plan timed in the simulator, the best plan a
 local search finds, and lower bounds no plan can beat.
 
-    python -m benchmarks.plan_bounds --scenario benchmarks/scenarios/geo10.toml [--capacity 6] --json OUT
+    python -m gwtf.benchmarks.plan_bounds --scenario benchmarks/scenarios/geo10.toml [--capacity 6] --json OUT
 
 The scenario's starting swarm is turned into the view the runtime's routers see (compute_ms / speed per relay, the
 scenario's capacities and regions, the preset's activation size, the data nodes' region) and every router plans one
@@ -29,7 +29,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from benchmarks.churn import Scenario, load_scenario
+from gwtf.benchmarks.churn import Scenario, load_scenario
 from gwtf.routing.base import DataInfo, Plan, RelayInfo, SwarmView, make_router
 from gwtf.routing.simulator import iteration_time
 

@@ -1,8 +1,8 @@
 """Stage-recovery strategies under one failure schedule: loss after recovery and time to a target loss.
 
-    python -m benchmarks.recovery --preset debug --stages 6 --failure-rate 10 \
+    python -m gwtf.benchmarks.recovery --preset debug --stages 6 --failure-rate 10 \
         --strategies checkfree,checkfree+,checkpoint,redundant,copy,random,none --steps 200 --json out.json
-    python -m benchmarks.recovery --stages 6 --failures-at 60,120:1,170:6 --steps 200     # chosen failures
+    python -m gwtf.benchmarks.recovery --stages 6 --failures-at 60,120:1,170:6 --steps 200     # chosen failures
 
 Every strategy trains the same model from the same seed on the same batches in this one process (stage 0 plus
 relay stages 1..S, single-process staged training with gwtf.trainer's pieces) and meets the same failures:
@@ -47,6 +47,7 @@ from torch import nn
 from gwtf.config import load_config
 from gwtf.data import MicrobatchSchedule, PackedData, hash_seed, load_data
 from gwtf.errors import UserError
+from gwtf.models.presets import ModelConfig, get_preset
 from gwtf.optim import OptimConfig, lr_at, make_optimizer, set_lr
 from gwtf.recovery import (
     STRATEGIES,
@@ -58,9 +59,8 @@ from gwtf.recovery import (
     make_strategy,
 )
 from gwtf.trainer import evaluate
-from models.presets import ModelConfig, get_preset
 
-log = logging.getLogger("benchmarks.recovery")
+log = logging.getLogger("gwtf.benchmarks.recovery")
 
 NO_FAILURES = "none"
 
@@ -105,7 +105,7 @@ class BenchConfig:
 
 def stage_params(cfg: ModelConfig, k: int) -> int:
     """Parameter count of stage k, built on the meta device (no memory, no RNG)."""
-    from models.staged import BlockStage, HeadStage
+    from gwtf.models.staged import BlockStage, HeadStage
 
     with torch.device("meta"):
         module = HeadStage(cfg) if k == 0 else BlockStage(cfg, k)
@@ -256,7 +256,7 @@ class Bench:
         return evaluate(stages, self.data.val, self.b.microbatch_size, self.b.val_batches)
 
     def run(self, name: str) -> Run:
-        from models.staged import build_stages
+        from gwtf.models.staged import build_stages
 
         torch.manual_seed(self.b.seed)
         strategy = self.make(name)

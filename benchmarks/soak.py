@@ -1,7 +1,7 @@
 """Soak run: a local swarm of processes under churn for M minutes; resources over time, crashes, leftovers.
 
-    python -m benchmarks.soak --minutes 30 --json runs/soak.json
-    python -m benchmarks.soak --minutes 3 --churn-per-hour 0.33 --time-scale 20 --json runs/soak-short.json
+    python -m gwtf.benchmarks.soak --minutes 30 --json runs/soak.json
+    python -m gwtf.benchmarks.soak --minutes 3 --churn-per-hour 0.33 --time-scale 20 --json runs/soak-short.json
 
 A keyed run (bootstrap --key, every join --key) of the debug model: `--stages` x `--replicas` relays and one data
 node that trains until the time is up. Crashes arrive as a Poisson process of `--churn-per-hour` per relay per
@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from launch.local_swarm import ProcessGroup
+from gwtf.launch.local_swarm import ProcessGroup
 
 log = logging.getLogger("soak")
 

@@ -1,7 +1,7 @@
 """Swarm training throughput against DeepSpeed's pipeline engine and single-process training, in one run.
 
-    python -m benchmarks.throughput --preset debug --stages 4 --steps 12 --json runs/throughput.json
-    python -m benchmarks.throughput --steps 12 --profile runs/prof     # also cProfile every swarm process
+    python -m gwtf.benchmarks.throughput --preset debug --stages 4 --steps 12 --json runs/throughput.json
+    python -m gwtf.benchmarks.throughput --steps 12 --profile runs/prof     # also cProfile every swarm process
 
 Three systems train the same model (same seed, data order, microbatches, AdamW and lr schedule), one after the
 other so that they never share the CPU with each other:
@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ds_pipeline import DSSettings, run_deepspeed
-from launch.local_swarm import read_jsonl
+from gwtf.benchmarks.ds_pipeline import DSSettings, run_deepspeed
+from gwtf.launch.local_swarm import read_jsonl
 
 TARGET_RATIO = 0.9
 
@@ -81,7 +81,7 @@ class _Procs:
         prof = ["-m", "cProfile", "-o", str(self.profile_dir / f"{name}.prof")] if self.profile_dir else []
         with open(self.log_dir / f"{name}.log", "w") as out:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, *prof, "-m", "gwtf.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
+                [sys.executable, *prof, "-m", "gwtf.launch.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
             )
 
     def failed(self) -> list[str]:
@@ -195,7 +195,7 @@ def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
 
 def _steady_state(iters: list[dict[str, Any]], s: BenchSettings) -> dict[str, Any]:
     """Tokens/s over the wall clock from the end of iteration `warmup - 1` to the end of the last one."""
-    from models.presets import get_preset
+    from gwtf.models.presets import get_preset
 
     seq = get_preset(s.preset, s.stages).seq_len
     first = max(s.warmup - 1, 0)
@@ -223,9 +223,9 @@ def run_single(s: BenchSettings) -> dict[str, Any]:
 
     from gwtf.config import load_config
     from gwtf.data import MicrobatchSchedule, load_data
+    from gwtf.models.staged import build_stages
     from gwtf.optim import lr_at, make_optimizer
     from gwtf.trainer import train_step
-    from models.staged import build_stages
 
     torch.set_num_threads(1)
     cfg = load_config(None, [f"preset={s.preset}", f"stages={s.stages}", *s.overrides()])

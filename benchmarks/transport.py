@@ -1,6 +1,6 @@
 """Activation transport throughput between two processes, against a raw TCP socket measured in the same run.
 
-    python -m benchmarks.transport --json OUT [--sizes 1 4 16 64] [--repeats 5]
+    python -m gwtf.benchmarks.transport --json OUT [--sizes 1 4 16 64] [--repeats 5]
 
 A server process hosts a HivemindTransport (handler `sink` answers a tiny ack) and a plain TCP socket server that
 reads a length-prefixed payload into a preallocated buffer and acks it. The client process sends one float32 tensor

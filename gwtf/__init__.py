@@ -19,7 +19,6 @@ Files:
     errors.py      UserError (one-line CLI errors), BadMessage, PeerError
     auth.py        runs by invitation: run keys, HMAC proofs over libp2p peer ids, signed DHT records
     swarm.py       assembling nodes from a run config; the in-process swarm used by tests
-    cli.py         the `gwtf` command line
 """
 
 __version__ = "0.1.0"

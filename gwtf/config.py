@@ -34,7 +34,7 @@ from gwtf.errors import UserError
 from gwtf.optim import OptimConfig
 
 if typing.TYPE_CHECKING:
-    from models.presets import ModelConfig
+    from gwtf.models.presets import ModelConfig
 
 
 @dataclass
@@ -72,8 +72,8 @@ class RunConfig:
     def model_config(self) -> ModelConfig:
         """The preset's model, or the pretrained checkpoint's (whose split into stages is fixed by its files)."""
         if self.pretrained:
-            from models.checkpoint import read_manifest
-            from models.presets import ModelConfig
+            from gwtf.models.checkpoint import read_manifest
+            from gwtf.models.presets import ModelConfig
 
             cfg = ModelConfig.from_dict(read_manifest(self.pretrained)["model"])
             if self.stages is not None and self.stages != cfg.n_stages:
@@ -82,7 +82,7 @@ class RunConfig:
                     f"again with `gwtf convert --stages {self.stages}`"
                 )
             return _pretrained_overrides(cfg, self.model_overrides)
-        from models.presets import get_preset
+        from gwtf.models.presets import get_preset
 
         return get_preset(self.preset, self.stages, **self.model_overrides)
 
@@ -211,7 +211,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _model_field_types() -> dict[str, Any]:
-    from models.presets import ModelConfig
+    from gwtf.models.presets import ModelConfig
 
     return _field_types(ModelConfig)
 

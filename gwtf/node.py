@@ -90,8 +90,8 @@ def check_live_recovery(name: str) -> None:
     if name == "checkpoint":
         raise UserError(
             "recovery='checkpoint' is not a live swarm mode (no volunteer stores checkpoints here); checkpoint restart "
-            "is measured as DeepSpeed's (`python -m benchmarks.churn ... --compare system=gwtf,deepspeed`) and "
-            "simulated by `python -m benchmarks.recovery --strategies checkpoint`"
+            "is measured as DeepSpeed's (`python -m gwtf.benchmarks.churn ... --compare system=gwtf,deepspeed`) and "
+            "simulated by `python -m gwtf.benchmarks.recovery --strategies checkpoint`"
         )
     if name not in LIVE_RECOVERY:
         raise UserError(f"unknown recovery {name!r}; a live swarm rebuilds a lost stage with one of {LIVE_RECOVERY}")

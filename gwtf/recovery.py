@@ -23,7 +23,7 @@ Strategies (section 7 of the design):
     redundant    Bamboo-style: the node before stage k also holds stage k and runs its forward redundantly, so it
                  takes over exactly (weights + optimizer); costs `extra_forward_fraction` more compute per iteration.
 
-Choices measured with `python -m benchmarks.recovery --steps 200 --failures-at 80,140 --failure-rate 0
+Choices measured with `python -m gwtf.benchmarks.recovery --steps 200 --failures-at 80,140 --failure-rate 0
 --strategies checkfree --target-loss 3.0882 [--weighting W] [--lr-boost X --lr-boost-decay D]` (debug preset, 6
 relay stages of one layer, seed 0, middle stages lost at steps 80 and 140; final val loss at step 200):
     weighting    norm 3.0590 < squared 3.0608 (both with 1.1x decaying over 50 steps): plain norms, the default.
@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from gwtf.data import hash_seed
 from gwtf.errors import UserError
-from models.presets import ModelConfig, require_equal_stages
+from gwtf.models.presets import ModelConfig, require_equal_stages
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class RandomInit(RecoveryStrategy):
         cfg: ModelConfig,
         seed: int,
     ) -> RebuiltStage:
-        from models.staged import build_stage  # transformers is heavy: only when a stage is actually rebuilt
+        from gwtf.models.staged import build_stage  # transformers is heavy: only when a stage is actually rebuilt
 
         return RebuiltStage(_state(build_stage(cfg, lost, seed)), source=f"random(seed={seed})")
 

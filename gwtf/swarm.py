@@ -38,8 +38,8 @@ def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
     """Stage k from the run's pretrained checkpoint (checked against its hash) when the run fine-tunes one and this
     machine has it, else from the run's seed alone, so every first replica of a stage starts from the same weights
     (a replica without the checkpoint downloads the stage from a live replica)."""
-    from models.checkpoint import load_stage
-    from models.staged import build_stage
+    from gwtf.models.checkpoint import load_stage
+    from gwtf.models.staged import build_stage
 
     def build(k: int) -> nn.Module:
         if spec.pretrained and Path(spec.pretrained).is_dir():

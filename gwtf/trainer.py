@@ -1,7 +1,7 @@
 """Single-process reference training: the whole pipeline in one process, the yardstick for every swarm run.
 
     gwtf train-local --preset debug --steps 200 --seed 0 --json out.json
-    python -m gwtf.cli train-local --config run.toml --set optim.lr=1e-3 --set train.microbatch_size=16
+    python -m gwtf.launch.cli train-local --config run.toml --set optim.lr=1e-3 --set train.microbatch_size=16
 
 The order of operations, which a swarm with one data node and one replica per stage reproduces exactly:
 
@@ -20,7 +20,6 @@ Validation runs after the update of every `eval_every`-th step and after the las
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gwtf.config import RunConfig, load_config, to_dict
+from gwtf.config import RunConfig, to_dict
 from gwtf.data import MicrobatchSchedule, PackedData, Tokenizer, load_data, load_tokenizer
 from gwtf.errors import UserError
 from gwtf.metrics import MetricsWriter
@@ -107,7 +106,7 @@ def train_local(
     data: PackedData | None = None,
 ) -> dict[str, Any]:
     """Train cfg's model on cfg's data in this process; returns (and writes to json_out) the results."""
-    from models.staged import build_stages
+    from gwtf.models.staged import build_stages
 
     model_cfg = cfg.model_config()
     tr = cfg.train
@@ -117,7 +116,7 @@ def train_local(
         data = load_data(cfg.data, model_cfg.seq_len, tokenizer)
     schedule = MicrobatchSchedule(data.train, tr.microbatch_size, tr.microbatches_per_step, n_data_nodes, tr.seed)
     if cfg.pretrained:  # fine-tuning: the checkpoint's weights, as every first replica of a swarm loads them
-        from models.checkpoint import load_staged
+        from gwtf.models.checkpoint import load_staged
 
         stages = load_staged(cfg.pretrained)[1]
     else:
@@ -161,35 +160,3 @@ def train_local(
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1))
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI: gwtf train-local
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    parser.add_argument("--config", help="run config TOML ([data], [optim], [train], [model] tables)")
-    parser.add_argument("--preset", help="model preset (default: debug)")
-    parser.add_argument("--stages", type=int, help="relay stages (default: the preset's)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
-    parser.add_argument("--seed", type=int, help="model init and batch order seed (train.seed)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set optim.lr=1e-3 (repeatable)")  # fmt: skip
-    parser.add_argument("--data-nodes", type=int, default=1, help="number of data nodes the batches are dealt to")
-    parser.add_argument("--json", help="write the results (losses, val loss, tokens/s, config) here")
-    parser.add_argument("--metrics", help="append per-step JSON lines here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    flags = {"preset": args.preset, "stages": args.stages, "train.steps": args.steps, "train.seed": args.seed}
-    overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    cfg = load_config(args.config, overrides)
-    result = train_local(cfg, args.json, progress=not args.no_progress, n_data_nodes=args.data_nodes,
-                         metrics_path=args.metrics)  # fmt: skip
-    losses = result["losses"]
-    print(
-        f"steps {len(losses)}  loss {losses[0]:.4f} -> {losses[-1]:.4f}  val_loss {result['val_loss']:.4f}  "
-        f"tokens/s {result['tokens_per_s']:.0f}  params {result['params_hash']}"
-    )
-    return 0

@@ -1,6 +1,13 @@
-"""Entry points a person runs.
+"""Entry points a person runs: every `gwtf` command (installed as gwtf.launch, so an install claims no generic
+top-level name).
 
 Files:
+    cli.py         the `gwtf` command line: a dispatcher over the command modules below
+    status.py      `gwtf status`
+    train_local.py `gwtf train-local`
+    convert.py     `gwtf convert` and `gwtf export`
+    export_run.py  fetch a live run's model from its nodes as a Hugging Face directory
+    finetune.py    `gwtf finetune`: convert, local swarm with a crash, export
     setup.sh       creates .venv and installs gwtf with its pinned dependencies (torch first, CPU wheel)
     bootstrap.py   start a run: DHT peer + run record, prints the address to pass as --initial-peers
     join.py        join a run as a relay or data node

@@ -78,7 +78,7 @@ def build_record(args: argparse.Namespace) -> RunRecord:
 def _use_pretrained(cfg, path: str, stages: int | None, workdir: Path) -> dict:
     """Point the run at a staged copy of the checkpoint (converting it if needed) and at its tokenizer; the record
     carries its weights hash, so every node checks what it loads."""
-    from models.checkpoint import ensure_staged, read_manifest
+    from gwtf.models.checkpoint import ensure_staged, read_manifest
 
     staged = ensure_staged(path, stages, workdir).resolve()
     if not (staged / "tokenizer_config.json").is_file():

@@ -55,7 +55,7 @@ async def fetch_run(initial_peers: list[str], run_id: str, key: str | None = Non
 
 
 async def _fetch_stage(transport, nodes, model, k: int, run_id: str, timeout: float) -> tuple[nn.Module, int]:
-    from models.staged import empty_stage
+    from gwtf.models.staged import empty_stage
 
     holders = sorted(((r.state_version, p) for p, r in serving(nodes, "data" if k == 0 else "relay", k).items()),
                      reverse=True)  # fmt: skip
@@ -83,13 +83,13 @@ def tokenizer_of(cfg: RunConfig) -> tuple[Any, dict]:
         return None, {}
     from transformers import AutoTokenizer
 
-    from models.checkpoint import read_manifest
+    from gwtf.models.checkpoint import read_manifest
 
     return AutoTokenizer.from_pretrained(cfg.pretrained), read_manifest(cfg.pretrained).get("special_tokens", {})
 
 
 def export_run(initial_peers: list[str], run_id: str, out_dir: str, key: str | None = None) -> Path:
-    from models.checkpoint import export_hf, weights_hash
+    from gwtf.models.checkpoint import export_hf, weights_hash
 
     cfg, model, stages, version = asyncio.run(fetch_run(initial_peers, run_id, key))
     tokenizer, special = tokenizer_of(cfg)

@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "finetune") ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from launch import local_swarm
-    from launch.bootstrap import FINETUNE_DEFAULTS
-    from models.checkpoint import ensure_staged
+    from gwtf.launch import local_swarm
+    from gwtf.launch.bootstrap import FINETUNE_DEFAULTS
+    from gwtf.models.checkpoint import ensure_staged
 
     out = Path(args.out)
     if (out / "hf").exists() and any((out / "hf").iterdir()):
@@ -82,8 +82,8 @@ def export_final(peers: list[str], run_id: str, out: Path) -> dict:
     """The swarm's final model, fetched once from its live nodes: OUT/final-staged and OUT/hf (Hugging Face)."""
     import asyncio
 
-    from launch.export_run import fetch_run, tokenizer_of
-    from models.checkpoint import export_hf, save_staged, weights_hash
+    from gwtf.launch.export_run import fetch_run, tokenizer_of
+    from gwtf.models.checkpoint import export_hf, save_staged, weights_hash
 
     cfg, model, stages, version = asyncio.run(fetch_run(peers, run_id))
     tokenizer, special = tokenizer_of(cfg)
@@ -111,7 +111,7 @@ def validation_loss(cfg: RunConfig, stages) -> float:
 
 
 def _staged_stages(staged: Path):
-    from models.checkpoint import load_staged
+    from gwtf.models.checkpoint import load_staged
 
     return load_staged(staged)[1]
 
@@ -119,6 +119,6 @@ def _staged_stages(staged: Path):
 def _hf_stages(hf_dir: Path, cfg: RunConfig):
     from transformers import AutoModelForCausalLM
 
-    from models.staged import stages_from_hf
+    from gwtf.models.staged import stages_from_hf
 
     return stages_from_hf(AutoModelForCausalLM.from_pretrained(str(hf_dir)), cfg.model_config())

@@ -101,7 +101,7 @@ def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
     """This machine's copy of the run's checkpoint must be the run's: same weights hash."""
     if not path or not Path(path).is_dir():
         return
-    from models.checkpoint import read_manifest
+    from gwtf.models.checkpoint import read_manifest
 
     found = read_manifest(path).get("weights_hash")
     if found != expected:

@@ -1,7 +1,7 @@
 """A whole swarm of processes on 127.0.0.1: bootstrap, relays, data nodes; a crash injected and recovered.
 
     gwtf demo                                   # the README's main job: debug model, embedded corpus
-    python -m launch.local_swarm --stages 3 --replicas 2 --steps 40 --crash-at 15 --out runs/demo
+    python -m gwtf.launch.local_swarm --stages 3 --replicas 2 --steps 40 --crash-at 15 --out runs/demo
 
 Every node is a real process on hivemind (DHT + P2P on loopback). At `--crash-at`, one relay SIGKILLs itself in
 the middle of an iteration (during `--crash-phase`, by the fault injector); its stage goes on with the surviving
@@ -40,7 +40,7 @@ class ProcessGroup:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process group)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gwtf.cli", *argv],
+            [sys.executable, "-m", "gwtf.launch.cli", *argv],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

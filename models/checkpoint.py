@@ -12,7 +12,6 @@ A staged checkpoint directory holds:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -24,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gwtf.errors import UserError
-from models.presets import ModelConfig, require_equal_stages
-from models.staged import empty_stage, stages_from_hf, stages_to_hf
+from gwtf.models.presets import ModelConfig, require_equal_stages
+from gwtf.models.staged import empty_stage, stages_from_hf, stages_to_hf
 
 log = logging.getLogger(__name__)
 
@@ -311,58 +310,3 @@ def export_hf(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
-
-
-# --- CLI -----------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    source_help = "HF model directory or .gguf file" if command == "convert" else "staged checkpoint directory"
-    parser.add_argument("--from", dest="src", required=command == "convert", help=source_help)
-    parser.add_argument("--to", dest="dst", required=True, help="output directory (must be new or empty)")
-    if command == "convert":
-        parser.add_argument("--stages", type=int, default=None, help="relay stages (default: largest divisor <= 8)")
-        parser.add_argument(
-            "--equal-stages", action="store_true", help="refuse uneven splits (needed by CheckFree recovery)"
-        )
-    else:
-        parser.add_argument("--run", default=None, help="export a live run instead (with --initial-peers)")
-        parser.add_argument("--initial-peers", nargs="+", default=None, metavar="ADDR", help="a multiaddr of the run")
-        parser.add_argument("--key", default=None, metavar="FILE", help="the run key, for a run by invitation")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args._command == "convert":
-        return _run_convert(args)
-    return _run_export(args)
-
-
-def _run_convert(args: argparse.Namespace) -> int:
-    cfg, stages, tokenizer, source = _load_pretrained(Path(args.src), args.stages, args.equal_stages)
-    out = save_staged(stages, cfg, args.dst, tokenizer=tokenizer, source=source)
-    split = "+".join(str(len(r)) for r in cfg.layer_ranges())
-    print(
-        f"wrote {out}: {cfg.family}, {cfg.n_layers} layers in {cfg.n_stages} stages ({split}), "
-        f"config {cfg.config_hash()}, weights {weights_hash(stages)}"
-        + ("" if tokenizer is not None else ", no tokenizer")
-    )
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    if args.run:
-        if not args.initial_peers:
-            raise UserError("--run needs --initial-peers (the address `gwtf bootstrap` printed)")
-        from launch.export_run import export_run
-
-        out = export_run(args.initial_peers, args.run, args.dst, args.key)
-        print(f"wrote {out}: Hugging Face model of run {args.run}")
-        return 0
-    if not args.src:
-        raise UserError("give --from STAGED_DIR, or --run NAME --initial-peers ADDR to export a live run")
-    root = Path(args.src)
-    cfg, stages, tokenizer = load_staged(root)
-    special = _read_manifest(root).get("special_tokens", {})
-    out = export_hf(stages, cfg, args.dst, tokenizer=tokenizer, special_tokens=special)
-    print(f"wrote {out}: Hugging Face {cfg.family} model, {cfg.n_layers} layers, weights {weights_hash(stages)}")
-    return 0

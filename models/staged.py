@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from models.presets import ModelConfig
+from gwtf.models.presets import ModelConfig
 
 INIT_STD = 0.02
 IGNORE_INDEX = -100

@@ -207,7 +207,7 @@ def test_hivemind_transport_refuses_outsiders_on_p2p_and_direct_tcp() -> None:
 @pytest.mark.slow  # two CLI processes and a join timeout: ~30 s on an idle machine
 @pytest.mark.timeout(180)
 def test_cli_join_without_or_with_a_wrong_key_is_refused_in_one_line(tmp_path) -> None:
-    from launch.local_swarm import ProcessGroup
+    from gwtf.launch.local_swarm import ProcessGroup
 
     group = ProcessGroup(tmp_path)
     addr = tmp_path / "addr.txt"
@@ -223,8 +223,8 @@ def test_cli_join_without_or_with_a_wrong_key_is_refused_in_one_line(tmp_path) -
         for extra, expected in [([], "is by invitation: join with --key FILE"),
                                 (["--key", str(tmp_path / "other.key")], "not found")]:  # fmt: skip
             # (with the wrong key the run's records fail the key's check: nothing of the run is visible)
-            done = subprocess.run([sys.executable, "-m", "gwtf.cli", *join, *extra], capture_output=True, text=True,
-                                  timeout=90, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+            done = subprocess.run([sys.executable, "-m", "gwtf.launch.cli", *join, *extra], capture_output=True,
+                                  text=True, timeout=90, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
             assert done.returncode == 2, done.stderr[-2000:]
             assert expected in done.stderr and "Traceback" not in done.stderr
     finally:

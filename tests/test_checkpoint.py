@@ -21,8 +21,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gwtf.cli import main
-from models.checkpoint import (
+from gwtf.launch.cli import main
+from gwtf.models.checkpoint import (
     default_stage_count,
     export_hf,
     load_pretrained,
@@ -30,8 +30,8 @@ from models.checkpoint import (
     save_staged,
     weights_hash,
 )
-from models.presets import get_preset
-from models.staged import build_stages, forward_stages
+from gwtf.models.presets import get_preset
+from gwtf.models.staged import build_stages, forward_stages
 
 HF_CLASS = {"llama": LlamaForCausalLM, "gpt": GPT2LMHeadModel}
 IDS = torch.tensor([[1, 5, 9, 200, 3, 7, 7, 42], [0, 258, 17, 64, 99, 1, 2, 3]])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.churn import Churn, NodeSpec, Scenario, draw_events, load_scenario, run_scenario, variants
-from benchmarks.report import build_report, to_full_throughput, write_plots
+from gwtf.benchmarks.churn import Churn, NodeSpec, Scenario, draw_events, load_scenario, run_scenario, variants
+from gwtf.benchmarks.report import build_report, to_full_throughput, write_plots
 from gwtf.errors import UserError
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.churn import Churn, Event, NodeSpec, Scenario, variants
-from benchmarks.ds_churn import DeepSpeedRun, _mark_rollbacks, choose_dp
+from gwtf.benchmarks.churn import Churn, Event, NodeSpec, Scenario, variants
+from gwtf.benchmarks.ds_churn import DeepSpeedRun, _mark_rollbacks, choose_dp
 from gwtf.errors import UserError
 
 
@@ -113,8 +113,8 @@ stage = 1
 @pytest.mark.deepspeed
 @pytest.mark.timeout(400)
 def test_deepspeed_baseline_restarts_from_its_checkpoint_after_a_crash(tmp_path: Path):
-    from benchmarks.churn import load_scenario, run_scenario
-    from benchmarks.report import build_report
+    from gwtf.benchmarks.churn import load_scenario, run_scenario
+    from gwtf.benchmarks.report import build_report
 
     path = tmp_path / "tinyds.toml"
     path.write_text(TINY_DS)

@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from gwtf.cli import main
 from gwtf.errors import UserError
+from gwtf.launch.cli import main
 
 
 def byte_tokenizer():
@@ -53,8 +53,8 @@ def tiny_checkpoint(tmp_path_factory):
 def test_finetune_a_checkpoint_across_a_crashing_swarm_and_export_it(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.checkpoint import load_staged
-    from models.staged import forward_stages
+    from gwtf.models.checkpoint import load_staged
+    from gwtf.models.staged import forward_stages
 
     out = tmp_path / "ft"
     settings = ["optim.lr=3e-3", "train.microbatch_size=4", "train.microbatches_per_step=4"]
@@ -79,8 +79,8 @@ def test_finetune_a_checkpoint_across_a_crashing_swarm_and_export_it(tiny_checkp
 
 
 def test_a_checkpoint_copy_with_other_weights_is_refused(tiny_checkpoint, tmp_path):
-    from launch.join import _check_pretrained_copy
-    from models.checkpoint import ensure_staged, load_stage, read_manifest
+    from gwtf.launch.join import _check_pretrained_copy
+    from gwtf.models.checkpoint import ensure_staged, load_stage, read_manifest
 
     staged = ensure_staged(tiny_checkpoint / "src", 2, tmp_path / "staged")
     good = read_manifest(staged)["weights_hash"]

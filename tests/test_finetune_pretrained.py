@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from gwtf.cli import main
+from gwtf.launch.cli import main
 from tests.test_pretrained import PROMPT, _gguf_path
 
 pytestmark = pytest.mark.pretrained
@@ -34,8 +34,8 @@ def english_corpus(folder) -> None:
 def test_smollm2_finetuned_across_a_crashing_swarm_keeps_its_knowledge(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.checkpoint import load_staged
-    from models.staged import forward_stages
+    from gwtf.models.checkpoint import load_staged
+    from gwtf.models.staged import forward_stages
 
     english_corpus(tmp_path / "corpus")
     out = tmp_path / "ft"

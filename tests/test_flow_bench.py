@@ -1,10 +1,10 @@
-"""benchmarks.flow end to end on a tiny swarm: the summary it writes, with and without cross-relay exchanges."""
+"""gwtf.benchmarks.flow end to end on a tiny swarm: the summary it writes, with and without cross-relay exchanges."""
 
 import json
 
 import pytest
 
-from benchmarks import flow
+from gwtf.benchmarks import flow
 
 
 @pytest.mark.parametrize("exchange", [False, True])

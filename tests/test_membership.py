@@ -9,6 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from gwtf.errors import UserError
+from gwtf.launch.status import format_status
+from gwtf.launch.status import run as status_command
 from gwtf.membership import (
     DHTMembership,
     InMemoryMembership,
@@ -16,10 +18,8 @@ from gwtf.membership import (
     RunRecord,
     check_model_hash,
     dht_addresses,
-    format_status,
     make_dht,
 )
-from gwtf.membership import run as status_command
 
 RUN = "run-m"
 

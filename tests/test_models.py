@@ -10,8 +10,8 @@ import torch
 from transformers import BertConfig, GPT2LMHeadModel, LlamaForCausalLM
 
 from gwtf.errors import UserError
-from models.presets import PRESETS, ModelConfig, get_preset, require_equal_stages
-from models.staged import (
+from gwtf.models.presets import PRESETS, ModelConfig, get_preset, require_equal_stages
+from gwtf.models.staged import (
     BlockStage,
     HeadStage,
     build_stage,

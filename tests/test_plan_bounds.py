@@ -1,10 +1,10 @@
-"""benchmarks.plan_bounds: the lower bound holds for every plan, and the search keeps capacities and microbatches."""
+"""gwtf.benchmarks.plan_bounds: the lower bound holds for every plan; the search keeps capacities and microbatches."""
 
 import random
 from collections import Counter
 
-from benchmarks.churn import load_scenario
-from benchmarks.plan_bounds import ROUTERS, lower_bound, random_plan, scenario_problem, search
+from gwtf.benchmarks.churn import load_scenario
+from gwtf.benchmarks.plan_bounds import ROUTERS, lower_bound, random_plan, scenario_problem, search
 from gwtf.routing.base import make_router
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gwtf.cli import main
-from models.checkpoint import load_staged
-from models.staged import forward_stages
+from gwtf.launch.cli import main
+from gwtf.models.checkpoint import load_staged
+from gwtf.models.staged import forward_stages
 
 pytestmark = pytest.mark.pretrained
 

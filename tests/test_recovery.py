@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from gwtf.errors import UserError
+from gwtf.models.presets import get_preset
+from gwtf.models.staged import build_stage
 from gwtf.optim import OptimConfig, make_optimizer
 from gwtf.recovery import (
     CheckpointStore,
@@ -18,8 +20,6 @@ from gwtf.recovery import (
     make_strategy,
     swap_order,
 )
-from models.presets import get_preset
-from models.staged import build_stage
 
 CFG = get_preset("debug", stages=6)  # 6 equal relay stages of one layer
 
@@ -186,9 +186,9 @@ def test_tiny_training_checkfree_rebuild_beats_copying_a_neighbour():
     identity on the residual stream, i.e. to skipping the layer; see the benchmark notes in gwtf/recovery.py.)"""
     from gwtf.config import load_config
     from gwtf.data import MicrobatchSchedule, load_data
+    from gwtf.models.staged import build_stages
     from gwtf.optim import lr_at
     from gwtf.trainer import pipeline_loss, train_step
-    from models.staged import build_stages
 
     run = load_config(None, ["data.max_bytes=300000", "model.seq_len=32", "optim.warmup_steps=5"])
     cfg = run.model_config()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.churn import REDUNDANT_COST, redundancy_cost
+from gwtf.benchmarks.churn import REDUNDANT_COST, redundancy_cost
 from gwtf.errors import PeerError
 from gwtf.faults import Fault
 from gwtf.node import Shadow, shadow_holder_stage, shadowed_stages

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gwtf.cli import main
 from gwtf.config import load_config
+from gwtf.launch.cli import main
 from gwtf.trainer import train_local
 
 SETTINGS = ["data.max_bytes=300000", "train.microbatch_size=4", "train.microbatches_per_step=4", "optim.warmup_steps=3"]

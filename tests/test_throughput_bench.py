@@ -17,7 +17,7 @@ def test_throughput_benchmark_minimal(tmp_path):
     argv = ["--preset", "debug", "--stages", "2", "--steps", "3", "--warmup", "1", "--microbatches", "2",
             "--microbatch-size", "2", "--json", str(out), "--work", str(tmp_path / "work")]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", *argv], capture_output=True, text=True, timeout=400
+        [sys.executable, "-m", "gwtf.benchmarks.throughput", *argv], capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ratio gwtf / deepspeed" in proc.stdout

@@ -10,9 +10,10 @@ import torch
 from gwtf.config import load_config
 from gwtf.data import MicrobatchSchedule, load_data
 from gwtf.errors import UserError
+from gwtf.launch.train_local import add_arguments, run
+from gwtf.models.staged import build_stages
 from gwtf.optim import lr_at, make_optimizer
-from gwtf.trainer import add_arguments, pipeline_loss, run, train_local, train_step
-from models.staged import build_stages
+from gwtf.trainer import pipeline_loss, train_local, train_step
 
 SMALL_DATA = ["data.max_bytes=300000", "train.eval_every=0", "train.val_batches=2"]
 
@@ -89,7 +90,7 @@ def parse(argv):
 
 
 def test_cli_train_local(tmp_path, capsys):
-    """The command's own parser and run() (gwtf.cli only dispatches to them and prints UserErrors)."""
+    """The command's own parser and run() (gwtf.launch.cli only dispatches to them and prints UserErrors)."""
     out = tmp_path / "r.json"
     args = ["--steps", "3", "--seed", "2", "--json", str(out), "--no-progress"]
     assert run(parse([*args, *(a for s in SMALL_DATA for a in ("--set", s))])) == 0

@@ -1,6 +1,6 @@
 """GWTFRouter (router "gwtf"): the agents of every node of a view, run inside one process.
 
-The simulator and `benchmarks.flow` use it, and so does a live swarm under router "gwtf": each data node steps
+The simulator and `gwtf.benchmarks.flow` use it, and so does a live swarm under router "gwtf": each data node steps
 every agent of its view of the swarm over the in-process bus, the same algorithm without the messages on the wire
 (and two data nodes plan independently). Under router "gwtf-p2p" (gwtf.routing.p2p) every node runs its own
 agent instead and the messages go over the runtime's transport. The state carries over between plans: on a crash

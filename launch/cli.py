@@ -17,14 +17,14 @@ from gwtf.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("launch.local_swarm", "run a local swarm on 127.0.0.1 with a crash injected and recovered"),
-    "bootstrap": ("launch.bootstrap", "start a run: DHT peer and run record; prints the address to join"),
-    "join": ("launch.join", "join a run as a relay or data node"),
-    "status": ("gwtf.membership", "print the stages, replicas and data nodes of a run"),
-    "train-local": ("gwtf.trainer", "single-process reference training"),
-    "convert": ("models.checkpoint", "convert a HF directory or GGUF file into a staged checkpoint"),
-    "export": ("models.checkpoint", "export a staged checkpoint as a Hugging Face directory"),
-    "finetune": ("launch.finetune", "fine-tune a pretrained checkpoint on a local swarm and export it"),
+    "demo": ("gwtf.launch.local_swarm", "run a local swarm on 127.0.0.1 with a crash injected and recovered"),
+    "bootstrap": ("gwtf.launch.bootstrap", "start a run: DHT peer and run record; prints the address to join"),
+    "join": ("gwtf.launch.join", "join a run as a relay or data node"),
+    "status": ("gwtf.launch.status", "print the stages, replicas and data nodes of a run"),
+    "train-local": ("gwtf.launch.train_local", "single-process reference training"),
+    "convert": ("gwtf.launch.convert", "convert a HF directory or GGUF file into a staged checkpoint"),
+    "export": ("gwtf.launch.convert", "export a staged checkpoint as a Hugging Face directory"),
+    "finetune": ("gwtf.launch.finetune", "fine-tune a pretrained checkpoint on a local swarm and export it"),
 }
 
 

@@ -30,7 +30,8 @@ import statistics
 from dataclasses import dataclass
 
 from gwtf.benchmarks.churn import Scenario, load_scenario
-from gwtf.routing.base import DataInfo, Plan, RelayInfo, SwarmView, make_router
+from gwtf.routing.base import DataInfo, Plan, RelayInfo, SwarmView
+from gwtf.routing.registry import make_router
 from gwtf.routing.simulator import iteration_time
 
 ROUTERS = ("round-robin", "swarm", "gwtf", "oracle")

@@ -105,14 +105,14 @@ def create_key(path: str | Path) -> bytes:
 def load_key(path: str | Path) -> bytes:
     path = Path(path)
     try:
-        text = path.read_text().strip()
+        raw = path.read_bytes()
     except OSError as exc:
         raise UserError(
             f"cannot read the run key {path}: {exc.strerror}; ask the run's owner for the key file"
         ) from None
     try:
-        key = bytes.fromhex(text)
-    except ValueError:
+        key = bytes.fromhex(raw.decode("ascii").strip())
+    except ValueError:  # not ASCII (UnicodeDecodeError is a ValueError) or not hex
         key = b""
     if len(key) != KEY_BYTES:
         raise UserError(f"{path} is not a run key ({KEY_BYTES * 2} hex digits); ask the run's owner for the key file")

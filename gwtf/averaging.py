@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gwtf.errors import BadMessage, PeerError
+from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.liveness import gone
 from gwtf.transport import Message, Transport
 
@@ -48,8 +48,10 @@ Contribution = tuple[list[torch.Tensor], int]
 
 @dataclass
 class AveragingConfig:
-    """How a stage's leader screens and reduces contributions."""
+    """How long a stage's averaging round waits, and how its leader screens and reduces contributions
+    (`[averaging]` in a run config)."""
 
+    timeout: float = 10.0  # seconds a leader waits for the members it expects, then goes on without the missing
     screen: bool = True  # leave out non-finite, misshapen and far-too-large contributions
     # "far too large": a scaled norm over this times the recent range. Honest replicas of the debug model differ by
     # up to ~11x within a round (few microbatches each, loss spikes); poison worth the name is 1000x.
@@ -60,14 +62,18 @@ class AveragingConfig:
     trim: float = 0.2  # trimmed_mean: the fraction of contributions cut at each end, per coordinate
 
     def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise UserError(f"averaging.timeout={self.timeout} must be positive (seconds)")
         if self.aggregate not in AGGREGATES:
-            raise ValueError(f"AveragingConfig.aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+            raise UserError(f"averaging.aggregate={self.aggregate!r} is unknown; choose one of {AGGREGATES}")
         if self.norm_factor <= 1.0:
-            raise ValueError("AveragingConfig.norm_factor must exceed 1")
+            raise UserError(f"averaging.norm_factor={self.norm_factor} must exceed 1")
         if not 0.0 <= self.trim < 0.5:
-            raise ValueError("AveragingConfig.trim must be in [0, 0.5)")
+            raise UserError(f"averaging.trim={self.trim} must be in [0, 0.5)")
         if self.history < 1 or self.min_history < 1:
-            raise ValueError("AveragingConfig.history and min_history must be >= 1")
+            raise UserError(
+                f"averaging.history={self.history} and averaging.min_history={self.min_history} must be >= 1"
+            )
 
 
 @dataclass
@@ -94,13 +100,14 @@ class GroupAverager:
         transport: Transport,
         run_id: str,
         group: str,
-        timeout: float = 10.0,
+        timeout: float | None = None,
         keep_rounds: int = 4,
         config: AveragingConfig | None = None,
     ):
-        self.transport, self.run_id, self.group, self.timeout = transport, run_id, group, timeout
-        self.keep_rounds = keep_rounds
         self.config = config or AveragingConfig()
+        self.transport, self.run_id, self.group = transport, run_id, group
+        self.timeout = self.config.timeout if timeout is None else timeout
+        self.keep_rounds = keep_rounds
         self.rounds: dict[int, _Round] = {}
         self.finished = -1  # the latest round this peer led to its end
         self.norm_history: collections.deque[float] = collections.deque(maxlen=self.config.history)

@@ -12,8 +12,17 @@ A run config is read from a TOML file and then from `key=value` overrides, later
     lr = 3e-3
     [train]                   # TrainConfig below
     steps = 200
+    [routing]                 # gwtf.routing.config.RoutingConfig
+    router = "gwtf-p2p"
+    [recovery]                # gwtf.recovery.config.RecoveryConfig
+    strategy = "checkfree+"
+    # and [transport], [membership], [iteration], [averaging]: each component's own settings (SECTIONS below)
 
     cfg = load_config("run.toml", ["train.steps=20", "optim.betas=[0.9, 0.99]", "model.d_model=96"])
+
+Every setting of a run lives in the config of the component that owns it, composed here, and is carried by the run
+record, so every node of a run agrees on it; a node's own values (capacity, region) come from its join flags
+(gwtf.runtime.spec.NodeOptions).
 
 Override values are read as TOML literals when they parse as one (numbers, booleans, lists, quoted strings) and as
 plain strings otherwise, then coerced to the field's type. Unknown keys are a UserError that lists the valid ones.
@@ -29,12 +38,17 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from gwtf.averaging import AveragingConfig
 from gwtf.data import DataConfig
 from gwtf.errors import UserError
+from gwtf.membership import MembershipConfig
+from gwtf.models.checkpoint import read_manifest
+from gwtf.models.presets import ModelConfig, get_preset
 from gwtf.optim import OptimConfig
-
-if typing.TYPE_CHECKING:
-    from gwtf.models.presets import ModelConfig
+from gwtf.recovery.config import RecoveryConfig
+from gwtf.routing.config import RoutingConfig
+from gwtf.runtime.config import IterationConfig
+from gwtf.transport import TransportConfig
 
 
 @dataclass
@@ -56,7 +70,18 @@ class TrainConfig:
             raise UserError(f"{', '.join(bad)}: these must be positive (eval_every may be 0)")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+# section name -> the component's config class (each validates its own fields)
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "transport": TransportConfig,
+    "membership": MembershipConfig,
+    "routing": RoutingConfig,
+    "recovery": RecoveryConfig,
+    "iteration": IterationConfig,
+    "averaging": AveragingConfig,
+}
 
 
 @dataclass
@@ -67,14 +92,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    iteration: IterationConfig = field(default_factory=IterationConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
     pretrained: str | None = None  # a staged checkpoint directory (`gwtf convert`): fine-tuning starts from it
+
+    def __post_init__(self) -> None:
+        if self.stages is not None and self.stages < 1:
+            raise UserError(f"stages={self.stages}: a run needs at least 1 relay stage (or leave it to the preset)")
 
     def model_config(self) -> ModelConfig:
         """The preset's model, or the pretrained checkpoint's (whose split into stages is fixed by its files)."""
         if self.pretrained:
-            from gwtf.models.checkpoint import read_manifest
-            from gwtf.models.presets import ModelConfig
-
             cfg = ModelConfig.from_dict(read_manifest(self.pretrained)["model"])
             if self.stages is not None and self.stages != cfg.n_stages:
                 raise UserError(
@@ -82,8 +114,6 @@ class RunConfig:
                     f"again with `gwtf convert --stages {self.stages}`"
                 )
             return _pretrained_overrides(cfg, self.model_overrides)
-        from gwtf.models.presets import get_preset
-
         return get_preset(self.preset, self.stages, **self.model_overrides)
 
 
@@ -136,19 +166,34 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
 # TOML and overrides
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the TOML file at `path` (if any), then `section.key=value` overrides in order."""
+def load_config(path: str | None, overrides: list[str] | None = None, defaults: list[str] | None = None) -> RunConfig:
+    """The fields' defaults, then a launcher's `defaults` (`section.key=value`), then the TOML file at `path` (if
+    any), then `section.key=value` overrides in order."""
     d = to_dict(RunConfig())
+    _apply_overrides(d, defaults or [])
     if path is not None:
         _apply_table(d, _read_toml(path))
-    for item in overrides or []:
+    _apply_overrides(d, overrides or [])
+    cfg = from_dict(d)
+    cfg.model_config()  # fail now, not at the first step, on a bad preset or model override
+    return cfg
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A copy of `cfg` with `section.key=value` overrides applied (checked like load_config's)."""
+    d = to_dict(cfg)
+    _apply_overrides(d, overrides)
+    out = from_dict(d)
+    out.model_config()
+    return out
+
+
+def _apply_overrides(d: dict[str, Any], overrides: list[str]) -> None:
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"override {item!r} is not key=value (e.g. train.steps=20)")
         _apply_value(d, key.strip(), _parse_literal(raw.strip()))
-    cfg = from_dict(d)
-    cfg.model_config()  # fail now, not at the first step, on a bad preset or model override
-    return cfg
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -211,8 +256,6 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _model_field_types() -> dict[str, Any]:
-    from gwtf.models.presets import ModelConfig
-
     return _field_types(ModelConfig)
 
 

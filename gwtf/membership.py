@@ -86,6 +86,32 @@ class NodeRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -> dict[str, NodeRecord]:
+    """The records of `nodes` that serve in `role` (and `stage`, if given)."""
+    return {
+        p: r
+        for p, r in nodes.items()
+        if r.role == role and r.status == "serving" and (stage is None or r.stage == stage)
+    }
+
+
+@dataclass
+class MembershipConfig:
+    """How often a node refreshes its record and how long a record lives (`[membership]` in a run config)."""
+
+    heartbeat_s: float = 1.0
+    record_ttl_s: float = 8.0  # a loaded DHT can miss a few beats; calls that fail detect crashes sooner
+
+    def __post_init__(self) -> None:
+        if not self.heartbeat_s > 0:
+            raise UserError(f"membership.heartbeat_s={self.heartbeat_s} must be positive (seconds)")
+        if not self.record_ttl_s > self.heartbeat_s:
+            raise UserError(
+                f"membership.record_ttl_s={self.record_ttl_s} must exceed membership.heartbeat_s={self.heartbeat_s}, "
+                "or live nodes would look dead between heartbeats"
+            )
+
+
 def check_model_hash(run: RunRecord, local_hash: str) -> None:
     if run.model_hash != local_hash:
         raise UserError(

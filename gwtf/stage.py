@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,13 @@ Key = tuple[str, int, int]  # (origin data node, microbatch id, attempt)
 # Parameters per state message: each travels with its two Adam moments, and a message carries at most
 # MessageLimits.max_tensors (64) tensors; a large stage's state therefore moves in several messages.
 STATE_CHUNK = 16
+
+
+def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """fn(*args) and the seconds it took, measured where it runs (in a node's compute thread)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
 
 
 def state_subset(tensors: dict[str, torch.Tensor], meta: dict, names: list[str] | None) -> tuple[list, dict]:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from gwtf.auth import RunAccess
-from gwtf.errors import BadMessage, PeerError
+from gwtf.errors import BadMessage, PeerError, UserError
 
 if TYPE_CHECKING:
     from hivemind.p2p import P2P
@@ -55,6 +55,17 @@ _THREAD_IO_TIMEOUT = 300.0  # bounds a worker thread stuck on a silent peer (cal
 DEFAULT_DTYPES = frozenset(
     {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"}
 )
+
+
+@dataclass
+class TransportConfig:
+    """The run's transport settings (`[transport]` in a run config)."""
+
+    call_timeout: float = 10.0  # seconds: one call to a peer
+
+    def __post_init__(self) -> None:
+        if not self.call_timeout > 0:
+            raise UserError(f"transport.call_timeout={self.call_timeout} must be positive (seconds)")
 
 
 @dataclass

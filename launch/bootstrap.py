@@ -21,7 +21,7 @@ from pathlib import Path
 from gwtf.config import load_config, to_dict
 from gwtf.errors import UserError
 from gwtf.membership import RunRecord, make_dht
-from gwtf.node import SwarmConfig
+from gwtf.routing.registry import ROUTERS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
     parser.add_argument("--config", default=None, help="run config TOML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--data-nodes", type=int, default=1, help="data nodes that drive the run")
-    parser.add_argument("--router", default="gwtf-p2p", help="gwtf-p2p | gwtf | swarm | round-robin | oracle")
+    parser.add_argument(
+        "--router",
+        default=None,
+        choices=sorted(ROUTERS),
+        help="routing.router (default: gwtf-p2p, the launchers' default; a config file or --set may choose another)",
+    )
     parser.add_argument("--addr-file", default=None, help="also write the address here")
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--key", default=None, metavar="FILE", help="run key: joining needs it (created if missing)")
@@ -53,23 +58,27 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
 # Fine-tuning starts from weights that already work: a lower learning rate, no weight decay, a short warmup.
 # Applied before the user's --set overrides, which win.
 FINETUNE_DEFAULTS = ["optim.lr=1e-4", "optim.weight_decay=0.0", "optim.warmup_steps=5", "optim.min_lr_ratio=0.1"]
+# A live run routes with one GWTF agent per node unless its config file or --set says otherwise.
+LAUNCH_DEFAULTS = ["routing.router=gwtf-p2p"]
 
 
 def build_record(args: argparse.Namespace) -> RunRecord:
     pretrained = getattr(args, "from_pretrained", None)
-    cfg = load_config(args.config, [*(FINETUNE_DEFAULTS if pretrained else []), *args.set])
-    if args.preset:
-        cfg.preset = args.preset
+    if args.stages is not None and args.stages < 1:
+        raise UserError(f"--stages {args.stages}: a run needs at least 1 relay stage")
+    stages = None if pretrained else args.stages  # a pretrained checkpoint is split when it is converted
+    flags = {"preset": args.preset, "stages": stages, "routing.router": args.router}
+    overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    cfg = load_config(args.config, overrides, defaults=[*LAUNCH_DEFAULTS, *(FINETUNE_DEFAULTS if pretrained else [])])
     if getattr(args, "data", None):
         cfg.data.corpus = str(Path(args.data).resolve())
     extra = {}
     if pretrained:
         extra = _use_pretrained(cfg, pretrained, args.stages, Path(args.workdir or f"runs/{args.run}") / "pretrained")
-    elif args.stages:
-        cfg.stages = args.stages
+    if args.data_nodes < 1:
+        raise UserError(f"--data-nodes {args.data_nodes}: a run needs at least 1 data node")
     model = cfg.model_config()
-    swarm = SwarmConfig(router=args.router)
-    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, "swarm": swarm.__dict__, **extra}
+    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, **extra}
     return RunRecord(
         run_id=args.run, model=model.to_dict(), model_hash=model.config_hash(), config=config, created=time.time()
     )

@@ -15,8 +15,8 @@ from torch import nn
 
 from gwtf.config import RunConfig, from_dict
 from gwtf.errors import BadMessage, PeerError, UserError
-from gwtf.membership import make_dht
-from gwtf.node import fetch_state, serving
+from gwtf.membership import make_dht, serving
+from gwtf.runtime.state import fetch_state
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)

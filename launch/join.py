@@ -19,10 +19,10 @@ from pathlib import Path
 from gwtf.config import from_dict
 from gwtf.errors import UserError
 from gwtf.faults import Fault, FaultInjector
-from gwtf.membership import RunRecord, check_model_hash, make_dht
+from gwtf.membership import RunRecord, check_model_hash, make_dht, serving
 from gwtf.metrics import MetricsWriter
-from gwtf.node import RunSpec, SwarmConfig, serving
 from gwtf.placement import choose_stage
+from gwtf.runtime.spec import NodeOptions, RunSpec, run_spec
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--role", choices=("relay", "data"), default="relay")
     parser.add_argument("--stage", type=int, default=None, help="relay stage (default: where it adds most)")
     parser.add_argument("--rank", type=int, default=0, help="data node rank (its data shard)")
-    parser.add_argument("--capacity", type=int, default=None, help="microbatches held at once")
+    parser.add_argument("--capacity", type=int, default=4, help="microbatches a relay holds at once (default: 4)")
     parser.add_argument("--device", default="cpu", help="cpu (stage compute on CUDA is not in this version)")
     parser.add_argument("--region", default=None, help="emulate this region's links (shared/data/regions.json)")
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
@@ -63,6 +63,7 @@ async def _main(args: argparse.Namespace) -> int:
     from gwtf.membership import DHTMembership
     from gwtf.transport import HivemindTransport, LinkEmulator
 
+    opts = NodeOptions(capacity=args.capacity, region=args.region)  # checked before anything starts
     access = join_access(args.run, args.key)
     dht = make_dht(args.initial_peers, loopback=not args.public, access=access)
     membership = DHTMembership(dht, args.run)
@@ -74,27 +75,22 @@ async def _main(args: argparse.Namespace) -> int:
                 f"run {args.run!r} not found via {args.initial_peers[0]}: check --run and --initial-peers{hint}"
             )
         check_run_access(access, record.key_id)
-        spec, swarm_cfg = _spec(args, record)
+        spec = _spec(args, record)
         p2p = await dht.replicate_p2p()
         emulator = LinkEmulator() if args.region else None
         transport = await HivemindTransport.create(p2p, args.run, region=args.region, emulator=emulator, access=access)
         if args.role == "relay":
-            return await _serve_relay(args, spec, swarm_cfg, transport, membership)
-        return await _drive_data(args, record, spec, swarm_cfg, transport, membership)
+            return await _serve_relay(args, spec, opts, transport, membership)
+        return await _drive_data(args, spec, opts, transport, membership)
     finally:
         dht.shutdown()
 
 
-def _spec(args: argparse.Namespace, record: RunRecord) -> tuple[RunSpec, SwarmConfig]:
-    from gwtf.swarm import run_spec
-
+def _spec(args: argparse.Namespace, record: RunRecord) -> RunSpec:
     cfg = from_dict(record.config["run"])
     check_model_hash(record, cfg.model_config().config_hash())
     _check_pretrained_copy(cfg.pretrained, record.config.get("weights_hash"))
-    swarm = {**record.config.get("swarm", {}), "region": args.region}
-    if args.capacity:
-        swarm["capacity"] = args.capacity
-    return run_spec(args.run, cfg, int(record.config.get("data_nodes", 1))), SwarmConfig(**swarm)
+    return run_spec(args.run, cfg, int(record.config.get("data_nodes", 1)))
 
 
 def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
@@ -148,16 +144,16 @@ async def answering_nodes(transport, membership) -> dict:
     return {p: r for p, r in nodes.items() if p not in dead}
 
 
-async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
-    from gwtf.node import RelayNode
-    from gwtf.swarm import module_builder
+async def _serve_relay(args, spec, opts, transport, membership) -> int:
+    from gwtf.runtime.assembly import module_builder
+    from gwtf.runtime.relay import RelayNode
 
     if args.standby:
         stage = await wait_for_a_loss(membership, spec.model.n_stages, transport=transport)
         print(f"standby volunteer: a replica of stage {stage} was lost; taking over", flush=True)
     else:
         stage = args.stage or choose_stage(await answering_nodes(transport, membership), spec.model.n_stages)
-    node = RelayNode(spec, transport, membership, swarm_cfg, stage)
+    node = RelayNode(spec, transport, membership, opts, stage)
     if args.fault:
         node.faults = FaultInjector([Fault.parse(args.fault)])
     stop = asyncio.Event()
@@ -169,27 +165,12 @@ async def _serve_relay(args, spec, swarm_cfg, transport, membership) -> int:
     return 0
 
 
-async def _drive_data(args, record, spec, swarm_cfg, transport, membership) -> int:
-    from gwtf.config import RunConfig
+async def _drive_data(args, spec, opts, transport, membership) -> int:
     from gwtf.data import load_data
-    from gwtf.datanode import DataNode
-    from gwtf.routing.base import make_router
-    from gwtf.swarm import make_schedule, module_builder, view_builder
+    from gwtf.runtime.assembly import make_data_node
 
-    cfg: RunConfig = from_dict(record.config["run"])
-    data = load_data(cfg.data, spec.model.seq_len)
-    schedule = make_schedule(cfg, data, int(record.config.get("data_nodes", 1)))
-    node = DataNode(
-        spec,
-        transport,
-        membership,
-        swarm_cfg,
-        args.rank,
-        schedule,
-        make_router(swarm_cfg.router, spec.seed),
-        module_builder(spec),
-        view_builder(spec, cfg.train.microbatch_size),
-    )
+    data = load_data(spec.config.data, spec.model.seq_len)
+    node = make_data_node(spec, transport, membership, opts, args.rank, data)
     await node.start(expected_data_nodes=spec.data_nodes, timeout=args.join_timeout)
     metrics = MetricsWriter(args.metrics)
     t0 = time.perf_counter()

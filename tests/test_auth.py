@@ -13,8 +13,8 @@ import torch
 from gwtf.auth import RunAccess, bootstrap_access, check_run_access, create_key, load_key
 from gwtf.errors import PeerError, UserError
 from gwtf.membership import DHTMembership, NodeRecord, RunRecord, dht_addresses, make_dht
-from gwtf.swarm import InProcessSwarm
 from gwtf.transport import HivemindTransport, InProcessNetwork, InProcessTransport, Message
+from tests.support import InProcessSwarm
 from tests.test_swarm_inprocess import fast_swarm, small_config
 
 RUN = "inv"
@@ -43,6 +43,9 @@ def test_key_file_created_loaded_and_checked(tmp_path) -> None:
     (tmp_path / "bad.key").write_text("nothex")
     with pytest.raises(UserError, match="not a run key"):
         load_key(tmp_path / "bad.key")
+    (tmp_path / "binary.key").write_bytes(bytes(range(256)))  # a corrupt file: not even text
+    with pytest.raises(UserError, match="binary.key is not a run key"):
+        load_key(tmp_path / "binary.key")
     with pytest.raises(UserError, match="exclude"):
         bootstrap_access(RUN, str(path), open_run=True)
     check_run_access(access, access.key_id)
@@ -105,7 +108,7 @@ class KeyedSwarm(InProcessSwarm):
 
 def test_outsider_gets_no_activations_weights_or_averaging_slot() -> None:
     async def main() -> None:
-        swarm = KeyedSwarm(small_config(steps=3, stages=2), swarm=fast_swarm(), run_id=RUN)
+        swarm = KeyedSwarm(small_config(steps=3, stages=2), settings=fast_swarm(), run_id=RUN)
         swarm.access = keyed()
         await swarm.start()
         try:

@@ -139,3 +139,112 @@ def test_stagewise_optimizers_equal_one_optimizer():
         for opt in [opt_whole, *opts]:
             opt.step()
     assert torch.equal(a.weight, copy_a.weight) and torch.equal(b.bias, copy_b.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every run setting is owned by a component's config, composed into RunConfig, and reachable by --set
+
+
+def _other_value(value):
+    """A valid value of the same type, different from `value` (enough to see that an override reached the field)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 2 + 1
+    if isinstance(value, tuple):
+        return tuple(v / 2 for v in value)
+    return None
+
+
+CHOICES = {  # fields whose values are names: another valid name
+    "data.corpus": "/srv/corpus.txt",
+    "data.tokenizer": "/srv/tokenizer",
+    "data.val_fraction": 0.1,
+    "optim.min_lr_ratio": 0.2,
+    "averaging.trim": 0.3,
+    "optim.schedule": "constant",
+    "routing.router": "swarm",
+    "recovery.strategy": "checkfree+",
+    "averaging.aggregate": "median",
+}
+
+
+def _reachable_fields():
+    import dataclasses
+
+    from gwtf.config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{f.name}", getattr(cls(), f.name)
+
+
+@pytest.mark.parametrize("key,default", list(_reachable_fields()))
+def test_every_run_setting_is_reachable_by_set(key, default):
+    """Each field of each component config is set by `--set section.field=value` and survives the run record's
+    dict round trip (what bootstrap writes and every node reads)."""
+    value = CHOICES.get(key, _other_value(default))
+    assert value is not None and value != default, f"{key}: add a second value for {default!r} to CHOICES"
+    literal = json.dumps(list(value) if isinstance(value, tuple) else value)
+    cfg = load_config(None, [f"{key}={literal}"])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+    assert getattr(getattr(from_dict(json.loads(json.dumps(to_dict(cfg)))), section), name) == value
+
+
+def test_sections_cover_every_component_config():
+    """The run config composes one config per component; nothing a run needs lives outside it."""
+    from gwtf.config import SECTIONS
+
+    assert set(SECTIONS) == {
+        "data", "optim", "train", "transport", "membership", "routing", "recovery", "iteration", "averaging"
+    }  # fmt: skip
+    assert all(isinstance(getattr(RunConfig(), name), cls) for name, cls in SECTIONS.items())
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("routing.router=fastest", "routing.router='fastest'"),
+        ("routing.round_s=0", "round_s"),
+        ("recovery.strategy=magic", "recovery.strategy='magic'"),
+        ("recovery.strategy=checkpoint", "not a live swarm mode"),
+        ("recovery.stage_timeout=-1", "recovery.stage_timeout"),
+        ("membership.heartbeat_s=0", "membership.heartbeat_s"),
+        ("membership.record_ttl_s=0.5", "must exceed membership.heartbeat_s"),
+        ("transport.call_timeout=0", "call_timeout"),
+        ("iteration.max_attempts=0", "iteration.max_attempts"),
+        ("iteration.microbatch_timeout=0", "iteration.microbatch_timeout"),
+        ("averaging.aggregate=mode", "averaging.aggregate"),
+        ("averaging.timeout=0", "averaging.timeout"),
+        ("stages=0", "stages=0"),
+        ("preset=gpt5", "gpt5"),
+        ("train.steps=0", "train.steps=0"),
+    ],
+)
+def test_a_bad_run_setting_is_one_line_naming_it(override, named):
+    with pytest.raises(UserError, match=named.replace("(", r"\(").replace(")", r"\)")) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_a_node_option_is_checked_before_anything_starts():
+    from gwtf.runtime.spec import NodeOptions
+
+    assert NodeOptions(capacity=2, region="Japan").region == "Japan"
+    with pytest.raises(UserError, match="region 'mars' is not in the region table"):
+        NodeOptions(region="mars")
+    with pytest.raises(UserError, match="capacity=0"):
+        NodeOptions(capacity=0)
+
+
+def test_launcher_defaults_come_before_the_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[routing]\nrouter = "swarm"\n')
+    assert load_config(None, [], defaults=["routing.router=gwtf-p2p"]).routing.router == "gwtf-p2p"
+    assert load_config(str(path), [], defaults=["routing.router=gwtf-p2p"]).routing.router == "swarm"
+    assert load_config(str(path), ["routing.router=oracle"], defaults=["routing.router=gwtf-p2p"]).routing.router == (
+        "oracle"
+    )

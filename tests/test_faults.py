@@ -6,7 +6,7 @@ import pytest
 
 from gwtf.errors import UserError
 from gwtf.faults import PHASES, Fault, FaultInjector, MessageFault
-from gwtf.swarm import InProcessSwarm
+from tests.support import InProcessSwarm
 from tests.test_swarm_inprocess import assert_replicas_agree, fast_swarm, run, small_config
 
 STEPS, CRASH_AT = 5, 2
@@ -17,7 +17,7 @@ async def train(
     faults: list[Fault], join_at: int | None = None, capacity: int = 4
 ) -> tuple[list[float], InProcessSwarm]:
     cfg = small_config(steps=STEPS, microbatches=6)
-    swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(capacity=capacity), faults=faults)
+    swarm = InProcessSwarm(cfg, replicas=2, settings=fast_swarm(), capacity=capacity, faults=faults)
     await swarm.start()
     losses = []
     try:

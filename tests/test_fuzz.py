@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gwtf.auth import RunAccess
-from gwtf.swarm import InProcessSwarm
 from gwtf.transport import _BytesReader, encode_frame, is_error_frame
+from tests.support import InProcessSwarm
 from tests.test_auth import KeyedSwarm
 from tests.test_swarm_inprocess import fast_swarm, small_config
 
@@ -130,7 +130,7 @@ def record_calls(swarm: InProcessSwarm, log: list) -> None:
 @pytest.fixture
 def live_swarm():
     loop = asyncio.new_event_loop()
-    swarm = KeyedSwarm(small_config(steps=50, stages=2), swarm=fast_swarm(average_timeout=1.0), run_id=RUN)
+    swarm = KeyedSwarm(small_config(steps=50, stages=2), settings=fast_swarm("averaging.timeout=1.0"), run_id=RUN)
     swarm.access = RunAccess(RUN, secrets.token_bytes(32))
     replay: list = []
     try:

@@ -5,7 +5,7 @@ from collections import Counter
 
 from gwtf.benchmarks.churn import load_scenario
 from gwtf.benchmarks.plan_bounds import ROUTERS, lower_bound, random_plan, scenario_problem, search
-from gwtf.routing.base import make_router
+from gwtf.routing.registry import make_router
 
 
 def _check_plan(problem, plan):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gwtf.averaging import AveragingConfig, GroupAverager
+from gwtf.errors import UserError
 from gwtf.transport import InProcessNetwork, InProcessTransport
 from tests.test_swarm_inprocess import assert_replicas_agree, run, small_config, train_swarm
 
@@ -83,7 +84,7 @@ def test_robust_aggregation_weighted_by_counts(aggregate: str, expected: float) 
     results = asyncio.run(one_round(averagers(sorted(grads), cfg), grads, counts))
     for r in results:
         assert r.grads[0] == pytest.approx(torch.full((2,), expected)), aggregate
-    with pytest.raises(ValueError, match="aggregate"):
+    with pytest.raises(UserError, match="aggregate"):
         AveragingConfig(aggregate="mode")
 
 

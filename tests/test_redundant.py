@@ -12,12 +12,12 @@ from torch import nn
 from gwtf.benchmarks.churn import REDUNDANT_COST, redundancy_cost
 from gwtf.errors import PeerError
 from gwtf.faults import Fault
-from gwtf.node import Shadow, shadow_holder_stage, shadowed_stages
-from gwtf.node import redundancy_cost as cost_line
 from gwtf.optim import OptimConfig
+from gwtf.recovery.redundant import Shadow, shadow_holder_stage, shadowed_stages
+from gwtf.recovery.redundant import redundancy_cost as cost_line
 from gwtf.stage import StageReplica
-from gwtf.swarm import InProcessSwarm
 from gwtf.trainer import train_local
+from tests.support import InProcessSwarm
 from tests.test_stage_loss import LOSS_AT, STEPS, params, train_losing_a_stage
 from tests.test_swarm_inprocess import fast_swarm, run, small_config
 
@@ -81,7 +81,7 @@ def test_the_harness_reads_the_cost_line_the_relays_log(tmp_path):
 async def wait_for_shadows(swarm: InProcessSwarm, version: int) -> None:
     """Shadows update in the background after a step: wait (bounded) until every one is at `version`."""
     for _ in range(300):
-        if all(s.version >= version for n in swarm.relays.values() for s in n.shadows.values()):
+        if all(s.version >= version for n in swarm.relays.values() for s in n.recovery.shadows.values()):
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"shadows not at v{version}")
@@ -91,7 +91,7 @@ async def wait_for_shadows(swarm: InProcessSwarm, version: int) -> None:
 async def redundant_swarm(cfg, steps: int = 0):
     """A started one-replica swarm under recovery="redundant", `steps` steps in with every shadow at that version;
     closed on the way out."""
-    swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(recovery="redundant"))
+    swarm = InProcessSwarm(cfg, replicas=1, settings=fast_swarm("recovery.strategy=redundant"))
     await swarm.start()
     try:
         for _ in range(steps):
@@ -114,7 +114,7 @@ def test_shadows_follow_their_stage_and_change_no_loss():
                 await wait_for_shadows(swarm, step + 1)
             by_stage = {n.stage: n for n in swarm.relays.values()}
             for holder in by_stage.values():
-                for k, shadow in holder.shadows.items():  # exact copies of the stage they shadow
+                for k, shadow in holder.recovery.shadows.items():  # exact copies of the stage they shadow
                     assert shadow.version == by_stage[k].replica.version == 5
                     for got, want in zip(params(shadow), params(by_stage[k])):
                         assert torch.equal(got, want)
@@ -135,7 +135,7 @@ def test_a_lost_middle_stage_is_taken_over_exactly_from_its_shadow():
         await wait_for_shadows(swarm, LOSS_AT)
         victim = next(n for n in swarm.relays.values() if n.stage == 2)
         captured["victim"] = victim.replica.state()  # the lost stage's state: weights, moments, version
-        captured["shadows"] = [n.shadows[2].replica.state() for n in swarm.relays.values() if n.stage == 1]
+        captured["shadows"] = [n.recovery.shadows[2].replica.state() for n in swarm.relays.values() if n.stage == 1]
 
     losses, event, _ = train_losing_a_stage(stages=3, lost=2, recovery="redundant", before_loss=before_loss)
     joiner = event["joiner"]
@@ -155,7 +155,7 @@ def test_a_stage_whose_shadow_holder_died_too_falls_back_to_a_copy_and_says_so(c
     """Stages 2 and 3 lose their one replica each at once: stage 3's shadow died with stage 2, so stage 3 copies stage 4
     (logged); stage 2's shadow, on stage 1, survived: stage 2 is taken over exactly."""
     cfg = small_config(steps=6, microbatches=2, stages=4)
-    caplog.set_level(logging.WARNING, logger="gwtf.node")
+    caplog.set_level(logging.WARNING, logger="gwtf.recovery.redundant")
 
     async def go():
         async with redundant_swarm(cfg, steps=3) as swarm:

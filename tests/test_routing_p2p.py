@@ -7,12 +7,11 @@ import pytest
 
 from gwtf.errors import BadMessage, PeerError
 from gwtf.faults import Fault
-from gwtf.node import SwarmConfig
 from gwtf.routing.agent import AgentConfig, ChainCost, Claim, Hello, Match, Offer, Request, Route, Yield
 from gwtf.routing.p2p import HANDLER, decode, encode
 from gwtf.routing.protocol import ProtocolRun
-from gwtf.swarm import InProcessSwarm
 from gwtf.trainer import train_local
+from tests.support import InProcessSwarm
 from tests.test_routing_agent import build
 from tests.test_swarm_inprocess import small_config
 
@@ -54,15 +53,12 @@ def test_malformed_or_forged_agent_messages_are_refused(wire, why):
         decode(wire, "a" if wire[1] == "mallory" else wire[1])
 
 
-def p2p_swarm(**kw) -> SwarmConfig:
-    return SwarmConfig(
-        heartbeat_s=0.1, record_ttl_s=0.6, call_timeout=5.0, microbatch_timeout=10.0, router="gwtf-p2p",
-        route_round_s=0.02, **kw,
-    )  # fmt: skip
+P2P_SWARM = ["membership.heartbeat_s=0.1", "membership.record_ttl_s=0.6", "transport.call_timeout=5.0",
+             "iteration.microbatch_timeout=10.0", "routing.router=gwtf-p2p", "routing.round_s=0.02"]  # fmt: skip
 
 
 def planned_paths(swarm: InProcessSwarm) -> list[list[str]]:
-    return [p for d in swarm.data_nodes for p in d.routing.agent.paths()]
+    return [p for d in swarm.data_nodes for p in d.router.service.agent.paths()]
 
 
 def test_p2p_agents_route_a_swarm_like_the_trainer():
@@ -72,7 +68,7 @@ def test_p2p_agents_route_a_swarm_like_the_trainer():
     reference = train_local(cfg, progress=False)["losses"]
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=2, swarm=p2p_swarm(capacity=1))
+        swarm = InProcessSwarm(cfg, replicas=2, settings=P2P_SWARM, capacity=1)
         await swarm.start()
         try:
             losses = []
@@ -84,14 +80,14 @@ def test_p2p_agents_route_a_swarm_like_the_trainer():
             relays = [r for p in paths for r in p]
             assert len(paths) == 2 and len(set(relays)) == len(relays)  # capacity 1: two disjoint paths
             assert all(n.replica.stats.backward > 0 for n in swarm.relays.values())  # both paths carried traffic
-            sent = {n.routing.bus.sent for n in swarm.relays.values()}
+            sent = {n.router.service.bus.sent for n in swarm.relays.values()}
             assert min(sent) > 0  # every relay's agent talked over the transport
             # A forged routing message is refused with an error, and the relay goes on routing.
             relay, data = swarm.relays["relay-s1-1"], swarm.data_nodes[0]
             forged = data.message(HANDLER, meta={"m": [["Hello", "relay-s1-2", 1]]})
             with pytest.raises(PeerError, match="claims to come from"):
                 await data.call("relay-s1-1", HANDLER, forged)
-            assert relay.routing.refused == 1
+            assert relay.router.service.refused == 1
             losses.append((await swarm.step()).loss)
             return losses
         finally:
@@ -120,7 +116,7 @@ def test_p2p_agents_reroute_around_a_crash_and_take_in_a_joiner():
 
     async def go():
         victim = "relay-s2-3"  # the first replica of stage 2; capacity 1 puts a path through each
-        swarm = InProcessSwarm(cfg, replicas=2, swarm=p2p_swarm(capacity=1), faults=[Fault(victim, 1, "backward")])
+        swarm = InProcessSwarm(cfg, replicas=2, settings=P2P_SWARM, capacity=1, faults=[Fault(victim, 1, "backward")])
         await swarm.start()
         try:
             await step(swarm)
@@ -174,13 +170,13 @@ def test_two_data_nodes_share_the_relays_room():
     cfg = small_config(steps=2)
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=2, data_nodes=2, swarm=p2p_swarm(capacity=1))
+        swarm = InProcessSwarm(cfg, replicas=2, data_nodes=2, settings=P2P_SWARM, capacity=1)
         await swarm.start()
         try:
             for _ in range(2):
                 result = await swarm.step()
                 assert all(r.lost == 0 and r.partial == 0 for r in result.reports)
-            per_node = [d.routing.agent.paths() for d in swarm.data_nodes]
+            per_node = [d.router.service.agent.paths() for d in swarm.data_nodes]
             relays = [r for paths in per_node for p in paths for r in p]
             assert [len(p) for p in per_node] == [1, 1] and len(set(relays)) == len(relays) == 6
         finally:

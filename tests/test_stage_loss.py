@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gwtf.faults import Fault
-from gwtf.swarm import InProcessSwarm
+from tests.support import InProcessSwarm
 from tests.test_swarm_inprocess import fast_swarm, run, small_config
 
 STEPS, LOSS_AT = 10, 4
@@ -47,7 +47,7 @@ def train_losing_a_stage(
     cfg = small_config(steps=STEPS, microbatches=4, stages=stages)
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm(recovery=recovery))
+        swarm = InProcessSwarm(cfg, replicas=2, settings=fast_swarm(f"recovery.strategy={recovery}"))
         await swarm.start()
         orders = [swarm.data_nodes[0].stage_order(mb) for mb in range(4)]
         losses, event = [], {}
@@ -88,7 +88,9 @@ def test_a_stage_with_no_replica_and_no_joiner_fails_clearly_and_bounded():
     cfg = small_config(steps=3, microbatches=2, stages=2)
 
     async def go():
-        swarm = InProcessSwarm(cfg, replicas=1, swarm=fast_swarm(stage_recovery_timeout=1.0, max_attempts=1))
+        swarm = InProcessSwarm(
+            cfg, replicas=1, settings=fast_swarm("recovery.stage_timeout=1.0", "iteration.max_attempts=1")
+        )
         await swarm.start()
         try:
             await swarm.step()

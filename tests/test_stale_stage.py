@@ -4,7 +4,7 @@ of waiting for a stage nobody can serve until the run times out."""
 
 import asyncio
 
-from gwtf.swarm import InProcessSwarm
+from tests.support import InProcessSwarm
 from tests.test_swarm_inprocess import fast_swarm, run, small_config
 
 
@@ -12,7 +12,7 @@ def test_a_stage_one_step_behind_with_nobody_to_download_from_advances_and_train
     cfg = small_config(steps=6, microbatches=4, stages=2)
 
     async def go() -> tuple[list[int], list[int], int]:
-        swarm = InProcessSwarm(cfg, replicas=2, swarm=fast_swarm())
+        swarm = InProcessSwarm(cfg, replicas=2, settings=fast_swarm())
         await swarm.start()
         try:
             for _ in range(2):

@@ -7,10 +7,9 @@ import torch
 
 from gwtf.config import RunConfig, TrainConfig
 from gwtf.data import DataConfig
-from gwtf.node import SwarmConfig
 from gwtf.optim import OptimConfig
-from gwtf.swarm import InProcessSwarm
 from gwtf.trainer import train_local
+from tests.support import InProcessSwarm
 
 STEPS = 20
 
@@ -25,8 +24,10 @@ def small_config(steps: int = STEPS, microbatches: int = 4, stages: int = 3) -> 
     )
 
 
-def fast_swarm(**kw) -> SwarmConfig:
-    return SwarmConfig(heartbeat_s=0.1, record_ttl_s=0.6, call_timeout=5.0, microbatch_timeout=10.0, **kw)
+def fast_swarm(*settings: str) -> list[str]:
+    """Run settings (`section.key=value`) for a quick in-process swarm, then `settings`."""
+    return ["membership.heartbeat_s=0.1", "membership.record_ttl_s=0.6", "transport.call_timeout=5.0",
+            "iteration.microbatch_timeout=10.0", *settings]  # fmt: skip
 
 
 def run(coro):
@@ -51,9 +52,9 @@ def assert_replicas_agree(swarm: InProcessSwarm) -> None:
 
 
 async def train_swarm(
-    cfg: RunConfig, steps: int, on_step=None, swarm_cfg: SwarmConfig | None = None, **kw
+    cfg: RunConfig, steps: int, on_step=None, settings: list[str] | None = None, **kw
 ) -> tuple[list[float], InProcessSwarm]:
-    swarm = InProcessSwarm(cfg, swarm=swarm_cfg or fast_swarm(), **kw)
+    swarm = InProcessSwarm(cfg, settings=settings or fast_swarm(), **kw)
     await swarm.start()
     losses = []
     try:
@@ -119,8 +120,9 @@ def test_a_joiner_takes_the_state_and_the_next_step_while_dht_records_lag():
             assert node.replica.version == 3
             joined["node"] = node
 
-    slow_beat = SwarmConfig(heartbeat_s=60.0, record_ttl_s=120.0, call_timeout=5.0, microbatch_timeout=10.0)
-    losses, _ = run(train_swarm(cfg, 6, on_step=join_at_3, swarm_cfg=slow_beat))
+    slow_beat = ["membership.heartbeat_s=60.0", "membership.record_ttl_s=120.0", "transport.call_timeout=5.0",
+                 "iteration.microbatch_timeout=10.0"]  # fmt: skip
+    losses, _ = run(train_swarm(cfg, 6, on_step=join_at_3, settings=slow_beat))
     assert joined["node"].replica.version == 6  # it stepped with its stage at every step since it joined
     assert losses == pytest.approx(reference, abs=1e-4)
 
@@ -151,7 +153,7 @@ def test_a_stage_larger_than_one_message_is_downloaded_in_chunks():
     cfg.model_overrides = {"n_layers": 16}
 
     async def go():
-        swarm = InProcessSwarm(cfg, swarm=fast_swarm())
+        swarm = InProcessSwarm(cfg, settings=fast_swarm())
         await swarm.start()
         try:
             for _ in range(2):
@@ -197,7 +199,7 @@ def test_a_replica_left_a_step_behind_catches_up_by_itself():
     # at the iteration's version, so no message ever tells it, and it stayed behind for good (in geo10-heavy every
     # later stage-3 joiner downloaded its 30-step-old state from it and the run stalled). It now notices by itself.
     async def main() -> tuple[int, int, bool]:
-        swarm = InProcessSwarm(small_config(steps=30), swarm=fast_swarm())
+        swarm = InProcessSwarm(small_config(steps=30), settings=fast_swarm())
         await swarm.start()
         try:
             for _ in range(3):
@@ -227,7 +229,7 @@ def test_a_full_relay_refuses_a_forward_on_receipt_not_after_acknowledging_it():
 
     async def main() -> None:
         cfg = small_config(steps=2)
-        swarm = InProcessSwarm(cfg, swarm=fast_swarm(capacity=1))
+        swarm = InProcessSwarm(cfg, settings=fast_swarm(), capacity=1)
         await swarm.start()
         try:
             relay = swarm.relays["relay-s1-1"]

@@ -1,7 +1,9 @@
 """Routing microbatches through stage replicas (GWTF flows, design.md section 5).
 
 Files:
-    base.py        the interface the runtime uses: RelayInfo, DataInfo, SwarmView, Router, make_router
+    base.py        the interface the runtime uses: RelayInfo, DataInfo, SwarmView, Router (plan, reroute, lifecycle)
+    config.py      RoutingConfig: the run's router and the agents' round period
+    registry.py    ROUTERS by config name, make_router
     cost.py        link figures (region matrix from gwtf/resources/regions.json, measured overrides), d_ij
     baselines.py   round-robin and SWARM (earliest expected finish by a moving average of measured speed)
     graph.py       the flow graph (networkx): relays split into in/out vertices, networkx reference solver
@@ -13,7 +15,8 @@ Files:
     simulator.py   topologies from the region matrix, protocol rounds and discrete-event iteration timing
 """
 
-from gwtf.routing.base import DataInfo, RelayInfo, Router, SwarmView, make_router
+from gwtf.routing.base import DataInfo, RelayInfo, Router, SwarmView
 from gwtf.routing.cost import LinkModel
+from gwtf.routing.registry import make_router
 
 __all__ = ["DataInfo", "LinkModel", "RelayInfo", "Router", "SwarmView", "make_router"]

@@ -1,4 +1,5 @@
-"""The router interface the runtime uses, the swarm view it routes over, and `make_router`."""
+"""The router interface the runtime uses (plan, reroute, and a lifecycle with its node) and the swarm view it routes
+over. Routers by name: gwtf.routing.registry."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import logging
 import random
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from gwtf.errors import UserError
+from gwtf.routing.config import RoutingConfig
 from gwtf.routing.cost import LinkModel
 
 logger = logging.getLogger(__name__)
@@ -82,13 +85,30 @@ class SwarmView:
         return sum(r.capacity for r in self.relays.values() if r.stage == stage)
 
 
+class RoutedNode(Protocol):
+    """What a router uses of the node it runs in (gwtf.runtime.node.NodeBase)."""
+
+    peer_id: str
+    spec: Any  # gwtf.runtime.spec.RunSpec: the model's stages
+    transport: Any  # gwtf.transport.Transport
+    run: Any  # gwtf.config.RunConfig: its transport and membership settings
+    closed: bool
+
+    async def call(self, peer: str, name: str, msg: Any, timeout: float | None = None) -> Any: ...
+
+    def message(self, kind: str, **kw: Any) -> Any: ...
+
+    async def live_nodes(self, max_age: float | None = None) -> dict[str, Any]: ...
+
+
 class Router(ABC):
     """Chooses, for each data node, one path (a replica of every stage) per microbatch."""
 
     name: str = "abstract"
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, routing: RoutingConfig | None = None) -> None:
         self.seed = seed
+        self.routing = routing or RoutingConfig()  # the run's routing settings
         self.rng = random.Random(seed)
         self.load: Counter[str] = Counter()  # microbatches per relay in the last plan
 
@@ -116,6 +136,19 @@ class Router(ABC):
         self.load[best[1]] += 1
         return best[1]
 
+    # ---- lifecycle: a router starts with its node and closes with it ---------------------------------------------
+    async def start(self, node: RoutedNode, stage: int, views: Callable[[dict], SwarmView], units: int = 0) -> None:
+        """The node (of `stage`; a data node is stage 0 with `units` microbatches per iteration) starts serving.
+        `views(records)`: the swarm of every serving node. Routers that only plan do nothing here."""
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def room(self) -> int:
+        """The microbatch slots this node's router has left, for its DHT record (-1: it does not say)."""
+        return -1
+
     def observe(self, peer_id: str, seconds_per_microbatch: float) -> None:
         """A measured speed; routers that do not use it ignore it."""
         return None
@@ -131,33 +164,3 @@ def validate_demands(view: SwarmView, demands: dict[str, int]) -> None:
             raise ValueError(f"demand for {peer}, which is not a data node of the view")
         if count < 0:
             raise ValueError(f"negative demand {count} for {peer}")
-
-
-ROUTERS = ("gwtf", "gwtf-p2p", "swarm", "round-robin", "oracle")
-
-
-def make_router(name: str, seed: int = 0) -> Router:
-    """A router by config name: gwtf | gwtf-p2p | swarm | round-robin | oracle (gwtf-p2p: attached to a data node's
-    own agent when the node starts; see gwtf.routing.p2p)."""
-    # Imported here: the implementations import this module.
-    if name == "round-robin":
-        from gwtf.routing.baselines import RoundRobinRouter
-
-        return RoundRobinRouter(seed)
-    if name == "swarm":
-        from gwtf.routing.baselines import SwarmRouter
-
-        return SwarmRouter(seed)
-    if name == "oracle":
-        from gwtf.routing.optimum import OracleRouter
-
-        return OracleRouter(seed)
-    if name == "gwtf":
-        from gwtf.routing.gwtf_router import GWTFRouter
-
-        return GWTFRouter(seed)
-    if name == "gwtf-p2p":
-        from gwtf.routing.p2p import P2PRouter
-
-        return P2PRouter(seed)
-    raise UserError(f"unknown router {name!r}; choose one of {', '.join(ROUTERS)}")

@@ -6,6 +6,7 @@ import heapq
 from collections import Counter
 
 from gwtf.routing.base import Plan, Router, SwarmView, validate_demands
+from gwtf.routing.config import RoutingConfig
 
 EWMA_ALPHA = 0.3  # weight of a new measurement in SWARM's moving average
 MIN_SECONDS = 1e-6
@@ -65,8 +66,8 @@ class SwarmRouter(Router):
 
     name = "swarm"
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int = 0, routing: RoutingConfig | None = None) -> None:
+        super().__init__(seed, routing)
         self.speed: dict[str, float] = {}
 
     def observe(self, peer_id: str, seconds_per_microbatch: float) -> None:

@@ -13,6 +13,7 @@ import logging
 
 from gwtf.routing.agent import AgentConfig, PeerCard
 from gwtf.routing.base import Plan, Router, SwarmView, validate_demands
+from gwtf.routing.config import RoutingConfig
 from gwtf.routing.protocol import ProtocolRun, card_of
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,15 @@ RECOMPUTE_TOLERANCE = 0.25  # a relay whose compute time moved by more than this
 class GWTFRouter(Router):
     name = "gwtf"
 
-    def __init__(self, seed: int = 0, rounds: int = 40, reconverge_rounds: int = 20, cfg: AgentConfig | None = None):
-        super().__init__(seed)
+    def __init__(
+        self,
+        seed: int = 0,
+        rounds: int = 40,
+        reconverge_rounds: int = 20,
+        cfg: AgentConfig | None = None,
+        routing: RoutingConfig | None = None,
+    ):
+        super().__init__(seed, routing)
         self.rounds, self.reconverge_rounds = rounds, reconverge_rounds
         self.cfg = cfg or AgentConfig()
         self.run: ProtocolRun | None = None

@@ -33,7 +33,8 @@ from typing import Any
 from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.routing.agent import Agent, AgentConfig, InProcessBus, PeerCard
 from gwtf.routing.agent import Message as AgentMessage
-from gwtf.routing.base import Plan, Router, SwarmView
+from gwtf.routing.base import Plan, RoutedNode, Router, SwarmView
+from gwtf.routing.config import RoutingConfig
 from gwtf.routing.protocol import Directory, ViewCosts
 from gwtf.transport import Message
 
@@ -123,7 +124,7 @@ def cards_of(view: SwarmView) -> dict[str, PeerCard]:
 class AgentService:
     """One node's agent, stepped every `round_s` seconds.
 
-    `node` is the gwtf.node.NodeBase it runs in (its transport, run id, bounded calls, cached DHT records);
+    `node` is the gwtf.runtime.node.NodeBase it runs in (its transport, run id, bounded calls, cached DHT records);
     `views(records)` turns the live records into a SwarmView of every serving node (figures and links)."""
 
     def __init__(
@@ -250,7 +251,7 @@ class AgentService:
                 self.pumps[dst] = asyncio.ensure_future(self._pump(dst))
 
     async def _pump(self, dst: str) -> None:
-        timeout = min(self.node.cfg.call_timeout, max(1.0, 10 * self.round_s))
+        timeout = min(self.node.run.transport.call_timeout, max(1.0, 10 * self.round_s))
         queue = self.queues.get(dst)
         while queue and not self.node.closed:
             batch: list[list] = []
@@ -269,7 +270,7 @@ class AgentService:
 
     async def _refreshes(self) -> None:
         while not self.node.closed:
-            await asyncio.sleep(self.node.cfg.heartbeat_s)
+            await asyncio.sleep(self.node.run.membership.heartbeat_s)
             try:
                 await self._refresh()
             except Exception as exc:  # noqa: BLE001 (a DHT hiccup: the agent goes on with what it knew)
@@ -312,10 +313,25 @@ class P2PRouter(Router):
 
     name = "gwtf-p2p"
 
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__(seed)
+    def __init__(self, seed: int = 0, routing: RoutingConfig | None = None) -> None:
+        super().__init__(seed, routing)
         self.service: AgentService | None = None
         self.me = ""
+
+    async def start(self, node: RoutedNode, stage: int, views: Callable[[dict], SwarmView], units: int = 0) -> None:
+        """This node's own agent (a relay's, or a data node's with `units` microbatches per iteration), in rounds
+        until the node closes."""
+        n_stages = node.spec.model.n_stages
+        service = AgentService(node, stage, n_stages, views, round_s=self.routing.round_s, seed=self.seed)
+        await service.start(units)
+        self.attach(service)
+
+    async def close(self) -> None:
+        if self.service is not None:
+            await self.service.close()
+
+    def room(self) -> int:
+        return self.service.room() if self.service is not None else -1
 
     def attach(self, service: AgentService) -> None:
         self.service, self.me = service, service.me

@@ -1,0 +1,298 @@
+"""A data node: holds stage 0 (embedding, final norm, LM head, loss) and a data shard, and drives iterations.
+
+One iteration on a data node:
+    1. route its microbatches (the router gives one path through a replica of every stage per microbatch; what the
+       swarm cannot carry at once goes in a later wave);
+    2. per microbatch (gwtf.runtime.flights): embed, send to stage 1, receive stage S's output, loss, send the
+       gradient back, receive the embedding's gradient, routing around a dead hop on the way;
+    3. average stage 0 with the other data nodes, step; tell every relay the iteration is done (they average within
+       their stage and step) and wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any
+
+import torch
+
+from gwtf.averaging import GroupAverager
+from gwtf.errors import BadMessage, PeerError
+from gwtf.liveness import ProbeCache
+from gwtf.membership import Membership, NodeRecord, serving
+from gwtf.routing.base import Router, SwarmView
+from gwtf.runtime import schema
+from gwtf.runtime.flights import Flight, FlightLegs, IterationReport
+from gwtf.runtime.spec import NodeOptions, RunSpec
+from gwtf.runtime.state import fetch_state
+from gwtf.stage import StageReplica, state_subset
+from gwtf.transport import Message, Transport
+
+log = logging.getLogger(__name__)
+STALE_GRACE_S = 5.0  # a stage only one step behind for this long (no catch-up possible) is advanced
+
+
+class DataNode(FlightLegs):
+    role = "data"
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        transport: Transport,
+        membership: Membership,
+        opts: NodeOptions,
+        rank: int,
+        schedule,
+        build_module,
+        view_builder,
+        router: Router | None = None,
+    ):
+        super().__init__(spec, transport, membership, opts, router)
+        self.rank, self.schedule = rank, schedule
+        self.recovery = self.run.recovery.make()  # the microbatches' stage order (CheckFree+ swaps some)
+        self.view_builder = view_builder  # (live records, iteration) -> SwarmView
+        self.stage0 = StageReplica(0, build_module(0), spec.optim, spec.total_steps, capacity=1 << 30)
+        self.head: Any = self.stage0.module  # models.staged.HeadStage: embed / loss
+        self.iteration = 0
+        self.expected_data_nodes = 1
+        self.confirmed: dict[str, int] = {}  # relay -> version it replied `stepped` with (fresher than the DHT)
+        self.flights: dict[int, Flight] = {}
+        self.stale_since: dict[int, float] = {}  # stage -> when it was first seen with every replica a step behind
+        self.advancing = asyncio.Lock()  # many waits check for stale stages; one at a time asks
+        self.probes = ProbeCache(transport)  # late legs that share replicas share their probes
+        self.averager = GroupAverager(transport, spec.run_id, "stage0", config=self.run.averaging)
+        for name, fn in {
+            "head": self.rpc_head,
+            "embed_grad": self.rpc_embed_grad,
+            "route": self.rpc_route,
+            "recover": self.rpc_recover,
+            "fail": self.rpc_fail,
+            "get_state": self.rpc_get_state,
+            "relay_serving": self.rpc_relay_serving,
+            "versions": self.rpc_versions,
+        }.items():
+            transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(
+            peer_id=self.peer_id,
+            role="data",
+            stage=0,
+            status=self.status,
+            capacity=0,
+            compute_s=0.0,
+            region=self.opts.region,
+            state_version=self.stage0.version,
+            holds_weights=True,
+            grad_norm=self.stage0.last_grad_norm,
+            throughput=0.0,
+            microbatches_done=self.stage0.stats.backward,
+            maddrs=[],
+        )
+
+    async def start(self, expected_data_nodes: int = 1, timeout: float = 60.0) -> None:
+        """Serve; at a run's start wait (bounded) for the run's other data nodes, so that no iteration runs
+        without them; joining a run in progress, take stage 0 and the iteration from a live data node."""
+        self.status = "serving"
+        self.expected_data_nodes = expected_data_nodes
+        await self.announce()
+        self.start_heartbeat()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            peers = serving(await self.fresh_versions(await self.live_nodes(max_age=0)), "data")
+            if any(r.state_version > 0 for r in peers.values()) or len(peers) >= expected_data_nodes:
+                break
+            await asyncio.sleep(0.1)
+        ahead = sorted((r.state_version, p) for p, r in peers.items() if p != self.peer_id and r.state_version > 0)
+        if ahead:
+            await self._download_stage0(ahead[-1][1])
+        units = len(self.schedule.microbatches(self.iteration, self.rank))  # gwtf-p2p: one per microbatch
+        await self.start_routing(0, lambda records: self.view_builder(records, None), units)
+
+    async def _download_stage0(self, donor: str) -> None:
+        async def get(peer: str, msg: Message) -> Message:
+            return await self.call(peer, "get_state", msg, timeout=self.run.iteration.iteration_timeout)
+
+        names = [n for n, _ in self.stage0.module.named_parameters()]
+        tensors, meta = await fetch_state(get, self.spec.run_id, [donor], names)
+        await self.compute(self.stage0.load_state, tensors, meta)
+        self.iteration = self.stage0.version
+        await self.announce()
+        log.info("data node %s joined at iteration %d (stage 0 from %s)", self.peer_id[:8], self.iteration, donor[:8])
+
+    # ---- validation of what relays send back -------------------------------------------------------------------
+    def validate(self, msg: Message, handler: str) -> None:
+        """By the handler called: what relays send back must fit a microbatch in flight."""
+        if handler not in schema.DATA:
+            return
+        schema.check_meta(schema.DATA, handler, msg)
+        m = self.spec.model
+        fl = self.flights.get(msg.microbatch_id)
+        if fl is None or msg.iteration != self.iteration:
+            raise BadMessage(f"no microbatch {msg.microbatch_id} in flight at iteration {msg.iteration}")
+        schema.check_tensor_count(schema.DATA, handler, msg)
+        expected = (*fl.x.shape, m.d_model)
+        for t in msg.tensors:
+            if tuple(t.shape) != expected or t.dtype != torch.float32:
+                raise BadMessage(f"expected float32 {expected}, got {t.dtype} {tuple(t.shape)}")
+
+    async def rpc_relay_serving(self, msg: Message) -> Message:
+        """A relay started serving: read the DHT now, not when the cached view expires, so that it is routed through
+        and told to step from this iteration on (a replica left out of a step falls behind and must download)."""
+        if msg.sender not in serving(await self.live_nodes(max_age=0), "relay"):
+            raise BadMessage("only a serving relay announces itself")
+        return self.message("ack")
+
+    async def rpc_versions(self, msg: Message) -> Message:
+        """The state versions this node knows first hand: its own, and each relay's from its `stepped` reply (DHT
+        records are written once a heartbeat, so they can lag a step behind; a joiner asks here)."""
+        return self.message("versions", meta={"versions": {**self.confirmed, self.peer_id: self.stage0.version}})
+
+    async def rpc_get_state(self, msg: Message) -> Message:
+        tensors, meta = await self.compute(self.stage0.state)
+        part, meta = state_subset(tensors, meta, msg.meta.get("names"))
+        return self.message("state", tensors=part, meta=meta)
+
+    # ---- the view and readiness ----------------------------------------------------------------------------------
+    async def current_nodes(self) -> dict[str, NodeRecord]:
+        """Live records, with the versions relays confirmed in their replies where the DHT has not caught up."""
+        return self._confirmed(await self.live_nodes())
+
+    def _confirmed(self, live: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
+        nodes = dict(live)
+        for p, version in self.confirmed.items():
+            if p in nodes and nodes[p].state_version < version:
+                nodes[p] = dataclasses.replace(nodes[p], state_version=version)
+        return nodes
+
+    async def view(self) -> SwarmView:
+        return self.view_builder(await self.current_nodes(), self.iteration)
+
+    async def wait_for_stages(self, timeout: float) -> None:
+        """Until every relay stage has a serving replica at this iteration's version."""
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = await self.current_nodes()
+            missing = [
+                k
+                for k in range(1, self.spec.model.n_stages + 1)
+                if not any(r.state_version == self.iteration for r in serving(nodes, "relay", k).values())
+            ]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise PeerError(f"stages {missing} have no serving replica at version {self.iteration}")
+            await self._advance_stale(nodes)
+            await asyncio.sleep(0.1)
+
+    async def _advance_stale(self, nodes: dict[str, NodeRecord]) -> None:
+        """A stage whose serving replicas are all one step behind this iteration, for STALE_GRACE_S (a replica at
+        the version would have been downloaded from by then): the replicas that stepped died with the step's update.
+        Have the ones behind take the version without it (RelayIterationEnd.rpc_advance) rather than wait for a
+        stage nobody can serve until the run times out."""
+        if self.advancing.locked():
+            return
+        async with self.advancing:
+            await self._advance_stale_stages(nodes)
+
+    async def _advance_stale_stages(self, nodes: dict[str, NodeRecord]) -> None:
+        i, now = self.iteration, time.monotonic()
+        for k in range(1, self.spec.model.n_stages + 1):
+            replicas = serving(nodes, "relay", k)
+            behind = sorted(p for p, r in replicas.items() if r.state_version == i - 1)
+            if i == 0 or not behind or any(r.state_version == i for r in replicas.values()):
+                self.stale_since.pop(k, None)
+                continue
+            if now - self.stale_since.setdefault(k, now) < STALE_GRACE_S:
+                continue
+            log.warning("stage %d: no replica at v%d is left; %d replica(s) at v%d advance without that step",
+                        k, i, len(behind), i - 1)  # fmt: skip
+            msg = self.message("advance", iteration=i)
+            replies = await asyncio.gather(*(self.call(p, "advance", msg) for p in behind), return_exceptions=True)
+            for p, reply in zip(behind, replies, strict=True):
+                version = reply.meta.get("version") if isinstance(reply, Message) else None
+                if type(version) is int and version > self.confirmed.get(p, -1):
+                    self.confirmed[p] = version
+            self.stale_since.pop(k, None)
+
+    # ---- one iteration ---------------------------------------------------------------------------------------------
+    async def run_iteration(self) -> IterationReport:
+        i, t0 = self.iteration, time.perf_counter()
+        await self.wait_for_stages(self.run.recovery.stage_timeout)
+        pending = list(enumerate(self.schedule.microbatches(i, self.rank)))
+        report = IterationReport(iteration=i, loss=float("nan"))
+        while pending:
+            flights = await self._plan_wave(pending)
+            report.waves += 1
+            pending = pending[len(flights) :]
+            await asyncio.gather(*(self._run_flight(fl, report) for fl in flights))
+        report.check()
+        report.loss = sum(report.losses) / max(len(report.losses), 1)
+        await self._finish_iteration(i)
+        report.seconds = time.perf_counter() - t0
+        self.flights.clear()
+        self.iteration += 1
+        return report
+
+    async def _plan_wave(self, pending: list[tuple[int, torch.Tensor]]) -> list[Flight]:
+        view = await self.view()
+        data_nodes = sorted(view.data_nodes)
+        demands = {d: len(pending) for d in data_nodes}
+        deadline = time.monotonic() + self.run.recovery.stage_timeout
+        while not (paths := self.router.plan(view, demands).get(self.peer_id, [])):
+            if time.monotonic() > deadline:  # bounded: the swarm may be between a crash and a join
+                raise PeerError(f"the router found no path through the swarm for {self.run.recovery.stage_timeout}s")
+            await asyncio.sleep(0.2)
+            await self._advance_stale(await self.current_nodes())
+            view = await self.view()
+        flights = []
+        for (mb, x), by_stage in zip(pending, paths):
+            order = self.stage_order(mb)
+            flights.append(Flight(mb, x, [by_stage[k - 1] for k in order], order, self.peer_id))
+        for fl in flights:
+            self.flights[fl.mb] = fl
+        return flights
+
+    # ---- iteration end -----------------------------------------------------------------------------------------------
+    async def _data_peers(self, timeout: float = 5.0) -> dict[str, NodeRecord]:
+        """A fresh view that shows the run's expected data nodes if they are alive (bounded wait): averaging stage 0
+        with fewer than all of them, each leading its own round, would let their copies of stage 0 diverge."""
+        deadline = time.monotonic() + timeout
+        nodes = await self.live_nodes()
+        while len(serving(nodes, "data")) < self.expected_data_nodes and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            nodes = await self.live_nodes(max_age=0)
+        return nodes
+
+    async def _finish_iteration(self, i: int) -> None:
+        nodes = await self._data_peers()
+        peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
+        result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
+        await self.compute(self.stage0.apply_averaged, result.grads, i)
+        live = serving(self._confirmed(nodes), "relay")
+        used: dict[str, set[str]] = {}
+        for fl in self.flights.values():
+            for stage, peer in zip(fl.order, fl.route):
+                used.setdefault(str(stage), set()).add(peer)
+        # Each stage's group: its replicas at this version and the live ones this node routed through. The replicas
+        # average with exactly these (with the other data nodes' lists), so they agree on it without a DHT read.
+        group = {str(k): {p for p, r in live.items() if r.stage == k and r.state_version == i}
+                 for k in range(1, self.spec.model.n_stages + 1)}  # fmt: skip
+        for k, routed in used.items():
+            group.setdefault(k, set()).update(p for p in routed if p in live)
+        relays = sorted(set().union(*group.values()))
+        meta = {"used": {k: sorted(v) for k, v in used.items()}, "group": {k: sorted(v) for k, v in group.items()}}
+        done = self.message("end_iteration", iteration=i, meta=meta)
+        replies = await asyncio.gather(
+            *(self.call(p, "end_iteration", done, timeout=3 * self.run.iteration.iteration_timeout) for p in relays),
+            return_exceptions=True,
+        )
+        for p, r in zip(relays, replies):
+            if isinstance(r, BaseException):
+                log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
+            else:
+                self.confirmed[p] = int(r.meta["version"])

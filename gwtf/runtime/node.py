@@ -1,0 +1,117 @@
+"""The node base: what every relay and data node has. A node is an asyncio program over a `Transport` (in-process or
+hivemind) and a `Membership` (in-memory or DHT), with its run's settings, its own options and its router.
+
+Compute runs on one worker thread per node, so the event loop keeps answering calls and heartbeats while a stage
+computes, and a node's gradient accumulation never races with itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from gwtf.faults import FaultInjector
+from gwtf.membership import Membership, NodeRecord, serving
+from gwtf.routing.base import Router, SwarmView
+from gwtf.routing.registry import make_router
+from gwtf.runtime.spec import NodeOptions, RunSpec
+from gwtf.transport import Message, Transport
+
+log = logging.getLogger(__name__)
+
+
+class NodeBase:
+    """Transport, membership record and heartbeat, the compute thread, and bounded peer calls."""
+
+    role = "node"
+
+    def __init__(self, spec: RunSpec, transport: Transport, membership: Membership, opts: NodeOptions,
+                 router: Router | None = None):  # fmt: skip
+        self.spec, self.transport, self.membership, self.opts = spec, transport, membership, opts
+        self.run = spec.config  # the run's settings, section by section (gwtf.config.RunConfig)
+        self.peer_id = transport.peer_id
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.peer_id[:6]}")
+        self.status = "joining"
+        self.started = time.time()
+        self.closed = False
+        self._view: tuple[float, dict[str, NodeRecord]] | None = None
+        self.faults: FaultInjector | None = None
+        self.run_version = 0
+        self.router = router or make_router(self.run.routing, spec.seed)  # started with the node, closed with it
+
+    async def fault(self, phase: str, iteration: int) -> None:
+        """A point where an injected fault may strike (gwtf.faults)."""
+        if self.faults is not None:
+            await self.faults.hit(self.peer_id, phase, iteration)
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    async def compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:
+        if self.faults is not None:
+            msg = await self.faults.on_send(self.peer_id, name, msg)
+        return await self.transport.call(peer, name, msg, timeout=timeout or self.run.transport.call_timeout)
+
+    def message(self, kind: str, **kw) -> Message:
+        return Message(kind=kind, run_id=self.spec.run_id, **kw)
+
+    def record(self) -> NodeRecord:
+        raise NotImplementedError
+
+    async def live_nodes(self, max_age: float | None = None) -> dict[str, NodeRecord]:
+        """The live records, cached for `max_age` seconds (default: a heartbeat, as records change no faster):
+        many waits poll it, and a DHT read costs every peer's DHT process CPU (it checks every record's signature)."""
+        now = time.monotonic()
+        if max_age is None:
+            max_age = self.run.membership.heartbeat_s
+        if self._view is None or now - self._view[0] > max_age:
+            self._view = (now, await asyncio.to_thread(self.membership.live_nodes))
+        return self._view[1]
+
+    async def fresh_versions(self, nodes: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
+        """`nodes` with the state versions the serving data nodes know first hand where those are newer (records are
+        written once a heartbeat and lag up to a step behind); best effort, each call bounded."""
+        others = sorted(p for p in serving(nodes, "data") if p != self.peer_id)
+        msg = self.message("versions")
+        calls = [self.call(p, "versions", msg, timeout=self.run.transport.call_timeout) for p in others]
+        nodes = dict(nodes)
+        for peer, reply in zip(others, await asyncio.gather(*calls, return_exceptions=True)):
+            versions = reply.meta.get("versions") if isinstance(reply, Message) else None
+            if not isinstance(versions, dict):
+                log.info("%s: no versions from data node %s (%s)", self.peer_id[:8], peer[:8], reply)
+                continue
+            for p, v in versions.items():
+                if p in nodes and type(v) is int and v > nodes[p].state_version:
+                    nodes[p] = dataclasses.replace(nodes[p], state_version=v)
+        return nodes
+
+    async def announce(self) -> None:
+        """Write this node's record now; a failed write is logged, the heartbeat writes it again soon."""
+        try:
+            await asyncio.to_thread(self.membership.announce, self.record(), self.run.membership.record_ttl_s)
+        except Exception as exc:  # the DHT refusing one store must not fail an iteration
+            log.warning("%s: announcing its record failed (%s); the heartbeat retries", self.peer_id[:8], exc)
+
+    def start_heartbeat(self) -> None:
+        beat = self.run.membership
+        self.membership.start_heartbeat(self.record, beat.heartbeat_s, beat.record_ttl_s)
+
+    async def start_routing(self, stage: int, views: Callable[[dict[str, NodeRecord]], SwarmView], units: int = 0):
+        """Start this node's router (a no-op for routers that only plan; gwtf-p2p: this node's own agent, in rounds
+        until the node closes). `views(records)`: the swarm of every serving node; `units`: a data node's
+        microbatches per iteration."""
+        await self.router.start(self, stage, views, units)
+
+    async def close(self) -> None:
+        # Nothing is awaited before the record stops being refreshed: a relay that crashes closes from one of its
+        # own tasks, which close() cancels, so the first await may be the last thing it runs.
+        self.closed = True
+        self.membership.close()
+        await self.router.close()
+        await self.transport.shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)

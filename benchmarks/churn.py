@@ -42,11 +42,12 @@ from typing import Any
 
 from gwtf.errors import UserError
 from gwtf.launch.local_swarm import ProcessGroup, read_jsonl, wait_for_file
+from gwtf.recovery.config import RecoveryConfig
 
 COMPARE_KEYS = ("router", "recovery", "system")
 SYSTEMS = ("gwtf", "deepspeed")  # deepspeed: the static pipeline with checkpoint restart (benchmarks.ds_churn)
 SERVING = re.compile(r"serving stage (\d+)")
-# the running totals a relay under recovery="redundant" logs after each shadow update (gwtf.node.redundancy_cost)
+# the running totals a relay under recovery="redundant" logs after each shadow update (gwtf.recovery.redundant.redundancy_cost)
 REDUNDANT_COST = re.compile(r"redundant cost: shadow_bytes=(\d+) redundant_forward_s=([\d.]+) redundant_forwards=(\d+)")
 
 
@@ -116,12 +117,10 @@ class Scenario:
     data_nodes: int = 1
     data_region: str | None = None
     timeout_s: float = 600.0  # one run's wall-clock limit
-    overrides: list[str] = field(default_factory=list)  # run config `key=value`
-    swarm: dict[str, Any] = field(default_factory=dict)  # gwtf.node.SwarmConfig fields
+    overrides: list[str] = field(default_factory=list)  # run config `section.key=value` (every run setting)
     nodes: list[NodeSpec] = field(default_factory=list)
     churn: Churn = field(default_factory=Churn)
     trace: list[TraceEvent] = field(default_factory=list)
-    needs_stage_rebuild: bool = False  # loses whole stages: only where the runtime rebuilds them
     checkpoint_every: int = 10  # the DeepSpeed baseline's checkpoint interval, in steps
 
     def __post_init__(self) -> None:
@@ -216,14 +215,13 @@ class Relay:
 
 
 class Launcher(ProcessGroup):
-    """A ProcessGroup whose children go through `gwtf.benchmarks.churn node` (compute speed, swarm overrides), and
+    """A ProcessGroup whose children go through `gwtf.benchmarks.churn node` (emulated compute speed), and
     whose kills take the whole process group (a node and its p2pd), as a machine's crash would."""
 
-    def start_node(self, name: str, argv: list[str], speed: float = 1.0, compute_ms: float = 0.0,
-                   swarm: dict | None = None) -> subprocess.Popen:  # fmt: skip
+    def start_node(self, name: str, argv: list[str], speed: float = 1.0, compute_ms: float = 0.0) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (the child holds it)
-        wrapper = ["node", "--speed", str(speed), "--compute-ms", str(compute_ms), "--swarm", json.dumps(swarm or {})]
+        wrapper = ["node", "--speed", str(speed), "--compute-ms", str(compute_ms)]
         proc = subprocess.Popen(
             [sys.executable, "-m", "gwtf.benchmarks.churn", *wrapper, "--", *argv],
             stdout=out,
@@ -246,14 +244,6 @@ class Launcher(ProcessGroup):
         for proc in self.procs.values():  # leftovers of a group (p2pd) after its leader exited
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-def stage_rebuild_available() -> bool:
-    """Whether the live runtime rebuilds a stage that lost every replica (CheckFree wired into relays)."""
-    from gwtf.node import RelayNode, SwarmConfig
-
-    fields = {f.name for f in dataclasses.fields(SwarmConfig)}
-    return hasattr(RelayNode, "rebuild_stage") and "recovery" in fields
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,19 +275,18 @@ class Run:
         self.relays: dict[str, Relay] = {}
         self.done_events: list[dict] = []
         self.joiners = 0
-        self.swarm = {**sc.swarm}
-        if stage_rebuild_available():  # older runtimes have no such setting and would refuse the field
-            self.swarm["recovery"] = variant.get("recovery", sc.recovery)
+        self.recovery = variant.get("recovery", sc.recovery)
 
     # ---- start -------------------------------------------------------------------------------------------------
     def start(self) -> list[str]:
         run_id = f"churn-{self.sc.name}-{os.getpid()}-{'-'.join(self.variant.values()) or 'base'}"
         addr_file = self.log_dir / "initial_peers.txt"
         router = self.variant.get("router", self.sc.router)
-        sets = [f"train.steps={self.sc.steps}", f"train.seed={self.sc.seed}", *self.sc.overrides]
+        sets = [f"train.steps={self.sc.steps}", f"train.seed={self.sc.seed}", f"recovery.strategy={self.recovery}",
+                *self.sc.overrides]  # fmt: skip
         argv = ["bootstrap", "--run", run_id, "--preset", self.sc.preset, "--stages", str(self.sc.stages),
                 "--data-nodes", str(self.sc.data_nodes), "--router", router, "--addr-file", str(addr_file)]  # fmt: skip
-        self.group.start_node("bootstrap", argv + sum((["--set", s] for s in sets), []), swarm=self.swarm)
+        self.group.start_node("bootstrap", argv + sum((["--set", s] for s in sets), []))
         peers = wait_for_file(addr_file, self.group, 90).split()
         join = ["join", "--run", run_id, "--initial-peers", *peers, "--join-timeout", "120"]
         for slot in self.sc.nodes:
@@ -418,7 +407,7 @@ class Run:
         leftover = leftovers({p.pid for p in self.group.procs.values()})
         rows = [self._rows(r, t0) for r in range(self.sc.data_nodes)]
         redundancy = None
-        if self.swarm.get("recovery") == "redundant":
+        if self.recovery == "redundant":  # its shadows' cost, which the relays log
             redundancy = redundancy_cost([self.log_dir / f"{name}.log" for name in self.relays])
         return RunResult(
             variant=self.variant, scenario=self.sc.name, rows=rows[0], other_rows=rows[1:],
@@ -535,18 +524,8 @@ def variants(compares: list[str]) -> list[dict[str, str]]:
 
 
 def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunResult]:
-    if (sc.needs_stage_rebuild or sc.churn.kind == "stage") and not stage_rebuild_available():
-        raise UserError(
-            f"scenario {sc.name} loses whole stages, and this runtime cannot rebuild a stage with no live replica"
-            " (CheckFree is not wired into gwtf.node yet); run it once it is"
-        )
-    if any("recovery" in v for v in variants(compares)) and not stage_rebuild_available():
-        raise UserError("--compare recovery=...: this runtime has no recovery setting for relays yet")
-    if stage_rebuild_available():
-        from gwtf.node import check_live_recovery
-
-        for name in {v.get("recovery", sc.recovery) for v in variants(compares)}:
-            check_live_recovery(name)  # refused here, not as a node that exits in the middle of a run
+    for name in {v.get("recovery", sc.recovery) for v in variants(compares)}:
+        RecoveryConfig(strategy=name)  # refused here, not as a node that exits in the middle of a run
     events = draw_events(sc, sc.timeout_s)
     results = []
     for variant in variants(compares):
@@ -568,20 +547,16 @@ def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunR
 
 
 def _node_main(argv: list[str]) -> int:
-    """`python -m gwtf.benchmarks.churn node --speed S --compute-ms C --swarm JSON -- GWTF-ARGS`: a gwtf process
-    with emulated compute speed (relays) and SwarmConfig overrides written into the run record (bootstrap)."""
+    """`python -m gwtf.benchmarks.churn node --speed S --compute-ms C -- GWTF-ARGS`: a gwtf process with emulated
+    compute speed (relays)."""
     parser = argparse.ArgumentParser(prog="gwtf.benchmarks.churn node")
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--compute-ms", type=float, default=0.0)
-    parser.add_argument("--swarm", default="{}")
     parser.add_argument("gwtf", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     gwtf_argv = args.gwtf[1:] if args.gwtf[:1] == ["--"] else args.gwtf
     if args.compute_ms > 0 and "relay" in gwtf_argv:
         _emulate_compute(args.compute_ms / 1000 / args.speed)
-    swarm = json.loads(args.swarm)
-    if swarm and gwtf_argv[:1] == ["bootstrap"]:
-        _override_swarm(swarm)
     from gwtf.launch.cli import main
 
     return main(gwtf_argv)
@@ -590,7 +565,7 @@ def _node_main(argv: list[str]) -> int:
 def _emulate_compute(forward_s: float) -> None:
     """Stretch a relay's forward/backward/recompute as on a device `speed` times the base one (sleeping in the
     compute thread holds it busy like real work, without taking CPU from the other processes on this machine)."""
-    from gwtf.node import Shadow
+    from gwtf.recovery.redundant import Shadow
     from gwtf.stage import StageReplica
 
     slow = [(StageReplica, "forward", 1), (StageReplica, "backward", 2), (StageReplica, "recompute_backward", 3),
@@ -604,19 +579,6 @@ def _emulate_compute(forward_s: float) -> None:
             return out
 
         setattr(cls, name, slowed)
-
-
-def _override_swarm(swarm: dict[str, Any]) -> None:
-    import gwtf.launch.bootstrap as bootstrap
-
-    original = bootstrap.build_record
-
-    def build(args):
-        record = original(args)
-        record.config["swarm"].update(swarm)
-        return record
-
-    bootstrap.build_record = build
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:

@@ -53,7 +53,7 @@ class Problem:
 def scenario_problem(sc: Scenario, capacity: int | None = None) -> Problem:
     """The scenario's starting swarm as the routers see it, and one iteration's microbatches."""
     from gwtf.config import load_config
-    from gwtf.swarm import activation_bytes
+    from gwtf.runtime.views import activation_bytes
 
     cfg = load_config(None, [f"preset={sc.preset}", f"stages={sc.stages}", *sc.overrides])
     model, t = cfg.model_config(), cfg.train

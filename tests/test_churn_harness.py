@@ -66,17 +66,17 @@ def test_compare_variants_and_their_errors():
 
 
 def test_a_recovery_the_live_swarm_lacks_is_refused_before_anything_starts(tmp_path):
-    from gwtf.node import SwarmConfig
+    from gwtf.recovery.config import RecoveryConfig
 
     sc = load_scenario("benchmarks/scenarios/stage-loss.toml")
     with pytest.raises(UserError, match="system=gwtf,deepspeed"):  # checkpoint restart is DeepSpeed's, here
         run_scenario(sc, ["recovery=checkfree,checkpoint"], tmp_path / "logs")
-    with pytest.raises(UserError, match="unknown recovery 'chekfree'"):
+    with pytest.raises(UserError, match="recovery.strategy='chekfree' is unknown"):
         run_scenario(sc, ["recovery=chekfree"], tmp_path / "logs")
     assert not (tmp_path / "logs").exists()  # nothing was started
     with pytest.raises(UserError, match="not a live swarm mode"):
-        SwarmConfig(recovery="checkpoint")
-    assert SwarmConfig(recovery="redundant").recovery == "redundant"
+        RecoveryConfig(strategy="checkpoint")
+    assert RecoveryConfig(strategy="redundant").strategy == "redundant"
 
 
 def test_time_to_full_throughput():

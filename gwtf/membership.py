@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gwtf.auth import RunAccess, RunKeyValidator
+from gwtf.auth import RunAccess, RunKeyValidator, check_run_access
 from gwtf.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -267,6 +267,36 @@ def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: Run
             ) from exc
     _OWNER_KEYS[dht] = validator.local_public_key
     return dht
+
+
+KEY_PROBE_AFTER_S = 3.0  # a keyed joiner that sees no run record this long checks whether its key is the run's
+
+
+def find_run(dht: Any, initial_peers: list[str], access: RunAccess, timeout: float, loopback: bool = True) -> RunRecord:
+    """The run record through `dht` (made with `access`), or a one-line UserError: the run is not there, or
+    `access`'s key is not the run's. A DHT peer with the wrong key drops the run's records as forgeries, so it
+    would only ever see "not found": after KEY_PROBE_AFTER_S a keyed joiner reads the run record once through a
+    short-lived keyless client (which strips MACs without checking them) and compares the run's key id with its own.
+    """
+    membership = DHTMembership(dht, access.run_id)
+    first = min(timeout, KEY_PROBE_AFTER_S) if access.keyed else timeout
+    record = membership.get_run(first)
+    if record is None and access.keyed:
+        probe = make_dht(initial_peers, loopback=loopback, access=RunAccess.open(access.run_id), client_mode=True)
+        try:
+            seen = DHTMembership(probe, access.run_id).get_run(min(5.0, timeout))
+        finally:
+            probe.shutdown()
+        if seen is not None:
+            check_run_access(access, seen.key_id)  # raises: a key the run does not know, or a key on an open run
+        record = membership.get_run(max(0.0, timeout - first))
+    if record is None:
+        raise UserError(
+            f"run {access.run_id!r} not found via {initial_peers[0]} within {timeout:g}s: check --run and "
+            "--initial-peers (the address `gwtf bootstrap` printed, of a live peer)"
+        )
+    check_run_access(access, record.key_id)
+    return record
 
 
 def _write_identity(private_key: Any, path: str) -> str:

@@ -96,6 +96,18 @@ def _use_pretrained(cfg, path: str, stages: int | None, workdir: Path) -> dict:
     return {"weights_hash": read_manifest(staged)["weights_hash"]}
 
 
+def _republish(membership, record: RunRecord) -> None:
+    """Refresh the run record (bounded retries). A store a peer refuses (a stranger with another run key refuses
+    this run's MACs) is not fatal: the record lives on at the peers that hold it, and the next refresh tries again."""
+    for attempt in range(3):
+        try:
+            membership.publish_run(record)
+            return
+        except RuntimeError as exc:
+            log.warning("refreshing the run record failed (%s); attempt %d of 3", exc, attempt + 1)
+            time.sleep(1.0)
+
+
 def run(args: argparse.Namespace) -> int:
     from gwtf.auth import bootstrap_access
     from gwtf.membership import DHTMembership
@@ -121,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             record.model_hash,
         )
         while not stop.wait(RECORD_REFRESH_S):
-            membership.publish_run(record)
+            _republish(membership, record)
     except KeyboardInterrupt:
         pass
     finally:

@@ -24,18 +24,15 @@ log = logging.getLogger(__name__)
 
 async def fetch_run(initial_peers: list[str], run_id: str, key: str | None = None, timeout: float = 60.0):
     """(run config, model config, [stage 0, stage 1..S], version) of a live run."""
-    from gwtf.auth import check_run_access, join_access
-    from gwtf.membership import DHTMembership
+    from gwtf.auth import join_access
+    from gwtf.membership import DHTMembership, find_run
     from gwtf.transport import HivemindTransport
 
     access = join_access(run_id, key)
     dht = make_dht(initial_peers, loopback=True, access=access)
     try:
         membership = DHTMembership(dht, run_id)
-        record = await asyncio.to_thread(membership.get_run, timeout)
-        if record is None:
-            raise UserError(f"run {run_id!r} not found via {initial_peers[0]}: check --run and --initial-peers")
-        check_run_access(access, record.key_id)
+        record = await asyncio.to_thread(find_run, dht, initial_peers, access, timeout)
         cfg = from_dict(record.config["run"])
         model = cfg.model_config()
         transport = await HivemindTransport.create(await dht.replicate_p2p(), run_id, access=access)

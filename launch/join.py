@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         raise UserError(f"--device {args.device}: this version computes stages on the CPU only; join with --device cpu")
-    from gwtf.auth import check_run_access, join_access
-    from gwtf.membership import DHTMembership
+    from gwtf.auth import join_access
+    from gwtf.membership import DHTMembership, find_run
     from gwtf.transport import HivemindTransport, LinkEmulator
 
     opts = NodeOptions(capacity=args.capacity, region=args.region)  # checked before anything starts
@@ -68,13 +68,9 @@ async def _main(args: argparse.Namespace) -> int:
     dht = make_dht(args.initial_peers, loopback=not args.public, access=access)
     membership = DHTMembership(dht, args.run)
     try:
-        record = await asyncio.to_thread(membership.get_run, args.join_timeout)
-        if record is None:
-            hint = " (an open run is joined without --key)" if args.key else ""
-            raise UserError(
-                f"run {args.run!r} not found via {args.initial_peers[0]}: check --run and --initial-peers{hint}"
-            )
-        check_run_access(access, record.key_id)
+        record = await asyncio.to_thread(
+            find_run, dht, args.initial_peers, access, args.join_timeout, loopback=not args.public
+        )
         spec = _spec(args, record)
         p2p = await dht.replicate_p2p()
         emulator = LinkEmulator() if args.region else None

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gwtf.auth import RunAccess
-from gwtf.transport import _BytesReader, encode_frame, is_error_frame
+from gwtf.transport import encode_frame, is_error_frame
+from gwtf.transport.channels import BytesReader
 from tests.support import InProcessSwarm
 from tests.test_auth import KeyedSwarm
 from tests.test_swarm_inprocess import fast_swarm, small_config
@@ -69,7 +70,7 @@ class Fuzz:
         node = self.targets()[target]
 
         async def serve():
-            return await asyncio.wait_for(node.transport._serve_request(FUZZER, _BytesReader(data)), REPLY_TIMEOUT)
+            return await asyncio.wait_for(node.transport._serve_request(FUZZER, BytesReader(data)), REPLY_TIMEOUT)
 
         self.tried += 1
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from gwtf.errors import BadMessage, PeerError
+from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.transport import (
     InProcessNetwork,
     InProcessTransport,
@@ -18,9 +18,11 @@ from gwtf.transport import (
     MessageLimits,
     TensorSpec,
     Transport,
+    TransportConfig,
     encode_frame,
     tensor_validator,
 )
+from gwtf.transport.channels import BytesReader
 
 RUN = "run-a"
 
@@ -126,10 +128,8 @@ def test_bad_checksum_and_garbage_rejected() -> None:
     assert server.rejected == 2
 
 
-def _reader(data: bytes):
-    from gwtf.transport import _BytesReader
-
-    return _BytesReader(data)
+def _reader(data: bytes) -> BytesReader:
+    return BytesReader(data)
 
 
 def test_handler_exception_is_returned_and_node_survives() -> None:
@@ -176,6 +176,13 @@ def test_in_process_crashed_and_hung_peers() -> None:
             await client.call("server", "hang", Message("f", RUN), timeout=1)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan")])
+def test_transport_config_refuses_a_non_positive_call_timeout(timeout: float) -> None:
+    with pytest.raises(UserError, match="transport.call_timeout=.* must be positive"):
+        TransportConfig(call_timeout=timeout)
+    assert TransportConfig().call_timeout == 10.0 and TransportConfig(call_timeout=0.5).call_timeout == 0.5
 
 
 # --- link emulation ------------------------------------------------------------------------------------------
@@ -331,8 +338,8 @@ def test_direct_tcp_refuses_unknown_token() -> None:
     async def run() -> None:
         client, server = await hivemind_pair()
         try:
-            assert server._server is not None
-            reader, writer = await asyncio.open_connection(*server._server.getsockname()[:2])
+            assert server._direct.server is not None
+            reader, writer = await asyncio.open_connection(*server._direct.server.getsockname()[:2])
             writer.write(bytes(16))  # a token nobody was given
             for buf in encode_frame(Message("f", RUN, tensors=[torch.ones(4)]), extra={"handler": "echo"}):
                 writer.write(buf)

@@ -297,7 +297,7 @@ class FlightLegs(NodeBase):
             recovered.add(peer)
             try:
                 if pos == last:
-                    meta = {**fl.meta(), "dead_pos": pos, "dead": peer}
+                    meta = schema.recovering(fl.meta(), pos, peer)
                     req = self.message("recover", iteration=self.iteration, microbatch_id=fl.mb, tensors=[grad],
                                        meta=meta)  # fmt: skip
                     await self.rpc_recover(req)

@@ -14,6 +14,7 @@ import torch
 
 from gwtf.errors import BadMessage, PeerError
 from gwtf.membership import Membership
+from gwtf.runtime import schema
 from gwtf.runtime.iteration_end import RelayIterationEnd
 from gwtf.runtime.spec import NodeOptions, RunSpec
 from gwtf.stage import timed
@@ -157,7 +158,7 @@ class RelayNode(RelayIterationEnd):
             log.info("backward mb %d: replica %s before this one failed (%s); recovering", msg.microbatch_id,
                      prev[:8], exc)  # fmt: skip
             req = self._relay_msg(msg, "recover", [grad_in], route)
-            req.meta.update({"dead_pos": pos - 1, "dead": prev})
+            req.meta = schema.recovering(req.meta, pos - 1, prev)
             await self.call(origin, "recover", req)
 
     async def rpc_release(self, msg: Message) -> Message:
@@ -176,7 +177,7 @@ class RelayNode(RelayIterationEnd):
         grad_in, route = sent
         pos = route.index(self.peer_id)
         req = self._relay_msg(msg, "recover", [grad_in], route)
-        req.meta.update({"dead_pos": pos - 1, "dead": route[pos - 1]})
+        req.meta = schema.recovering(req.meta, pos - 1, route[pos - 1])
         await self.call(str(msg.meta["origin"]), "recover", req)
         return self.message("ack")
 

@@ -78,6 +78,12 @@ def routed(route: list[str], order: Any, origin: Any, attempt: Any) -> dict[str,
     return {"route": list(route), "order": order, "origin": origin, "attempt": attempt}
 
 
+def recovering(meta: dict[str, Any], dead_pos: int, dead: str) -> dict[str, Any]:
+    """A microbatch's routed meta for a `recover`: the replica at position `dead_pos` of its route died after its
+    forward."""
+    return {**meta, "dead_pos": dead_pos, "dead": dead}
+
+
 def released(origin: str, attempt: int) -> dict[str, Any]:
     """The meta of a release: drop what is held of `origin`'s microbatch up to this attempt."""
     return {"origin": origin, "attempt": attempt}

@@ -13,7 +13,8 @@ Files:
     optim.py       the optimizer and learning-rate schedule shared by the local trainer and the swarm
     trainer.py     single-process reference trainer (`gwtf train-local`), the baseline for every swarm result
     stage.py       one replica of a relay stage: forward, backward (with recompute), gradient accumulation, optimizer
-    transport.py   tensor messages (header, validation), in-process and hivemind P2P backends, link emulation
+    transport/     tensor messages (wire format, validation), in-process and hivemind P2P backends, the direct TCP
+                   path, link emulation, TransportConfig
     auth.py        runs by invitation: run keys, HMAC proofs over libp2p peer ids, signed DHT records
     membership.py  DHT records of the run and of every node (signed, expiring), heartbeats, run lookup
     liveness.py    probing peers (is it there?), shared by data nodes, averaging and standby volunteers

@@ -48,7 +48,7 @@ from gwtf.optim import OptimConfig
 from gwtf.recovery.config import RecoveryConfig
 from gwtf.routing.config import RoutingConfig
 from gwtf.runtime.config import IterationConfig
-from gwtf.transport import TransportConfig
+from gwtf.transport.config import TransportConfig
 
 
 @dataclass

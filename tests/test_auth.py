@@ -197,7 +197,7 @@ def test_hivemind_transport_refuses_outsiders_on_p2p_and_direct_tcp() -> None:
                 )
                 with pytest.raises(PeerError, match="rejected: unauthorized"):
                     await stranger.call(server.peer_id, "echo", msg, timeout=10)
-            assert member._idle.get(server.peer_id)  # the big message took the direct TCP path
+            assert member._direct.idle.get(server.peer_id)  # the big message took the direct TCP path
         finally:
             for t in (server, member, stranger):
                 await t.shutdown()

@@ -295,7 +295,7 @@ def test_hivemind_round_trip_and_rejections(direct_tcp: bool) -> None:
             client.direct_tcp_min_bytes = None
         try:
             await check_round_trip(client, server)
-            assert bool(client._idle.get(server.peer_id)) == direct_tcp  # the big message took the TCP path
+            assert bool(client._direct.idle.get(server.peer_id)) == direct_tcp  # the big message took the TCP path
         finally:
             await close_all(client, server)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
 from gwtf.auth import RunAccess
@@ -75,11 +74,6 @@ class HivemindTransport(Transport):
             self._direct.listen(tcp_host or await _p2p_ipv4(p2p))
         self.add_handler(HELLO, self._hello)
         return self
-
-    @property
-    def _idle(self) -> dict[str, list[socket.socket]]:
-        """The idle direct TCP connections per peer (tests look here for the path a call took)."""
-        return self._direct.idle
 
     # --- serving
 

@@ -1,6 +1,8 @@
 """Entry points a person runs: every `gwtf` command (installed as gwtf.launch, so an install claims no generic
 top-level name).
 
+Layering: launch/ imports gwtf and gwtf.models, never benchmarks/; gwtf/ and models/ never import launch/.
+
 Files:
     cli.py         the `gwtf` command line: a dispatcher over the command modules below
     status.py      `gwtf status`
@@ -11,5 +13,6 @@ Files:
     setup.sh       creates .venv and installs gwtf with its pinned dependencies (torch first, CPU wheel)
     bootstrap.py   start a run: DHT peer + run record, prints the address to pass as --initial-peers
     join.py        join a run as a relay or data node
-    local_swarm.py start a whole swarm of processes on 127.0.0.1 (the demo and the tests use it)
+    processes.py   the one process launcher: start `gwtf` processes with their logs, bounded waits, stop and reap
+    local_swarm.py `gwtf demo`: a whole swarm of processes on 127.0.0.1 with a crash (finetune and the tests use it)
 """

@@ -1,0 +1,176 @@
+"""The one process launcher: gwtf processes on this machine, each with its log file, ended by pid whatever happens.
+
+    group = ProcessGroup(Path("runs/demo"))
+    group.start("bootstrap", ["bootstrap", "--run", "r", "--addr-file", "runs/demo/initial_peers.txt"])
+    peers = group.wait_for_address(Path("runs/demo/initial_peers.txt"), timeout=60)
+    group.start("relay-s1-0", ["join", "--run", "r", "--initial-peers", *peers, "--role", "relay"])
+    group.wait_for_line(["relay-s1-0"], "serving stage", timeout=180)
+    ...
+    group.stop_all()                              # SIGTERM, then SIGKILL after `grace`; every child reaped
+
+Every child is `python -m gwtf.launch.cli ARGV` by default (`entry` puts another module or a wrapper such as
+cProfile in front), writes stdout and stderr to `LOG_DIR/NAME.log`, runs with one intra-op thread and the Hugging
+Face hub offline, and leads its own session: its process group (id = its pid) holds what it starts (hivemind's DHT
+process, p2pd), also once a crash orphans them, so a signal to the group reaches the whole node. Every wait here is
+bounded and gives up (UserError) as soon as a child exits early. `gwtf demo`, `gwtf finetune`, the benchmarks
+(throughput, soak, the churn harness) and the tests start their processes through this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gwtf.errors import UserError
+
+CLI = ("-m", "gwtf.launch.cli")  # what a child runs unless `entry` says otherwise
+BASE_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# Exits that are not a failure: a clean one, and the signals a crash (injected or the harness's) or a stop sends.
+NOT_FAILED = (0, -signal.SIGKILL, -signal.SIGTERM)
+REAP_TIMEOUT_S = 10.0  # how long a SIGKILLed child may take to be reaped
+
+
+def profiled(path: Path) -> tuple[str, ...]:
+    """An `entry` that runs the gwtf CLI under cProfile, writing its profile to `path` on a clean exit."""
+    return ("-m", "cProfile", "-o", str(path), *CLI)
+
+
+@dataclass
+class ProcessGroup:
+    """Child processes started by this launcher, each in its own process group, ended by pid (SIGTERM, then
+    SIGKILL) whatever happens. `ok_exits`: the exit codes `failed()` does not report."""
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    ok_exits: tuple[int, ...] = NOT_FAILED
+
+    # ---- start -------------------------------------------------------------------------------------------------
+    def start(
+        self, name: str, argv: Sequence[str], *, entry: Sequence[str] = CLI, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen:
+        """`python ENTRY ARGV` as `name`, logging to `LOG_DIR/NAME.log` (truncated); `env` adds to the environment."""
+        with open(self.log_dir / f"{name}.log", "w") as out:  # the child holds its own copy
+            proc = subprocess.Popen(
+                [sys.executable, *entry, *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **BASE_ENV, **(env or {})},
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    # ---- stop --------------------------------------------------------------------------------------------------
+    def kill(self, *names: str) -> None:
+        """The crash: SIGKILL to each node and everything it started (its DHT process, its p2pd), no goodbye, all at
+        once; then each is reaped (bounded)."""
+        for name in names:
+            signal_group(self.procs[name], signal.SIGKILL)
+        for name in names:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.procs[name].wait(timeout=REAP_TIMEOUT_S)
+
+    def kill_all(self) -> None:
+        self.kill(*self.procs)
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """SIGTERM each child's process group (its DHT and p2pd children are in it, also once orphaned by a crash),
+        SIGKILL whatever is left after `grace` seconds, reap every child, and SIGKILL each group once more for
+        what outlived its leader."""
+        for proc in self.procs.values():
+            signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in self.procs.values():
+            signal_group(proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=REAP_TIMEOUT_S)
+        for proc in self.procs.values():  # leftovers of a group (p2pd) after its leader exited
+            signal_group(proc, signal.SIGKILL)
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def failed(self) -> list[str]:
+        """Children that exited with an exit code outside `ok_exits`."""
+        return [n for n, p in self.procs.items() if p.poll() not in (None, *self.ok_exits)]
+
+    def log_text(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def pgids(self) -> set[int]:
+        return {p.pid for p in self.procs.values()}
+
+    def leftovers(self) -> list[int]:
+        return leftovers(self.pgids())
+
+    # ---- bounded waits -----------------------------------------------------------------------------------------
+    def wait_until(
+        self, what: str | Callable[[], str], ready: Callable[[], object], timeout: float, poll_s: float = 0.1
+    ) -> None:
+        """Poll `ready()` until it is true; UserError once a child failed or after `timeout` seconds (`what` names
+        what is awaited in the error, or is called for that name then)."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.failed():
+                name = what() if callable(what) else what
+                raise UserError(f"{self.failed()} exited early while waiting for {name}; see {self.log_dir}")
+            if time.monotonic() > deadline:
+                name = what() if callable(what) else what
+                raise UserError(f"{name} not within {timeout:.0f}s; see the logs in {self.log_dir}")
+            time.sleep(poll_s)
+
+    def wait_for_address(self, path: Path, timeout: float) -> list[str]:
+        """The multiaddrs bootstrap published (its `--addr-file PATH`, the line it prints), once it has."""
+        self.wait_until("the bootstrap's address", lambda: path.exists() and path.read_text().strip(), timeout)
+        return path.read_text().split()
+
+    def wait_for_line(self, names: Iterable[str], text: str, timeout: float, poll_s: float = 0.2) -> None:
+        """Until the log of every child in `names` has `text` (e.g. relays printing "serving stage")."""
+        waiting = list(names)
+
+        def ready() -> bool:
+            waiting[:] = [n for n in waiting if text not in self.log_text(n)]
+            return not waiting
+
+        self.wait_until(lambda: f"{text!r} in the logs of {waiting}", ready, timeout, poll_s)
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group this launcher created for `proc` (its pid is the group id), by that pid."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+        os.killpg(proc.pid, sig)
+
+
+def leftovers(pgids: set[int]) -> list[int]:
+    """Pids of anything still alive in the process groups `pgids` a launcher started (should be none)."""
+    import psutil  # a test/benchmark dependency: only the harnesses that check for leftovers need it
+
+    alive = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) in pgids and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+    return alive
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file another process is still writing."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written
+    return rows

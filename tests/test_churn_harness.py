@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gwtf.benchmarks.churn import Churn, NodeSpec, Scenario, draw_events, load_scenario, run_scenario, variants
-from gwtf.benchmarks.report import build_report, to_full_throughput, write_plots
+from gwtf.benchmarks.harness.compare import run_scenario, variants
+from gwtf.benchmarks.harness.events import draw_events
+from gwtf.benchmarks.harness.report import build_report, to_full_throughput, write_plots
+from gwtf.benchmarks.harness.scenario import Churn, NodeSpec, Scenario, load_scenario
 from gwtf.errors import UserError
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from gwtf.benchmarks.churn import Churn, Event, NodeSpec, Scenario, variants
-from gwtf.benchmarks.ds_churn import DeepSpeedRun, _mark_rollbacks, choose_dp
+from gwtf.benchmarks.harness.compare import variants
+from gwtf.benchmarks.harness.deepspeed_run import DeepSpeedRun, _mark_rollbacks, choose_dp
+from gwtf.benchmarks.harness.events import Event
+from gwtf.benchmarks.harness.scenario import Churn, NodeSpec, Scenario
 from gwtf.errors import UserError
 
 
@@ -113,8 +115,9 @@ stage = 1
 @pytest.mark.deepspeed
 @pytest.mark.timeout(400)
 def test_deepspeed_baseline_restarts_from_its_checkpoint_after_a_crash(tmp_path: Path):
-    from gwtf.benchmarks.churn import load_scenario, run_scenario
-    from gwtf.benchmarks.report import build_report
+    from gwtf.benchmarks.harness.compare import run_scenario
+    from gwtf.benchmarks.harness.report import build_report
+    from gwtf.benchmarks.harness.scenario import load_scenario
 
     path = tmp_path / "tinyds.toml"
     path.write_text(TINY_DS)

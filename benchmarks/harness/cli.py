@@ -1,0 +1,75 @@
+"""Crash-injection benchmark: a scenario's swarm as real processes on 127.0.0.1, crashes and joins, a report.
+
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/geo10.toml --compare router=gwtf,swarm \
+        --json runs/geo10.json --plots docs/plots
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --json runs/local.json
+
+Every node is a `gwtf` process (bootstrap, relays, data nodes; hivemind DHT + P2P on loopback). With a region a
+node's transport emulates that region's links (gwtf.transport.LinkEmulator, real time). A node's compute speed is
+emulated too: a relay started with `speed` s and the scenario's `compute_ms` c sleeps c/s ms per forward (2x per
+backward, 3x per recompute) in its compute thread, on top of the real (tiny, debug-preset) compute; so its
+measured compute time, which the routers read from its record, reflects the emulated speed.
+
+Churn is drawn before the run from the scenario's seed: crashes arrive as a Poisson process of `rate_per_hour`
+per relay per *modelled* hour, and `time_scale` modelled seconds pass per wall second (so a few wall minutes see
+the crashes of a few modelled hours). A crash is a SIGKILL of the node's process group (the node and its p2pd),
+chosen among the live relays by a draw seeded with the event's index; a replacement volunteer with the victim's
+region, speed and capacity joins `rejoin_after_s` modelled seconds later and picks its stage itself. An explicit
+`[[trace]]` adds crashes and joins at chosen modelled times. With `--compare`, every variant runs the same
+scenario, seed, data and event times, one after the other; the victims are the same as long as the live sets are.
+
+Everything the harness started is killed by process group at the end, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from gwtf.benchmarks.harness.compare import run_scenario
+from gwtf.benchmarks.harness.scenario import load_scenario
+from gwtf.errors import UserError
+
+PROG = "gwtf.benchmarks.churn"  # the command users run: python -m gwtf.benchmarks.churn
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", required=True, help="a benchmarks/scenarios/*.toml file")
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY=V1,V2", help="router or recovery")
+    parser.add_argument("--json", default=None, help="write the report here")
+    parser.add_argument("--plots", default=None, help="write PNG plots into this folder")
+    parser.add_argument("--logs", default="runs/churn", help="node logs and metrics, one folder per run")
+    parser.add_argument("--steps", type=int, default=None, help="override the scenario's steps")
+    args = parser.parse_args(argv)
+    from gwtf.benchmarks.harness.report import build_report, print_summary, write_plots
+
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the harness stops its children like Ctrl-C does
+    try:
+        sc = load_scenario(args.scenario)
+        if args.steps:
+            sc.steps = args.steps
+        results = run_scenario(sc, args.compare, Path(args.logs))
+        report = build_report(sc, results)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        if args.plots:
+            write_plots(report, Path(args.plots))
+        print_summary(report)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+    return 0 if all(r.done and not r.leftover_pids for r in results) else 1

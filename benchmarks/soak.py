@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from gwtf.launch.local_swarm import ProcessGroup
+from gwtf.launch.processes import ProcessGroup
 
 log = logging.getLogger("soak")
 
@@ -66,8 +66,8 @@ class Soak:
     # --- the swarm
 
     def launch(self, name: str, argv: list[str]) -> None:
-        os.environ["GWTF_SOAK"], os.environ["GWTF_SOAK_NODE"] = self.run_id, name  # inherited by its processes
-        self.group.start(name, argv)
+        marks = {"GWTF_SOAK": self.run_id, "GWTF_SOAK_NODE": name}  # inherited by every process the node starts
+        self.group.start(name, argv, env=marks)
 
     def start(self) -> None:
         a, out = self.args, self.group.log_dir
@@ -78,7 +78,7 @@ class Soak:
             ["bootstrap", "--run", self.run_id, "--preset", "debug", "--stages", str(a.stages), "--key", str(key),
              "--router", "round-robin", "--addr-file", str(addr), *steps],
         )  # fmt: skip
-        peers = _wait_for(addr, self.group, 90).split()
+        peers = self.group.wait_for_address(addr, 90)
         self.join = ["join", "--run", self.run_id, "--initial-peers", *peers, "--key", str(key)]
         for stage in range(1, a.stages + 1):
             for r in range(a.replicas):
@@ -93,14 +93,11 @@ class Soak:
         if not live:
             return
         victim = rng.choice(live)
-        proc = self.group.procs[victim]
         tree = self.processes().get(victim, [])  # the node, its DHT process, p2pd, torch_shm_manager
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        for p in tree:  # the machine is gone: nothing of it survives
+        self.group.kill(victim)  # its process group: SIGKILL, then reaped
+        for p in tree:  # the machine is gone: nothing of it survives, also what left its process group
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        proc.wait(timeout=10)
         self.crashes.append({"t": round(self.elapsed(), 1), "victim": victim, "iteration": self.iterations()})
         self.pending_joins.append(self.elapsed() + self.args.rejoin_after_s)
         log.info("crash %d: %s SIGKILLed at %.0fs", len(self.crashes), victim, self.elapsed())
@@ -165,17 +162,6 @@ def _describe(p: psutil.Process) -> str:
         return f"{p.pid} {' '.join(p.cmdline())[:120]}"
     except psutil.Error:
         return str(p.pid)
-
-
-def _wait_for(path: Path, group: ProcessGroup, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if group.failed():
-            raise RuntimeError(f"{group.failed()} exited early; see {group.log_dir}")
-        time.sleep(0.2)
-    raise RuntimeError(f"bootstrap published no address within {timeout:.0f}s; see {group.log_dir}")
 
 
 def _iteration_rows(path: Path) -> list[dict]:
@@ -272,11 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.5)
         soak.sample()
     finally:
-        for proc in soak.group.procs.values():  # by process group: the nodes' p2pd daemons too
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        soak.group.stop_all(grace=15)
+        soak.group.stop_all(grace=15)  # by process group: the nodes' p2pd daemons too
     time.sleep(2.0)  # daemons notice their parent is gone
     leftovers = soak.leftovers()
     result = report(soak, leftovers)

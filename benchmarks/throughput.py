@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gwtf.benchmarks.ds_pipeline import DSSettings, run_deepspeed
-from gwtf.launch.local_swarm import read_jsonl
+from gwtf.launch.processes import CLI, ProcessGroup, profiled, read_jsonl
 
 TARGET_RATIO = 0.9
 
@@ -69,46 +67,6 @@ class BenchSettings:
 # --- gwtf swarm ------------------------------------------------------------------------------------------------
 
 
-class _Procs:
-    """Swarm processes, optionally under cProfile; ended by their own pid (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, log_dir: Path, profile_dir: Path | None) -> None:
-        self.log_dir, self.profile_dir = log_dir, profile_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str]) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        prof = ["-m", "cProfile", "-o", str(self.profile_dir / f"{name}.prof")] if self.profile_dir else []
-        with open(self.log_dir / f"{name}.log", "w") as out:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, *prof, "-m", "gwtf.launch.cli", *argv], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-
-    def failed(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)  # cProfile writes its file on the way out
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-
-def _wait(what: str, ready: Any, procs: _Procs, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if procs.failed():
-            raise RuntimeError(f"{procs.failed()} exited early while waiting for {what}; logs in {procs.log_dir}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout:.0f}s; logs in {procs.log_dir}")
-        time.sleep(0.1)
-
-
 def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeout: float = 600.0) -> dict[str, Any]:
     """A swarm of 1 bootstrap + S relays + 1 data node; steady-state tokens/s from the data node's metrics."""
     out.mkdir(parents=True, exist_ok=True)
@@ -118,30 +76,34 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
     addr, metrics = out / "initial_peers.txt", out / "data-0.jsonl"
     for stale in (addr, metrics):
         stale.unlink(missing_ok=True)
-    procs = _Procs(out, profile_dir)
+    procs = ProcessGroup(out, ok_exits=(0,))  # nothing is crashed on purpose here: any signal death is a failure
+
+    def start(name: str, argv: list[str]) -> None:  # optionally under cProfile, one profile per process
+        procs.start(name, argv, entry=profiled(profile_dir / f"{name}.prof") if profile_dir else CLI)
+
     sets = sum((["--set", o] for o in s.overrides()), [])
     try:
-        procs.start("bootstrap", ["bootstrap", "--run", run_id, "--preset", s.preset, "--stages", str(s.stages),
-                                  "--router", "round-robin", "--addr-file", str(addr), *sets])  # fmt: skip
-        _wait("the bootstrap address", lambda: addr.exists() and addr.read_text().strip(), procs, 60)
-        join = ["join", "--run", run_id, "--initial-peers", *addr.read_text().split(), "--capacity", str(s.capacity)]
+        start("bootstrap", ["bootstrap", "--run", run_id, "--preset", s.preset, "--stages", str(s.stages),
+                            "--router", "round-robin", "--addr-file", str(addr), *sets])  # fmt: skip
+        peers = procs.wait_for_address(addr, 60)
+        join = ["join", "--run", run_id, "--initial-peers", *peers, "--capacity", str(s.capacity)]
         for k in range(1, s.stages + 1):
-            procs.start(f"relay-s{k}", [*join, "--role", "relay", "--stage", str(k)])
-        procs.start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
+            start(f"relay-s{k}", [*join, "--role", "relay", "--stage", str(k)])
+        start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
         n_iters = lambda: sum(r.get("event") == "iteration" for r in read_jsonl(metrics))  # noqa: E731
-        _wait("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), procs, timeout)
+        procs.wait_until("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), timeout)
         tracker = _CpuTracker(procs)
         cpu_start = tracker.read()
-        _wait("the last iteration", lambda: tracker.poll() or n_iters() >= s.steps, procs, timeout)
+        procs.wait_until("the last iteration", lambda: tracker.poll() or n_iters() >= s.steps, timeout)
         cpu = _cpu_delta(cpu_start, tracker.read())
         procs.procs["data-0"].wait(timeout=30)  # exits by itself after its last step (and writes its profile)
     finally:
-        procs.stop()
+        procs.stop_all(grace=20)  # cProfile writes its file on the way out
     iters = [r for r in read_jsonl(metrics) if r.get("event") == "iteration"]
     return {**_steady_state(iters, s), "cpu_seconds_in_timed_steps": cpu}
 
 
-def _cpu_seconds(procs: _Procs) -> dict[int, tuple[str, float]]:
+def _cpu_seconds(procs: ProcessGroup) -> dict[int, tuple[str, float]]:
     """pid -> (owner, user + system CPU seconds so far) of each node's Python process and of its descendants
     (hivemind's DHT process and p2pd daemons, owner "NAME/PROCESS-NAME")."""
     import psutil
@@ -167,7 +129,7 @@ class _CpuTracker:
     data node's DHT process and p2pd exit with it right after its last step, before the final reading, and their
     CPU would otherwise go uncounted."""
 
-    def __init__(self, procs: _Procs, every: float = 0.5) -> None:
+    def __init__(self, procs: ProcessGroup, every: float = 0.5) -> None:
         self.procs, self.every = procs, every
         self.last: dict[int, tuple[str, float]] = {}
         self.read_at = 0.0

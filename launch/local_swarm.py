@@ -6,75 +6,25 @@
 Every node is a real process on hivemind (DHT + P2P on loopback). At `--crash-at`, one relay SIGKILLs itself in
 the middle of an iteration (during `--crash-phase`, by the fault injector); its stage goes on with the surviving
 replica, and a new volunteer joins (choosing the stage that lacks capacity and downloading its state from the live
-replica). Every process this starts is ended by its pid when the run ends, fails or is interrupted.
+replica). Every process starts through the process launcher (gwtf.launch.processes) and is ended by its pid when the
+run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gwtf.errors import UserError
+from gwtf.launch.processes import ProcessGroup, read_jsonl  # ProcessGroup: tests/test_auth.py imports it from here
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ProcessGroup:
-    """Child processes started by this launcher, ended by pid (SIGTERM, then SIGKILL) whatever happens."""
-
-    log_dir: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process group)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gwtf.launch.cli", *argv],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def kill(self, name: str) -> None:
-        """The crash: SIGKILL to the node and everything it started (its DHT process, its p2pd), no goodbye."""
-        _signal_group(self.procs[name], signal.SIGKILL)
-        self.procs[name].wait(timeout=10)
-
-    def stop_all(self, grace: float = 5.0) -> None:
-        """SIGTERM each child's process group (each child leads its own session: its DHT and p2pd children are in
-        it, also once orphaned by a crash), then SIGKILL whatever is left after `grace`."""
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-    def failed(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() not in (None, 0, -signal.SIGKILL, -signal.SIGTERM)]
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the process group this launcher created for `proc` (its pid is the group id), by that pid."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
-        os.killpg(proc.pid, sig)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> None:
@@ -147,7 +97,7 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
             *extra.bootstrap,
         ],
     )
-    peers = wait_for_file(addr_file, group, timeout=60).split()
+    peers = group.wait_for_address(addr_file, timeout=60)
     join = ["join", "--run", run_id, "--initial-peers", *peers]
     if getattr(args, "capacity", None):
         join += ["--capacity", str(args.capacity)]
@@ -171,30 +121,6 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
     if extra.after_done is not None and summary["ok"]:
         summary.update(extra.after_done(peers, run_id))
     return summary
-
-
-def wait_for_file(path: Path, group: ProcessGroup, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if group.failed():
-            raise UserError(f"{group.failed()} exited early; see {group.log_dir}")
-        time.sleep(0.1)
-    raise UserError(f"bootstrap did not publish its address within {timeout:.0f}s; see {group.log_dir}")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSON-lines file another process is still writing."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line being written
-    return rows
 
 
 def _monitor(args: argparse.Namespace, group: ProcessGroup, join: list[str], metrics: list[Path]) -> dict:
@@ -242,20 +168,11 @@ def _await_takeover(group: ProcessGroup, crashed: dict, step: int, timeout: floa
 def _wait_for_relays(group: ProcessGroup, names: list[str], timeout: float = 180.0) -> None:
     """Training starts once the starting swarm serves: on a busy machine some processes start seconds after others,
     and a fast run would otherwise be over before them (the crash under test would never come)."""
-    deadline = time.monotonic() + timeout
-    waiting = list(names)
-    while waiting and time.monotonic() < deadline:
-        waiting = [n for n in waiting if "serving stage" not in (group.log_dir / f"{n}.log").read_text()]
-        if group.failed():
-            raise UserError(f"{group.failed()} exited early; see {group.log_dir}")
-        time.sleep(0.2)
-    if waiting:
-        raise UserError(f"relays {waiting} did not start serving within {timeout:.0f}s; see {group.log_dir}")
+    group.wait_for_line(names, "serving stage", timeout)
 
 
 def _joiner_served(group: ProcessGroup) -> bool:
-    log_file = group.log_dir / "joiner-0.log"
-    return log_file.exists() and "serving stage" in log_file.read_text()
+    return "serving stage" in group.log_text("joiner-0")
 
 
 def _rejoin(args: argparse.Namespace, group: ProcessGroup, join: list[str], step: int) -> dict:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gwtf.errors import UserError
 from gwtf.launch.processes import ProcessGroup, read_jsonl  # ProcessGroup: tests/test_auth.py imports it from here
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
 
 
 def run(args: argparse.Namespace, extra: SwarmExtras | None = None) -> int:
+    extra = extra or SwarmExtras()
+    check_args(args, pretrained="--from-pretrained" in extra.bootstrap)  # one line, before any process starts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*"):
@@ -54,12 +57,37 @@ def run(args: argparse.Namespace, extra: SwarmExtras | None = None) -> int:
             stale.unlink()
     group = ProcessGroup(out)
     try:
-        summary = _run_swarm(args, group, out, extra or SwarmExtras())
+        summary = _run_swarm(args, group, out, extra)
     finally:
         group.stop_all()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {out / 'summary.json'}; node logs in {out}/")
     return 0 if summary["ok"] else 1
+
+
+def check_args(args: argparse.Namespace, pretrained: bool = False) -> None:
+    """UserError, naming the value, for anything the swarm would otherwise start with and then fail on (or hang:
+    a stage without replicas never serves). The run's own settings are checked as bootstrap will check them."""
+    from gwtf.config import load_config
+    from gwtf.faults import PHASES
+    from gwtf.launch.bootstrap import LAUNCH_DEFAULTS
+    from gwtf.runtime.spec import NodeOptions
+
+    for name in ("stages", "replicas", "data_nodes", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    NodeOptions(capacity=args.capacity)
+    run_flags = [f"train.steps={args.steps}", f"train.seed={args.seed}", f"routing.router={args.router}", *args.set]
+    if not pretrained:  # a pretrained checkpoint fixes the model; bootstrap checks it as it converts it
+        run_flags += [f"preset={args.preset}", f"stages={args.stages}"]
+    load_config(None, run_flags, defaults=LAUNCH_DEFAULTS)
+    if args.crash_at >= 0:
+        if not 1 <= args.crash_stage <= args.stages:
+            raise UserError(f"--crash-stage {args.crash_stage}: the swarm has stages 1..{args.stages}")
+        if args.crash_phase not in PHASES:
+            raise UserError(f"--crash-phase {args.crash_phase!r} is unknown; phases: {', '.join(PHASES)}")
+        if args.crash_at >= args.steps:
+            raise UserError(f"--crash-at {args.crash_at}: the run has steps 0..{args.steps - 1} (-1: no crash)")
 
 
 @dataclass

@@ -161,3 +161,27 @@ def test_join_refuses_a_bad_node_option_before_it_reaches_for_the_run(argv, name
     err = capsys.readouterr().err
     assert code == 2 and named in err and len(err.strip().splitlines()) == 1
     assert time.monotonic() - t0 < 10  # no DHT was started, nothing waited on a peer
+
+
+@pytest.mark.parametrize(
+    "argv,named",
+    [
+        (["--stages", "0"], "--stages 0"),
+        (["--replicas", "0"], "--replicas 0"),
+        (["--steps", "0"], "--steps 0"),
+        (["--data-nodes", "0"], "--data-nodes 0"),
+        (["--capacity", "0"], "capacity=0"),
+        (["--preset", "gpt5"], "unknown model preset 'gpt5'"),
+        (["--router", "fastest"], "routing.router='fastest'"),
+        (["--crash-stage", "7"], "--crash-stage 7"),
+        (["--crash-phase", "lunch"], "--crash-phase 'lunch'"),
+        (["--crash-at", "40"], "--crash-at 40"),
+        (["--set", "recovery.strategy=nope"], "recovery.strategy='nope'"),
+    ],
+)
+def test_demo_refuses_a_bad_value_before_it_starts_a_process(argv, named, tmp_path, capsys):
+    t0 = time.monotonic()
+    code = main(["demo", "--out", str(tmp_path / "demo"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and named in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "demo").exists() and time.monotonic() - t0 < 10  # nothing was started

@@ -8,7 +8,8 @@ import pytest
 from gwtf.errors import BadMessage, PeerError
 from gwtf.faults import Fault
 from gwtf.routing.agent import AgentConfig, ChainCost, Claim, Hello, Match, Offer, Request, Route, Yield
-from gwtf.routing.p2p import HANDLER, decode, encode
+from gwtf.routing.agent.codec import decode, encode
+from gwtf.routing.p2p import HANDLER
 from gwtf.routing.protocol import ProtocolRun
 from gwtf.trainer import train_local
 from tests.support import InProcessSwarm

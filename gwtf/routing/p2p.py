@@ -13,9 +13,10 @@ A data node reads its paths off its own agent (`P2PRouter`): `Route` messages br
 `gwtf` (gwtf.routing.gwtf_router) instead runs every agent inside each data node on its view of the swarm: the same
 algorithm, without the messages.
 
-Wire format: a call's `meta["m"]` is a list of messages, each `[type name, field, field, ...]` (tuples as lists).
-Every message is checked against its dataclass's field types and must name the transport-stamped caller as its
-sender before the agent sees it; the agent then checks what it says (stages, slots, numbers, capacity).
+Wire format (gwtf.routing.agent.codec): a call's `meta["m"]` is a list of messages, each `[type name, field, field,
+...]` (tuples as lists). Every message is checked against its dataclass's field types and must name the
+transport-stamped caller as its sender before the agent sees it; the agent then checks what it says (stages,
+slots, numbers, capacity).
 """
 
 from __future__ import annotations
@@ -24,15 +25,12 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import random
-import typing
 from collections.abc import Callable
 from typing import Any
 
 from gwtf.errors import BadMessage, PeerError, UserError
-from gwtf.routing.agent import Agent, AgentConfig, InProcessBus, PeerCard
-from gwtf.routing.agent import Message as AgentMessage
+from gwtf.routing.agent import Agent, AgentConfig, InProcessBus, PeerCard, decode, encode
 from gwtf.routing.base import Plan, RoutedNode, Router, SwarmView
 from gwtf.routing.config import RoutingConfig
 from gwtf.routing.protocol import Directory, ViewCosts
@@ -45,71 +43,6 @@ MAX_MESSAGES = 256  # agent messages per call
 MAX_CALL_BYTES = 24 << 10  # and about this much JSON (a call's meta may hold 64 KiB: gwtf.transport.MessageLimits)
 MAX_INBOX = 4096  # agent messages waiting for the next round; beyond, calls are refused (the sender retries)
 MAX_QUEUE = 4096  # agent messages waiting to go to one peer; beyond, the oldest are dropped (as the wire may)
-MAX_ITEMS = 1024  # entries of one tuple field
-MAX_STR = 256
-
-MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(AgentMessage)}
-_HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGE_TYPES.items()}
-
-
-# ------------------------------------------------------------------------------------------------------ codec
-
-
-def encode(msg: Any) -> list:
-    return [type(msg).__name__, *(_plain(getattr(msg, f.name)) for f in dataclasses.fields(msg))]
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return encode(value)
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def decode(entry: Any, sender: str | None) -> Any:
-    """An agent message from its wire form; BadMessage unless every field has its declared type and, when `sender`
-    is given, the message names that peer (the transport-stamped caller) as its sender."""
-    if not isinstance(entry, list) or not entry or entry[0] not in MESSAGE_TYPES:
-        raise BadMessage("not an agent message")
-    cls, hints = MESSAGE_TYPES[entry[0]], _HINTS[entry[0]]
-    fields = dataclasses.fields(cls)
-    if len(entry) != len(fields) + 1:
-        raise BadMessage(f"{entry[0]}: expected {len(fields)} fields, got {len(entry) - 1}")
-    msg = cls(*(_typed(v, hints[f.name], f"{entry[0]}.{f.name}") for v, f in zip(entry[1:], fields)))
-    if sender is not None and msg.sender != sender:
-        raise BadMessage(f"{entry[0]} claims to come from {msg.sender!r}, not from its caller")
-    return msg
-
-
-def _typed(value: Any, tp: Any, where: str) -> Any:
-    if tp is int:
-        if type(value) is not int:
-            raise BadMessage(f"{where}: expected an integer")
-        return value
-    if tp is float:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise BadMessage(f"{where}: expected a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str) or len(value) > MAX_STR:
-            raise BadMessage(f"{where}: expected a string of at most {MAX_STR} characters")
-        return value
-    if isinstance(tp, type) and tp.__name__ in MESSAGE_TYPES:
-        inner = decode(value, None)
-        if type(inner) is not tp:
-            raise BadMessage(f"{where}: expected a {tp.__name__}")
-        return inner
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list) or len(value) > MAX_ITEMS:
-            raise BadMessage(f"{where}: expected a list of at most {MAX_ITEMS} entries")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_typed(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise BadMessage(f"{where}: expected {len(args)} entries")
-        return tuple(_typed(v, a, where) for v, a in zip(value, args))
-    raise BadMessage(f"{where}: field of a type the wire does not carry")
 
 
 # ----------------------------------------------------------------------------------------------- the service

@@ -40,7 +40,7 @@ setup(
     # top-level name only: they are installed as gwtf.models, gwtf.launch and gwtf.benchmarks.
     packages=[*find_packages(include=["gwtf", "gwtf.*"]), *(f"gwtf.{name}" for name in TOP_LEVEL_FOLDERS)],
     package_dir={f"gwtf.{name}": name for name in TOP_LEVEL_FOLDERS},
-    package_data={"gwtf.benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*.json"]},
+    package_data={"gwtf.benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gwtf=gwtf.launch.cli:main"]},

@@ -4,8 +4,8 @@ The pipeline, from text to microbatches:
 
 1. A corpus is a list of *documents*. A file is one document, cut at line boundaries into pieces of at most
    `DOC_CHARS` characters so that even a single large text file yields many documents to split.
-   Corpora: "embedded" (the Python standard library's own sources: offline, nothing stored in the repo),
-   a file or folder of text files, or "hf:NAME[:CONFIG]" (the `datasets` package, online).
+   Corpora: "embedded" (a fixed snapshot of Python standard library sources shipped with the package, see
+   below), a file or folder of text files, or "hf:NAME[:CONFIG]" (the `datasets` package, online).
 2. Documents are split into train and validation BY DOCUMENT with a seeded permutation, so no validation text
    is ever trained on.
 3. Each side is tokenized as `bos + text + eos` per document, concatenated in order, and cut into rows of
@@ -13,16 +13,25 @@ The pipeline, from text to microbatches:
    `~/.cache/gwtf/data/` (or `$GWTF_CACHE_DIR/data/`) keyed by everything that determines them.
 4. `MicrobatchSchedule` deals train rows to data nodes: each node owns a disjoint shard and walks it in a
    fresh seeded order every epoch.
+
+The embedded corpus is `gwtf/resources/embedded_corpus.tar.xz` (PSF-licensed, notice beside it): 106 .py files,
+2,001,578 bytes, of CPython 3.11.7's Lib/ (tests and site-packages left out), in the order in which a folder corpus
+is sampled (by hash of the relative path), taken whole until EMBEDDED_BYTES. It is read like a folder: files in
+that order until `data.max_bytes`, the last one in part; so any max_bytes up to EMBEDDED_BYTES gives the documents
+that reading 3.11.7's own Lib/ gave, and the same corpus on every interpreter build. `write_embedded_corpus`
+rebuilds the snapshot from an interpreter's Lib/ (a new snapshot changes every figure measured on the corpus).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
-import sys
 import sysconfig
+import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +50,8 @@ TEXT_SUFFIXES = {
 }  # fmt: skip
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _CACHE_VERSION = 1  # bump when the packing rule changes, so old caches are not reused
+EMBEDDED_CORPUS = Path(__file__).resolve().parent / "resources" / "embedded_corpus.tar.xz"
+EMBEDDED_BYTES = 2_000_000  # the snapshot holds whole files until at least this many bytes (DataConfig's default)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,10 +155,69 @@ class DataConfig:
             raise UserError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def embedded_corpus_files() -> list[Path]:
-    """The standard library's .py sources, sorted; test folders and installed packages left out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return _text_files(root, suffixes={".py"})
+@functools.cache
+def _embedded_snapshot() -> bytes:
+    try:
+        return EMBEDDED_CORPUS.read_bytes()
+    except OSError as exc:
+        raise UserError(f"the embedded corpus {EMBEDDED_CORPUS} is missing ({exc}); reinstall gwtf") from exc
+
+
+@functools.cache
+def embedded_corpus() -> tuple[tuple[str, bytes], ...]:
+    """The embedded corpus: (path relative to Lib/, content) per file, in reading order (module docstring)."""
+    files = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(_embedded_snapshot()), mode="r:xz") as tar:
+            for member in tar:
+                fh = tar.extractfile(member) if member.isfile() else None
+                if fh is not None:
+                    files.append((member.name, fh.read()))
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise UserError(f"the embedded corpus {EMBEDDED_CORPUS} is unreadable ({exc}); reinstall gwtf") from exc
+    return tuple(files)
+
+
+def embedded_corpus_id() -> str:
+    """sha256 of the snapshot file: what the data cache is keyed by for the embedded corpus."""
+    return hashlib.sha256(_embedded_snapshot()).hexdigest()
+
+
+def _embedded_documents(max_bytes: int) -> list[str]:
+    """The embedded corpus's files in order until max_bytes, the last one in part: what `_select_files` and
+    `_file_documents` make of a folder."""
+    docs, total = [], 0
+    for _, content in embedded_corpus():
+        if total >= max_bytes:
+            break
+        size = min(len(content), max_bytes - total)
+        if size > 0:
+            docs.extend(_split_document(content[:size].decode("utf-8", errors="replace")))
+            total += size
+    if total < max_bytes:
+        logger.info("the embedded corpus holds %d bytes, less than data.max_bytes=%d: all of it is read", total,
+                    max_bytes)  # fmt: skip
+    return [d for d in docs if d.strip()]
+
+
+def write_embedded_corpus(out: Path = EMBEDDED_CORPUS, stdlib: Path | None = None,
+                          min_bytes: int = EMBEDDED_BYTES) -> int:  # fmt: skip
+    """Rebuild the snapshot from an interpreter's Lib/ (the running one by default); returns its bytes of text.
+
+    The Lib/ .py files (test folders and installed packages left out) in `_select_files` order, whole, until
+    min_bytes; a reproducible tar (no times, owners or modes of the machine), xz-compressed. Maintenance only:
+    nothing at run time reads the interpreter's own files."""
+    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    chosen = _select_files(root, _text_files(root, suffixes={".py"}), max_bytes=min_bytes)
+    total = 0
+    with tarfile.open(out, "w:xz", format=tarfile.USTAR_FORMAT, preset=9) as tar:
+        for path, _ in chosen:
+            content = path.read_bytes()  # whole: the last file too, so any max_bytes up to min_bytes is covered
+            info = tarfile.TarInfo(path.relative_to(root).as_posix())
+            info.size, info.mode, info.mtime = len(content), 0o644, 0
+            tar.addfile(info, io.BytesIO(content))
+            total += len(content)
+    return total
 
 
 def _text_files(root: Path, suffixes: set[str]) -> list[Path]:
@@ -162,8 +232,6 @@ def _text_files(root: Path, suffixes: set[str]) -> list[Path]:
 
 
 def _corpus_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
-    if cfg.corpus == "embedded":
-        return Path(sysconfig.get_paths()["stdlib"]), embedded_corpus_files()
     path = Path(cfg.corpus).expanduser()
     if path.is_file():
         return path.parent, [path]
@@ -288,14 +356,16 @@ def _tensor_hash(*tensors: torch.Tensor) -> str:
 def load_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None, use_cache: bool = True) -> PackedData:
     """Read, split, tokenize and pack the corpus; deterministic from (cfg, seq_len, tokenizer)."""
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    chosen: list[tuple[Path, int]] = []
     if cfg.corpus.startswith("hf:"):
-        chosen: list[tuple[Path, int]] = []
         source: Any = cfg.corpus  # a remote dataset cannot be stat'ed: keyed by name only
+    elif cfg.corpus == "embedded":
+        source = ["embedded", embedded_corpus_id()]  # the snapshot's own hash: the same on every interpreter
     else:
         root, files = _corpus_files(cfg)
         chosen = _select_files(root, files, cfg.max_bytes)
-        # Sizes and mtimes of what is read: an edited corpus is packed again. The stdlib carries its version.
-        source = [sys.version, [(str(f), s, f.stat().st_mtime_ns) for f, s in chosen]]
+        # Sizes and mtimes of what is read: an edited corpus is packed again.
+        source = [(str(f), s, f.stat().st_mtime_ns) for f, s in chosen]
     cache_path = _cache_dir() / f"{_cache_key(cfg, seq_len, tokenizer, source)}.pt"
     if use_cache and cache_path.exists():
         try:
@@ -303,7 +373,12 @@ def load_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None,
             return PackedData(blob["train"], blob["val"], blob["corpus_hash"])
         except (OSError, RuntimeError, KeyError) as exc:  # a torn or foreign file: rebuild it
             logger.warning("ignoring unreadable data cache %s: %s", cache_path, exc)
-    docs = list(_hf_documents(cfg.corpus, cfg.max_bytes)) if cfg.corpus.startswith("hf:") else _file_documents(chosen)
+    if cfg.corpus.startswith("hf:"):
+        docs = list(_hf_documents(cfg.corpus, cfg.max_bytes))
+    elif cfg.corpus == "embedded":
+        docs = _embedded_documents(cfg.max_bytes)
+    else:
+        docs = _file_documents(chosen)
     data = _pack_split(docs, cfg, seq_len, tokenizer)
     if use_cache:
         _save_cache(cache_path, data)

@@ -8,10 +8,12 @@ import torch
 from gwtf import data as gdata
 from gwtf.data import (
     DOC_CHARS,
+    EMBEDDED_BYTES,
+    EMBEDDED_CORPUS,
     ByteTokenizer,
     DataConfig,
     MicrobatchSchedule,
-    embedded_corpus_files,
+    embedded_corpus,
     load_data,
     load_tokenizer,
     pack,
@@ -103,15 +105,48 @@ def test_cache_is_used(corpus, monkeypatch):
         load_data(cfg, seq_len=8)
 
 
-def test_embedded_corpus():
-    files = embedded_corpus_files()
-    assert len(files) > 100 and files == sorted(files)
-    assert all(f.suffix == ".py" for f in files)
-    skipped = {"test", "tests", "idle_test", "site-packages"}
-    assert not any(skipped & set(f.parts) for f in files)
+def test_embedded_corpus_is_the_shipped_snapshot(monkeypatch):
+    """The embedded corpus is the snapshot in gwtf/resources (with its PSF notice), never the running interpreter's
+    own Lib/: the same rows and hash on every CPython build. The pinned hash is what reading CPython 3.11.7's Lib/
+    gave before the snapshot (the snapshot is that Lib/'s first files in the same order, so nothing changed there)."""
+    files = embedded_corpus()
+    assert len(files) == 106 and sum(len(content) for _, content in files) == 2_001_578 >= EMBEDDED_BYTES
+    assert all(name.endswith(".py") for name, _ in files)
+    assert not any({"test", "tests", "idle_test", "site-packages"} & set(name.split("/")) for name, _ in files)
+    notice = (EMBEDDED_CORPUS.parent / "embedded_corpus_LICENSE.txt").read_text()
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in notice and "CPython 3.11.7" in notice
+
+    def no_stdlib(*args, **kwargs):
+        raise AssertionError("the embedded corpus looked at the interpreter's files")
+
+    monkeypatch.setattr(gdata.sysconfig, "get_paths", no_stdlib)
+    monkeypatch.setattr(gdata, "_text_files", no_stdlib)
     d = load_data(DataConfig(max_bytes=200_000), seq_len=64, use_cache=False)
-    assert len(d.train) > 1000 and len(d.val) > 0
-    assert d.train.max() < 259
+    assert d.train.shape == (3089, 64) and d.val.shape == (35, 64) and d.train.max() < 259
+    assert d.corpus_hash == "48e403e43390b160d8d7e688731b865f66b63b47c9ba253ea2c8c6874caa0b3d"
+
+
+def test_embedded_corpus_reads_like_a_folder_up_to_max_bytes():
+    """Files in order until max_bytes, the last one in part; past the snapshot's size, all of it."""
+    first = embedded_corpus()[0][1]
+    assert gdata._embedded_documents(1000) == [first[:1000].decode()]
+    everything = gdata._embedded_documents(10**9)
+    assert everything == gdata._embedded_documents(EMBEDDED_BYTES + len(embedded_corpus()[-1][1]))
+    assert sum(len(d.encode()) for d in everything) == 2_001_578
+
+
+def test_embedded_snapshot_rebuilds_byte_for_byte(tmp_path):
+    """write_embedded_corpus is reproducible (no times or owners of the machine in the archive): from the files in
+    the snapshot laid out as a Lib/ folder, it writes the shipped file again."""
+    lib = tmp_path / "Lib"
+    for name, content in embedded_corpus():
+        (lib / name).parent.mkdir(parents=True, exist_ok=True)
+        (lib / name).write_bytes(content)
+    (lib / "test").mkdir()
+    (lib / "test" / "test_x.py").write_text("skipped")
+    out = tmp_path / "corpus.tar.xz"
+    assert gdata.write_embedded_corpus(out, stdlib=lib) == 2_001_578
+    assert out.read_bytes() == EMBEDDED_CORPUS.read_bytes()
 
 
 def test_bad_corpus_is_a_user_error(tmp_path):

@@ -2,16 +2,21 @@
 negotiate their paths with their own agents over the in-process transport."""
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
-from gwtf.errors import BadMessage, PeerError
+from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.faults import Fault
+from gwtf.routing import DataInfo, LinkModel, RelayInfo, SwarmView
 from gwtf.routing.agent import AgentConfig, ChainCost, Claim, Hello, Match, Offer, Request, Route, Yield
 from gwtf.routing.agent.codec import decode, encode
-from gwtf.routing.p2p import HANDLER
+from gwtf.routing.config import RoutingConfig
+from gwtf.routing.p2p import HANDLER, P2PRouter
 from gwtf.routing.protocol import ProtocolRun
+from gwtf.routing.registry import make_router
 from gwtf.trainer import train_local
+from gwtf.transport import InProcessNetwork, InProcessTransport, Message
 from tests.support import InProcessSwarm
 from tests.test_routing_agent import build
 from tests.test_swarm_inprocess import small_config
@@ -208,3 +213,73 @@ def test_a_data_node_with_one_first_hop_keeps_it():
     run.agents["d1"].add_units(1)
     run.run(30)
     assert [len(p) for p in run.plan().values()] == [1, 0]
+
+
+class StubNode:
+    """What a router uses of its node (gwtf.routing.base.RoutedNode) and nothing more: a real in-process transport,
+    the run's settings that AgentService reads, and the DHT records as a dict the test edits."""
+
+    def __init__(self, network: InProcessNetwork, peer_id: str, records: dict, n_stages: int) -> None:
+        self.transport = InProcessTransport(network, peer_id, "stub-run")
+        self.peer_id = peer_id
+        self.spec = SimpleNamespace(model=SimpleNamespace(n_stages=n_stages))
+        settings = {"transport": SimpleNamespace(call_timeout=2.0), "membership": SimpleNamespace(heartbeat_s=0.02)}
+        self.run = SimpleNamespace(**settings)
+        self.records = records
+        self.closed = False
+
+    async def call(self, peer, name, msg, timeout=None):
+        return await self.transport.call(peer, name, msg, timeout=timeout or 2.0)
+
+    def message(self, kind, **kw):
+        return Message(kind=kind, run_id="stub-run", **kw)
+
+    async def live_nodes(self, max_age=None):
+        return dict(self.records)
+
+
+def test_p2p_router_start_runs_the_nodes_agent_and_close_stops_it():
+    # A data node (stage 0, 2 microbatches) and one relay per stage (capacity 2), each with its own router: start
+    # makes and starts the node's agent service with the config's round, the agents negotiate two paths over the
+    # transport, a relay's room is what its agent has left; close stops the rounds (the node itself stays open).
+    infos = {
+        "d0": DataInfo("d0", "Japan", 0.01),
+        "r1": RelayInfo("r1", 1, 2, 0.1, "Japan"),
+        "r2": RelayInfo("r2", 2, 2, 0.1, "Japan"),
+    }
+
+    def views(records):
+        relays = {p: i for p, i in infos.items() if p in records and isinstance(i, RelayInfo)}
+        data = {p: i for p, i in infos.items() if p in records and isinstance(i, DataInfo)}
+        return SwarmView(2, relays, data, 2**20, LinkModel())
+
+    async def go():
+        network, records = InProcessNetwork(), {p: SimpleNamespace(room=-1) for p in infos}
+        nodes = {p: StubNode(network, p, records, n_stages=2) for p in infos}
+        cfg = RoutingConfig(router="gwtf-p2p", round_s=0.01)
+        routers = {p: make_router(cfg, seed=1) for p in infos}
+        assert all(type(r) is P2PRouter and r.room() == -1 for r in routers.values())
+        with pytest.raises(UserError, match="must be started first"):
+            routers["d0"].plan(views(records), {"d0": 2})
+        for p, stage, units in (("r2", 2, 0), ("r1", 1, 0), ("d0", 0, 2)):
+            await routers[p].start(nodes[p], stage, views, units)
+        services = {p: r.service for p, r in routers.items()}
+        assert all(s is not None and s.round_s == 0.01 and s.task is not None for s in services.values())
+        try:
+            deadline = asyncio.get_running_loop().time() + 20
+            while routers["d0"].plan(views(records), {"d0": 2}) != {"d0": [["r1", "r2"], ["r1", "r2"]]}:
+                assert asyncio.get_running_loop().time() < deadline, services["d0"].agent.paths()
+                await asyncio.sleep(0.02)
+            assert routers["r1"].room() == routers["r2"].room() == 0  # both relays' slots are taken
+            assert routers["d0"].room() == 0  # a data node's agent grants nothing
+        finally:
+            for r in routers.values():
+                await r.close()
+        for s in services.values():
+            assert s.task.done() and s.refresher.done() and all(t.done() for t in s.pumps.values())
+        rounds = {p: s.round_no for p, s in services.items()}
+        await asyncio.sleep(0.1)
+        assert {p: s.round_no for p, s in services.items()} == rounds  # no round after close
+        assert not any(n.closed for n in nodes.values())
+
+    asyncio.run(asyncio.wait_for(go(), timeout=60))

@@ -86,19 +86,27 @@ class SwarmView:
 
 
 class RoutedNode(Protocol):
-    """What a router uses of the node it runs in (gwtf.runtime.node.NodeBase)."""
+    """What a router uses of the node it runs in (gwtf.runtime.node.NodeBase): exactly what router gwtf-p2p's
+    AgentService and P2PRouter.start use (gwtf.routing.p2p); the routers that only plan use none of it."""
 
     peer_id: str
-    spec: Any  # gwtf.runtime.spec.RunSpec: the model's stages
-    transport: Any  # gwtf.transport.Transport
-    run: Any  # gwtf.config.RunConfig: its transport and membership settings
-    closed: bool
+    spec: Any  # gwtf.runtime.spec.RunSpec: spec.model.n_stages
+    transport: Any  # gwtf.transport.Transport: transport.add_handler(name, handler) for the agent's messages
+    run: Any  # gwtf.config.RunConfig: run.transport.call_timeout, run.membership.heartbeat_s
+    closed: bool  # the agent's rounds and record refreshes stop when the node closes
 
-    async def call(self, peer: str, name: str, msg: Any, timeout: float | None = None) -> Any: ...
+    async def call(self, peer: str, name: str, msg: Any, timeout: float | None = None) -> Any:
+        """A bounded call of handler `name` on `peer` (PeerError when it fails)."""
+        ...
 
-    def message(self, kind: str, **kw: Any) -> Any: ...
+    def message(self, kind: str, **kw: Any) -> Any:
+        """A gwtf.transport.Message of this node's run."""
+        ...
 
-    async def live_nodes(self, max_age: float | None = None) -> dict[str, Any]: ...
+    async def live_nodes(self, max_age: float | None = None) -> dict[str, Any]:
+        """The live DHT records by peer (gwtf.membership.NodeRecord, of which the agent reads `room`), cached for
+        `max_age` seconds."""
+        ...
 
 
 class Router(ABC):

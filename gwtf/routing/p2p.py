@@ -27,7 +27,6 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
 
 from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.routing.agent import Agent, AgentConfig, InProcessBus, PeerCard, decode, encode
@@ -57,12 +56,13 @@ def cards_of(view: SwarmView) -> dict[str, PeerCard]:
 class AgentService:
     """One node's agent, stepped every `round_s` seconds.
 
-    `node` is the gwtf.runtime.node.NodeBase it runs in (its transport, run id, bounded calls, cached DHT records);
-    `views(records)` turns the live records into a SwarmView of every serving node (figures and links)."""
+    `node` is the node it runs in (gwtf.routing.base.RoutedNode: its transport, bounded calls, messages of its run,
+    cached DHT records); `views(records)` turns the live records into a SwarmView of every serving node (figures and
+    links). P2PRouter.start makes one; a node starts and closes it through its router."""
 
     def __init__(
         self,
-        node: Any,
+        node: RoutedNode,
         stage: int,
         n_stages: int,
         views: Callable[[dict], SwarmView],
@@ -71,7 +71,7 @@ class AgentService:
         seed: int = 0,
     ) -> None:
         if round_s <= 0:
-            raise UserError(f"route_round_s must be positive, got {round_s}")
+            raise UserError(f"round_s must be positive (seconds between two routing rounds), got {round_s}")
         self.node, self.stage, self.n_stages, self.views = node, stage, n_stages, views
         # Data nodes start at different times here, unlike in the simulator: a late one must be able to take room
         # from one that holds two first hops or more (AgentConfig.evict), or it may wait for good.
@@ -242,7 +242,9 @@ class AgentService:
 
 
 class P2PRouter(Router):
-    """A data node's paths, read off its own agent (the relays' agents run in the relays)."""
+    """Every node's own agent: a relay's (stage >= 1) negotiates its slots, a data node's (stage 0) its paths, which
+    `plan` reads off it. `start` makes and starts the node's AgentService (rounds every `routing.round_s`), `close`
+    stops it, `room` is what the relay's agent has left for its DHT record."""
 
     name = "gwtf-p2p"
 
@@ -267,6 +269,7 @@ class P2PRouter(Router):
         return self.service.room() if self.service is not None else -1
 
     def attach(self, service: AgentService) -> None:
+        """Read the paths off `service` (`start` attaches the one it made; kept for callers that make their own)."""
         self.service, self.me = service, service.me
 
     def plan(self, view: SwarmView, demands: dict[str, int]) -> Plan:

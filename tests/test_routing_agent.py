@@ -388,3 +388,18 @@ def test_a_last_stage_relay_forgets_a_permit_nobody_used():
     for r in range(2, 3 + 2 * EXPIRY_ROUNDS):
         last.step(r, [], NoDirectory())
     assert not last.permits
+
+
+def test_the_agent_handles_every_message_and_the_package_keeps_its_names():
+    # Agent composes the core and every optional move (gwtf/routing/agent/agent.py): a move left out would make its
+    # messages crash the agent instead of being handled, whatever the flags.
+    import gwtf.routing.agent as package
+    from gwtf.routing.agent import MESSAGE_TYPES
+
+    assert len(MESSAGE_TYPES) == 21
+    assert all(callable(getattr(Agent, f"_on_{name.lower()}", None)) for name in MESSAGE_TYPES)
+    # every public name of the module gwtf/routing/agent.py was
+    old_names = """EXPIRY_ROUNDS INF MAX_BATCH MAX_COST SlotKey Advert Hello Request Reply Lost Release ChainCost
+        Route Claim Yield Deflect Offer Permit Match Transfer Declined Handover Taken Handback Moved Swapped Message
+        Bus InProcessBus PeerCard Costs AgentConfig InSlot OutSlot NeighbourState Agent""".split()  # noqa: SIM905
+    assert all(hasattr(package, name) for name in old_names)

@@ -1,12 +1,16 @@
-"""Cost model on hand-checked numbers, the router interface, and the round-robin / SWARM baselines."""
+"""Cost model on hand-checked numbers, the router interface, its registry, config and lifecycle, and the round-robin /
+SWARM baselines."""
 
+import asyncio
 from collections import Counter
 
 import pytest
 
 from gwtf.errors import UserError
 from gwtf.routing import DataInfo, LinkModel, RelayInfo, SwarmView, make_router
+from gwtf.routing.config import ROUTER_NAMES, RoutingConfig
 from gwtf.routing.cost import MB, link_cost
+from gwtf.routing.registry import ROUTERS
 
 
 def small_view(caps=((2, 1), (1, 2)), size=MB) -> SwarmView:
@@ -71,3 +75,50 @@ def test_reroute_avoids_dead_and_full():
     used = {p[0] for p in plan["d0"]}
     spare = ({"s1r0", "s1r1", "s1r2"} - used).pop()
     assert router.reroute(view, path, 1, dead={path[0]}) == spare
+
+
+def test_the_registry_lists_every_router_and_each_name_builds_its_class():
+    assert set(ROUTERS) == set(ROUTER_NAMES) == {"gwtf", "gwtf-p2p", "swarm", "round-robin", "oracle"}
+    for name, cls in ROUTERS.items():
+        cfg = RoutingConfig(router=name, round_s=0.5)
+        router = make_router(cfg, seed=3)
+        assert type(router) is cls and router.name == name
+        assert router.seed == 3 and router.routing is cfg  # the run's routing settings reach the router
+        assert type(make_router(name)) is cls  # a bare name (the old callers) gives the same class, default settings
+
+
+@pytest.mark.parametrize(
+    "fields, value",
+    [({"router": "fastest"}, "'fastest'"), ({"round_s": 0.0}, "0.0"), ({"round_s": -0.5}, "-0.5"),
+     ({"round_s": float("nan")}, "nan")],
+)  # fmt: skip
+def test_routing_config_refuses_an_unknown_router_or_a_round_that_is_not_positive(fields, value):
+    with pytest.raises(UserError) as err:
+        RoutingConfig(**fields)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{next(iter(fields))}={value}" in msg  # one line that names the field and value
+    if "router" in fields:
+        assert all(name in msg for name in ROUTER_NAMES)  # and lists the choices
+
+
+class Untouchable:
+    """A node a router must not use: any attribute read fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"a planning router read node.{name}")
+
+
+@pytest.mark.parametrize("name", ["round-robin", "swarm", "oracle", "gwtf"])
+def test_a_planning_router_starts_closes_and_publishes_no_room(name):
+    view = small_view()
+    router = make_router(name)
+
+    def views(records):
+        raise AssertionError("a planning router read the records")
+
+    asyncio.run(router.start(Untouchable(), 1, views, units=0))
+    assert router.room() == -1
+    assert router.plan(view, {"d0": 2, "d1": 1}) == make_router(name).plan(view, {"d0": 2, "d1": 1})
+    asyncio.run(router.close())
+    asyncio.run(router.close())  # closing twice is harmless too
+    assert router.room() == -1

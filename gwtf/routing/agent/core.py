@@ -259,7 +259,8 @@ class AgentCore(AgentState):
 
     def _grant(self) -> None:
         """Grant new slots within capacity: the least served data nodes first (by tenths of their demand), then
-        the shortest prefixes (see the module docstring). What does not fit is deflected to peers with room."""
+        the shortest prefixes (see the module docstring). What does not fit may be claimed back from another data
+        node (`_claim_for`, claims.py) or deflected to peers with room (`_deflect`, deflect.py)."""
         if not self._asks:
             return
         accepted: dict[str, list[int]] = defaultdict(list)

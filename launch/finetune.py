@@ -49,17 +49,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "hf").exists() and any((out / "hf").iterdir()):
         raise UserError(f"{out / 'hf'} exists and is not empty; choose another --out")
-    staged = ensure_staged(args.from_pretrained, args.stages, out / "staged").resolve()
     settings = [f"model.seq_len={args.seq_len}", *args.set]
-    cfg = run_config(staged, args.data, [*FINETUNE_DEFAULTS, *settings, f"train.seed={args.seed}"])
-    before = validation_loss(cfg, _staged_stages(staged))
-    print(f"validation loss of {Path(args.from_pretrained).name} before fine-tuning: {before:.4f}")
-
     swarm_args = argparse.Namespace(
         preset="debug", stages=args.stages, replicas=args.replicas, data_nodes=args.data_nodes, steps=args.steps,
         seed=args.seed, crash_at=args.crash_at, crash_stage=args.crash_stage, crash_phase=args.crash_phase,
         router=args.router, set=settings, out=str(out / "swarm"), timeout=args.timeout,
     )  # fmt: skip
+    local_swarm.check_args(swarm_args, pretrained=True)  # before the checkpoint is converted or anything starts
+    staged = ensure_staged(args.from_pretrained, args.stages, out / "staged").resolve()
+    cfg = run_config(staged, args.data, [*FINETUNE_DEFAULTS, *settings, f"train.seed={args.seed}"])
+    before = validation_loss(cfg, _staged_stages(staged))
+    print(f"validation loss of {Path(args.from_pretrained).name} before fine-tuning: {before:.4f}")
+
     extras = local_swarm.SwarmExtras(
         bootstrap=["--from-pretrained", str(staged), "--data", args.data],
         data=["--linger"],

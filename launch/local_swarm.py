@@ -76,7 +76,8 @@ def check_args(args: argparse.Namespace, pretrained: bool = False) -> None:
     for name in ("stages", "replicas", "data_nodes", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    NodeOptions(capacity=args.capacity)
+    if getattr(args, "capacity", None) is not None:
+        NodeOptions(capacity=args.capacity)
     run_flags = [f"train.steps={args.steps}", f"train.seed={args.seed}", f"routing.router={args.router}", *args.set]
     if not pretrained:  # a pretrained checkpoint fixes the model; bootstrap checks it as it converts it
         run_flags += [f"preset={args.preset}", f"stages={args.stages}"]

@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import os
 import sysconfig
 import tarfile
@@ -204,20 +205,27 @@ def write_embedded_corpus(out: Path = EMBEDDED_CORPUS, stdlib: Path | None = Non
                           min_bytes: int = EMBEDDED_BYTES) -> int:  # fmt: skip
     """Rebuild the snapshot from an interpreter's Lib/ (the running one by default); returns its bytes of text.
 
-    The Lib/ .py files (test folders and installed packages left out) in `_select_files` order, whole, until
-    min_bytes; a reproducible tar (no times, owners or modes of the machine), xz-compressed. Maintenance only:
-    nothing at run time reads the interpreter's own files."""
-    root = Path(stdlib or sysconfig.get_paths()["stdlib"])
+    Maintenance only: nothing at run time reads the interpreter's own files. The archive is `embedded_tar`'s,
+    xz-compressed (the compressed bytes may differ with another liblzma; the tar inside does not)."""
+    tar, total = embedded_tar(Path(stdlib or sysconfig.get_paths()["stdlib"]), min_bytes)
+    Path(out).write_bytes(lzma.compress(tar, format=lzma.FORMAT_XZ, preset=9))
+    return total
+
+
+def embedded_tar(root: Path, min_bytes: int = EMBEDDED_BYTES) -> tuple[bytes, int]:
+    """The snapshot's uncompressed tar from a Lib/ folder, and its bytes of text: the .py files (test folders and
+    installed packages left out) in `_select_files` order, whole, until min_bytes; no times, owners or modes of the
+    machine, so the same files give the same bytes."""
     chosen = _select_files(root, _text_files(root, suffixes={".py"}), max_bytes=min_bytes)
-    total = 0
-    with tarfile.open(out, "w:xz", format=tarfile.USTAR_FORMAT, preset=9) as tar:
+    buf, total = io.BytesIO(), 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for path, _ in chosen:
             content = path.read_bytes()  # whole: the last file too, so any max_bytes up to min_bytes is covered
             info = tarfile.TarInfo(path.relative_to(root).as_posix())
             info.size, info.mode, info.mtime = len(content), 0o644, 0
             tar.addfile(info, io.BytesIO(content))
             total += len(content)
-    return total
+    return buf.getvalue(), total
 
 
 def _text_files(root: Path, suffixes: set[str]) -> list[Path]:

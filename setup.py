@@ -38,7 +38,11 @@ setup(
     python_requires=">=3.11",
     # The repo keeps the design card's top-level folders (models/, launch/, benchmarks/), but an install claims one
     # top-level name only: they are installed as gwtf.models, gwtf.launch and gwtf.benchmarks.
-    packages=[*find_packages(include=["gwtf", "gwtf.*"]), *(f"gwtf.{name}" for name in TOP_LEVEL_FOLDERS)],
+    packages=[
+        *find_packages(include=["gwtf", "gwtf.*"]),
+        *(f"gwtf.{name}" for name in TOP_LEVEL_FOLDERS),
+        *(f"gwtf.{name}.{sub}" for name in TOP_LEVEL_FOLDERS for sub in find_packages(where=name)),
+    ],
     package_dir={f"gwtf.{name}": name for name in TOP_LEVEL_FOLDERS},
     package_data={"gwtf.benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*"]},
     install_requires=INSTALL_REQUIRES,

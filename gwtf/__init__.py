@@ -27,7 +27,8 @@ Files:
     recovery/      stage rebuild strategies (CheckFree, CheckFree+, copy, random, redundant, checkpoint): one
                    interface with the hooks a live relay calls, a registry, RecoveryConfig, the failure model
     runtime/       the live swarm's nodes: relays and data nodes, their RPC schema, their assembly from a run
-    resources/     regions.json: the inter-region link table (latency, bandwidth)
+    resources/     regions.json (the inter-region link table: latency, bandwidth); the embedded corpus, a fixed
+                   snapshot of CPython 3.11.7's standard library text, with its PSF license
 """
 
 __version__ = "0.1.0"

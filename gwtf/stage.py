@@ -101,6 +101,12 @@ class StageReplica:
             self.stats.forward += 1
             return out.detach()
 
+    def held_keys(self) -> list[Key]:
+        """A snapshot of the held microbatches' keys, safe on the event loop while the compute thread adds or drops
+        some (list() copies a dict in one step under the GIL; a comprehension over the dict itself can be interrupted
+        and fail with "dictionary changed size during iteration")."""
+        return list(self.held)
+
     def backward(self, key: Key, grad_out: torch.Tensor) -> torch.Tensor:
         """Backward of a held microbatch; accumulates parameter gradients and returns d loss / d input."""
         with self.lock:

@@ -52,7 +52,8 @@ class RelayNode(RelayIterationEnd):
             raise BadMessage(f"iteration {msg.iteration} but this replica is at version {self.replica.version}")
         self.routed_at = time.monotonic()
         key = self._key(msg)
-        taken = {k for k in self.replica.held if k[:2] != key[:2]} | {k for k in self.incoming if k[:2] != key[:2]}
+        others = [*self.replica.held_keys(), *self.incoming]  # held, and acknowledged but not computed yet
+        taken = {k for k in others if k[:2] != key[:2]}
         if len(taken) >= self.replica.capacity:
             raise BadMessage(f"replica full ({self.replica.capacity} microbatches held or arriving)")
 
@@ -165,7 +166,8 @@ class RelayNode(RelayIterationEnd):
         """A data node restarted a microbatch: what this replica holds of its earlier attempts is dead weight."""
         if self.replica is not None:
             origin, attempt = str(msg.meta["origin"]), int(msg.meta["attempt"])
-            keys = [k for k in self.replica.held if k[0] == origin and k[1] == msg.microbatch_id and k[2] <= attempt]
+            mb = msg.microbatch_id
+            keys = [k for k in self.replica.held_keys() if k[0] == origin and k[1] == mb and k[2] <= attempt]
             await self.compute(self.replica.drop, keys)
         return self.message("ack")
 

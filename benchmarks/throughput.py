@@ -76,7 +76,9 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
     addr, metrics = out / "initial_peers.txt", out / "data-0.jsonl"
     for stale in (addr, metrics):
         stale.unlink(missing_ok=True)
-    procs = ProcessGroup(out, ok_exits=(0,))  # nothing is crashed on purpose here: any signal death is a failure
+    # Nothing is crashed on purpose here: any signal death is a failure. The nodes stay in this session: with Linux's
+    # autogroup scheduling a session of their own each would change how they share the CPU with the other systems.
+    procs = ProcessGroup(out, ok_exits=(0,), own_sessions=False)
 
     def start(name: str, argv: list[str]) -> None:  # optionally under cProfile, one profile per process
         procs.start(name, argv, entry=profiled(profile_dir / f"{name}.prof") if profile_dir else CLI)

@@ -11,9 +11,12 @@
 Every child is `python -m gwtf.launch.cli ARGV` by default (`entry` puts another module or a wrapper such as
 cProfile in front), writes stdout and stderr to `LOG_DIR/NAME.log`, runs with one intra-op thread and the Hugging
 Face hub offline, and leads its own session: its process group (id = its pid) holds what it starts (hivemind's DHT
-process, p2pd), also once a crash orphans them, so a signal to the group reaches the whole node. Every wait here is
-bounded and gives up (UserError) as soon as a child exits early. `gwtf demo`, `gwtf finetune`, the benchmarks
-(throughput, soak, the churn harness) and the tests start their processes through this module.
+process, p2pd), also once a crash orphans them, so a signal to the group reaches the whole node. A group made with
+`own_sessions=False` keeps its children in the caller's session (and so in its scheduling group: with Linux's
+autogroup scheduling the CPU is shared per session, which a throughput measurement must not change) and signals
+each by its own pid only. Every wait here is bounded and gives up (UserError) as soon as a child exits early.
+`gwtf demo`, `gwtf finetune`, the benchmarks (throughput, soak, the churn harness) and the tests start their
+processes through this module.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ def profiled(path: Path) -> tuple[str, ...]:
 @dataclass
 class ProcessGroup:
     """Child processes started by this launcher, each in its own process group, ended by pid (SIGTERM, then
-    SIGKILL) whatever happens. `ok_exits`: the exit codes `failed()` does not report."""
+    SIGKILL) whatever happens. `ok_exits`: the exit codes `failed()` does not report. `own_sessions`: each child
+    leads its own session and process group, signalled as a whole (else it stays in ours, signalled by its pid)."""
 
     log_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ok_exits: tuple[int, ...] = NOT_FAILED
+    own_sessions: bool = True
 
     # ---- start -------------------------------------------------------------------------------------------------
     def start(
@@ -63,7 +68,7 @@ class ProcessGroup:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **BASE_ENV, **(env or {})},
-                start_new_session=True,
+                start_new_session=self.own_sessions,
             )
         self.procs[name] = proc
         return proc
@@ -73,7 +78,7 @@ class ProcessGroup:
         """The crash: SIGKILL to each node and everything it started (its DHT process, its p2pd), no goodbye, all at
         once; then each is reaped (bounded)."""
         for name in names:
-            signal_group(self.procs[name], signal.SIGKILL)
+            self._signal(self.procs[name], signal.SIGKILL)
         for name in names:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.procs[name].wait(timeout=REAP_TIMEOUT_S)
@@ -86,17 +91,24 @@ class ProcessGroup:
         SIGKILL whatever is left after `grace` seconds, reap every child, and SIGKILL each group once more for
         what outlived its leader."""
         for proc in self.procs.values():
-            signal_group(proc, signal.SIGTERM)
+            self._signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         for proc in self.procs.values():
-            signal_group(proc, signal.SIGKILL)
+            self._signal(proc, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=REAP_TIMEOUT_S)
         for proc in self.procs.values():  # leftovers of a group (p2pd) after its leader exited
-            signal_group(proc, signal.SIGKILL)
+            if self.own_sessions:
+                self._signal(proc, signal.SIGKILL)
+
+    def _signal(self, proc: subprocess.Popen, sig: int) -> None:
+        if self.own_sessions:
+            signal_group(proc, sig)
+        elif proc.poll() is None:  # not yet reaped: its pid is still its own
+            proc.send_signal(sig)
 
     # ---- state -------------------------------------------------------------------------------------------------
     def failed(self) -> list[str]:
@@ -108,7 +120,8 @@ class ProcessGroup:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def pgids(self) -> set[int]:
-        return {p.pid for p in self.procs.values()}
+        """The children's process groups (none without `own_sessions`: they share ours)."""
+        return {p.pid for p in self.procs.values()} if self.own_sessions else set()
 
     def leftovers(self) -> list[int]:
         return leftovers(self.pgids())

@@ -31,7 +31,9 @@ def test_process_swarm_reproduces_train_local(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("router", ["round-robin", "gwtf-p2p"])  # gwtf-p2p: every node's own agent, over hivemind
+# gwtf-p2p (every node's own agent, over hivemind) in the integration tier: the fast tier covers p2p re-routing in
+# process (tests/test_routing_p2p.py) and the process swarm's crash with round-robin.
+@pytest.mark.parametrize("router", ["round-robin", pytest.param("gwtf-p2p", marks=pytest.mark.integration)])
 def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path, router):
     argv = ["--replicas", "2", "--steps", "24", "--crash-at", "4", "--crash-stage", "1"]
     summary = demo(tmp_path, *argv, router=router)
@@ -44,6 +46,7 @@ def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path, router
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.integration  # the fast tier checks the same property in process (test_swarm_inprocess.py)
 def test_process_swarm_two_replicas_two_data_nodes_equal_data_parallel(tmp_path):
     steps = 5
     summary = demo(tmp_path, "--replicas", "2", "--data-nodes", "2", "--steps", str(steps), "--crash-at", "-1")

@@ -12,8 +12,7 @@ Files:
     recovery.py      stage-recovery strategies under the same failure schedule
     finetune.py      fine-tuning throughput: `gwtf finetune`'s swarm vs single-process fine-tuning
     soak.py          a local swarm under churn for M minutes: resources over time, crashes, processes left behind
-    churn.py         the crash-injection harness's command (`python -m gwtf.benchmarks.churn`), old import names
-    report.py        the name gwtf.benchmarks.report, re-exporting harness/report.py
+    churn.py         the crash-injection harness's command (`python -m gwtf.benchmarks.churn`)
     harness/         the crash-injection harness: scenarios, the swarm under churn, the DeepSpeed baseline, reports
     scenarios/       the harness's scenario TOML files (local, geo10, geo10-heavy, stage-loss, join-wave)
     all_scenarios.sh every scenario with its comparisons, one after the other

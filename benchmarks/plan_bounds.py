@@ -29,7 +29,7 @@ import random
 import statistics
 from dataclasses import dataclass
 
-from gwtf.benchmarks.churn import Scenario, load_scenario
+from gwtf.benchmarks.harness.scenario import Scenario, load_scenario
 from gwtf.routing.base import DataInfo, Plan, RelayInfo, SwarmView
 from gwtf.routing.registry import make_router
 from gwtf.routing.simulator import iteration_time

@@ -16,7 +16,7 @@ def test_the_distribution_claims_only_gwtf():
 def test_outside_the_repo_gwtf_imports_and_generic_names_stay_free(tmp_path):
     (tmp_path / "models.py").write_text("MINE = True\n")  # a user's own module named like the repo's folder
     code = (
-        "import models, gwtf.models.presets, gwtf.launch.cli, gwtf.benchmarks.report, importlib.util as u;"
+        "import models, gwtf.models.presets, gwtf.launch.cli, gwtf.benchmarks.harness.report, importlib.util as u;"
         "assert models.MINE;"
         "assert all(u.find_spec(n) is None for n in ('launch', 'benchmarks'));"
         "print(gwtf.models.presets.__file__)"

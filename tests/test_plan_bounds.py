@@ -3,7 +3,7 @@
 import random
 from collections import Counter
 
-from gwtf.benchmarks.churn import load_scenario
+from gwtf.benchmarks.harness.scenario import load_scenario
 from gwtf.benchmarks.plan_bounds import ROUTERS, lower_bound, random_plan, scenario_problem, search
 from gwtf.routing.registry import make_router
 

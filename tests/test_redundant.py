@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gwtf.benchmarks.churn import REDUNDANT_COST, redundancy_cost
+from gwtf.benchmarks.harness.swarm_run import REDUNDANT_COST, redundancy_cost
 from gwtf.errors import PeerError
 from gwtf.faults import Fault
 from gwtf.optim import OptimConfig

@@ -59,7 +59,8 @@ class RelayJoining(RelayBase):
         self.watchdog = asyncio.ensure_future(self._watch_version())
         views = view_builder(self.spec, self.spec.microbatch_size)
         await self.start_routing(self.stage, lambda records: views(records, None))
-        await self.announce()  # its room (gwtf-p2p), for the other agents' directory
+        if self.router.room() >= 0:  # a router whose agent publishes its room (gwtf-p2p), for the others' directory
+            await self.announce()
         await self._tell_data_nodes(nodes)
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
 

@@ -31,9 +31,10 @@ def test_process_swarm_reproduces_train_local(tmp_path):
 
 
 @pytest.mark.timeout(300)
-# gwtf-p2p (every node's own agent, over hivemind) in the integration tier: the fast tier covers p2p re-routing in
-# process (tests/test_routing_p2p.py) and the process swarm's crash with round-robin.
-@pytest.mark.parametrize("router", ["round-robin", pytest.param("gwtf-p2p", marks=pytest.mark.integration)])
+# In the integration tier: the fast tier covers a crash in process (tests/test_faults.py), p2p re-routing in process
+# (tests/test_routing_p2p.py), and a crash of a real process with a rejoin (the churn harness's end-to-end test).
+@pytest.mark.integration
+@pytest.mark.parametrize("router", ["round-robin", "gwtf-p2p"])
 def test_process_swarm_survives_sigkill_and_a_joiner_takes_over(tmp_path, router):
     argv = ["--replicas", "2", "--steps", "24", "--crash-at", "4", "--crash-stage", "1"]
     summary = demo(tmp_path, *argv, router=router)

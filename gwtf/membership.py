@@ -68,6 +68,9 @@ class NodeRecord:
     microbatches_done: int
     maddrs: list[str] = field(default_factory=list)
     room: int = -1  # router gwtf-p2p: microbatches the relay's routing agent can still take (-1: not routing)
+    device: str = "cpu"  # where its stage computes ("cpu", "cuda")
+    held: int = 0  # microbatches it holds now (forward done, backward not yet)
+    rebuilt_from: str = ""  # a relay whose stage was rebuilt: how ("mean(1,3)", "shadow@stage 1 v4")
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

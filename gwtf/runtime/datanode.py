@@ -92,6 +92,8 @@ class DataNode(FlightLegs):
             throughput=0.0,
             microbatches_done=self.stage0.stats.backward,
             maddrs=[],
+            device=next(self.stage0.module.parameters()).device.type,
+            held=len(self.flights),
         )
 
     async def start(self, expected_data_nodes: int = 1, timeout: float = 60.0) -> None:

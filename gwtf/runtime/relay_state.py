@@ -65,6 +65,9 @@ class RelayBase(NodeBase):
             microbatches_done=r.stats.backward if r else 0,
             maddrs=[],
             room=self.router.room(),
+            device=next(r.module.parameters()).device.type if r else "cpu",
+            held=len(r.held) if r else 0,
+            rebuilt_from=self.rebuilt_source,
         )
 
     # ---- validation and helpers -------------------------------------------------------------------------------

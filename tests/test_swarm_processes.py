@@ -20,6 +20,16 @@ def demo(tmp_path, *extra: str, router: str = "round-robin") -> dict:
     return summary
 
 
+def node_warnings(out) -> str:
+    """The lines of every node's log that say something went wrong or a microbatch took another way."""
+    lines = []
+    for log in sorted(out.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if any(w in line for w in ("WARNING", "ERROR", "Traceback", " mb ", "recover", "restart")):
+                lines.append(f"{log.stem}: {line}")
+    return "\n".join(lines[-80:])
+
+
 @pytest.mark.timeout(300)
 def test_process_swarm_reproduces_train_local(tmp_path):
     steps = 6
@@ -63,4 +73,6 @@ def test_process_swarm_two_replicas_two_data_nodes_equal_data_parallel(tmp_path)
             per_step.setdefault(row["iteration"], []).append(row["loss"])
     losses = [sum(v) / len(v) for _, v in sorted(per_step.items())]
     assert summary["microbatches"]["lost"] == 0
+    # A microbatch whose backward did not come back falls off data parallelism: say where it stopped.
+    assert summary["microbatches"]["partial"] == 0, node_warnings(tmp_path)
     assert losses == pytest.approx(reference, abs=1e-4)

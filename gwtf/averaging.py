@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gwtf.errors import BadMessage, PeerError, UserError
-from gwtf.liveness import gone
+from gwtf.liveness import Answer, gone, probe
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class GroupAverager:
                 result = await self._lead(iteration, grads, count, candidates)
             else:
                 try:
-                    result = await self._push(leader, iteration, *push)
+                    result = await self._push_to(leader, iteration, push)
                 except PeerError as exc:
                     log.warning(
                         "%s averaging round %d: leader %s failed (%s); next one", self.group, iteration, leader, exc
@@ -141,6 +141,22 @@ class GroupAverager:
             self.norm_history.extend(result.norms)
             return result
         raise PeerError(f"{self.group} averaging round {iteration}: no leader answered")
+
+    async def _push_to(self, leader: str, iteration: int, push: Contribution) -> AverageResult:
+        """Push to `leader`; a connection that broke (not a refusal, not a timeout) is tried once more unless a probe
+        finds the leader gone: skipping a live leader would split the stage into two rounds, and its replicas would
+        step different gradients from then on (a CI run saw one reset connection do exactly that)."""
+        try:
+            return await self._push(leader, iteration, *push)
+        except PeerError as exc:
+            if (
+                not str(exc).startswith("unreachable")
+                or await probe(self.transport, leader, PROBE_AFTER_S) is Answer.GONE
+            ):
+                raise
+            log.info("%s averaging round %d: leader %s: %s; not gone by a probe, pushing again", self.group, iteration,
+                     leader, exc)  # fmt: skip
+            return await self._push(leader, iteration, *push)
 
     async def _push(self, leader: str, iteration: int, grads: list[torch.Tensor], count: int) -> AverageResult:
         msg = Message(kind="avg", run_id=self.run_id, iteration=iteration, tensors=grads, meta={"count": count})

@@ -18,6 +18,7 @@ from gwtf.errors import PeerError
 from gwtf.transport import Message, Transport
 
 PROBE_TIMEOUT_S = 3.0
+RECHECK_S = 0.2  # a GONE answer is checked once more after this long
 
 
 class Answer(enum.Enum):
@@ -27,6 +28,16 @@ class Answer(enum.Enum):
 
 
 async def probe(transport: Transport, peer: str, timeout: float = PROBE_TIMEOUT_S) -> Answer:
+    """UP, GONE or SILENT; GONE only when a second try, `RECHECK_S` later, fails as the first did (one reset
+    connection between two live peers is not a crash)."""
+    answer = await _probe_once(transport, peer, timeout)
+    if answer is Answer.GONE:
+        await asyncio.sleep(RECHECK_S)
+        answer = await _probe_once(transport, peer, timeout)
+    return answer
+
+
+async def _probe_once(transport: Transport, peer: str, timeout: float) -> Answer:
     msg = Message(kind="release", run_id=transport.run_id, microbatch_id=-1, meta={"origin": "", "attempt": -1})
     try:
         await transport.call(peer, "release", msg, timeout)

@@ -80,3 +80,50 @@ def test_probe_cache_shares_probes_between_concurrent_waits():
         assert await answering(me, {"relay", "crashed", "never-was"}) == {"relay"}
 
     asyncio.run(main())
+
+
+class FlakyTransport(InProcessTransport):
+    """Its first `breaks` calls fail as a reset connection does, though the peer is there."""
+
+    def __init__(self, *args, breaks: int = 1, **kw):
+        super().__init__(*args, **kw)
+        self.breaks = breaks
+
+    async def _call_frame(self, peer_id, frame, nbytes):
+        if self.breaks > 0:
+            self.breaks -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return await super()._call_frame(peer_id, frame, nbytes)
+
+
+def test_one_broken_connection_neither_looks_gone_nor_splits_an_averaging_round():
+    """Regression (a CI run of a 2x2 process swarm): the member's push to a live leader broke once; it led a round
+    of its own, its probe of the leader broke too and called it gone, and the two replicas of the stage stepped
+    different gradients from then on."""
+
+    async def main():
+        net = InProcessNetwork()
+        lead = GroupAverager(InProcessTransport(net, "a", RUN), RUN, "stage1", timeout=5.0)
+        member = GroupAverager(FlakyTransport(net, "b", RUN, breaks=1), RUN, "stage1", timeout=5.0)
+        assert await probe(FlakyTransport(net, "p", RUN, breaks=1), "a") is Answer.UP  # re-checked, not gone
+        grads = [torch.ones(3)]
+        return await asyncio.gather(
+            lead.average(0, grads, 1, ["a", "b"]), member.average(0, [3 * grads[0]], 1, ["a", "b"])
+        )
+
+    ra, rb = asyncio.run(main())
+    assert sorted(ra.participants) == sorted(rb.participants) == ["a", "b"]
+    assert torch.equal(ra.grads[0], rb.grads[0]) and torch.allclose(ra.grads[0], torch.full((3,), 2.0))
+
+
+def test_an_idle_direct_tcp_connection_the_peer_closed_is_not_reused():
+    import socket
+
+    from gwtf.transport.direct import _dropped
+
+    mine, theirs = socket.socketpair()
+    mine.setblocking(False)
+    assert not _dropped(mine)  # open, nothing to read
+    theirs.close()
+    assert _dropped(mine)  # the peer's FIN: a request sent on it would vanish
+    mine.close()

@@ -114,6 +114,8 @@ class DirectTcp:
 
     async def call(self, peer_id: str, endpoint: Endpoint, frame: list[bytes | memoryview]) -> Message:
         idle = self.idle.setdefault(peer_id, [])
+        while idle and _dropped(idle[-1]):  # the peer closed a kept connection meanwhile: its send would be lost
+            _close(idle.pop())
         sock = idle.pop() if idle else await self._connect(peer_id, endpoint)
         reusable = False
         try:
@@ -157,6 +159,18 @@ def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)  # wakes a worker thread blocked on it
     sock.close()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Has the peer closed (or reset) this idle connection? An idle connection has nothing to read: a readable one
+    is at its end or out of step. (A request sent on it would vanish, and the call fail as if the peer were gone.)"""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": the peer's FIN; a byte: out of step
+        return True
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: open
+    except OSError:
+        return True  # reset
 
 
 def _tune(sock: socket.socket) -> None:

@@ -127,3 +127,28 @@ def test_an_idle_direct_tcp_connection_the_peer_closed_is_not_reused():
     theirs.close()
     assert _dropped(mine)  # the peer's FIN: a request sent on it would vanish
     mine.close()
+
+
+def test_a_reset_first_contact_is_asked_again():
+    """The first stream between two peers (asking for the direct-TCP endpoint) can be reset by a libp2p dial race;
+    asking is idempotent, so it is asked once more before the call counts as failed. A second failure counts."""
+    from gwtf.errors import PeerError
+    from gwtf.transport.direct import DirectTcp
+
+    async def main(fails: int):
+        asked = []
+
+        async def ask(peer):
+            asked.append(peer)
+            if len(asked) <= fails:
+                raise asyncio.IncompleteReadError(b"", 16)
+            return {"host": "127.0.0.1", "port": 9, "token": "00" * 16}
+
+        direct = DirectTcp("me", serve=None, read_reply=None, ask_endpoint=ask)  # type: ignore[arg-type]
+        try:
+            return await direct.endpoint("peer"), len(asked)
+        except (PeerError, asyncio.IncompleteReadError) as exc:
+            return type(exc).__name__, len(asked)
+
+    assert asyncio.run(main(fails=1)) == (("127.0.0.1", 9, bytes(16)), 2)
+    assert asyncio.run(main(fails=2)) == ("IncompleteReadError", 2)

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gwtf.errors import PeerError
 from gwtf.transport.channels import Reader, SocketReader, sock_send
 from gwtf.transport.frame import is_error_frame
 from gwtf.transport.message import Message
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 HELLO = "_gwtf.tcp_hello"  # internal handler: hands out this node's direct TCP endpoint and an access token
 _TOKEN_BYTES = 16
 _TCP_HANDSHAKE_TIMEOUT = 10.0
+_HELLO_RETRY_S = 0.1
 
 Endpoint = tuple[str, int, bytes]  # host, port, token
 Serve = Callable[[str, Reader], Awaitable[list[bytes | memoryview]]]  # (sender, channel) -> reply frame
@@ -107,7 +109,16 @@ class DirectTcp:
     async def endpoint(self, peer_id: str) -> Endpoint | None:
         """The peer's endpoint and the token it gave this node, asked once; None if it offers no direct path."""
         if peer_id not in self._endpoints:
-            meta = await self._ask_endpoint(peer_id)
+            try:
+                meta = await self._ask_endpoint(peer_id)
+            except (PeerError, OSError, EOFError, asyncio.IncompleteReadError) as exc:
+                # The first stream between two peers is the one a libp2p dial race can reset (both dialing at
+                # once, one connection is closed under it); asking is idempotent: once more, then it counts.
+                if isinstance(exc, PeerError) and not str(exc).startswith("unreachable"):
+                    raise
+                logger.info("%s: asking %s for its endpoint failed (%s); once more", self.owner, peer_id, exc)
+                await asyncio.sleep(_HELLO_RETRY_S)
+                meta = await self._ask_endpoint(peer_id)
             ok = isinstance(meta.get("host"), str) and isinstance(meta.get("port"), int)
             self._endpoints[peer_id] = (meta["host"], meta["port"], bytes.fromhex(meta["token"])) if ok else None
         return self._endpoints[peer_id]

@@ -8,12 +8,16 @@ hivemind's `RSASignatureValidator` rejects any write to that subkey not signed b
 That RSA key is also the node's libp2p identity (`make_dht` hands it to the p2p daemon), so the subkey determines
 the peer id: a record whose `peer_id` is not the one derived from its subkey's key is dropped by every reader, and no
 node can speak for another. In a keyed run (gwtf.auth) every record also carries the run key's MAC.
+
+Data nodes also publish their telemetry (gwtf.telemetry) the same way, under `gwtf/<run>/telemetry`, one subkey each,
+for the people watching the run (`gwtf dashboard`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -145,6 +149,19 @@ class Membership(ABC):
     def live_nodes(self) -> dict[str, NodeRecord]:
         """Unexpired node records by peer id."""
 
+    @abstractmethod
+    def live_records(self) -> dict[str, tuple[NodeRecord, float]]:
+        """Unexpired node records by peer id, each with the seconds it has left (a node that missed its heartbeats
+        has less than a TTL left)."""
+
+    @abstractmethod
+    def publish_telemetry(self, data: dict[str, Any], ttl: float) -> None:
+        """Write this node's telemetry (gwtf.telemetry), valid for `ttl` seconds; only its owner can write it."""
+
+    @abstractmethod
+    def telemetry(self) -> dict[str, dict[str, Any]]:
+        """Unexpired telemetry by the peer id of the node that wrote it."""
+
     def start_heartbeat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:
         """Announce `get_record()` every `period` seconds until `close()`."""
         if period <= 0 or ttl <= period:
@@ -176,10 +193,12 @@ class Membership(ABC):
 
 @dataclass
 class MembershipStore:
-    """What in-memory memberships of one process share: run records and (record, expiry, owner) per node."""
+    """What in-memory memberships of one process share: run records, (record, expiry, owner) per node, and
+    (telemetry, expiry) per data node."""
 
     runs: dict[str, RunRecord] = field(default_factory=dict)
     nodes: dict[str, dict[str, tuple[NodeRecord, float, str | None]]] = field(default_factory=dict)
+    telemetry: dict[str, dict[str, tuple[dict[str, Any], float]]] = field(default_factory=dict)  # (data, expiry)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -220,10 +239,30 @@ class InMemoryMembership(Membership):
             nodes[rec.peer_id] = (NodeRecord.from_dict(rec.to_dict()), self.clock() + ttl, self.peer_id)
 
     def live_nodes(self) -> dict[str, NodeRecord]:
+        return {p: rec for p, (rec, _) in self.live_records().items()}
+
+    def live_records(self) -> dict[str, tuple[NodeRecord, float]]:
         now = self.clock()
         with self.store.lock:
             nodes = self.store.nodes.get(self.run_id, {})
-            return {p: NodeRecord.from_dict(r.to_dict()) for p, (r, expiry, _) in nodes.items() if expiry > now}
+            return {
+                p: (NodeRecord.from_dict(r.to_dict()), expiry - now)
+                for p, (r, expiry, _) in nodes.items()
+                if expiry > now
+            }
+
+    def publish_telemetry(self, data: dict[str, Any], ttl: float) -> None:
+        if self.peer_id is None:
+            raise PermissionError("a membership without a peer id (a watcher) publishes no telemetry")
+        copied = json.loads(json.dumps(data))  # what a DHT would carry: plain values, no shared references
+        with self.store.lock:
+            self.store.telemetry.setdefault(self.run_id, {})[self.peer_id] = (copied, self.clock() + ttl)
+
+    def telemetry(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        with self.store.lock:
+            found = self.store.telemetry.get(self.run_id, {})
+            return {p: json.loads(json.dumps(d)) for p, (d, expiry) in found.items() if expiry > now}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,7 +272,8 @@ _OWNER_KEYS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
 
 def run_dht_keys(run_id: str) -> list[str]:
-    return [f"gwtf/{run_id}/run", f"gwtf/{run_id}/nodes"]
+    """The run's DHT keys: its record, its nodes' records, its data nodes' telemetry (all MAC'd in a keyed run)."""
+    return [f"gwtf/{run_id}/run", f"gwtf/{run_id}/nodes", f"gwtf/{run_id}/telemetry"]
 
 
 def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: RunAccess | None = None, **kw: Any) -> Any:
@@ -354,7 +394,7 @@ class DHTMembership(Membership):
             raise ValueError("DHTMembership needs a DHT from make_dht (or its validator's owner_key)")
         self.owner_key = key
         self.peer_id = peer_id_of_owner(key)
-        self._run_key, self._nodes_key = run_dht_keys(run_id)
+        self._run_key, self._nodes_key, self._telemetry_key = run_dht_keys(run_id)
 
     def _store(self, key: str, value: dict[str, Any], ttl: float) -> None:
         from hivemind.utils import get_dht_time
@@ -364,13 +404,18 @@ class DHTMembership(Membership):
             raise RuntimeError(f"DHT store of {key} was refused or reached no peer")
 
     def _get_subkeys(self, key: str) -> dict[Any, Any]:
+        return {sub: value for sub, (value, _) in self._get_expiring(key).items()}
+
+    def _get_expiring(self, key: str) -> dict[Any, tuple[Any, float]]:
+        """Unexpired values under `key` by subkey, each with the seconds it has left."""
         from hivemind.utils import get_dht_time
 
         found = self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_TIMEOUT_S)
         if found is None or not isinstance(found.value, dict):
             return {}
         now = get_dht_time()
-        return {sub: item.value for sub, item in found.value.items() if item.expiration_time > now}
+        items = found.value.items()
+        return {sub: (item.value, item.expiration_time - now) for sub, item in items if item.expiration_time > now}
 
     def publish_run(self, rec: RunRecord) -> None:
         self._store(self._run_key, dataclasses.asdict(rec), RUN_TTL_S)
@@ -401,8 +446,11 @@ class DHTMembership(Membership):
         self._store(self._nodes_key, rec.to_dict(), ttl)
 
     def live_nodes(self) -> dict[str, NodeRecord]:
+        return {p: rec for p, (rec, _) in self.live_records().items()}
+
+    def live_records(self) -> dict[str, tuple[NodeRecord, float]]:
         nodes = {}
-        for subkey, value in self._get_subkeys(self._nodes_key).items():
+        for subkey, (value, left) in self._get_expiring(self._nodes_key).items():
             try:
                 rec = NodeRecord.from_dict(value)
             except (TypeError, ValueError) as exc:
@@ -412,5 +460,17 @@ class DHTMembership(Membership):
             if rec.peer_id != owner:  # signed by one key, claiming another peer's identity
                 logger.warning("ignoring a record claiming peer %s, written by %s", rec.peer_id, owner)
                 continue
-            nodes[rec.peer_id] = rec
+            nodes[rec.peer_id] = (rec, left)
         return nodes
+
+    def publish_telemetry(self, data: dict[str, Any], ttl: float) -> None:
+        self._store(self._telemetry_key, data, ttl)  # under this node's own subkey, signed like its record
+
+    def telemetry(self) -> dict[str, dict[str, Any]]:
+        """By the peer id the writer's subkey proves (a value's own claims are not trusted)."""
+        found = {}
+        for subkey, value in self._get_subkeys(self._telemetry_key).items():
+            owner = peer_id_of_owner(subkey)
+            if owner is not None and isinstance(value, dict):
+                found[owner] = value
+        return found

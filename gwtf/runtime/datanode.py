@@ -6,7 +6,8 @@ One iteration on a data node:
     2. per microbatch (gwtf.runtime.flights): embed, send to stage 1, receive stage S's output, loss, send the
        gradient back, receive the embedding's gradient, routing around a dead hop on the way;
     3. average stage 0 with the other data nodes, step; tell every relay the iteration is done (they average within
-       their stage and step) and wait for them.
+       their stage and step) and wait for them;
+    4. note the iteration in its telemetry (gwtf.telemetry), which a task publishes off the critical path.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from gwtf.runtime.flights import Flight, FlightLegs, IterationReport
 from gwtf.runtime.spec import NodeOptions, RunSpec
 from gwtf.runtime.state import fetch_state
 from gwtf.stage import StageReplica, state_subset
+from gwtf.telemetry import TTL_S, Telemetry
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
 STALE_GRACE_S = 5.0  # a stage only one step behind for this long (no catch-up possible) is advanced
+PUBLISH_EVERY_S = 0.5  # telemetry: a changed payload is published at most this often
+PUBLISH_TIMEOUT_S = 5.0  # one publish of the telemetry, and the probe of the peers whose calls failed
 
 
 class DataNode(FlightLegs):
@@ -65,6 +69,9 @@ class DataNode(FlightLegs):
         self.advancing = asyncio.Lock()  # many waits check for stale stages; one at a time asks
         self.probes = ProbeCache(transport)  # late legs that share replicas share their probes
         self.averager = GroupAverager(transport, spec.run_id, "stage0", config=self.run.averaging)
+        self.telemetry = Telemetry(self.peer_id)
+        self.plan_view: SwarmView | None = None  # the view the iteration's first wave was planned on
+        self.publisher: asyncio.Task | None = None
         for name, fn in {
             "head": self.rpc_head,
             "embed_grad": self.rpc_embed_grad,
@@ -114,6 +121,7 @@ class DataNode(FlightLegs):
             await self._download_stage0(ahead[-1][1])
         units = len(self.schedule.microbatches(self.iteration, self.rank))  # gwtf-p2p: one per microbatch
         await self.start_routing(0, lambda records: self.view_builder(records, None), units)
+        self.publisher = asyncio.ensure_future(self._publish_loop())
 
     async def _download_stage0(self, donor: str) -> None:
         async def get(peer: str, msg: Message) -> Message:
@@ -236,11 +244,13 @@ class DataNode(FlightLegs):
         report.loss = sum(report.losses) / max(len(report.losses), 1)
         await self._finish_iteration(i)
         report.seconds = time.perf_counter() - t0
+        await self._note_iteration(report)
         self.flights.clear()
         self.iteration += 1
         return report
 
     async def _plan_wave(self, pending: list[tuple[int, torch.Tensor]]) -> list[Flight]:
+        first = not self.flights  # the iteration's first wave: its plan is the one the telemetry compares
         view = await self.view()
         data_nodes = sorted(view.data_nodes)
         demands = {d: len(pending) for d in data_nodes}
@@ -251,6 +261,9 @@ class DataNode(FlightLegs):
             await asyncio.sleep(0.2)
             await self._advance_stale(await self.current_nodes())
             view = await self.view()
+        if first:
+            self.plan_view = view
+            self.telemetry.planned(self.iteration, paths, len(pending))
         flights = []
         for (mb, x), by_stage in zip(pending, paths):
             order = self.stage_order(mb)
@@ -298,3 +311,64 @@ class DataNode(FlightLegs):
                 log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
             else:
                 self.confirmed[p] = int(r.meta["version"])
+
+    # ---- telemetry -----------------------------------------------------------------------------------------------
+    async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:
+        try:
+            return await super().call(peer, name, msg, timeout)
+        except PeerError:
+            self.telemetry.suspect(peer)  # probed off the critical path: a peer found gone is reported
+            raise
+
+    async def _note_iteration(self, report: IterationReport) -> None:
+        """What the iteration did, for the telemetry: its routes, the flights' re-routes, rebuilds the relays' records
+        show and the versions the relays confirmed. Cheap (no call, a cached DHT read)."""
+        flights = list(self.flights.values())
+        routes = [fl.route for fl in flights if fl.outcome != "lost"]
+        self.telemetry.iteration(report, routes, self.plan_view or await self.view())
+        restarts, recoveries = sum(fl.attempt for fl in flights), sum(fl.recomputed for fl in flights)
+        reroutes = sum(fl.reroutes for fl in flights) - restarts - recoveries
+        self.telemetry.flight_events(report.iteration, restarts, reroutes, recoveries)
+        relays = serving(await self.live_nodes(), "relay")
+        self.telemetry.rebuilds(relays)
+        self.telemetry.set_versions(self.stage0.version, {p: v for p, v in self.confirmed.items() if p in relays})
+
+    async def _publish_loop(self) -> None:
+        published = -1
+        while not self.closed:
+            await asyncio.sleep(PUBLISH_EVERY_S)
+            try:
+                await self._probe_suspects()
+            except Exception as exc:  # a failed DHT read: the publisher must outlive it (the suspects stay)
+                log.warning("%s: probing suspects failed (%s: %s)", self.peer_id[:8], type(exc).__name__, exc)
+            if self.telemetry.version != published:
+                published = self.telemetry.version
+                await self.publish_telemetry()
+
+    async def _probe_suspects(self) -> None:
+        """The peers a call failed on, probed: those certainly gone are reported (their records outlive them)."""
+        suspects = set(self.telemetry.suspects)
+        if not suspects:
+            return
+        stages = {p: r.stage for p, r in (await self.live_nodes()).items()}
+        gone = await self.probes.gone(suspects, timeout=PUBLISH_TIMEOUT_S)
+        self.telemetry.suspects -= suspects
+        self.telemetry.found_gone(sorted(gone), stages)
+
+    async def publish_telemetry(self) -> None:
+        """Publish the telemetry now. Best effort: a failed publish is logged, and the next one carries the same
+        windows of history and events."""
+        payload = self.telemetry.payload(self.transport.wire)
+        publish = asyncio.to_thread(self.membership.publish_telemetry, payload, TTL_S)
+        try:
+            await asyncio.wait_for(publish, PUBLISH_TIMEOUT_S)
+        except Exception as exc:  # the DHT refusing one store must never stop training
+            log.warning("%s: publishing telemetry failed (%s: %s)", self.peer_id[:8], type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        """Stop publishing; a data node that stops (not a crash) says so in a last publish (bounded)."""
+        if self.publisher is not None and not self.closed:
+            self.publisher.cancel()
+            self.telemetry.finished = True
+            await self.publish_telemetry()
+        await super().close()

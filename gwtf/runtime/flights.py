@@ -21,6 +21,7 @@ from gwtf.routing.base import SwarmView
 from gwtf.runtime import schema
 from gwtf.runtime.node import NodeBase
 from gwtf.stage import StageReplica
+from gwtf.telemetry import Telemetry
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class Flight:
     head: asyncio.Future | None = None
     grad: asyncio.Future | None = None
     loss: float | None = None
-    reroutes: int = 0
+    reroutes: int = 0  # hops replaced, restarts and recomputations
+    recomputed: int = 0  # stages recomputed after their replica died in the backward
     outcome: str = "started"
     avoid: set[str] = field(default_factory=set)  # replicas that failed this microbatch: not offered again
     give_up_at: float = float("inf")  # monotonic time after which its current leg is abandoned (a failed recovery)
@@ -89,6 +91,7 @@ class FlightLegs(NodeBase):
     head: Any  # gwtf.models.staged.HeadStage: embed / loss
     stage0: StageReplica
     recovery: RecoveryStrategy
+    telemetry: Telemetry
 
     async def view(self) -> SwarmView:
         raise NotImplementedError
@@ -124,6 +127,7 @@ class FlightLegs(NodeBase):
         if fl is None:
             raise BadMessage(f"microbatch {msg.microbatch_id} is not in flight")
         dead, pos = str(msg.meta["dead"]), int(msg.meta["position"])
+        self.telemetry.suspect(dead)  # the relay's call to it failed: probed off the critical path
         fl.avoid.add(dead)  # a full replica too: this hop has tried it already
         others = {r.peer_id for r in (await self.view()).replicas(fl.order[pos])} - fl.avoid
         new = await self._replace(fl, pos, set(fl.avoid) if others else {dead})
@@ -160,6 +164,7 @@ class FlightLegs(NodeBase):
         k = int(msg.meta["dead_pos"])
         fl.route = list(msg.meta["route"])
         new = await self._replace(fl, k, {str(msg.meta["dead"])})
+        fl.recomputed += 1
         meta = fl.meta()
         if k == 0:
             if fl.h0 is None:  # a late recovery request: the embedding's backward already ran
@@ -274,6 +279,7 @@ class FlightLegs(NodeBase):
                 if time.monotonic() >= next_probe:  # a crashed hop's DHT record outlives it by up to its TTL: ask
                     gone_now = await self.probes.gone(set(fl.route), timeout=PROBE_ROUTE_AFTER_S)
                     next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
+                self.telemetry.found_gone(sorted(gone_now), {p: k for p, k in zip(fl.route, fl.order)})
                 dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live or p in gone_now]
                 if dead:
                     await on_dead(*dead[-1])

@@ -1,13 +1,15 @@
 """Transport, the interface the nodes use (add_handler with a validator, call, shutdown, peer_id), and the receive
 path every backend shares: each frame is checked before a handler sees it (run id, the sender's proof of membership
 in a keyed run (gwtf.auth), size limits, dtypes, checksum, finite values, then the handler's own validator); a bad
-one is answered with an error frame and dropped, and the node keeps serving. Backends only move frames."""
+one is answered with an error frame and dropped, and the node keeps serving. Backends only move frames. Every frame
+sent or received is counted, in bytes per message kind (`wire`), for the node's telemetry."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,13 +17,13 @@ from gwtf.auth import RunAccess
 from gwtf.errors import BadMessage, PeerError
 from gwtf.transport.channels import Reader
 from gwtf.transport.frame import (
+    PREFIX_BYTES,
     check_header,
     decode_body,
     encode_frame,
     error_frame,
     parse_header,
     read_body,
-    read_header,
     read_prefix,
     skip,
 )
@@ -31,6 +33,7 @@ from gwtf.transport.message import Message, MessageLimits, Validator
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Awaitable[Message]]
+MAX_KINDS = 64  # message kinds counted apart in `wire`; the rest count as "other"
 
 
 class Transport(ABC):
@@ -55,6 +58,7 @@ class Transport(ABC):
             raise ValueError(f"access is for run {self.access.run_id!r}, the transport for {run_id!r}")
         self._handlers: dict[str, tuple[Handler, Validator | None]] = {}
         self.rejected = 0  # frames refused by validation, for metrics and tests
+        self.wire: dict[str, Counter[str]] = {"sent": Counter(), "received": Counter()}  # bytes by message kind
 
     def add_handler(self, name: str, fn: Handler, validator: Validator | None = None) -> None:
         self._handlers[name] = (fn, validator)
@@ -62,6 +66,7 @@ class Transport(ABC):
     async def call(self, peer_id: str, name: str, msg: Message, timeout: float) -> Message:
         """Send `msg` to handler `name` on `peer_id` and return its reply; PeerError on any failure."""
         frame = encode_frame(msg, extra=self._request_extra(peer_id, name))
+        self._count("sent", msg.kind, frame_nbytes(frame))
         try:
             return await asyncio.wait_for(self._call_frame(peer_id, frame, msg.nbytes), timeout)
         except TimeoutError:
@@ -98,6 +103,7 @@ class Transport(ABC):
         except BadMessage as exc:
             await skip(reader, body_len)
             return self._refuse(sender, "?", exc)
+        self._count("received", header.fields["kind"], PREFIX_BYTES + header_len + body_len)
         try:
             check_header(header, self.limits, self.run_id)
             self.access.check(sender, self.peer_id, header.fields.get("auth"))  # before any body byte is buffered
@@ -121,7 +127,7 @@ class Transport(ABC):
     def _refuse(self, sender: str, handler: str, exc: BadMessage) -> list[bytes | memoryview]:
         self.rejected += 1
         logger.warning("%s: rejected a message from %s for %r: %s", self.peer_id, sender, handler, exc)
-        return error_frame(f"rejected: {exc}", self.run_id)
+        return self._sent(error_frame(f"rejected: {exc}", self.run_id), "error")
 
     async def _run_handler(self, name: str, fn: Handler, msg: Message) -> list[bytes | memoryview]:
         try:
@@ -130,14 +136,28 @@ class Transport(ABC):
             return self._refuse(msg.sender, name, exc)
         except Exception as exc:  # a handler bug must not take the node down; the caller learns why
             logger.exception("%s: handler %r failed on a message from %s", self.peer_id, name, msg.sender)
-            return error_frame(f"handler {name!r} failed: {type(exc).__name__}: {exc}", self.run_id)
+            return self._sent(
+                error_frame(f"handler {name!r} failed: {type(exc).__name__}: {exc}", self.run_id), "error"
+            )
         extra: dict[str, Any] = {"region": self.region}
         if self.access.keyed:
             extra["auth"] = self.access.proof(self.peer_id, msg.sender)
-        return encode_frame(reply, extra=extra)
+        return self._sent(encode_frame(reply, extra=extra), reply.kind)
+
+    def _sent(self, frame: list[bytes | memoryview], kind: str) -> list[bytes | memoryview]:
+        self._count("sent", kind, frame_nbytes(frame))
+        return frame
+
+    def _count(self, direction: str, kind: str, nbytes: int) -> None:
+        counts = self.wire[direction]
+        if kind not in counts and len(counts) >= MAX_KINDS:  # kinds come from peers too: bounded
+            kind = "other"
+        counts[kind] += nbytes
 
     async def _read_reply(self, peer_id: str, reader: Reader) -> Message:
-        header = await read_header(reader, self.limits)
+        header_len, body_len = await read_prefix(reader, self.limits)
+        header = parse_header(await reader.read_exactly(header_len), body_len)
+        self._count("received", header.fields["kind"], PREFIX_BYTES + header_len + body_len)
         if header.error is not None:
             await skip(reader, header.body_len)
             raise PeerError(header.error)
@@ -151,3 +171,7 @@ class Transport(ABC):
         except BadMessage as exc:
             logger.warning("%s: bad reply from %s: %s", self.peer_id, peer_id, exc)
             raise PeerError(f"bad reply: {exc}") from None
+
+
+def frame_nbytes(frame: list[bytes | memoryview]) -> int:
+    return sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in frame)

@@ -24,6 +24,7 @@ from gwtf.transport.message import Message, MessageLimits, dtype_name
 
 _MAGIC = b"GWT1"
 _PREFIX = struct.Struct("!4sIQ")  # magic, header length, body length
+PREFIX_BYTES = _PREFIX.size
 _ALIGN = 64  # each tensor starts at a multiple of this in the body, so decoded views are aligned
 _DRAIN_CHUNK = 1 << 20
 
@@ -200,11 +201,6 @@ def decode_body(header: Header, body: Any, sender: str) -> Message:
 async def read_prefix(reader: Reader, limits: MessageLimits) -> tuple[int, int]:
     """(header length, body length) of the next frame; BadMessage if it is no frame or its header is too big."""
     return _parse_prefix(await reader.read_exactly(_PREFIX.size), limits)
-
-
-async def read_header(reader: Reader, limits: MessageLimits) -> Header:
-    header_len, body_len = await read_prefix(reader, limits)
-    return parse_header(await reader.read_exactly(header_len), body_len)
 
 
 async def read_body(reader: Reader, header: Header) -> Any:

@@ -37,6 +37,7 @@ from gwtf.data import MicrobatchSchedule, PackedData, Tokenizer, load_data, load
 from gwtf.errors import UserError
 from gwtf.metrics import MetricsWriter
 from gwtf.optim import lr_at, make_optimizer, set_lr
+from gwtf.tensorboard import ITERATION_TAGS, ScalarBoard
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ def train_local(
     n_data_nodes: int = 1,
     metrics_path: str | None = None,
     data: PackedData | None = None,
+    tensorboard_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Train cfg's model on cfg's data in this process; returns (and writes to json_out) the results."""
+    """Train cfg's model on cfg's data in this process; returns (and writes to json_out) the results, and with
+    `tensorboard_dir` the same scalars as a data node's (gwtf.tensorboard)."""
     from gwtf.models.staged import build_stages
 
     model_cfg = cfg.model_config()
@@ -127,21 +130,25 @@ def train_local(
     losses: list[float] = []
     val_losses: list[list[float]] = []
     train_time = 0.0
-    with MetricsWriter(metrics_path) as metrics:
+    with MetricsWriter(metrics_path) as metrics, ScalarBoard(tensorboard_dir) as board:
         bar = tqdm(range(tr.steps), desc="train-local", disable=not progress, unit="step")
         for step in bar:
             start = time.perf_counter()
             lr = lr_at(step, tr.steps, cfg.optim)
             loss = train_step(stages, opts, schedule.global_batch(step), lr)
-            train_time += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            train_time += seconds
             losses.append(loss)
             metrics.write(event="step", step=step, loss=loss, lr=lr)
+            board.iteration({"iteration": step, "loss": loss, "seconds": seconds,
+                             "tokens_per_s": tokens_per_step / max(seconds, 1e-9)})  # fmt: skip
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
             if done == tr.steps or (tr.eval_every and done % tr.eval_every == 0):
                 val = evaluate(stages, data.val, tr.microbatch_size, tr.val_batches)
                 val_losses.append([done, val])
                 metrics.write(event="val", step=done, val_loss=val)
+                board.add(done, {ITERATION_TAGS["val_loss"]: val})
         bar.close()
 
     result = {

@@ -1,7 +1,7 @@
 """`gwtf join`: a volunteer joins a run as a relay (serves one stage) or as a data node (drives iterations).
 
     gwtf join --initial-peers ADDR --run myrun                       # relay; picks the stage that needs it
-    gwtf join --initial-peers ADDR --run myrun --role data --rank 0 --metrics data0.jsonl
+    gwtf join --initial-peers ADDR --run myrun --role data --rank 0 --metrics data0.jsonl [--tensorboard DIR]
 
 The node reads the run record, refuses a run whose model hash differs from the config it builds, then serves
 until it is stopped (a relay) or until the run's steps are done (a data node).
@@ -14,7 +14,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gwtf.config import from_dict
 from gwtf.errors import UserError
@@ -23,6 +25,11 @@ from gwtf.membership import RunRecord, check_model_hash, make_dht, serving
 from gwtf.metrics import MetricsWriter
 from gwtf.placement import choose_stage
 from gwtf.runtime.spec import NodeOptions, RunSpec, run_spec
+from gwtf.tensorboard import ScalarBoard, check_logdir
+
+if TYPE_CHECKING:
+    from gwtf.runtime.datanode import DataNode
+    from gwtf.runtime.flights import IterationReport
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--device", default="cpu", help="cpu (stage compute on CUDA is not in this version)")
     parser.add_argument("--region", default=None, help="emulate this region's links (shared/data/regions.json)")
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="TensorBoard scalars into DIR (data nodes; then: tensorboard --logdir DIR)")  # fmt: skip
     parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
     parser.add_argument("--join-timeout", type=float, default=300.0, help="reaching the run, downloading the state")
     parser.add_argument("--key", default=None, metavar="FILE", help="the run key (a run by invitation needs it)")
@@ -64,6 +73,7 @@ async def _main(args: argparse.Namespace) -> int:
     from gwtf.transport import HivemindTransport, LinkEmulator
 
     opts = NodeOptions(capacity=args.capacity, region=args.region)  # checked before anything starts
+    _check_tensorboard(args)
     access = join_access(args.run, args.key)
     dht = make_dht(args.initial_peers, loopback=not args.public, access=access)
     membership = DHTMembership(dht, args.run)
@@ -80,6 +90,14 @@ async def _main(args: argparse.Namespace) -> int:
         return await _drive_data(args, spec, opts, transport, membership)
     finally:
         dht.shutdown()
+
+
+def _check_tensorboard(args: argparse.Namespace) -> None:
+    if args.tensorboard is None:
+        return
+    if args.role != "data":
+        raise UserError(f"--tensorboard {args.tensorboard}: only data nodes write scalars; join with --role data")
+    check_logdir(args.tensorboard)
 
 
 def _spec(args: argparse.Namespace, record: RunRecord) -> RunSpec:
@@ -168,27 +186,18 @@ async def _drive_data(args, spec, opts, transport, membership) -> int:
     data = load_data(spec.config.data, spec.model.seq_len)
     node = make_data_node(spec, transport, membership, opts, args.rank, data)
     await node.start(expected_data_nodes=spec.data_nodes, timeout=args.join_timeout)
-    metrics = MetricsWriter(args.metrics)
+    metrics, board = MetricsWriter(args.metrics), ScalarBoard(args.tensorboard)
     t0 = time.perf_counter()
     try:
         while node.iteration < spec.total_steps:
             report = await node.run_iteration()
             live = await node.live_nodes()
             per_stage = [len(serving(live, "relay", k)) for k in range(1, spec.model.n_stages + 1)]
-            metrics.write(
-                event="iteration",
-                iteration=report.iteration,
-                loss=report.loss,
-                tokens_per_s=report.tokens / max(report.seconds, 1e-9),
-                seconds=report.seconds,
-                started=report.started,
-                finished=report.finished,
-                rerouted=report.rerouted,
-                partial=report.partial,
-                lost=report.lost,
-                waves=report.waves,
-                live_per_stage=per_stage,
-            )
+            row = iteration_row(report, per_stage)
+            metrics.write(event="iteration", **row)
+            board.iteration(row)
+            if board.enabled:  # computed in the board's worker thread: the next iteration starts at once
+                board.in_background(report.iteration, routing_gap_of(node), prefix="routing/")
         metrics.write(event="done", seconds=time.perf_counter() - t0)
         if args.linger:  # keep serving stage 0 (for `gwtf export --run`) until stopped
             stop = asyncio.Event()
@@ -196,5 +205,32 @@ async def _drive_data(args, spec, opts, transport, membership) -> int:
             await stop.wait()
     finally:
         metrics.close()
+        board.close()
         await node.close()
     return 0
+
+
+def iteration_row(report: IterationReport, live_per_stage: list[int]) -> dict[str, Any]:
+    """A data node's iteration as its metrics line and TensorBoard scalars have it."""
+    tokens_per_s = report.tokens / max(report.seconds, 1e-9)
+    counts = {k: getattr(report, k) for k in ("started", "finished", "rerouted", "partial", "lost", "waves")}
+    head = {"iteration": report.iteration, "loss": report.loss, "tokens_per_s": tokens_per_s, "seconds": report.seconds}
+    return {**head, **counts, "live_per_stage": live_per_stage}
+
+
+def routing_gap_of(node: DataNode) -> Callable[[], dict[str, float]]:
+    """The routing's gap to the optimum (gwtf.telemetry.routing_gap) for the iteration's first wave as `node`
+    planned it: its paths and its demand, on the view it planned on. Its own demand only: under gwtf-p2p the other
+    data nodes' paths are theirs, so with several data nodes the optimum here ignores what they take (a bound).
+    The inputs are taken now; the call computes (in a worker thread)."""
+    from gwtf.telemetry import plan_paths, routing_gap
+
+    view, me = node.plan_view, node.peer_id
+    plan, demand = {me: plan_paths(node.telemetry.plan)}, {me: node.telemetry.demand}
+
+    def compute() -> dict[str, float]:
+        if view is None:
+            raise ValueError("the data node has planned no iteration yet")
+        return routing_gap(view, plan, demand)
+
+    return compute

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from gwtf.config import load_config
+from gwtf.tensorboard import check_logdir
 from gwtf.trainer import train_local
 
 
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--data-nodes", type=int, default=1, help="number of data nodes the batches are dealt to")
     parser.add_argument("--json", help="write the results (losses, val loss, tokens/s, config) here")
     parser.add_argument("--metrics", help="append per-step JSON lines here")
+    parser.add_argument("--tensorboard", metavar="DIR", help="TensorBoard scalars into DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -29,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     flags = {"preset": args.preset, "stages": args.stages, "train.steps": args.steps, "train.seed": args.seed}
     overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     cfg = load_config(args.config, overrides)
+    if args.tensorboard is not None:
+        check_logdir(args.tensorboard)
     result = train_local(cfg, args.json, progress=not args.no_progress, n_data_nodes=args.data_nodes,
-                         metrics_path=args.metrics)  # fmt: skip
+                         metrics_path=args.metrics, tensorboard_dir=args.tensorboard)  # fmt: skip
     losses = result["losses"]
     print(
         f"steps {len(losses)}  loss {losses[0]:.4f} -> {losses[-1]:.4f}  val_loss {result['val_loss']:.4f}  "

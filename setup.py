@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "numpy",
     "tqdm",
     "matplotlib",
+    "tensorboard==2.21.0",  # `--tensorboard DIR` (torch.utils.tensorboard's writer); needs protobuf>=6.31.1,<8
+    "aiohttp>=3.9,<4",  # gwtf dashboard's web server
 ]
 
 EXTRAS = {
@@ -44,7 +46,11 @@ setup(
         *(f"gwtf.{name}.{sub}" for name in TOP_LEVEL_FOLDERS for sub in find_packages(where=name)),
     ],
     package_dir={f"gwtf.{name}": name for name in TOP_LEVEL_FOLDERS},
-    package_data={"gwtf.benchmarks": ["scenarios/*.toml"], "gwtf": ["resources/*"]},
+    package_data={
+        "gwtf.benchmarks": ["scenarios/*.toml"],
+        "gwtf": ["resources/*"],
+        "gwtf.dashboard": ["static/*", "static/vendor/*"],  # the page and its vendored libraries (no CDN)
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["gwtf=gwtf.launch.cli:main"]},

@@ -2,7 +2,8 @@
 
 Installed as one package: the repo's models/, launch/ and benchmarks/ folders install as gwtf.models, gwtf.launch
 (every `gwtf` command) and gwtf.benchmarks. The layers, each importing only those below it:
-    launch/, benchmarks/ -> runtime/ -> routing/, recovery/, averaging, membership, transport -> models/, data, ...
+    launch/, benchmarks/ -> dashboard/ -> runtime/ -> telemetry -> routing/, recovery/, averaging, membership,
+    transport -> models/, data, ...
 
 Files:
     config.py      RunConfig: every component's own config composed into one (TOML, `section.key=value`
@@ -22,11 +23,16 @@ Files:
     placement.py   choose_stage: where a volunteer adds the most throughput
     faults.py      the fault injector shared by tests and benchmarks
     metrics.py     JSON-lines metrics
+    telemetry.py   what a data node publishes for watchers (history, flows, plan, events, bytes per message kind);
+                   routing_gap: a plan's throughput and worst path against the optimum
+    tensorboard.py TensorBoard scalars of a run (`--tensorboard DIR`): a data node's iterations, the routing's gap
+    node_states.py why a node is or is not routed through, in words (`gwtf status`): stale, full, unreachable...
     routing/       cost model, flow graph, ortools optimum, the decentralized GWTF agent, SWARM/round-robin/oracle;
                    the router interface, its registry and RoutingConfig
     recovery/      stage rebuild strategies (CheckFree, CheckFree+, copy, random, redundant, checkpoint): one
                    interface with the hooks a live relay calls, a registry, RecoveryConfig, the failure model
     runtime/       the live swarm's nodes: relays and data nodes, their RPC schema, their assembly from a run
+    dashboard/     the live web dashboard (`gwtf dashboard`): its data model, aiohttp server and static page
     resources/     regions.json (the inter-region link table: latency, bandwidth); the embedded corpus, a fixed
                    snapshot of CPython 3.11.7's standard library text, with its PSF license
 """

@@ -6,6 +6,7 @@ Layering: launch/ imports gwtf and gwtf.models, never benchmarks/; gwtf/ and mod
 Files:
     cli.py         the `gwtf` command line: a dispatcher over the command modules below
     status.py      `gwtf status`
+    dashboard.py   `gwtf dashboard`: a live web page of a run (a DHT client); `start_dashboard` for launchers
     train_local.py `gwtf train-local`
     convert.py     `gwtf convert` and `gwtf export`
     export_run.py  fetch a live run's model from its nodes as a Hugging Face directory

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bootstrap": ("gwtf.launch.bootstrap", "start a run: DHT peer and run record; prints the address to join"),
     "join": ("gwtf.launch.join", "join a run as a relay or data node"),
     "status": ("gwtf.launch.status", "print the stages, replicas and data nodes of a run"),
+    "dashboard": ("gwtf.launch.dashboard", "serve a live web page of a run: pipeline, flows, gap to the optimum, loss"),
     "train-local": ("gwtf.launch.train_local", "single-process reference training"),
     "convert": ("gwtf.launch.convert", "convert a HF directory or GGUF file into a staged checkpoint"),
     "export": ("gwtf.launch.convert", "export a staged checkpoint as a Hugging Face directory"),

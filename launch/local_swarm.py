@@ -1,6 +1,7 @@
 """A whole swarm of processes on 127.0.0.1: bootstrap, relays, data nodes; a crash injected and recovered.
 
     gwtf demo                                   # the README's main job: debug model, embedded corpus
+    gwtf demo --dashboard                       # the same, watched live at the URL it prints
     python -m gwtf.launch.local_swarm --stages 3 --replicas 2 --steps 40 --crash-at 15 --out runs/demo
 
 Every node is a real process on hivemind (DHT + P2P on loopback). At `--crash-at`, one relay SIGKILLs itself in
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gwtf.errors import UserError
+from gwtf.launch.dashboard import DEFAULT_PORT, check_port_flag, dashboard_url, start_dashboard
 from gwtf.launch.processes import ProcessGroup, read_jsonl  # ProcessGroup: tests/test_auth.py imports it from here
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
     parser.add_argument("--router", default="gwtf-p2p", help="gwtf-p2p | gwtf | swarm | round-robin | oracle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
     parser.add_argument("--out", default="runs/demo", help="logs, metrics and the summary JSON")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="TensorBoard scalars, data node R's in DIR/data-R (tensorboard --logdir DIR)")  # fmt: skip
+    parser.add_argument("--dashboard", type=int, nargs="?", const=DEFAULT_PORT, default=None, metavar="PORT",
+                        help=f"serve the live dashboard on 127.0.0.1:PORT (default {DEFAULT_PORT}; 0: any free port) "
+                        "and print its URL")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")
 
 
@@ -89,6 +96,12 @@ def check_args(args: argparse.Namespace, pretrained: bool = False) -> None:
             raise UserError(f"--crash-phase {args.crash_phase!r} is unknown; phases: {', '.join(PHASES)}")
         if args.crash_at >= args.steps:
             raise UserError(f"--crash-at {args.crash_at}: the run has steps 0..{args.steps - 1} (-1: no crash)")
+    if getattr(args, "dashboard", None) is not None:
+        check_port_flag(args.dashboard)
+    if getattr(args, "tensorboard", None) is not None:
+        from gwtf.tensorboard import check_logdir
+
+        check_logdir(args.tensorboard)
 
 
 @dataclass
@@ -127,6 +140,9 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
         ],
     )
     peers = group.wait_for_address(addr_file, timeout=60)
+    dashboard = getattr(args, "dashboard", None)
+    if dashboard is not None:  # it starts while the relays do, and sees every one join
+        start_dashboard(group, peers, run_id, dashboard)
     join = ["join", "--run", run_id, "--initial-peers", *peers]
     if getattr(args, "capacity", None):
         join += ["--capacity", str(args.capacity)]
@@ -139,9 +155,14 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
     if args.crash_at >= 0:  # a volunteer ready to replace the replica that will crash
         group.start("joiner-0", [*join, "--role", "relay", "--standby"])
     _wait_for_relays(group, [f"relay-s{k}-{r}" for k in range(1, args.stages + 1) for r in range(args.replicas)])
+    if dashboard is not None:
+        print(f"dashboard: {dashboard_url(group)}  (open it in a browser; it stops with the swarm)", flush=True)
     metrics = [out / f"data-{rank}.jsonl" for rank in range(args.data_nodes)]
     for rank, path in enumerate(metrics):
-        group.start(f"data-{rank}", [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path), *extra.data])
+        argv = [*join, "--role", "data", "--rank", str(rank), "--metrics", str(path), *extra.data]
+        if getattr(args, "tensorboard", None) is not None:  # one TensorBoard run per data node
+            argv += ["--tensorboard", str(Path(args.tensorboard) / f"data-{rank}")]
+        group.start(f"data-{rank}", argv)
     print(
         f"swarm {run_id}: {args.stages} stages x {args.replicas} replicas, {args.data_nodes} data node(s), "
         f"{args.steps} steps; initial peers {peers[0]}"

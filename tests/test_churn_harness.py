@@ -1,5 +1,6 @@
 """The crash-injection harness: its seeded schedule and report arithmetic, and one tiny scenario end to end
-(real processes: a relay SIGKILLed, a volunteer joining, a report with plots, nothing left running)."""
+(real processes: a relay SIGKILLed, a volunteer joining, a report with plots and TensorBoard scalars, nothing left
+running)."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ from gwtf.benchmarks.harness.events import draw_events
 from gwtf.benchmarks.harness.report import build_report, to_full_throughput, write_plots
 from gwtf.benchmarks.harness.scenario import Churn, NodeSpec, Scenario, load_scenario
 from gwtf.errors import UserError
+from tests.test_tensorboard import assert_rows_logged, read_scalars
 
 SCENARIOS = Path(__file__).resolve().parents[1] / "benchmarks" / "scenarios"
 
@@ -96,7 +98,7 @@ def test_tiny_scenario_end_to_end_crash_rejoin_report(tmp_path):
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
     sc = load_scenario(path)
-    (result,) = run_scenario(sc, [], tmp_path / "logs")
+    (result,) = run_scenario(sc, [], tmp_path / "logs", tensorboard=tmp_path / "tb")
     report = build_report(sc, [result])
     plots = write_plots(report, tmp_path / "plots")
     run = report["runs"][0]
@@ -113,3 +115,7 @@ def test_tiny_scenario_end_to_end_crash_rejoin_report(tmp_path):
     assert not run["leftover_pids"] and not run["failed_processes"]
     json.dumps(report)  # the report is plain JSON
     assert all(p.stat().st_size > 5000 for p in plots)
+    scalars = read_scalars(tmp_path / "tb" / "tiny" / "base")  # one TensorBoard run per variant, live from data-0
+    assert_rows_logged(scalars, result.rows)
+    gaps = scalars["routing/throughput_gap"]  # one per iteration, unless a computation was still running
+    assert gaps and all(0 <= step < sc.steps and 0 <= gap <= 1 for step, gap in gaps), gaps

@@ -15,6 +15,7 @@ SURFACE = {
         "--crash-at",
         "--crash-phase",
         "--crash-stage",
+        "--dashboard",
         "--data-nodes",
         "--out",
         "--preset",
@@ -24,6 +25,7 @@ SURFACE = {
         "--set",
         "--stages",
         "--steps",
+        "--tensorboard",
         "--timeout",
     ],
     "bootstrap": [
@@ -58,8 +60,10 @@ SURFACE = {
         "--run",
         "--stage",
         "--standby",
+        "--tensorboard",
     ],
-    "status": ["--initial-peers", "--key", "--public", "--run", "--timeout"],
+    "status": ["--initial-peers", "--key", "--public", "--run", "--timeout", "--watch"],
+    "dashboard": ["--host", "--initial-peers", "--key", "--port", "--public", "--run", "--timeout"],
     "train-local": [
         "--config",
         "--data-nodes",
@@ -71,6 +75,7 @@ SURFACE = {
         "--set",
         "--stages",
         "--steps",
+        "--tensorboard",
     ],
     "convert": ["--equal-stages", "--from", "--stages", "--to"],
     "export": ["--from", "--initial-peers", "--key", "--run", "--to"],
@@ -177,6 +182,7 @@ def test_join_refuses_a_bad_node_option_before_it_reaches_for_the_run(argv, name
         (["--crash-phase", "lunch"], "--crash-phase 'lunch'"),
         (["--crash-at", "40"], "--crash-at 40"),
         (["--set", "recovery.strategy=nope"], "recovery.strategy='nope'"),
+        (["--dashboard", "70000"], "--dashboard 70000: a TCP port is 0..65535"),
     ],
 )
 def test_demo_refuses_a_bad_value_before_it_starts_a_process(argv, named, tmp_path, capsys):

@@ -2,7 +2,9 @@
 
     python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/geo10.toml --compare router=gwtf,swarm \
         --json runs/geo10.json --plots docs/plots
-    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --json runs/local.json
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --json runs/local.json \
+        --tensorboard runs/tb          # then: tensorboard --logdir runs/tb (one run per variant)
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --dashboard   # watch it: URL printed
 
 Every node is a `gwtf` process (bootstrap, relays, data nodes; hivemind DHT + P2P on loopback). With a region a
 node's transport emulates that region's links (gwtf.transport.LinkEmulator, real time). A node's compute speed is
@@ -33,6 +35,8 @@ from typing import Any
 from gwtf.benchmarks.harness.compare import run_scenario
 from gwtf.benchmarks.harness.scenario import load_scenario
 from gwtf.errors import UserError
+from gwtf.launch.dashboard import DEFAULT_PORT, check_port_flag
+from gwtf.tensorboard import check_logdir
 
 PROG = "gwtf.benchmarks.churn"  # the command users run: python -m gwtf.benchmarks.churn
 
@@ -50,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", default=None, help="write PNG plots into this folder")
     parser.add_argument("--logs", default="runs/churn", help="node logs and metrics, one folder per run")
     parser.add_argument("--steps", type=int, default=None, help="override the scenario's steps")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="TensorBoard scalars, one run per variant: DIR/<scenario>/<variant>")  # fmt: skip
+    parser.add_argument("--dashboard", type=int, nargs="?", const=DEFAULT_PORT, default=None, metavar="PORT",
+                        help=f"serve each gwtf variant's live dashboard on 127.0.0.1:PORT (default {DEFAULT_PORT}; "
+                        "0: any free port) and print its URL")  # fmt: skip
     args = parser.parse_args(argv)
     from gwtf.benchmarks.harness.report import build_report, print_summary, write_plots
 
@@ -58,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         sc = load_scenario(args.scenario)
         if args.steps:
             sc.steps = args.steps
-        results = run_scenario(sc, args.compare, Path(args.logs))
+        board = check_logdir(args.tensorboard) if args.tensorboard is not None else None
+        if args.dashboard is not None:
+            check_port_flag(args.dashboard)
+        results = run_scenario(sc, args.compare, Path(args.logs), tensorboard=board, dashboard=args.dashboard)
         report = build_report(sc, results)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from gwtf.benchmarks.harness.settings import recovery_of
 from gwtf.benchmarks.harness.swarm_run import SwarmRun
 from gwtf.errors import UserError
 from gwtf.recovery.config import RecoveryConfig
+from gwtf.tensorboard import ScalarBoard
 
 COMPARE_KEYS = ("router", "recovery", "system")
 SYSTEMS = ("gwtf", "deepspeed")  # deepspeed: the static pipeline with checkpoint restart (harness.deepspeed_run)
@@ -43,7 +44,11 @@ def variants(compares: list[str]) -> list[dict[str, str]]:
     return out
 
 
-def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunResult]:
+def run_scenario(
+    sc: Scenario, compares: list[str], log_root: Path, tensorboard: Path | None = None, dashboard: int | None = None
+) -> list[RunResult]:
+    """Every variant in turn; with `tensorboard`, one TensorBoard run per variant in tensorboard/<scenario>/<label>;
+    with `dashboard`, each gwtf variant's live dashboard on that port (gwtf.launch.dashboard)."""
     for name in {recovery_of(sc, v) for v in variants(compares)}:
         RecoveryConfig(strategy=name)  # refused here, not as a node that exits in the middle of a run
     events = draw_events(sc, sc.timeout_s)
@@ -57,8 +62,22 @@ def run_scenario(sc: Scenario, compares: list[str], log_root: Path) -> list[RunR
                 stale.unlink()
         print(f"== {sc.name} [{label}]: {sc.relays} relays over {sc.stages} stages, {sc.data_nodes} data node(s), "
               f"{sc.steps} steps, {len(events)} planned events; logs in {log_dir}", flush=True)  # fmt: skip
+        board = fresh_board_dir(tensorboard / sc.name / label) if tensorboard is not None else None
         if variant.get("system", "gwtf") == "deepspeed":
             results.append(DeepSpeedRun(sc, variant, log_dir, events).execute())
-        else:
-            results.append(SwarmRun(sc, variant, log_dir, events).execute())
+            if board is not None:  # its ranks write JSON lines only: their rows, as they happened
+                with ScalarBoard(board) as scalars:
+                    for row in results[-1].rows:
+                        scalars.iteration(row, walltime=row["time"])
+        else:  # its data nodes write the scalars as they go (with the routing's gap to the optimum)
+            results.append(SwarmRun(sc, variant, log_dir, events, tensorboard=board, dashboard=dashboard).execute())
     return results
+
+
+def fresh_board_dir(path: Path) -> Path:
+    """A variant's TensorBoard folder without the event files of an earlier run of it (TensorBoard would show both
+    as one run)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.rglob("events.out.tfevents.*"):
+        stale.unlink()
+    return path

@@ -23,6 +23,7 @@ from gwtf.benchmarks.harness.results import RunResult, is_done, iterations
 from gwtf.benchmarks.harness.scenario import NodeSpec, Scenario
 from gwtf.benchmarks.harness.settings import recovery_of, router_of, swarm_settings_argv, tokens_per_iteration
 from gwtf.errors import UserError
+from gwtf.launch.dashboard import dashboard_url, start_dashboard
 from gwtf.launch.processes import ProcessGroup
 
 SERVING = re.compile(r"serving stage (\d+)")
@@ -41,8 +42,18 @@ class Relay:
 
 
 class SwarmRun:
-    def __init__(self, sc: Scenario, variant: dict[str, str], log_dir: Path, events: list[Event]):
+    def __init__(
+        self,
+        sc: Scenario,
+        variant: dict[str, str],
+        log_dir: Path,
+        events: list[Event],
+        tensorboard: Path | None = None,
+        dashboard: int | None = None,
+    ):
         self.sc, self.variant, self.log_dir = sc, variant, log_dir
+        self.tensorboard = tensorboard  # data node 0's TensorBoard run (the others' in its data-R subfolders)
+        self.dashboard = dashboard  # the port of this run's live dashboard (gwtf.launch.dashboard), if any
         self.pending = [dataclasses.replace(e) for e in events]
         self.group = ProcessGroup(log_dir)
         self.relays: dict[str, Relay] = {}
@@ -59,15 +70,21 @@ class SwarmRun:
                 "--addr-file", str(addr_file)]  # fmt: skip
         self._start_node("bootstrap", argv + swarm_settings_argv(self.sc, self.variant))
         peers = self.group.wait_for_address(addr_file, 90)
+        if self.dashboard is not None:  # it starts while the relays do, and sees every one join
+            start_dashboard(self.group, peers, run_id, self.dashboard)
         join = ["join", "--run", run_id, "--initial-peers", *peers, "--join-timeout", "120"]
         for slot in self.sc.nodes:
             for i in range(slot.count):
                 self._start_relay(f"relay-s{slot.stage}-{len(self.relays)}-{i}", slot, join)
         self._wait_serving(list(self.relays), timeout=180)  # the scenario's starting swarm is in place first
+        if self.dashboard is not None:
+            print(f"  dashboard: {dashboard_url(self.group)}", flush=True)
         for rank in range(self.sc.data_nodes):
             argv = [*join, "--role", "data", "--rank", str(rank), "--metrics", str(self._metrics(rank))]
             if self.sc.data_region:
                 argv += ["--region", self.sc.data_region]
+            if self.tensorboard is not None:
+                argv += ["--tensorboard", str(self.tensorboard / f"data-{rank}" if rank else self.tensorboard)]
             self._start_node(f"data-{rank}", argv)
         return join
 

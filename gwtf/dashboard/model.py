@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gwtf.membership import NodeRecord, RunRecord
+from gwtf.node_states import confirmed_versions
 from gwtf.routing.base import SwarmView
 from gwtf.runtime.spec import RunSpec
 from gwtf.runtime.views import view_builder
@@ -171,12 +172,7 @@ class RunWatch:
     def told_versions(self) -> dict[str, int]:
         """The versions the data nodes' telemetry states: theirs, and those of the relays that replied to them, as
         of the end of their last iteration (the newest where two data nodes disagree)."""
-        told: dict[str, int] = {}
-        for peer, t in self.telemetry.items():
-            for p, v in {**(t.get("versions") or {}), peer: t.get("version")}.items():
-                if type(v) is int:
-                    told[p] = max(v, told.get(p, v))
-        return told
+        return confirmed_versions(self.telemetry)  # what `gwtf status` reads too
 
     def with_versions(self, versions: Mapping[str, int], newest: bool) -> dict[str, NodeRecord]:
         """The live records with `versions` in place of theirs (`newest`: only where those are newer)."""

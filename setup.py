@@ -23,6 +23,9 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tensorboard==2.21.0",  # `--tensorboard DIR` (torch.utils.tensorboard's writer); needs protobuf>=6.31.1,<8
     "aiohttp>=3.9,<4",  # gwtf dashboard's web server
+    "cryptography==50.0.2",  # the direct path's AEAD (ChaCha20-Poly1305) and key derivation (HKDF)
+    "datasets==5.2.0",  # fine-tuning data as it comes: JSON lines, CSV, Parquet, load_from_disk
+    "peft==0.21.2",  # LoRA adapters across the swarm
 ]
 
 EXTRAS = {

@@ -185,7 +185,7 @@ def test_preset_sizes():
     assert (debug.n_layers, debug.n_stages, debug.seq_len, debug.vocab_size, debug.d_ff) == (4, 4, 64, 259, 172)
     assert get_preset("debug-gpt").family == "gpt"
     m124 = get_preset("124m")
-    assert (m124.d_model, m124.n_heads, m124.n_stages, m124.n_layers, m124.seq_len) == (512, 8, 4, 12, 512)
+    assert (m124.d_model, m124.n_heads, m124.n_stages, m124.n_layers, m124.seq_len) == (768, 12, 4, 12, 512)
     assert (get_preset("1.5b").d_model, get_preset("1.5b").seq_len) == (2048, 4096)
     assert get_preset("gpt-500m").vocab_size == 50257 and get_preset("500m").vocab_size == 32000
 

@@ -1,5 +1,7 @@
 """A relay's iteration end: once every live data node is done with iteration i, the stage's replicas average their
-gradients (weighted by the microbatches each processed) with exactly the group the data nodes named, and step."""
+gradients (weighted by the microbatches each processed) with exactly the group the data nodes named, and step.
+Each replica answers `stepped` with a hash of its weights; one the data nodes find off its stage's majority is told
+to `resync` (gwtf.runtime.consistency)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 from gwtf.errors import BadMessage
 from gwtf.membership import serving
 from gwtf.runtime.joining import RelayJoining
+from gwtf.sizing import transfer_s
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ class RelayIterationEnd(RelayJoining):
         assert self.replica is not None
         i = msg.iteration
         if i < self.replica.version:
-            return self.message("stepped", meta={"version": self.replica.version})
+            return await self._stepped()
         if i > self.replica.version:
             raise BadMessage(f"end of iteration {i} but this replica is at version {self.replica.version}")
         sender = (await self.live_nodes()).get(msg.sender) or (await self.live_nodes(max_age=0)).get(msg.sender)
@@ -45,7 +48,52 @@ class RelayIterationEnd(RelayJoining):
         await asyncio.wait_for(
             asyncio.shield(self.iteration_steps[i]), timeout=self.run.iteration.iteration_timeout * 2
         )
-        return self.message("stepped", meta={"version": self.replica.version})
+        return await self._stepped()
+
+    async def _stepped(self) -> Message:
+        """The reply to a data node: this replica's version and the hash of its weights at it."""
+        assert self.replica is not None
+        digest = await self.compute(self.replica.weights_digest)
+        return self.message("stepped", meta={"version": self.replica.version, "hash": digest})
+
+    async def rpc_resync(self, msg: Message) -> Message:
+        """A data node found this replica's weights off its stage's majority after a step: download the state from
+        the majority's replicas (once, however many data nodes ask), then answer as `stepped` does."""
+        assert self.replica is not None
+        sender = (await self.live_nodes()).get(msg.sender) or (await self.live_nodes(max_age=0)).get(msg.sender)
+        if sender is None or sender.role != "data":
+            raise BadMessage("only a live data node asks a replica to resync")
+        donors, want = msg.meta["donors"], msg.meta["hash"]
+        if not isinstance(donors, list) or not isinstance(want, str):
+            raise BadMessage("resync needs a list of donors and a hash")
+        donors = sorted({p for p in donors if isinstance(p, str) and p != self.peer_id})
+        if msg.iteration != self.replica.version or not donors:
+            raise BadMessage(f"resync at v{msg.iteration} from {len(donors)} donors; this replica is at "
+                             f"v{self.replica.version}")  # fmt: skip
+        task = self.resyncs.get(msg.iteration)
+        if task is None and await self.compute(self.replica.weights_digest) != want:
+            task = self.resyncs[msg.iteration] = asyncio.ensure_future(self._resync(donors, want))
+            self.resyncs = {v: t for v, t in self.resyncs.items() if v >= msg.iteration}
+        if task is not None:
+            await asyncio.wait_for(asyncio.shield(task), timeout=2 * self._state_wait_s())
+        return await self._stepped()
+
+    async def _resync(self, donors: list[str], want: str) -> None:
+        assert self.replica is not None
+        await self.download_state(donors, self._state_wait_s())
+        got = await self.compute(self.replica.weights_digest)
+        if got != want:
+            log.warning("relay %s: stage %d resynced to %s, not the majority's %s (they stepped meanwhile?)",
+                        self.peer_id[:8], self.stage, got[:8], want[:8])  # fmt: skip
+        else:
+            log.info("relay %s: stage %d resynced from %s", self.peer_id[:8], self.stage, donors[0][:8])
+        await self.announce()
+
+    def _state_wait_s(self) -> float:
+        """A whole state download: the fixed wait plus parameters and both Adam moments at the floor bandwidth."""
+        assert self.replica is not None
+        nbytes = 3 * sum(p.numel() * 4 for p in self.replica.module.parameters())
+        return self.run.iteration.iteration_timeout + transfer_s(nbytes, self.run.iteration.floor_bandwidth_mbps)
 
     async def rpc_advance(self, msg: Message) -> Message:
         """A data node found this stage one step behind the run with no replica left at the run's version (the
@@ -94,6 +142,7 @@ class RelayIterationEnd(RelayJoining):
         await self.compute(self.replica.apply_averaged, result.grads, i)
         self.recovery.on_step(self, i + 1)
         self.sent_grads.clear()
+        self.timings.clear()
         self.iteration_done.pop(i, None)
         self.iteration_steps = {k: v for k, v in self.iteration_steps.items() if k >= i}
 

@@ -10,6 +10,7 @@ import time
 import torch
 
 from gwtf.averaging import GroupAverager
+from gwtf.device import wire_dtype
 from gwtf.errors import BadMessage, UserError
 from gwtf.membership import Membership, NodeRecord
 from gwtf.runtime import schema
@@ -33,18 +34,22 @@ class RelayBase(NodeBase):
             raise UserError(f"stage must be in 1..{spec.model.n_stages}, got {stage}")
         self.stage = stage
         self.replica: StageReplica | None = None
+        self.base_ready = False  # holds a LoRA stage's frozen base downloaded from a donor (gwtf.lora)
         self.compute_s = 0.0
         self.iteration_done: dict[int, set[str]] = {}
         self.iteration_used: dict[int, set[str]] = {}  # replicas of this stage the data nodes routed through
         self.iteration_group: dict[int, set[str]] = {}  # replicas of this stage the data nodes told to step
         self.iteration_steps: dict[int, asyncio.Future] = {}
-        self.averager = GroupAverager(transport, spec.run_id, f"stage{stage}", config=self.run.averaging)
+        self.resyncs: dict[int, asyncio.Future] = {}  # version -> the download that resynchronises this replica
+        self.averager = GroupAverager(transport, spec.run_id, f"stage{stage}", config=self.run.averaging,
+                                      floor_mbps=self.run.iteration.floor_bandwidth_mbps)  # fmt: skip
         self.tasks: set[asyncio.Task] = set()
         self.catching_up: asyncio.Future | None = None
         self.watchdog: asyncio.Future | None = None  # _watch_version, once serving
         self.routed_at = 0.0  # when a microbatch at this replica's version last came in
         self.incoming: set[Key] = set()  # forwards acknowledged, not computed yet (they count against capacity)
         self.sent_grads: dict[Key, tuple[torch.Tensor, list[str]]] = {}  # until the iteration ends, for regrad
+        self.timings: dict[Key, tuple[float, float | None]] = {}  # (serve_s, call_s onward) per forward: schema.timing
         self.recovery = self.run.recovery.make()  # the run's recovery strategy, with the hooks this relay calls
         self.rebuilt_source = ""  # how this replica's stage was rebuilt, if it was ("mean(1,3)", "shadow@stage 1 v4")
 
@@ -63,7 +68,7 @@ class RelayBase(NodeBase):
             grad_norm=r.last_grad_norm if r else None,
             throughput=(r.stats.backward / max(time.time() - self.started, 1e-6)) if r else 0.0,
             microbatches_done=r.stats.backward if r else 0,
-            maddrs=[],
+            maddrs=list(self.maddrs),
             room=self.router.room(),
             device=next(r.module.parameters()).device.type if r else "cpu",
             held=len(r.held) if r else 0,
@@ -77,11 +82,11 @@ class RelayBase(NodeBase):
         schema.check_meta(schema.RELAY, handler, msg)
         schema.check_names(handler, msg)
         if handler in schema.ACTIVATIONS:
-            m = self.spec.model
+            m, wire = self.spec.model, wire_dtype(self.run.train.precision)  # activations in the run's dtype
             for t in msg.tensors:
-                if t.dim() != 3 or t.shape[1] > m.seq_len or t.shape[2] != m.d_model or t.dtype != torch.float32:
+                if t.dim() != 3 or t.shape[1] > m.seq_len or t.shape[2] != m.d_model or t.dtype != wire:
                     raise BadMessage(
-                        f"expected float32 (batch, <= {m.seq_len}, {m.d_model}), got {t.dtype} {tuple(t.shape)}"
+                        f"expected {wire} (batch, <= {m.seq_len}, {m.d_model}), got {t.dtype} {tuple(t.shape)}"
                     )
             route, order = msg.meta.get("route"), msg.meta.get("order")
             if not isinstance(route, list) or len(route) != m.n_stages or self.peer_id not in route:

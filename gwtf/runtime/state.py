@@ -8,14 +8,24 @@ import asyncio
 import torch
 
 from gwtf.errors import BadMessage
-from gwtf.stage import STATE_CHUNK
+from gwtf.sizing import chunk_by_bytes
+from gwtf.stage import STATE_CHUNK_BYTES, STATE_CHUNK_PARAMS
 from gwtf.transport import Message
 
 
-async def fetch_state(call, run_id: str, donors: list[str], names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+def state_chunks(names: list[str], sizes: dict[str, int] | None = None) -> list[list[str]]:
+    """`names` cut into the requests of a state download: each reply at most STATE_CHUNK_BYTES (by `sizes`, each
+    name's state bytes; a parameter larger than that alone) and STATE_CHUNK_PARAMS parameters."""
+    by_bytes = [sizes.get(n, 0) if sizes else 0 for n in names]
+    return [[names[i] for i in r] for r in chunk_by_bytes(by_bytes, STATE_CHUNK_BYTES, STATE_CHUNK_PARAMS)]
+
+
+async def fetch_state(
+    call, run_id: str, donors: list[str], names: list[str], sizes: dict[str, int] | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """A stage's parameters and optimizer state by name, in chunks spread over the donors, all at one version.
-    `call(donor, message) -> reply` sends a get_state request."""
-    chunks = [names[i : i + STATE_CHUNK] for i in range(0, len(names), STATE_CHUNK)]
+    `call(donor, message) -> reply` sends a get_state request; `sizes`: each name's state bytes (chunks by bytes)."""
+    chunks = state_chunks(names, sizes)
     replies = await asyncio.gather(
         *(call(donors[i % len(donors)], Message(kind="state", run_id=run_id, meta={"names": chunk}))
           for i, chunk in enumerate(chunks))
@@ -33,5 +43,5 @@ async def fetch_state(call, run_id: str, donors: list[str], names: list[str]) ->
         raise BadMessage(f"the donors' state lacks {len(missing)} parameters, e.g. {missing[0]}")
     first = replies[0].meta
     meta = {"version": versions.pop(), "steps": steps, "lr_scale": first.get("lr_scale", 1.0),
-            "grad_norm": first.get("grad_norm")}  # fmt: skip
+            "grad_norm": first.get("grad_norm"), "boost": first.get("boost")}  # fmt: skip
     return tensors, meta

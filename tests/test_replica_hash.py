@@ -1,0 +1,38 @@
+"""Replicas identical, checked: each `stepped` reply carries a hash of the replica's weights, and a replica off its
+stage's majority is detected and resynchronised from a majority replica."""
+
+import logging
+
+import torch
+
+from gwtf.runtime.consistency import diverged, majority
+from tests.test_swarm_inprocess import run, small_config, train_swarm
+
+
+def test_majority_and_the_tie_rule() -> None:
+    assert majority({"a": "x", "b": "y", "c": "y"}) == "y"
+    assert majority({"b": "y", "a": "x"}) == "x"  # a tie: the lowest peer id's (the averaging leader's)
+    odd = diverged({"a": (1, "x"), "b": (1, "y"), "c": (1, "y"), "d": (2, "z"), "e": (2, "z")})
+    assert odd == {"a": ("y", ["b", "c"])}
+
+
+def test_a_replica_forced_out_of_sync_is_detected_and_resynced(caplog) -> None:
+    """relay-s1-1 (the lowest id: its stage's averaging leader) gets its weights nudged before step 1; its two
+    peers outvote it after that step, it downloads their state, and the stage agrees again (train_swarm asserts
+    every stage's replicas bit-identical after every step)."""
+    nudged = "relay-s1-1"
+
+    async def nudge(step, swarm):
+        if step == 1:
+            replica = swarm.relays[nudged].replica
+            with torch.no_grad():
+                next(replica.module.parameters()).add_(1e-3)
+        if step == 2:
+            digests = {n.replica.weights_digest() for n in swarm.relays.values() if n.stage == 1}
+            assert len(digests) == 1
+
+    with caplog.at_level(logging.INFO):
+        _, swarm = run(train_swarm(small_config(steps=3, stages=2), 3, on_step=nudge, replicas=[3, 1]))
+    assert f"replica {nudged[:8]} has weights" in caplog.text and "resyncing" in caplog.text
+    assert "resynced from" in caplog.text
+    assert caplog.text.count("resyncing") == 1  # only the nudged one, only once

@@ -1,12 +1,14 @@
 """Activation transport throughput between two processes, against a raw TCP socket measured in the same run.
 
-    python -m gwtf.benchmarks.transport --json OUT [--sizes 1 4 16 64] [--repeats 5]
+    nice -n 19 python -m gwtf.benchmarks.transport --json OUT [--sizes 1 4 16 64] [--repeats 5]
 
-A server process hosts a HivemindTransport (handler `sink` answers a tiny ack) and a plain TCP socket server that
-reads a length-prefixed payload into a preallocated buffer and acks it. The client process sends one float32 tensor
-of each size per call, and the same bytes over the raw socket. Reported per size (1 MB = 2^20 bytes), median of the
-repeats: transport_mb_per_s (P2P control + direct TCP data path, as nodes use it), p2p_only_mb_per_s (everything over
-hivemind P2P streams), tcp_mb_per_s, and ratio = transport / tcp.
+A server process hosts two HivemindTransports on one p2p (one encrypts its direct TCP path, as nodes do by default,
+one does not: `wire.encrypt = false`), each with a handler `sink` that answers a tiny ack, and a plain TCP socket
+server that reads a length-prefixed payload into a preallocated buffer and acks it. The client process sends one
+float32 tensor of each size per call, and the same bytes over the raw socket. Reported per size (1 MB = 2^20 bytes),
+median of the repeats, in MB/s: transport (the direct path, encrypted: as nodes use it), direct_plain (the direct path
+unencrypted), p2p_only (everything over hivemind's libp2p streams: the fallback for a peer whose direct port cannot be
+reached; libp2p always encrypts, so it has no unencrypted variant), tcp; and each one's ratio to tcp.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 import torch
 
 RUN = "bench"
+RUN_PLAIN = "bench-plain"  # the server's transport whose direct path does not encrypt
+KINDS = ("transport", "direct_plain", "p2p_only", "tcp")  # what is timed, per size
 P2P_KW: dict[str, Any] = {
     "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
     "nat_port_map": False,
@@ -67,17 +71,19 @@ async def _serve(conn: Any, max_bytes: int) -> None:
     from gwtf.transport import HivemindTransport, Message
 
     p2p = await P2P.create(**P2P_KW)
-    transport = await HivemindTransport.create(p2p, RUN)
+    transports = [await HivemindTransport.create(p2p, run, encrypt=run == RUN) for run in (RUN, RUN_PLAIN)]
+    for transport in transports:
 
-    async def sink(msg: Message) -> Message:
-        return Message("ack", RUN, meta={"n": len(msg.tensors)})
+        async def sink(msg: Message) -> Message:
+            return Message("ack", msg.run_id, meta={"n": len(msg.tensors)})
 
-    transport.add_handler("sink", sink)
+        transport.add_handler("sink", sink)
     raw = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_raw_tcp_server, args=(raw, max_bytes), daemon=True).start()
     conn.send({"maddrs": [str(m) for m in await p2p.get_visible_maddrs()], "tcp_port": raw.getsockname()[1]})
     await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until the client is done
-    await transport.shutdown()
+    for transport in transports:
+        await transport.shutdown()
     await p2p.shutdown()
 
 
@@ -108,7 +114,7 @@ async def _time_transport(transport: Any, peer: str, tensor: torch.Tensor, repea
 
     times = []
     for _ in range(repeats + 1):
-        msg = Message("forward", RUN, tensors=[tensor])
+        msg = Message("forward", transport.run_id, tensors=[tensor])
         start = time.perf_counter()
         await transport.call(peer, "sink", msg, timeout=WAIT_S)
         times.append(time.perf_counter() - start)
@@ -121,27 +127,27 @@ async def _measure(info: dict[str, Any], sizes: list[int], repeats: int) -> dict
     from gwtf.transport import HivemindTransport
 
     p2p = await P2P.create(initial_peers=info["maddrs"], **P2P_KW)
-    transport = await HivemindTransport.create(p2p, RUN)
+    sealed, plain = [await HivemindTransport.create(p2p, run) for run in (RUN, RUN_PLAIN)]  # the server decides
     peer = PeerID.from_base58(info["maddrs"][0].rsplit("/p2p/", 1)[1]).to_base58()
     results: dict[str, dict[str, float]] = {}
     try:
         for mb in sizes:
             tensor = torch.randn(mb * 2**20 // 4)
             payload = tensor.numpy().data.cast("B")
-            tcp = statistics.median(_time_raw(info["tcp_port"], payload, repeats))
-            transport.direct_tcp_min_bytes = 256 << 10
-            ours = statistics.median(await _time_transport(transport, peer, tensor, repeats))
-            transport.direct_tcp_min_bytes = None
-            p2p_only = statistics.median(await _time_transport(transport, peer, tensor, repeats))
-            results[str(mb)] = {
-                "transport_mb_per_s": mb / ours,
-                "p2p_only_mb_per_s": mb / p2p_only,
-                "tcp_mb_per_s": mb / tcp,
-                "ratio": tcp / ours,
-            }
-            print(f"{mb:>3} MB  " + "  ".join(f"{k} {v:9.1f}" for k, v in results[str(mb)].items()), flush=True)
+            seconds = {"tcp": statistics.median(_time_raw(info["tcp_port"], payload, repeats))}
+            seconds["transport"] = statistics.median(await _time_transport(sealed, peer, tensor, repeats))
+            seconds["direct_plain"] = statistics.median(await _time_transport(plain, peer, tensor, repeats))
+            sealed.direct_tcp_min_bytes = None
+            seconds["p2p_only"] = statistics.median(await _time_transport(sealed, peer, tensor, repeats))
+            sealed.direct_tcp_min_bytes = 0
+            row = {f"{k}_mb_per_s": mb / seconds[k] for k in KINDS}
+            row.update({f"{k}_ratio": seconds["tcp"] / seconds[k] for k in KINDS if k != "tcp"})
+            row["ratio"] = row["transport_ratio"]
+            results[str(mb)] = row
+            print(f"{mb:>3} MB  " + "  ".join(f"{k} {v:8.2f}" for k, v in row.items()), flush=True)
     finally:
-        await transport.shutdown()
+        for transport in (sealed, plain):
+            await transport.shutdown()
         await p2p.shutdown()
     return results
 
@@ -168,7 +174,7 @@ def main() -> None:
         if server.is_alive():
             server.terminate()
     out: dict[str, Any] = {"sizes_mb": args.sizes, "repeats": args.repeats}
-    for key in ("transport_mb_per_s", "tcp_mb_per_s", "ratio", "p2p_only_mb_per_s"):
+    for key in next(iter(results.values())):
         out[key] = {size: r[key] for size, r in results.items()}
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

@@ -5,21 +5,28 @@ message is a frame (frame.py). Every frame a node receives is checked before a h
 is answered with an error and dropped, and the node keeps serving.
 
 Files (each imports only those above it):
-    config.py     TransportConfig: the run's transport settings (call_timeout)
+    config.py     TransportConfig: the run's transport settings (call_timeout); WireConfig (`[wire]`): codecs per
+                  kind of tensor message, encryption of the direct path
+    addresses.py  Addresses: --host-maddrs, --announce-maddrs, --use-relay, --public as the DHT's options and the
+                  direct path's listen and announced hosts (hivemind's names and meaning)
     message.py    Message, MessageLimits (what a node accepts), TensorSpec and tensor_validator (a handler's checks)
     channels.py   byte channels a frame is read from: in-memory bytes, an asyncio stream (P2P), a TCP socket
+    crypto.py     the direct path's encryption: per-connection keys (HKDF from the run key, a secret handed out
+                  over libp2p, both peer ids, both sides' nonces), ChaCha20-Poly1305 records with counter nonces
     frame.py      the wire format: prefix, JSON header, aligned body; encoding, decoding and the checks on receipt
+    codecs.py     tensor codecs per kind of message (none, fp16, bf16, hivemind's uint8, blockwise8), stochastic
+                  rounding and error feedback, the header's "codecs" list checked against the limits before decoding
     links.py      LinkEmulator: latency + bytes / bandwidth between regions (gwtf/resources/regions.json),
                   a directed link's bandwidth shared by the transfers on it
     base.py       Transport, the interface the nodes use (add_handler with a validator, call, shutdown, peer_id),
                   and the receive path every backend shares
     inprocess.py  InProcessNetwork, InProcessTransport: peers in one event loop (tests, simulator), frames really
                   encoded and decoded
-    direct.py     DirectTcp: the token-authenticated direct TCP path for large tensors (listener, tokens handed
-                  out over P2P, pooled connections)
-    hivemind.py   HivemindTransport: hivemind P2P streams for control and small messages, big payloads over
-                  direct.py (libp2p streams through the p2pd daemon reach ~200-250 MB/s on loopback, far below a
-                  socket); the only file that imports hivemind
+    direct.py     DirectTcp: the encrypted direct TCP path (listener and announced addresses, secrets handed out
+                  over P2P, pooled connections, fallback to P2P for a peer it cannot reach, dial-back for doctor)
+    hivemind.py   HivemindTransport: hivemind P2P streams, every call over direct.py where the peer is reachable
+                  (libp2p streams through the p2pd daemon reach ~200-250 MB/s on loopback, far below a socket);
+                  the only file that imports hivemind (addresses.py checks multiaddresses with its parser)
 """
 
 from gwtf.transport.base import Handler, Transport

@@ -16,6 +16,7 @@ from typing import Any
 from gwtf.auth import RunAccess
 from gwtf.errors import BadMessage, PeerError
 from gwtf.transport.channels import Reader
+from gwtf.transport.codecs import WireCodecs
 from gwtf.transport.frame import (
     PREFIX_BYTES,
     check_header,
@@ -59,13 +60,20 @@ class Transport(ABC):
         self._handlers: dict[str, tuple[Handler, Validator | None]] = {}
         self.rejected = 0  # frames refused by validation, for metrics and tests
         self.wire: dict[str, Counter[str]] = {"sent": Counter(), "received": Counter()}  # bytes by message kind
+        self.codecs = WireCodecs()  # what each kind of message travels as (`use_wire`); none by default
+
+    def use_wire(self, wire: Any) -> None:
+        """Encode each kind of message as the run's WireConfig says (gwtf.transport.codecs)."""
+        self.codecs.use(wire)
 
     def add_handler(self, name: str, fn: Handler, validator: Validator | None = None) -> None:
         self._handlers[name] = (fn, validator)
 
     async def call(self, peer_id: str, name: str, msg: Message, timeout: float) -> Message:
         """Send `msg` to handler `name` on `peer_id` and return its reply; PeerError on any failure."""
-        frame = encode_frame(msg, extra=self._request_extra(peer_id, name))
+        extra = self._request_extra(peer_id, name)
+        msg, extra["codecs"] = self.codecs.compress(msg, request=True)
+        frame = encode_frame(msg, extra=extra, checksum=not self._authenticated_path(peer_id))
         self._count("sent", msg.kind, frame_nbytes(frame))
         try:
             return await asyncio.wait_for(self._call_frame(peer_id, frame, msg.nbytes), timeout)
@@ -81,6 +89,10 @@ class Transport(ABC):
         if self.access.keyed:
             extra["auth"] = self.access.proof(self.peer_id, peer_id)
         return extra
+
+    def _authenticated_path(self, peer_id: str) -> bool:
+        """Will a call to `peer_id` go over a channel that authenticates its bytes (no frame checksum needed)?"""
+        return False
 
     @abstractmethod
     async def _call_frame(self, peer_id: str, frame: list[bytes | memoryview], nbytes: int) -> Message:
@@ -117,19 +129,22 @@ class Transport(ABC):
         if self.emulator is not None:
             await self.emulator.delay(header.region, self.region, header.body_len)
         try:
-            msg = decode_body(header, body, sender)
+            msg = decode_body(header, body, sender, reader.authenticated)
+            msg = self.codecs.decompress(msg, header.fields.get("codecs"), self.limits)
             if entry[1] is not None:
                 entry[1](msg)
         except BadMessage as exc:
             return self._refuse(sender, header.handler, exc)
-        return await self._run_handler(header.handler, entry[0], msg)
+        return await self._run_handler(header.handler, entry[0], msg, reader.authenticated)
 
     def _refuse(self, sender: str, handler: str, exc: BadMessage) -> list[bytes | memoryview]:
         self.rejected += 1
         logger.warning("%s: rejected a message from %s for %r: %s", self.peer_id, sender, handler, exc)
         return self._sent(error_frame(f"rejected: {exc}", self.run_id), "error")
 
-    async def _run_handler(self, name: str, fn: Handler, msg: Message) -> list[bytes | memoryview]:
+    async def _run_handler(
+        self, name: str, fn: Handler, msg: Message, authenticated: bool = False
+    ) -> list[bytes | memoryview]:
         try:
             reply = await fn(msg)
         except BadMessage as exc:  # the handler's own refusal (stale iteration, full replica): no traceback
@@ -142,7 +157,8 @@ class Transport(ABC):
         extra: dict[str, Any] = {"region": self.region}
         if self.access.keyed:
             extra["auth"] = self.access.proof(self.peer_id, msg.sender)
-        return self._sent(encode_frame(reply, extra=extra), reply.kind)
+        reply, extra["codecs"] = self.codecs.compress(reply, request=False)
+        return self._sent(encode_frame(reply, extra=extra, checksum=not authenticated), reply.kind)
 
     def _sent(self, frame: list[bytes | memoryview], kind: str) -> list[bytes | memoryview]:
         self._count("sent", kind, frame_nbytes(frame))
@@ -167,7 +183,8 @@ class Transport(ABC):
             body = await read_body(reader, header)
             if self.emulator is not None:
                 await self.emulator.delay(header.region, self.region, header.body_len)
-            return decode_body(header, body, peer_id)
+            msg = decode_body(header, body, peer_id, reader.authenticated)
+            return self.codecs.decompress(msg, header.fields.get("codecs"), self.limits)
         except BadMessage as exc:
             logger.warning("%s: bad reply from %s: %s", self.peer_id, peer_id, exc)
             raise PeerError(f"bad reply: {exc}") from None

@@ -16,12 +16,16 @@ _THREAD_IO_TIMEOUT = 300.0  # bounds a worker thread stuck on a silent peer (cal
 
 
 class Reader(Protocol):
+    authenticated: bool  # every byte it yields was authenticated (an AEAD): frames need no checksum of their own
+
     async def read_exactly(self, n: int) -> bytes: ...
 
     async def read_into(self, buf: memoryview) -> None: ...
 
 
 class BytesReader:
+    authenticated = False
+
     def __init__(self, data: bytes) -> None:
         self._data, self._pos = memoryview(data), 0
 
@@ -39,6 +43,8 @@ class BytesReader:
 class StreamReader:
     """`idle_timeout`: seconds without a byte before TimeoutError, so a sender that stalls mid-frame cannot hold a
     serving task forever (None: the caller's own timeout bounds the read)."""
+
+    authenticated = True  # a libp2p stream: the p2pd daemon's secure channel (Noise/TLS) covers it
 
     def __init__(self, reader: asyncio.StreamReader, idle_timeout: float | None = None) -> None:
         self._reader = reader
@@ -60,6 +66,8 @@ class StreamReader:
 class SocketReader:
     """Reads straight into the destination buffer (no intermediate copies: matters at GB/s)."""
 
+    authenticated = False
+
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
 
@@ -70,7 +78,7 @@ class SocketReader:
 
     async def read_into(self, buf: memoryview) -> None:
         if len(buf) >= THREAD_IO_BYTES:
-            await _in_thread(self._sock, _recv_exactly, buf)
+            await in_thread(self._sock, recv_exactly, buf)
             return
         loop = asyncio.get_running_loop()
         pos = 0
@@ -81,7 +89,7 @@ class SocketReader:
             pos += got
 
 
-def _recv_exactly(sock: socket.socket, buf: memoryview) -> None:
+def recv_exactly(sock: socket.socket, buf: memoryview) -> None:
     pos = 0
     while pos < len(buf):
         got = sock.recv_into(buf[pos:])
@@ -90,7 +98,7 @@ def _recv_exactly(sock: socket.socket, buf: memoryview) -> None:
         pos += got
 
 
-async def _in_thread(sock: socket.socket, fn: Callable[[socket.socket, memoryview], None], buf: memoryview) -> None:
+async def in_thread(sock: socket.socket, fn: Callable[[socket.socket, memoryview], None], buf: memoryview) -> None:
     """Big transfers run as blocking socket calls in a worker thread: they release the GIL and move megabytes per
     call, where the event loop's non-blocking path costs a loop iteration per socket-buffer's worth."""
     sock.settimeout(_THREAD_IO_TIMEOUT)
@@ -105,10 +113,21 @@ async def sock_send(sock: socket.socket, frame: Sequence[bytes | memoryview]) ->
     await loop.sock_sendall(sock, b"".join(frame[:2]))  # prefix + header in one segment
     for buf in frame[2:]:
         if len(buf) >= THREAD_IO_BYTES:
-            await _in_thread(sock, _send_all, memoryview(buf))
+            await in_thread(sock, _send_all, memoryview(buf))
         elif len(buf):
             await loop.sock_sendall(sock, buf)
 
 
 def _send_all(sock: socket.socket, buf: memoryview) -> None:
     sock.sendall(buf)
+
+
+class PlainChannel(SocketReader):
+    """An unencrypted direct connection (a run with `wire.encrypt = false`); SecureChannel (crypto.py) otherwise."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.sock = sock
+
+    async def send(self, frame: Sequence[bytes | memoryview]) -> None:
+        await sock_send(self.sock, frame)

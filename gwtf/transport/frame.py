@@ -27,6 +27,7 @@ _PREFIX = struct.Struct("!4sIQ")  # magic, header length, body length
 PREFIX_BYTES = _PREFIX.size
 _ALIGN = 64  # each tensor starts at a multiple of this in the body, so decoded views are aligned
 _DRAIN_CHUNK = 1 << 20
+NO_CHECKSUM = -1  # crc32 of a frame sent on an authenticated channel: the channel's MAC covers every byte
 
 
 def _padded(nbytes: int) -> int:
@@ -66,14 +67,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
-def encode_frame(msg: Message, *, extra: dict[str, Any]) -> list[bytes | memoryview]:
-    """The frame of a message as a list of buffers (the tensors' memory is not copied)."""
+def encode_frame(msg: Message, *, extra: dict[str, Any], checksum: bool = True) -> list[bytes | memoryview]:
+    """The frame of a message as a list of buffers (the tensors' memory is not copied). `checksum=False` for a
+    channel that authenticates every byte itself (an AEAD: libp2p's, the sealed direct path's): crc32 is then
+    NO_CHECKSUM, and a receiver takes that only on such a channel (`decode_body`)."""
     buffers: list[bytes | memoryview] = []
     crc, body_len = 0, 0
     for tensor in msg.tensors:
         data = _tensor_bytes(tensor)
         pad = bytes(_padded(data.nbytes) - data.nbytes)
-        crc = zlib.crc32(pad, zlib.crc32(data, crc))
+        if checksum:
+            crc = zlib.crc32(pad, zlib.crc32(data, crc))
         buffers += [data, pad]
         body_len += data.nbytes + len(pad)
     header = {
@@ -85,7 +89,7 @@ def encode_frame(msg: Message, *, extra: dict[str, Any]) -> list[bytes | memoryv
         "stage": msg.stage,
         "meta": msg.meta,
         "tensors": [[dtype_name(t.dtype), list(t.shape)] for t in msg.tensors],
-        "crc32": crc,
+        "crc32": crc if checksum else NO_CHECKSUM,
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     return [_PREFIX.pack(_MAGIC, len(header_bytes), body_len), header_bytes, *buffers]
@@ -174,9 +178,13 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
-def decode_body(header: Header, body: Any, sender: str) -> Message:
-    """Checksum, tensors as views of `body` (which the message then owns), finite values."""
-    if zlib.crc32(body) != header.crc:
+def decode_body(header: Header, body: Any, sender: str, authenticated: bool = False) -> Message:
+    """Checksum, tensors as views of `body` (which the message then owns), finite values. A frame without a checksum
+    is taken only from an `authenticated` channel (one whose MAC covered every byte)."""
+    if header.crc == NO_CHECKSUM:
+        if not authenticated:
+            raise BadMessage("a frame without a checksum on a channel that does not authenticate its bytes")
+    elif zlib.crc32(body) != header.crc:
         raise BadMessage("checksum mismatch")
     tensors, offset = [], 0
     for i, (name, shape) in enumerate(header.tensors):

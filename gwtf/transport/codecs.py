@@ -1,0 +1,200 @@
+"""Tensor codecs on the wire (`[wire]` in a run config): what a message's float tensors travel as, per kind.
+
+    none        as they are (float32: 4 bytes a value)
+    fp16, bf16  2 bytes a value; fp16 clamps to its range first, as hivemind's Float16Compression does
+    uint8       hivemind.compression's Uniform8BitQuantization: 256 bins over mean +- 3 sigma (a range of 6), each
+                value sent as its bin (1 byte) and the bins' means (1 KiB); values past 3 sigma fall in the edge bins
+                (clipped to their mean: costly for activations with outliers)
+    blockwise8  8-bit absmax quantization in blocks of 4096 values (1 byte a value, one float32 scale a block), as
+                bitsandbytes' blockwise quantization (which hivemind's BlockwiseQuantization needs and this install
+                lacks) does with a linear code instead of its dynamic one; outliers only cost their own block
+
+A message's kind picks its codec (`KIND_CATEGORY`). The sender replaces each float tensor of at least MIN_NUMEL
+values by its encoded parts and lists, in the frame header's "codecs", each original tensor's codec, dtype and
+shape; the receiver checks that list against its limits before decoding (an 8-bit part cannot decode to more than
+its declared shape) and the decoded values for finiteness. Gradients and averaging round stochastically in
+blockwise8 (unbiased: a rounding error that averages out over steps instead of piling up), and averaging requests
+carry error feedback (`ErrorFeedback`: what quantization dropped from a tensor is added to the next one sent).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+
+from gwtf.errors import BadMessage
+from gwtf.transport.message import Message, MessageLimits, dtype_name
+
+KIND_CATEGORY = {
+    "forward": "activations",
+    "head": "activations",
+    "recompute": "activations",
+    "backward": "gradients",
+    "embed_grad": "gradients",
+    "recover": "gradients",
+    "avg": "averaging",
+    "state": "state",
+}
+MIN_NUMEL = 1024  # smaller tensors travel as they are: a codec would save little and cost a header entry
+BLOCK = 4096  # blockwise8's block, as bitsandbytes' default
+_FP16_MAX = 65504.0
+_PARTS = {"fp16": 1, "bf16": 1, "uint8": 2, "blockwise8": 2}
+STOCHASTIC = ("gradients", "averaging")  # categories whose blockwise8 rounding is stochastic
+ERROR_FEEDBACK = ("averaging",)  # categories whose requests carry error feedback
+
+
+class ErrorFeedback:
+    """Per (kind, tensor position, shape): what quantization dropped from the last tensor this node sent there,
+    added to the next one (error feedback, Seide et al. 2014 / Karimireddy et al. 2019's EF-SGD)."""
+
+    def __init__(self) -> None:
+        self._residual: dict[tuple[str, int, tuple[int, ...]], torch.Tensor] = {}
+
+    def corrected(self, key: tuple[str, int, tuple[int, ...]], tensor: torch.Tensor) -> torch.Tensor:
+        residual = self._residual.get(key)
+        return tensor if residual is None else tensor + residual
+
+    def remember(self, key: tuple[str, int, tuple[int, ...]], meant: torch.Tensor, sent: torch.Tensor) -> None:
+        self._residual[key] = (meant - sent.to(meant.dtype)).detach()
+
+
+def encode(tensor: torch.Tensor, codec: str, stochastic: bool = False, gen: torch.Generator | None = None) -> list:
+    """The wire parts of `tensor` under `codec` (see decode)."""
+    x = tensor.detach()
+    if codec == "fp16":
+        return [x.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)]
+    if codec == "bf16":
+        return [x.to(torch.bfloat16)]
+    if codec == "uint8":
+        from hivemind.compression import Uniform8BitQuantization
+
+        indices, codebook = Uniform8BitQuantization().quantize(x.float())
+        return [torch.from_numpy(indices).reshape(-1), torch.from_numpy(codebook)]
+    if codec == "blockwise8":
+        return _blockwise_encode(x, stochastic, gen)
+    raise ValueError(f"unknown codec {codec!r}")
+
+
+def decode(parts: list[torch.Tensor], codec: str, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    numel = math.prod(shape)
+    if codec in ("fp16", "bf16"):
+        return parts[0].to(dtype).reshape(shape)
+    if codec == "uint8":
+        indices, codebook = parts
+        return codebook[indices.long()].to(dtype).reshape(shape)  # as Quantization.extract in hivemind
+    if codec == "blockwise8":
+        q, scales = parts
+        blocks = torch.nn.functional.pad(q.float(), (0, (-numel) % BLOCK)).view(-1, BLOCK)
+        return (blocks * (scales.view(-1, 1) / 127.0)).view(-1)[:numel].to(dtype).reshape(shape)
+    raise BadMessage(f"unknown codec {codec!r}")
+
+
+def _blockwise_encode(x: torch.Tensor, stochastic: bool, gen: torch.Generator | None) -> list[torch.Tensor]:
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    blocks = torch.nn.functional.pad(flat, (0, (-n) % BLOCK)).view(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = blocks * (127.0 / absmax)
+    if stochastic:  # floor(v + U[0,1)): unbiased, E[q] = v
+        scaled = torch.floor(scaled + torch.rand(scaled.shape, generator=gen))
+    else:
+        scaled = scaled.round()
+    q = scaled.clamp_(-127, 127).to(torch.int8).view(-1)[:n]
+    return [q, absmax.view(-1)]
+
+
+def _expected_parts(codec: str, numel: int) -> list[tuple[torch.dtype, int]]:
+    """(dtype, numel) of each wire part of a tensor of `numel` values."""
+    return {
+        "fp16": [(torch.float16, numel)],
+        "bf16": [(torch.bfloat16, numel)],
+        "uint8": [(torch.uint8, numel), (torch.float32, 256)],
+        "blockwise8": [(torch.int8, numel), (torch.float32, -(-numel // BLOCK))],
+    }[codec]
+
+
+class WireCodecs:
+    """One transport's codecs: which one each kind of message takes (`use`), encoding what it sends (with error
+    feedback where configured) and checking and decoding what it receives."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, str] = {}
+        self.feedback = ErrorFeedback()
+        self._gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))  # not the training RNG
+
+    def use(self, wire: Any) -> None:
+        """Take a WireConfig's codec per category."""
+        self.by_kind = {kind: getattr(wire, cat) for kind, cat in KIND_CATEGORY.items() if getattr(wire, cat) != "none"}
+
+    def compress(self, msg: Message, request: bool) -> tuple[Message, list | None]:
+        """The message as it travels, and the header's "codecs" list (None: nothing encoded)."""
+        codec = self.by_kind.get(msg.kind)
+        if codec is None or not any(_encodable(t) for t in msg.tensors):
+            return msg, None
+        category = KIND_CATEGORY[msg.kind]
+        feedback = request and category in ERROR_FEEDBACK
+        wire: list[torch.Tensor] = []
+        entries: list[list[Any] | None] = []
+        for i, t in enumerate(msg.tensors):
+            if not _encodable(t):
+                wire.append(t)
+                entries.append(None)
+                continue
+            key = (msg.kind, i, tuple(t.shape))
+            meant = self.feedback.corrected(key, t.detach()) if feedback else t
+            parts = encode(meant, codec, category in STOCHASTIC, self._gen)
+            if feedback:
+                self.feedback.remember(key, meant, decode(parts, codec, t.dtype, list(t.shape)))
+            wire += parts
+            entries.append([codec, dtype_name(t.dtype), list(t.shape)])
+        sent = Message(msg.kind, msg.run_id, msg.sender, msg.iteration, msg.microbatch_id, msg.stage, wire, msg.meta)
+        return sent, entries
+
+    @staticmethod
+    def decompress(msg: Message, entries: Any, limits: MessageLimits) -> Message:
+        """`msg` with its tensors decoded as its header's "codecs" says; BadMessage if that list does not fit."""
+        if entries is None:
+            return msg
+        if not isinstance(entries, list):
+            raise BadMessage("codecs is not a list")
+        tensors, pos = [], 0
+        for entry in entries:
+            if entry is None:
+                if pos >= len(msg.tensors):
+                    raise BadMessage("codecs lists more tensors than the message has")
+                tensors.append(msg.tensors[pos])
+                pos += 1
+                continue
+            codec, dtype, shape = _check_entry(entry, limits)
+            parts = msg.tensors[pos : pos + _PARTS[codec]]
+            expected = _expected_parts(codec, math.prod(shape))
+            if [(p.dtype, p.numel()) for p in parts] != expected:
+                raise BadMessage(f"{codec} parts do not fit a tensor of shape {shape}")
+            tensor = decode(parts, codec, dtype, shape)
+            if not bool(torch.isfinite(tensor).all()):
+                raise BadMessage(f"a {codec} tensor decodes to non-finite values")
+            tensors.append(tensor)
+            pos += len(parts)
+        if pos != len(msg.tensors):
+            raise BadMessage("codecs does not account for every tensor of the message")
+        msg.tensors = tensors
+        return msg
+
+
+def _encodable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.numel() >= MIN_NUMEL
+
+
+def _check_entry(entry: Any, limits: MessageLimits) -> tuple[str, torch.dtype, list[int]]:
+    ok = isinstance(entry, list) and len(entry) == 3 and entry[0] in _PARTS and isinstance(entry[2], list)
+    if not ok or entry[1] not in limits.allowed_dtypes or not all(isinstance(s, int) and s >= 0 for s in entry[2]):
+        raise BadMessage(f"malformed codecs entry {entry!r}")
+    dtype = getattr(torch, entry[1])
+    if not dtype.is_floating_point:
+        raise BadMessage(f"codec {entry[0]} decodes to float tensors, not {entry[1]}")
+    if math.prod(entry[2]) * dtype.itemsize > limits.max_tensor_bytes:
+        raise BadMessage(f"a {entry[0]} tensor of shape {entry[2]} would exceed {limits.max_tensor_bytes} bytes")
+    return entry[0], dtype, entry[2]

@@ -2,15 +2,19 @@
 
 The pipeline, from text to microbatches:
 
-1. A corpus is a list of *documents*. A file is one document, cut at line boundaries into pieces of at most
-   `DOC_CHARS` characters so that even a single large text file yields many documents to split.
-   Corpora: "embedded" (a fixed snapshot of Python standard library sources shipped with the package, see
-   below), a file or folder of text files, or "hf:NAME[:CONFIG]" (the `datasets` package, online).
+1. A corpus is a list of *documents*. Corpora: "embedded" (a fixed snapshot of Python standard library sources
+   shipped with the package, see below), a text file or a folder of text files, fine-tuning rows (JSON lines,
+   JSON, CSV or Parquet files, or a folder `datasets.save_to_disk` wrote: gwtf.records), or "hf:NAME[:CONFIG]"
+   (the `datasets` package, online). In a folder each file is a document; a single text file is cut into its
+   paragraphs (`data.documents`); any document is cut at line boundaries into pieces of at most `DOC_CHARS`
+   characters. A row with chat `messages` or a `prompt`/`completion` pair is an `Example` with a loss mask.
 2. Documents are split into train and validation BY DOCUMENT with a seeded permutation, so no validation text
-   is ever trained on.
+   is ever trained on. A file corpus of few documents (under MIN_SPLIT_DOCS, or whose split leaves a side
+   without a row: one file, a few notes) is held out BY TOKENS instead: a seeded share of the packed rows.
 3. Each side is tokenized as `bos + text + eos` per document, concatenated in order, and cut into rows of
-   `seq_len` tokens (the tail that does not fill a row is dropped). The packed tensors are cached under
-   `~/.cache/gwtf/data/` (or `$GWTF_CACHE_DIR/data/`) keyed by everything that determines them.
+   `seq_len` tokens (the tail that does not fill a row is dropped); an Example's untrained tokens get the label
+   IGNORE (-100) in a labels tensor beside the rows, which the data node's loss skips. The packed tensors are
+   cached under `~/.cache/gwtf/data/` (or `$GWTF_CACHE_DIR/data/`) keyed by everything that determines them.
 4. `MicrobatchSchedule` deals train rows to data nodes: each node owns a disjoint shard and walks it in a
    fresh seeded order every epoch.
 
@@ -31,6 +35,7 @@ import json
 import logging
 import lzma
 import os
+import re
 import sysconfig
 import tarfile
 from collections.abc import Iterator
@@ -41,6 +46,7 @@ from typing import Any, Protocol
 import torch
 
 from gwtf.errors import UserError
+from gwtf.records import ChatRender, Document, is_saved_dataset, load_records, record_documents, record_files
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +56,14 @@ TEXT_SUFFIXES = {
     ".toml", ".json", ".yaml", ".yml", ".html", ".css", ".sh", ".tex",
 }  # fmt: skip
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_CACHE_VERSION = 1  # bump when the packing rule changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when the packing rule changes, so old caches are not reused
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "resources" / "embedded_corpus.tar.xz"
 EMBEDDED_BYTES = 2_000_000  # the snapshot holds whole files until at least this many bytes (DataConfig's default)
+MIN_SPLIT_DOCS = 10  # a file corpus of fewer documents is held out by rows of tokens (a split by document would hold
+# out far more than data.val_fraction, or a document too short to fill a row)
+IGNORE = -100  # label of a token the loss skips (models.staged.IGNORE_INDEX)
+DOCUMENT_RULES = ("auto", "files", "paragraphs", "windows")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,6 +79,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def identity(self) -> str: ...
+    def chat_render(self) -> ChatRender | None: ...
 
 
 class ByteTokenizer:
@@ -87,6 +99,9 @@ class ByteTokenizer:
 
     def identity(self) -> str:
         return "byte"
+
+    def chat_render(self) -> ChatRender | None:
+        return None  # bytes have no chat template
 
 
 class HFTokenizer:
@@ -108,10 +123,22 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True))
 
+    def chat_render(self) -> ChatRender | None:
+        """The tokenizer's chat template as text (messages, add_generation_prompt) -> str, or None without one."""
+        if not getattr(self._tok, "chat_template", None):
+            return None
+
+        def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+            return str(self._tok.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=add_generation_prompt))  # fmt: skip
+
+        return render
+
     def identity(self) -> str:
         # The vocabulary itself, not the path, decides the tokens: two copies of a tokenizer share a cache.
         vocab = json.dumps(sorted(self._tok.get_vocab().items()), ensure_ascii=False)
-        return f"hf:{hashlib.sha256(vocab.encode()).hexdigest()[:16]}:{self.bos_id}:{self.eos_id}"
+        template = str(getattr(self._tok, "chat_template", None) or "")  # renders chat rows: part of the data
+        return f"hf:{hashlib.sha256((vocab + template).encode()).hexdigest()[:16]}:{self.bos_id}:{self.eos_id}"
 
 
 def _first_id(*candidates: int | None, default: int) -> int:
@@ -143,13 +170,20 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
 
 @dataclass
 class DataConfig:
-    corpus: str = "embedded"  # "embedded" | a text file or folder | "hf:NAME[:CONFIG]"
+    corpus: str = "embedded"  # "embedded" | a text file or folder | rows (.jsonl .json .csv .parquet, a saved
+    # dataset folder) | "hf:NAME[:CONFIG]"
     tokenizer: str = "byte"  # "byte" | Hugging Face tokenizer folder | .gguf file
     max_bytes: int = 2_000_000  # cap on the corpus bytes read (keeps the debug preset fast)
-    val_fraction: float = 0.05  # share of DOCUMENTS held out for validation
+    val_fraction: float = 0.05  # share of documents (or, with few documents, of rows) held out for validation
     seed: int = 0  # seeds the train/validation split
+    text_field: str = "text"  # the column of plain text in rows (JSON, CSV, Parquet, a saved dataset)
+    # How text files become documents: "files" (one per file), "paragraphs" (split at blank lines), "windows"
+    # (one stream, held out by rows of tokens), "auto" (paragraphs for a single file, files for a folder)
+    documents: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.documents not in DOCUMENT_RULES:
+            raise UserError(f"data.documents={self.documents!r} is unknown; choose one of {', '.join(DOCUMENT_RULES)}")
         if self.max_bytes <= 0:
             raise UserError(f"data.max_bytes must be positive, got {self.max_bytes}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -242,6 +276,8 @@ def _text_files(root: Path, suffixes: set[str]) -> list[Path]:
 def _corpus_files(cfg: DataConfig) -> tuple[Path, list[Path]]:
     path = Path(cfg.corpus).expanduser()
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise UserError(f"corpus file {path} is empty; put the text to fine-tune on in it")
         return path.parent, [path]
     if path.is_dir():
         files = _text_files(path, TEXT_SUFFIXES)
@@ -279,13 +315,19 @@ def _split_document(text: str) -> list[str]:
     return pieces
 
 
-def _file_documents(chosen: list[tuple[Path, int]]) -> list[str]:
+def _file_documents(chosen: list[tuple[Path, int]], paragraphs: bool = False) -> list[str]:
     docs = []
     for path, size in chosen:
         with open(path, "rb") as fh:
             text = fh.read(size).decode("utf-8", errors="replace")
-        docs.extend(_split_document(text))
+        for part in split_paragraphs(text) if paragraphs else [text]:
+            docs.extend(_split_document(part))
     return [d for d in docs if d.strip()]
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """A text's paragraphs (separated by blank lines), each with its trailing newline, surrounding blanks dropped."""
+    return [p.strip("\n") + "\n" for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 
 def _hf_documents(spec: str, max_bytes: int) -> Iterator[str]:
@@ -318,9 +360,13 @@ class PackedData:
     train: torch.Tensor  # (N, seq_len) int64
     val: torch.Tensor  # (M, seq_len) int64
     corpus_hash: str  # sha256 of the packed train and val tokens: equal hashes mean equal data everywhere
+    # The targets beside the rows where some tokens are not trained on (IGNORE: a prompt, a user turn); None where
+    # every token is (plain text). Same shapes as train and val.
+    train_labels: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
 
-def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def split_documents(docs: list[Document], val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
     """Seeded split by document; both sides keep the corpus order. At least one document on each side."""
     if len(docs) < 2:
         raise UserError(f"the corpus has {len(docs)} document(s); at least 2 are needed for a validation split")
@@ -333,14 +379,42 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
-def pack(docs: list[str], tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
+def pack(docs: list[Document], tokenizer: Tokenizer, seq_len: int) -> torch.Tensor:
     """bos + text + eos per document, concatenated, cut into rows of seq_len tokens; the tail is dropped."""
+    return pack_labeled(docs, tokenizer, seq_len)[0]
+
+
+def pack_labeled(docs: list[Document], tokenizer: Tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack`'s rows and their labels: the token itself where it is trained on, IGNORE where not."""
     ids: list[int] = []
+    labels: list[int] = []
     for doc in docs:
-        ids.extend(tokenizer.encode(doc, add_bos=True))
+        doc_ids, trained = encode_document(doc, tokenizer)
+        ids.extend(doc_ids)
+        labels.extend(i if t else IGNORE for i, t in zip(doc_ids, trained, strict=True))
+    n = len(ids) // seq_len * seq_len
+    rows = torch.tensor(ids[:n], dtype=torch.long).view(-1, seq_len)
+    return rows, torch.tensor(labels[:n], dtype=torch.long).view(-1, seq_len)
+
+
+def encode_document(doc: Document, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """A document's tokens and whether each is trained on. Text: bos + text + eos, all trained (bos is never a
+    target anyway: no token predicts the first of a document). A prompt/completion pair: bos (not trained), the prompt
+    (not trained), the completion and an eos (trained: the model learns to stop). A conversation: its template's
+    rendering alone (the template starts it and ends every turn), the assistant turns trained."""
+    if isinstance(doc, str):
+        ids = [*tokenizer.encode(doc, add_bos=True), tokenizer.eos_id]
+        return ids, [True] * len(ids)
+    # a conversation starts as its template starts it (SmolLM2's bos is its <|im_start|>: no second one)
+    ids, trained = ([], []) if doc.chat else ([tokenizer.bos_id], [False])
+    for text, train in doc.segments:
+        seg = tokenizer.encode(text, add_bos=False)
+        ids.extend(seg)
+        trained.extend([train] * len(seg))
+    if not doc.chat:
         ids.append(tokenizer.eos_id)
-    n_rows = len(ids) // seq_len
-    return torch.tensor(ids[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+        trained.append(doc.segments[-1][1])
+    return ids, trained
 
 
 def _cache_dir() -> Path:
@@ -364,46 +438,91 @@ def _tensor_hash(*tensors: torch.Tensor) -> str:
 def load_data(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None, use_cache: bool = True) -> PackedData:
     """Read, split, tokenize and pack the corpus; deterministic from (cfg, seq_len, tokenizer)."""
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
-    chosen: list[tuple[Path, int]] = []
-    if cfg.corpus.startswith("hf:"):
-        source: Any = cfg.corpus  # a remote dataset cannot be stat'ed: keyed by name only
-    elif cfg.corpus == "embedded":
-        source = ["embedded", embedded_corpus_id()]  # the snapshot's own hash: the same on every interpreter
-    else:
-        root, files = _corpus_files(cfg)
-        chosen = _select_files(root, files, cfg.max_bytes)
-        # Sizes and mtimes of what is read: an edited corpus is packed again.
-        source = [(str(f), s, f.stat().st_mtime_ns) for f, s in chosen]
+    source, read, by_tokens = _corpus_reader(cfg, tokenizer)
     cache_path = _cache_dir() / f"{_cache_key(cfg, seq_len, tokenizer, source)}.pt"
     if use_cache and cache_path.exists():
         try:
             blob = torch.load(cache_path, weights_only=True)
-            return PackedData(blob["train"], blob["val"], blob["corpus_hash"])
+            return PackedData(blob["train"], blob["val"], blob["corpus_hash"], blob.get("train_labels"),
+                              blob.get("val_labels"))  # fmt: skip
         except (OSError, RuntimeError, KeyError) as exc:  # a torn or foreign file: rebuild it
             logger.warning("ignoring unreadable data cache %s: %s", cache_path, exc)
-    if cfg.corpus.startswith("hf:"):
-        docs = list(_hf_documents(cfg.corpus, cfg.max_bytes))
-    elif cfg.corpus == "embedded":
-        docs = _embedded_documents(cfg.max_bytes)
-    else:
-        docs = _file_documents(chosen)
-    data = _pack_split(docs, cfg, seq_len, tokenizer)
+    data = _pack_split(read(), cfg, seq_len, tokenizer, by_tokens)
     if use_cache:
         _save_cache(cache_path, data)
     return data
 
 
-def _pack_split(docs: list[str], cfg: DataConfig, seq_len: int, tokenizer: Tokenizer) -> PackedData:
-    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
-    train, val = pack(train_docs, tokenizer, seq_len), pack(val_docs, tokenizer, seq_len)
-    if len(train) == 0 or len(val) == 0:
+def _corpus_reader(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[Any, Any, bool | None]:
+    """(what the cache is keyed by, a function reading the documents, whether to hold out by tokens: True, False,
+    or None for "when there are few documents"). The embedded and hf corpora are always split by document (the
+    rows every figure measured on them used)."""
+    if cfg.corpus.startswith("hf:"):
+        # a remote dataset cannot be stat'ed: keyed by name only
+        return cfg.corpus, lambda: list(_hf_documents(cfg.corpus, cfg.max_bytes)), False
+    if cfg.corpus == "embedded":  # the snapshot's own hash: the same on every interpreter
+        return ["embedded", embedded_corpus_id()], lambda: _embedded_documents(cfg.max_bytes), False
+    path = Path(cfg.corpus).expanduser()
+    files = record_files(path)
+    if files is not None or is_saved_dataset(path):
+        stat = files if files is not None else sorted(p for p in path.rglob("*") if p.is_file())
+        source = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in stat]
+
+        def read_records() -> list[Document]:
+            rows = load_records(path, files)
+            return list(record_documents(rows, path, cfg.text_field, tokenizer.chat_render(), cfg.max_bytes))
+
+        return source, read_records, None
+    root, text_files = _corpus_files(cfg)
+    chosen = _select_files(root, text_files, cfg.max_bytes)
+    rule = cfg.documents if cfg.documents != "auto" else ("paragraphs" if path.is_file() else "files")
+    # Sizes and mtimes of what is read: an edited corpus is packed again.
+    source = [(str(f), s, f.stat().st_mtime_ns) for f, s in chosen]
+    return source, lambda: _file_documents(chosen, paragraphs=rule == "paragraphs"), True if rule == "windows" else None
+
+
+def _pack_split(docs: list[Document], cfg: DataConfig, seq_len: int, tokenizer: Tokenizer,
+                by_tokens: bool | None = False) -> PackedData:  # fmt: skip
+    """Hold out documents, or rows of tokens (`by_tokens`; None: when there are few documents); pack each side."""
+    if not docs:
+        raise UserError(f"corpus {cfg.corpus!r} holds no text; give it some (a file, a folder of notes, rows)")
+    if by_tokens is False or (by_tokens is None and len(docs) >= MIN_SPLIT_DOCS):
+        train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+        (train, train_labels), (val, val_labels) = (pack_labeled(d, tokenizer, seq_len) for d in (train_docs, val_docs))
+        if (len(train) and len(val)) or by_tokens is False:
+            if not (len(train) and len(val)):
+                raise UserError(
+                    f"corpus {cfg.corpus!r} is too small for seq_len {seq_len}: {len(train)} train and {len(val)} "
+                    "validation rows; raise data.max_bytes or data.val_fraction, or use a larger corpus"
+                )
+            logger.info("packed %d train and %d validation rows of %d tokens from %d documents", len(train), len(val),
+                        seq_len, len(docs))  # fmt: skip
+            return _packed(train, val, train_labels, val_labels)
+        logger.info("the held-out documents fill no row of %d tokens: holding out rows instead", seq_len)
+    rows, labels = pack_labeled(docs, tokenizer, seq_len)
+    if len(rows) < 2:
         raise UserError(
-            f"corpus {cfg.corpus!r} is too small for seq_len {seq_len}: {len(train)} train and {len(val)} "
-            "validation rows; raise data.max_bytes or data.val_fraction, or use a larger corpus"
+            f"corpus {cfg.corpus!r} is too small for seq_len {seq_len}: {len(rows)} row(s) of tokens, at least 2 "
+            "are needed (one to train on, one to validate); give more text or a shorter model.seq_len"
         )
-    logger.info("packed %d train and %d validation rows of %d tokens from %d documents", len(train), len(val),
-                seq_len, len(docs))  # fmt: skip
-    return PackedData(train, val, _tensor_hash(train, val))
+    # Few documents (one file, a handful of notes): a seeded share of the rows is validation. Rows do not overlap,
+    # so no validation token is trained on.
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = min(max(1, round(cfg.val_fraction * len(rows))), len(rows) - 1)
+    val_ids, train_ids = perm[:n_val].sort().values, perm[n_val:].sort().values
+    logger.info("%d document(s): held out %d of %d rows of %d tokens for validation", len(docs), n_val, len(rows),
+                seq_len)  # fmt: skip
+    return _packed(rows[train_ids], rows[val_ids], labels[train_ids], labels[val_ids])
+
+
+def _packed(train: torch.Tensor, val: torch.Tensor, train_labels: torch.Tensor,
+            val_labels: torch.Tensor) -> PackedData:  # fmt: skip
+    """PackedData with the labels kept only where some token is not trained on (plain text has none)."""
+    if not bool((train_labels == IGNORE).any() or (val_labels == IGNORE).any()):
+        return PackedData(train, val, _tensor_hash(train, val))
+    if not bool((train_labels != IGNORE).any()):
+        raise UserError("no token of the training rows is trained on (every row is a prompt); give completions")
+    return PackedData(train, val, _tensor_hash(train, val, train_labels, val_labels), train_labels, val_labels)
 
 
 def _save_cache(path: Path, data: PackedData) -> None:
@@ -411,7 +530,10 @@ def _save_cache(path: Path, data: PackedData) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"train": data.train, "val": data.val, "corpus_hash": data.corpus_hash}, tmp)
+        blob = {"train": data.train, "val": data.val, "corpus_hash": data.corpus_hash}
+        if data.train_labels is not None:
+            blob.update(train_labels=data.train_labels, val_labels=data.val_labels)
+        torch.save(blob, tmp)
         os.replace(tmp, path)
     except OSError as exc:  # a read-only home is no reason to stop training
         logger.warning("cannot write data cache %s: %s", path, exc)
@@ -436,13 +558,14 @@ class MicrobatchSchedule:
     """
 
     def __init__(self, train: torch.Tensor, microbatch_size: int, microbatches_per_step: int, n_data_nodes: int,
-                 seed: int):  # fmt: skip
+                 seed: int, labels: torch.Tensor | None = None):  # fmt: skip
         if n_data_nodes < 1 or microbatches_per_step % n_data_nodes != 0:
             raise UserError(
                 f"train.microbatches_per_step ({microbatches_per_step}) must be a multiple of the number of data "
                 f"nodes ({n_data_nodes}); change one of them"
             )
         self.train = train
+        self.labels = labels  # PackedData.train_labels: the loss's targets where some tokens are not trained on
         self.microbatch_size = microbatch_size
         self.per_node = microbatches_per_step // n_data_nodes  # microbatches per node per step
         self.n_data_nodes = n_data_nodes
@@ -450,12 +573,15 @@ class MicrobatchSchedule:
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         self.shards = [s.clone() for s in torch.tensor_split(perm, n_data_nodes)]  # row ids, disjoint, covering
         need = self.per_node * microbatch_size
-        if min(len(s) for s in self.shards) < need:
+        smallest = min(len(s) for s in self.shards)
+        if smallest == 0:
             raise UserError(
-                f"each of the {n_data_nodes} data node shard(s) needs at least {need} rows per step but the "
-                f"smallest has {min(len(s) for s in self.shards)}; use a larger corpus (data.max_bytes) or "
-                "smaller batches"
+                f"{len(train)} train rows cannot be shared by {n_data_nodes} data nodes; use a larger corpus or "
+                "fewer data nodes"
             )
+        if smallest < need:  # a small fine-tuning corpus: a step reads its rows more than once (several epochs)
+            logger.warning("a data node's shard holds %d rows and a step reads %d: rows repeat within a step",
+                           smallest, need)  # fmt: skip
         self._epoch_cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def _epoch_order(self, rank: int, epoch: int) -> torch.Tensor:
@@ -481,6 +607,13 @@ class MicrobatchSchedule:
         """The microbatches, each (microbatch_size, seq_len), that data node `rank` handles at `step`."""
         rows = self.train[self.row_ids(step, rank)]
         return list(rows.split(self.microbatch_size))
+
+    def microbatch_labels(self, step: int, rank: int) -> list[torch.Tensor]:
+        """The targets of `microbatches(step, rank)`: the rows themselves, or their labels (IGNORE where a token is
+        not trained on) when the corpus has a loss mask."""
+        if self.labels is None:
+            return self.microbatches(step, rank)
+        return list(self.labels[self.row_ids(step, rank)].split(self.microbatch_size))
 
     def global_batch(self, step: int) -> list[torch.Tensor]:
         """All microbatches of `step`: the concatenation over ranks, in rank order, of `microbatches`."""

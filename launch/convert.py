@@ -4,6 +4,7 @@ live run's model, as a Hugging Face directory).
     gwtf convert --from SmolLM2.gguf --to staged/ --stages 3
     gwtf export --from staged/ --to hf/
     gwtf export --run myrun --initial-peers ADDR --to hf/
+    gwtf export --run myrun --initial-peers ADDR --to adapter/ --adapter-only     # a LoRA run's peft adapter
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("--run", default=None, help="export a live run instead (with --initial-peers)")
         parser.add_argument("--initial-peers", nargs="+", default=None, metavar="ADDR", help="a multiaddr of the run")
         parser.add_argument("--key", default=None, metavar="FILE", help="the run key, for a run by invitation")
+        parser.add_argument("--adapter-only", action="store_true",
+                            help="a LoRA run: write its peft adapter directory instead of merged weights")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,9 +56,12 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.run:
         if not args.initial_peers:
             raise UserError("--run needs --initial-peers (the address `gwtf bootstrap` printed)")
-        out = export_run(args.initial_peers, args.run, args.dst, args.key)
-        print(f"wrote {out}: Hugging Face model of run {args.run}")
+        out = export_run(args.initial_peers, args.run, args.dst, args.key, adapter_only=args.adapter_only)
+        print(f"wrote {out}: " + (f"peft adapter of run {args.run}" if args.adapter_only else
+                                  f"Hugging Face model of run {args.run}"))  # fmt: skip
         return 0
+    if args.adapter_only:
+        raise UserError("--adapter-only exports a live LoRA run's adapters: give --run NAME --initial-peers ADDR")
     if not args.src:
         raise UserError("give --from STAGED_DIR, or --run NAME --initial-peers ADDR to export a live run")
     root = Path(args.src)

@@ -1,7 +1,9 @@
 """Export a live run's model as a Hugging Face directory: `gwtf export --run NAME --initial-peers ADDR --to DIR`.
 
 Every stage is fetched from a live node that holds it (relays for stages 1..S, a data node for stage 0), all at one
-version, and written with the run's tokenizer when it fine-tunes a pretrained checkpoint.
+version, and written with the run's tokenizer when it fine-tunes a pretrained checkpoint. A LoRA run (gwtf.lora) gives
+its adapters only, the frozen base coming from the run's staged copy on this machine (or, without it, from the nodes
+too); they are merged into the base weights, or written as a peft adapter directory (`--adapter-only`).
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ async def fetch_run(initial_peers: list[str], run_id: str, key: str | None = Non
         transport = await HivemindTransport.create(await dht.replicate_p2p(), run_id, access=access)
         try:
             nodes = await asyncio.to_thread(membership.live_nodes)
-            fetched = [
-                await _fetch_stage(transport, nodes, model, k, run_id, timeout) for k in range(model.n_stages + 1)
-            ]
+            fetched = [await _fetch_stage(transport, nodes, cfg, k, run_id, timeout) for k in range(model.n_stages + 1)]
         finally:
             await transport.shutdown()
     finally:
@@ -51,17 +51,14 @@ async def fetch_run(initial_peers: list[str], run_id: str, key: str | None = Non
     return cfg, model, [stage for stage, _ in fetched], versions.pop()
 
 
-async def _fetch_stage(transport, nodes, model, k: int, run_id: str, timeout: float) -> tuple[nn.Module, int]:
-    from gwtf.models.staged import empty_stage
-
+async def _fetch_stage(transport, nodes, cfg: RunConfig, k: int, run_id: str, timeout: float) -> tuple[nn.Module, int]:
     holders = sorted(((r.state_version, p) for p, r in serving(nodes, "data" if k == 0 else "relay", k).items()),
                      reverse=True)  # fmt: skip
 
     async def get(peer: str, msg: Message) -> Message:
         return await transport.call(peer, "get_state", msg, timeout=timeout)
 
-    stage = empty_stage(model, k)
-    names = [n for n, _ in stage.named_parameters()]
+    stage, names = _stage_to_fill(cfg, k)
     for _, peer in holders:  # the most advanced first; a holder that fails is skipped
         try:
             tensors, meta = await fetch_state(get, run_id, [peer], names)
@@ -72,6 +69,49 @@ async def _fetch_stage(transport, nodes, model, k: int, run_id: str, timeout: fl
                               strict=False)  # fmt: skip
         return stage, int(meta["version"])
     raise UserError(f"no live node of run {run_id!r} could give stage {k}")
+
+
+def _stage_to_fill(cfg: RunConfig, k: int) -> tuple[nn.Module, list[str]]:
+    """The module stage k's fetched state goes into, and the parameters to fetch: all of them; under LoRA the
+    adapters alone where the run's staged copy is here to give the base (stage 0 trains nothing: taken whole)."""
+    from gwtf.lora import apply_lora, trainable_names
+    from gwtf.models.checkpoint import load_stage
+    from gwtf.models.staged import empty_stage
+
+    model = cfg.model_config()
+    if not cfg.lora.enabled:
+        stage = empty_stage(model, k)
+        return stage, [n for n, _ in stage.named_parameters()]
+    base_here = bool(cfg.pretrained) and Path(str(cfg.pretrained)).is_dir()
+    stage = apply_lora(load_stage(str(cfg.pretrained), k)[1] if base_here else empty_stage(model, k), cfg.lora, k,
+                       cfg.train.seed)  # fmt: skip
+    names = trainable_names(stage) if base_here else []
+    return stage, names or [n for n, _ in stage.named_parameters()]
+
+
+def export_stages(stages: list[nn.Module], cfg: RunConfig, out_dir: str | Path, adapter_only: bool = False) -> Path:
+    """A fetched run as a Hugging Face directory (a LoRA run's adapters merged in), or a LoRA run's peft adapter
+    directory; with the run's tokenizer."""
+    from gwtf.lora import save_adapter
+    from gwtf.models.checkpoint import export_hf
+
+    model = cfg.model_config()
+    tokenizer, special = tokenizer_of(cfg)
+    if adapter_only:
+        if not cfg.lora.enabled:
+            raise UserError("--adapter-only exports a LoRA run's adapters; this run fine-tunes every weight")
+        return save_adapter(stages, model, cfg.lora, out_dir, tokenizer=tokenizer)
+    return export_hf(plain_stages(stages, cfg), model, out_dir, tokenizer=tokenizer, special_tokens=special)
+
+
+def plain_stages(stages: list[nn.Module], cfg: RunConfig) -> list[nn.Module]:
+    """The stages with a LoRA run's adapters merged into their base (models.staged names); as they are otherwise."""
+    from gwtf.lora import merged_stage
+
+    if not cfg.lora.enabled:
+        return stages
+    model = cfg.model_config()
+    return [stages[0]] + [merged_stage(s, model, k) for k, s in enumerate(stages[1:], start=1)]
 
 
 def tokenizer_of(cfg: RunConfig) -> tuple[Any, dict]:
@@ -85,11 +125,11 @@ def tokenizer_of(cfg: RunConfig) -> tuple[Any, dict]:
     return AutoTokenizer.from_pretrained(cfg.pretrained), read_manifest(cfg.pretrained).get("special_tokens", {})
 
 
-def export_run(initial_peers: list[str], run_id: str, out_dir: str, key: str | None = None) -> Path:
-    from gwtf.models.checkpoint import export_hf, weights_hash
+def export_run(initial_peers: list[str], run_id: str, out_dir: str, key: str | None = None,
+               adapter_only: bool = False) -> Path:  # fmt: skip
+    from gwtf.models.checkpoint import weights_hash
 
     cfg, model, stages, version = asyncio.run(fetch_run(initial_peers, run_id, key))
-    tokenizer, special = tokenizer_of(cfg)
-    out = export_hf(stages, model, out_dir, tokenizer=tokenizer, special_tokens=special)
+    out = export_stages(stages, cfg, out_dir, adapter_only)
     log.info("exported run %s at version %d to %s (weights %s)", run_id, version, out, weights_hash(stages))
     return out

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import (
@@ -36,6 +37,7 @@ from gwtf.models.presets import ModelConfig
 
 INIT_STD = 0.02
 IGNORE_INDEX = -100
+LOSS_CHUNK_BYTES = 64 << 20  # fp32 logits computed at once by HeadStage.loss (a 32000 vocabulary: 524 positions)
 
 
 # --- stage 0 ---------------------------------------------------------------------------------------------------
@@ -70,12 +72,37 @@ class HeadStage(nn.Module):
         return F.linear(self.norm(hidden), head_weight)
 
     def loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels of -100 are ignored."""
-        logits = self.logits(hidden)[:, :-1]
-        if logits.dtype in (torch.float16, torch.bfloat16):  # as transformers: the softmax runs in fp32
-            logits = logits.float()
-        targets = labels[:, 1:].to(logits.device)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        """Mean next-token cross-entropy: position t predicts labels[t + 1]; labels of -100 are ignored.
+
+        Computed in chunks of positions, each chunk's logits recomputed in the backward (activation checkpointing),
+        so the full (batch, seq, vocab) logits never exist at once: 4.2 GB in fp32 for a 1.5b microbatch of 8 x 4096
+        at a 32000 vocabulary. A microbatch within one chunk (the debug model's) is computed in one piece."""
+        normed = self.norm(hidden)[:, :-1]  # the norm is per position: the last one predicts nothing
+        flat = normed.reshape(-1, normed.shape[-1])  # (batch * (seq - 1), d_model)
+        targets = labels[:, 1:].reshape(-1).to(flat.device)
+        head_weight = self.tok_embed.weight if self.lm_head is None else self.lm_head.weight
+        valid = int((targets != IGNORE_INDEX).sum())
+        chunk = max(1, LOSS_CHUNK_BYTES // (4 * self.cfg.vocab_size))  # positions whose fp32 logits fit a chunk
+        if flat.shape[0] <= chunk:
+            total = _ce_sum(flat, head_weight, targets)
+        else:
+            total = flat.new_zeros((), dtype=torch.float32)
+            for i in range(0, flat.shape[0], chunk):
+                part = checkpoint(
+                    _ce_sum, flat[i : i + chunk], head_weight, targets[i : i + chunk], use_reentrant=False
+                )
+                total = total + part
+        if valid == 0:  # a row of prompt only (a loss mask): no target, zero loss (still a graph to backward)
+            return total * 0.0
+        return total / valid
+
+
+def _ce_sum(hidden: Tensor, head_weight: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of (positions, d_model) normed hidden states against their targets."""
+    logits = F.linear(hidden, head_weight)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # as transformers: the softmax runs in fp32
+        logits = logits.float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _final_norm(cfg: ModelConfig) -> nn.Module:
@@ -294,6 +321,6 @@ def forward_stages(stages: list[nn.Module], input_ids: Tensor) -> Tensor:
     return _head(stages).logits(_last_hidden(stages, input_ids))
 
 
-def loss_stages(stages: list[nn.Module], input_ids: Tensor) -> Tensor:
-    """Next-token loss of the whole pipeline with labels = input_ids."""
-    return _head(stages).loss(_last_hidden(stages, input_ids), input_ids)
+def loss_stages(stages: list[nn.Module], input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Next-token loss of the whole pipeline with labels = input_ids (or `labels`: -100 where not trained on)."""
+    return _head(stages).loss(_last_hidden(stages, input_ids), input_ids if labels is None else labels)

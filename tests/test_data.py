@@ -162,8 +162,11 @@ def test_bad_corpus_is_a_user_error(tmp_path):
         (tiny / f"{i}.txt").write_text("hi")
     with pytest.raises(UserError, match="too small"):
         load_data(DataConfig(corpus=str(tiny)), seq_len=64)
-    with pytest.raises(UserError, match="at least 2"):
-        load_data(DataConfig(corpus=str(tiny / "0.txt")), seq_len=2)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="empty.txt is empty"):
+        load_data(DataConfig(corpus=str(tmp_path / "empty.txt")), seq_len=16)
+    with pytest.raises(UserError, match="data.documents='pages'"):
+        DataConfig(documents="pages")
     with pytest.raises(UserError):
         DataConfig(val_fraction=1.5)
 
@@ -232,8 +235,18 @@ def test_one_and_two_nodes_see_the_same_rows_per_epoch():
 def test_schedule_user_errors():
     with pytest.raises(UserError, match="multiple"):
         MicrobatchSchedule(rows_table(64), 2, 3, 2, seed=0)
-    with pytest.raises(UserError, match="rows per step"):
-        MicrobatchSchedule(rows_table(10), 4, 4, 2, seed=0)
+    with pytest.raises(UserError, match="cannot be shared by 2 data nodes"):
+        MicrobatchSchedule(rows_table(1), 1, 2, 2, seed=0)
+
+
+def test_a_small_corpus_repeats_its_rows_within_a_step():
+    """A fine-tuning corpus smaller than a step (a few notes): each step walks its shard more than once, every row
+    as often as the others (give or take one), and each node still reads only its own shard."""
+    sched = MicrobatchSchedule(rows_table(10), 4, 4, 2, seed=0)  # shards of 5 rows, 8 rows per node per step
+    for rank in range(2):
+        ids = sched.row_ids(0, rank).tolist()
+        counts = {i: ids.count(i) for i in set(ids)}
+        assert set(counts) == set(sched.shards[rank].tolist()) and set(counts.values()) <= {1, 2}
 
 
 def test_hf_tokenizer_folder(tmp_path):

@@ -93,3 +93,115 @@ def test_a_checkpoint_copy_with_other_weights_is_refused(tiny_checkpoint, tmp_pa
     stage_file.write_bytes(bytes(data))
     with pytest.raises(UserError, match="does not match its recorded hash|corrupt"):
         load_stage(staged, 1)
+
+
+def _notes(folder, n: int, lines: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    words = ["the", "swarm", "routes", "every", "microbatch", "through", "one", "replica", "of", "each", "stage"]
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"note{i}.md").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "."
+                                                      for _ in range(lines)))  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("corpus", ["one-file", "four-notes"])
+def test_a_one_file_corpus_and_four_notes_fine_tune(tiny_checkpoint, tmp_path, corpus):
+    """What a person starts with (one text file; a folder of four short notes, at seq_len 128) is held out by rows
+    and fine-tunes the tiny model in an in-process swarm of 2 stages x 2 replicas: the validation loss falls."""
+    import asyncio
+
+    from gwtf.launch.finetune import run_config, validation_loss
+    from gwtf.models.checkpoint import ensure_staged
+    from tests.support import InProcessSwarm
+    from tests.test_swarm_inprocess import fast_swarm
+
+    _notes(tmp_path / "notes", 4, 6)
+    if corpus == "one-file":
+        data = tmp_path / "notes.txt"
+        data.write_text("\n\n".join(p.read_text() for p in sorted((tmp_path / "notes").iterdir())))
+    else:
+        data = tmp_path / "notes"
+    staged = ensure_staged(tiny_checkpoint / "src", 2, tmp_path / "staged")
+    settings = ["model.seq_len=128", "optim.lr=3e-3", "optim.warmup_steps=2", "train.microbatch_size=2",
+                "train.microbatches_per_step=2", "train.steps=8", "train.val_batches=2"]  # fmt: skip
+    cfg = run_config(staged, str(data), settings)
+
+    async def go():
+        swarm = InProcessSwarm(cfg, replicas=2, settings=fast_swarm())
+        await swarm.start()
+        try:
+            assert len(swarm.data.val) >= 1 and len(swarm.data.train) >= 2
+            before = validation_loss(cfg, stages_of(swarm))
+            for _ in range(8):
+                await swarm.step()
+            return before, validation_loss(cfg, stages_of(swarm))
+        finally:
+            await swarm.close()
+
+    before, after = asyncio.run(asyncio.wait_for(go(), timeout=100))
+    assert after < before - 0.3, (before, after)
+
+
+def stages_of(swarm):
+    relays = {n.stage: n.replica.module for n in swarm.relays.values()}
+    return [swarm.data_nodes[0].stage0.module] + [relays[k] for k in sorted(relays)]
+
+
+def test_generate_continues_a_prompt_and_chats(tiny_checkpoint, tmp_path, capsys):
+    """`gwtf generate` on an exported model: greedy continuation equals transformers' own; --chat renders the turns
+    with the tokenizer's template and answers each."""
+    import io
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gwtf.launch.generate import chat_loop, load_model
+
+    src = tiny_checkpoint / "src"
+    assert main(["generate", "--model", str(src), "--prompt", "the swarm", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model, tok = AutoModelForCausalLM.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src)
+    ids = tok("the swarm", return_tensors="pt")["input_ids"]
+    expected = tok.decode(model.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:],
+                          skip_special_tokens=True)  # fmt: skip
+    assert printed == "the swarm" + expected
+    model, tok = load_model(str(src))
+    with pytest.raises(UserError, match="chat template"):
+        chat_loop(model, tok, io.StringIO("hi\n"), io.StringIO())
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    out = io.StringIO()
+    turns = chat_loop(model, tok, io.StringIO("hello\nagain\n\nnot read\n"), out, max_new_tokens=3)
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert out.getvalue().count("model> ") == 2
+    assert main(["generate", "--model", str(tmp_path)]) == 2  # no prompt, no model: one line each
+
+
+def test_resume_starts_from_the_last_export_and_bad_flags_are_one_line(tiny_checkpoint, tmp_path):
+    import argparse
+    import shutil
+
+    from gwtf.launch.finetune import _read_prompts, _source
+    from gwtf.models.checkpoint import ensure_staged
+
+    def args(**kw):
+        return argparse.Namespace(**{"from_pretrained": None, "resume": None, **kw})
+
+    previous = tmp_path / "ft"
+    ensure_staged(tiny_checkpoint / "src", 2, previous / "staged")
+    assert _source(args(resume=str(previous))) == str(previous / "staged")  # no export yet: its staged copy
+    shutil.copytree(previous / "staged", previous / "final-staged")  # as export_final writes it
+    assert _source(args(resume=str(previous))) == str(previous / "final-staged")  # the last export first
+    for bad, match in ((args(), "--from-pretrained PATH"), (args(resume=str(tmp_path)), "no final-staged"),
+                       (args(resume=str(previous), from_pretrained="x"), "leave --from-pretrained out")):  # fmt: skip
+        with pytest.raises(UserError, match=match):
+            _source(bad)
+    (tmp_path / "p.txt").write_text("\n  first  \n\nsecond\n")
+    assert _read_prompts(str(tmp_path / "p.txt")) == ["first", "second"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(UserError, match="is empty"):
+        _read_prompts(str(tmp_path / "empty.txt"))
+    assert main(["finetune", "--data", "x", "--out", str(tmp_path / "o"), "--adapter-only",
+                 "--from-pretrained", "y"]) == 2  # fmt: skip

@@ -119,13 +119,21 @@ def load_key(path: str | Path) -> bytes:
     return key
 
 
+# What an open run protects and what it does not (docs/security.md has the threat model).
+OPEN_RUN_WARNING = (
+    "run %s is OPEN: anyone who reaches it can join, read the model and what it is sent, and send tensors (each is "
+    "checked: sizes, dtypes, finite values); what travels is still encrypted and authenticated per peer "
+    "(libp2p streams, and the direct TCP path keyed per connection), so nobody on the path can read or alter it; "
+    "--key FILE makes the run by invitation"
+)
+
+
 def bootstrap_access(run_id: str, key_file: str | None, open_run: bool) -> RunAccess:
     """`gwtf bootstrap`: take the key in `key_file` or create it there; `--open` for a run without one."""
     if key_file and open_run:
         raise UserError("--key and --open exclude each other: a run is either by invitation or open")
     if open_run or not key_file:
-        if not open_run:
-            logger.warning("run %s is OPEN: anyone who reaches it can join; --key FILE makes it by invitation", run_id)
+        logger.log(logging.INFO if open_run else logging.WARNING, OPEN_RUN_WARNING, run_id)
         return RunAccess.open(run_id)
     if Path(key_file).exists():
         return RunAccess(run_id, load_key(key_file))

@@ -38,6 +38,7 @@ ROLES = ("relay", "data")
 STATUSES = ("joining", "serving", "leaving")
 RUN_TTL_S = 7 * 24 * 3600.0  # the run record outlives any node; bootstrap may publish it again
 DHT_TIMEOUT_S = 10.0  # bound on one DHT store or lookup
+STORE_ATTEMPTS = 2  # a store that no peer kept is tried once more before it is reported
 LOOPBACK_KW: dict[str, Any] = {
     "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
     "nat_port_map": False,
@@ -102,6 +103,18 @@ def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -
     }
 
 
+class RunEnd:
+    """Whether a run is over, from the records a node reads: some node reached the run's last step (its state
+    version), and no data node serves any more (one that lingers after the last step keeps the run up, for export)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps, self.reached = total_steps, False
+
+    def over(self, nodes: dict[str, NodeRecord]) -> bool:
+        self.reached = self.reached or any(r.state_version >= self.total_steps for r in nodes.values())
+        return self.reached and not serving(nodes, "data")
+
+
 @dataclass
 class MembershipConfig:
     """How often a node refreshes its record and how long a record lives (`[membership]` in a run config)."""
@@ -162,6 +175,14 @@ class Membership(ABC):
     def telemetry(self) -> dict[str, dict[str, Any]]:
         """Unexpired telemetry by the peer id of the node that wrote it."""
 
+    @abstractmethod
+    def announce_choice(self, choice: dict[str, Any], ttl: float) -> None:
+        """Write this volunteer's choice of stage before it loads (gwtf.placement), valid for `ttl` seconds."""
+
+    @abstractmethod
+    def choices(self) -> dict[str, dict[str, Any]]:
+        """Unexpired choices of volunteers by the peer id of the volunteer that wrote it."""
+
     def start_heartbeat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:
         """Announce `get_record()` every `period` seconds until `close()`."""
         if period <= 0 or ttl <= period:
@@ -199,6 +220,7 @@ class MembershipStore:
     runs: dict[str, RunRecord] = field(default_factory=dict)
     nodes: dict[str, dict[str, tuple[NodeRecord, float, str | None]]] = field(default_factory=dict)
     telemetry: dict[str, dict[str, tuple[dict[str, Any], float]]] = field(default_factory=dict)  # (data, expiry)
+    choices: dict[str, dict[str, tuple[dict[str, Any], float]]] = field(default_factory=dict)  # (choice, expiry)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -259,9 +281,21 @@ class InMemoryMembership(Membership):
             self.store.telemetry.setdefault(self.run_id, {})[self.peer_id] = (copied, self.clock() + ttl)
 
     def telemetry(self) -> dict[str, dict[str, Any]]:
+        return self._read(self.store.telemetry)
+
+    def announce_choice(self, choice: dict[str, Any], ttl: float) -> None:
+        if self.peer_id is None:
+            raise PermissionError("a membership without a peer id (a watcher) announces no choice")
+        with self.store.lock:
+            self.store.choices.setdefault(self.run_id, {})[self.peer_id] = (dict(choice), self.clock() + ttl)
+
+    def choices(self) -> dict[str, dict[str, Any]]:
+        return self._read(self.store.choices)
+
+    def _read(self, table: dict[str, dict[str, tuple[dict[str, Any], float]]]) -> dict[str, dict[str, Any]]:
         now = self.clock()
         with self.store.lock:
-            found = self.store.telemetry.get(self.run_id, {})
+            found = table.get(self.run_id, {})
             return {p: json.loads(json.dumps(d)) for p, (d, expiry) in found.items() if expiry > now}
 
 
@@ -272,8 +306,9 @@ _OWNER_KEYS: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
 
 def run_dht_keys(run_id: str) -> list[str]:
-    """The run's DHT keys: its record, its nodes' records, its data nodes' telemetry (all MAC'd in a keyed run)."""
-    return [f"gwtf/{run_id}/run", f"gwtf/{run_id}/nodes", f"gwtf/{run_id}/telemetry"]
+    """The run's DHT keys: its record, its nodes' records, its data nodes' telemetry, the stages volunteers chose
+    before they load (all MAC'd in a keyed run)."""
+    return [f"gwtf/{run_id}/run", f"gwtf/{run_id}/nodes", f"gwtf/{run_id}/telemetry", f"gwtf/{run_id}/choices"]
 
 
 def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: RunAccess | None = None, **kw: Any) -> Any:
@@ -315,29 +350,49 @@ def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: Run
 KEY_PROBE_AFTER_S = 3.0  # a keyed joiner that sees no run record this long checks whether its key is the run's
 
 
+def check_invitation(initial_peers: list[str], access: RunAccess, timeout: float, loopback: bool = True,
+                     **dht_kw: Any) -> RunRecord:  # fmt: skip
+    """The run record as a live peer at `initial_peers` holds it, read by a short-lived DHT client with no key (it
+    strips the records' MACs without checking them), and checked against `access`: a one-line UserError for a run
+    that is not there, a key the run does not know, no key on a keyed run, or a key on an open run.
+
+    A joiner calls this before it starts its own DHT peer. A client stores nothing and serves nobody, so a joiner
+    that is refused has written nothing to the DHT and never became a DHT peer of the run: had it joined with the
+    wrong key, its peer would refuse the run's records (their MACs are not its key's) and every member's store that
+    reached it would be reported as refused (see DHTMembership._store).
+    """
+    probe = make_dht(initial_peers, loopback=loopback, access=RunAccess.open(access.run_id), client_mode=True,
+                     **dht_kw)  # fmt: skip
+    try:
+        seen = DHTMembership(probe, access.run_id).get_run(timeout)
+    finally:
+        probe.shutdown()
+    if seen is None:
+        raise _not_found(access.run_id, initial_peers, timeout)
+    check_run_access(access, seen.key_id)
+    return seen
+
+
+def _not_found(run_id: str, initial_peers: list[str], timeout: float) -> UserError:
+    return UserError(
+        f"run {run_id!r} not found via {initial_peers[0]} within {timeout:g}s: check --run and "
+        "--initial-peers (the address `gwtf bootstrap` printed, of a live peer)"
+    )
+
+
 def find_run(dht: Any, initial_peers: list[str], access: RunAccess, timeout: float, loopback: bool = True) -> RunRecord:
     """The run record through `dht` (made with `access`), or a one-line UserError: the run is not there, or
     `access`'s key is not the run's. A DHT peer with the wrong key drops the run's records as forgeries, so it
-    would only ever see "not found": after KEY_PROBE_AFTER_S a keyed joiner reads the run record once through a
-    short-lived keyless client (which strips MACs without checking them) and compares the run's key id with its own.
+    would only ever see "not found": after KEY_PROBE_AFTER_S a keyed reader checks its key (check_invitation).
     """
     membership = DHTMembership(dht, access.run_id)
     first = min(timeout, KEY_PROBE_AFTER_S) if access.keyed else timeout
     record = membership.get_run(first)
     if record is None and access.keyed:
-        probe = make_dht(initial_peers, loopback=loopback, access=RunAccess.open(access.run_id), client_mode=True)
-        try:
-            seen = DHTMembership(probe, access.run_id).get_run(min(5.0, timeout))
-        finally:
-            probe.shutdown()
-        if seen is not None:
-            check_run_access(access, seen.key_id)  # raises: a key the run does not know, or a key on an open run
+        check_invitation(initial_peers, access, min(5.0, timeout), loopback=loopback)
         record = membership.get_run(max(0.0, timeout - first))
     if record is None:
-        raise UserError(
-            f"run {access.run_id!r} not found via {initial_peers[0]} within {timeout:g}s: check --run and "
-            "--initial-peers (the address `gwtf bootstrap` printed, of a live peer)"
-        )
+        raise _not_found(access.run_id, initial_peers, timeout)
     check_run_access(access, record.key_id)
     return record
 
@@ -394,14 +449,22 @@ class DHTMembership(Membership):
             raise ValueError("DHTMembership needs a DHT from make_dht (or its validator's owner_key)")
         self.owner_key = key
         self.peer_id = peer_id_of_owner(key)
-        self._run_key, self._nodes_key, self._telemetry_key = run_dht_keys(run_id)
+        self._run_key, self._nodes_key, self._telemetry_key, self._choices_key = run_dht_keys(run_id)
 
     def _store(self, key: str, value: dict[str, Any], ttl: float) -> None:
+        """Store `value` under this node's subkey, tried STORE_ATTEMPTS times; then RuntimeError, which every caller
+        logs and survives (a heartbeat beats again, the bootstrap refreshes again). hivemind reports a store as the
+        answer of the replica that answered last, so a DHT peer that refuses the run's records (one with another run
+        key) makes a store the other replicas kept look refused: gwtf joiners check their key before they become DHT
+        peers (check_invitation), so only a peer running other code can cause that."""
         from hivemind.utils import get_dht_time
 
-        future = self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner_key, return_future=True)
-        if not future.result(timeout=DHT_TIMEOUT_S):
-            raise RuntimeError(f"DHT store of {key} was refused or reached no peer")
+        for attempt in range(STORE_ATTEMPTS):
+            future = self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner_key, return_future=True)
+            if future.result(timeout=DHT_TIMEOUT_S):
+                return
+            logger.debug("DHT store of %s was refused or reached no peer (attempt %d)", key, attempt + 1)
+        raise RuntimeError(f"DHT store of {key} was refused or reached no peer ({STORE_ATTEMPTS} attempts)")
 
     def _get_subkeys(self, key: str) -> dict[Any, Any]:
         return {sub: value for sub, (value, _) in self._get_expiring(key).items()}
@@ -468,8 +531,17 @@ class DHTMembership(Membership):
 
     def telemetry(self) -> dict[str, dict[str, Any]]:
         """By the peer id the writer's subkey proves (a value's own claims are not trusted)."""
+        return self._by_owner(self._telemetry_key)
+
+    def announce_choice(self, choice: dict[str, Any], ttl: float) -> None:
+        self._store(self._choices_key, choice, ttl)
+
+    def choices(self) -> dict[str, dict[str, Any]]:
+        return self._by_owner(self._choices_key)
+
+    def _by_owner(self, key: str) -> dict[str, dict[str, Any]]:
         found = {}
-        for subkey, value in self._get_subkeys(self._telemetry_key).items():
+        for subkey, value in self._get_subkeys(key).items():
             owner = peer_id_of_owner(subkey)
             if owner is not None and isinstance(value, dict):
                 found[owner] = value

@@ -6,7 +6,8 @@
 volunteers you invite); `--open` lets anyone who reaches the address join (see docs/security.md).
 
 It prints the multiaddress to pass as `--initial-peers` (and writes it to `--addr-file`), then keeps the DHT peer
-and the run record alive until it is stopped. Loopback only unless `--public` is given.
+and the run record alive until it is stopped. Loopback only unless `--public` (every interface) or `--host-maddrs`
+says where to listen; `--announce-maddrs` is the address volunteers dial (README: "Across machines").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from gwtf.config import load_config, to_dict
 from gwtf.errors import UserError
+from gwtf.launch.network import add_address_arguments, addresses_of
 from gwtf.membership import RunRecord, make_dht
 from gwtf.routing.registry import ROUTERS
 
@@ -42,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
         help="routing.router (default: gwtf-p2p, the launchers' default; a config file or --set may choose another)",
     )
     parser.add_argument("--addr-file", default=None, help="also write the address here")
-    parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+    add_address_arguments(parser)  # --public, --host-maddrs, --announce-maddrs, --use-relay
     parser.add_argument("--key", default=None, metavar="FILE", help="run key: joining needs it (created if missing)")
     parser.add_argument("--open", action="store_true", help="an open run: anyone who reaches it may join")
     parser.add_argument(
@@ -103,19 +105,51 @@ def _republish(membership, record: RunRecord) -> None:
         try:
             membership.publish_run(record)
             return
-        except RuntimeError as exc:
+        except (RuntimeError, TimeoutError) as exc:  # a refused store, or a DHT that did not answer in time
             log.warning("refreshing the run record failed (%s); attempt %d of 3", exc, attempt + 1)
             time.sleep(1.0)
 
 
+RUN_END_POLL_S = 2.0  # how often the bootstrap reads the node records to see whether the run is over
+
+
+def _serve(membership, record: RunRecord, stop: threading.Event) -> None:
+    """Refresh the run record every RECORD_REFRESH_S, and as soon as new nodes appear, until stopped or until the
+    run is over (a node reached the last step and no data node serves: gwtf.membership.RunEnd), then return: the
+    bootstrap exits 0 with its run.
+
+    The bootstrap is a DHT peer like the others: a store goes to the peers nearest the key (hivemind keeps
+    num_replicas copies), so storing again once nodes have joined leaves copies of the run record on them. When the
+    bootstrap dies the record lives on there, and a volunteer joins through any live node's address."""
+    from gwtf.membership import RunEnd
+
+    end = RunEnd(int(record.config["run"]["train"]["steps"]))
+    refreshed, seen = time.monotonic(), 0
+    while not stop.wait(RUN_END_POLL_S):
+        try:
+            nodes = membership.live_nodes()
+        except (RuntimeError, TimeoutError) as exc:  # a read that timed out: the next poll reads again
+            log.debug("reading the node records failed (%s)", exc)
+            continue
+        if end.over(nodes):
+            print(f"run {record.run_id} reached its last step ({end.total_steps}); the bootstrap exits", flush=True)
+            return
+        if len(nodes) > seen or time.monotonic() - refreshed >= RECORD_REFRESH_S:
+            _republish(membership, record)  # onto the nodes that joined since, if they are nearest the key
+            refreshed, seen = time.monotonic(), len(nodes)
+
+
 def run(args: argparse.Namespace) -> int:
+    from gwtf import lifecycle
     from gwtf.auth import bootstrap_access
     from gwtf.membership import DHTMembership
 
+    lifecycle.install()  # its DHT process and p2pd end with it, whatever ends it
     record = build_record(args)
     access = bootstrap_access(args.run, args.key, args.open)
     record.key_id = access.key_id
-    dht = make_dht(None, loopback=not args.public, access=access)
+    addrs = addresses_of(args)
+    dht = make_dht(None, loopback=addrs.loopback, access=access, **addrs.dht_kwargs())
     membership = DHTMembership(dht, args.run)
     addrs = [str(a) for a in dht.get_visible_maddrs()]
     stop = threading.Event()
@@ -132,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
             record.model["n_stages"],
             record.model_hash,
         )
-        while not stop.wait(RECORD_REFRESH_S):
-            _republish(membership, record)
+        _serve(membership, record, stop)
     except KeyboardInterrupt:
         pass
     finally:

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from gwtf.config import from_dict
 from gwtf.errors import UserError
 from gwtf.faults import Fault, FaultInjector
-from gwtf.membership import RunRecord, check_model_hash, make_dht, serving
+from gwtf.launch.network import add_address_arguments, addresses_of
+from gwtf.membership import RunRecord, check_model_hash, dht_addresses, make_dht, serving
 from gwtf.metrics import MetricsWriter
-from gwtf.placement import choose_stage
+from gwtf.placement import place_volunteer
 from gwtf.runtime.spec import NodeOptions, RunSpec, run_spec
 from gwtf.tensorboard import ScalarBoard, check_logdir
 
@@ -36,17 +37,22 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> None:
     parser.add_argument("--initial-peers", nargs="+", required=True, help="multiaddress(es) printed by bootstrap")
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--role", choices=("relay", "data"), default="relay")
+    parser.add_argument("--run", required=True, help="the run's name, as given to gwtf bootstrap")
+    parser.add_argument("--role", choices=("relay", "data"), default="relay", help="serve a stage, or drive the steps")
     parser.add_argument("--stage", type=int, default=None, help="relay stage (default: where it adds most)")
     parser.add_argument("--rank", type=int, default=0, help="data node rank (its data shard)")
     parser.add_argument("--capacity", type=int, default=4, help="microbatches a relay holds at once (default: 4)")
-    parser.add_argument("--device", default="cpu", help="cpu (stage compute on CUDA is not in this version)")
-    parser.add_argument("--region", default=None, help="emulate this region's links (shared/data/regions.json)")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda | cuda:N: where it computes (auto: CUDA if present)")  # fmt: skip
+    parser.add_argument(
+        "--region",
+        default=None,
+        help="emulate this region's links (a region of gwtf/resources/regions.json; default: none)",
+    )
     parser.add_argument("--metrics", default=None, help="JSON-lines metrics file (data nodes)")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="TensorBoard scalars into DIR (data nodes; then: tensorboard --logdir DIR)")  # fmt: skip
-    parser.add_argument("--public", action="store_true", help="listen on all interfaces with NAT traversal")
+    add_address_arguments(parser)  # --public, --host-maddrs, --announce-maddrs, --use-relay
     parser.add_argument("--join-timeout", type=float, default=300.0, help="reaching the run, downloading the state")
     parser.add_argument("--key", default=None, metavar="FILE", help="the run key (a run by invitation needs it)")
     parser.add_argument("--linger", action="store_true", help="a data node keeps serving after the last step")
@@ -62,20 +68,32 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
 
 
 def run(args: argparse.Namespace) -> int:
+    from gwtf import lifecycle
+
+    lifecycle.install()  # its DHT process and p2pd end with it, whatever ends it
+    signal.signal(signal.SIGTERM, _interrupt)  # a clean stop (a serving relay handles SIGTERM itself)
     return asyncio.run(_main(args))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 async def _main(args: argparse.Namespace) -> int:
-    if args.device != "cpu":
-        raise UserError(f"--device {args.device}: this version computes stages on the CPU only; join with --device cpu")
     from gwtf.auth import join_access
-    from gwtf.membership import DHTMembership, find_run
+    from gwtf.membership import DHTMembership, check_invitation, find_run
     from gwtf.transport import HivemindTransport, LinkEmulator
 
-    opts = NodeOptions(capacity=args.capacity, region=args.region)  # checked before anything starts
+    # checked before anything starts; the device is resolved (the first CUDA call) once the DHT is up
+    opts = NodeOptions(capacity=args.capacity, region=args.region, device=args.device)
+    addrs = addresses_of(args)  # a bad multiaddress too
     _check_tensorboard(args)
     access = join_access(args.run, args.key)
-    dht = make_dht(args.initial_peers, loopback=not args.public, access=access)
+    # A stranger is refused here, by a DHT client that writes nothing, before this node becomes a DHT peer of the run.
+    await asyncio.to_thread(
+        check_invitation, args.initial_peers, access, args.join_timeout, loopback=addrs.loopback, **addrs.dht_kwargs()
+    )
+    dht = make_dht(args.initial_peers, loopback=addrs.loopback, access=access, **addrs.dht_kwargs())
     membership = DHTMembership(dht, args.run)
     try:
         record = await asyncio.to_thread(
@@ -84,7 +102,10 @@ async def _main(args: argparse.Namespace) -> int:
         spec = _spec(args, record)
         p2p = await dht.replicate_p2p()
         emulator = LinkEmulator() if args.region else None
-        transport = await HivemindTransport.create(p2p, args.run, region=args.region, emulator=emulator, access=access)
+        transport = await HivemindTransport.create(
+            p2p, args.run, region=args.region, emulator=emulator, access=access, tcp_host=addrs.tcp_host,
+            tcp_port=addrs.tcp_port, announce_hosts=addrs.announce_hosts, encrypt=spec.config.wire.encrypt,
+        )  # fmt: skip
         if args.role == "relay":
             return await _serve_relay(args, spec, opts, transport, membership)
         return await _drive_data(args, spec, opts, transport, membership)
@@ -163,20 +184,55 @@ async def _serve_relay(args, spec, opts, transport, membership) -> int:
     from gwtf.runtime.relay import RelayNode
 
     if args.standby:
-        stage = await wait_for_a_loss(membership, spec.model.n_stages, transport=transport)
+        lost = asyncio.ensure_future(wait_for_a_loss(membership, spec.model.n_stages, transport=transport))
+        over = asyncio.ensure_future(until_run_over(membership.live_nodes, spec.total_steps))
+        await asyncio.wait([lost, over], return_when=asyncio.FIRST_COMPLETED)
+        (lost if over.done() else over).cancel()
+        if over.done():
+            print("standby volunteer: the run reached its last step without losing a replica; exiting", flush=True)
+            return 0
+        stage = lost.result()
         print(f"standby volunteer: a replica of stage {stage} was lost; taking over", flush=True)
     else:
-        stage = args.stage or choose_stage(await answering_nodes(transport, membership), spec.model.n_stages)
+        stage = args.stage or await place_volunteer(  # announced before it loads: volunteers arriving together spread
+            membership, transport.peer_id, spec.model.n_stages, lambda: answering_nodes(transport, membership)
+        )
     node = RelayNode(spec, transport, membership, opts, stage)
+    node.maddrs = dht_addresses(membership.dht)  # in its record: `gwtf status` hands them out to volunteers
     if args.fault:
         node.faults = FaultInjector([Fault.parse(args.fault)])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await node.start(module_builder(spec), timeout=args.join_timeout)
     print(f"relay {transport.peer_id} serving stage {stage}", flush=True)
-    await stop.wait()
+    print(f"volunteers may join through this node: --initial-peers {' '.join(node.maddrs[:1])}", flush=True)
+    waits = [asyncio.ensure_future(until_run_over(membership.live_nodes, spec.total_steps)),
+             asyncio.ensure_future(stop.wait())]  # fmt: skip
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for wait in waits:
+        wait.cancel()
     await node.close()
+    if not stop.is_set():
+        print(f"relay {transport.peer_id}: the run reached its last step ({spec.total_steps}); exiting", flush=True)
     return 0
+
+
+RUN_END_POLL_S = 2.0  # how often a relay, a standby or the bootstrap reads the records to see whether the run is over
+
+
+async def until_run_over(live_nodes, total_steps: int, poll_s: float = RUN_END_POLL_S) -> None:
+    """Return once the run is over (gwtf.membership.RunEnd): a node reached the last step and no data node serves.
+    `live_nodes`: a blocking read of the records; one that fails (bounded) is tried again at the next poll."""
+    from gwtf.membership import RunEnd
+
+    end = RunEnd(total_steps)
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            if end.over(await asyncio.to_thread(live_nodes)):
+                return
+        except Exception as exc:  # noqa: BLE001 (a DHT read that timed out: the next poll reads again)
+            log.debug("reading the records for the run's end failed (%s)", exc)
 
 
 async def _drive_data(args, spec, opts, transport, membership) -> int:
@@ -185,6 +241,7 @@ async def _drive_data(args, spec, opts, transport, membership) -> int:
 
     data = load_data(spec.config.data, spec.model.seq_len)
     node = make_data_node(spec, transport, membership, opts, args.rank, data)
+    node.maddrs = dht_addresses(membership.dht)
     await node.start(expected_data_nodes=spec.data_nodes, timeout=args.join_timeout)
     metrics, board = MetricsWriter(args.metrics), ScalarBoard(args.tensorboard)
     t0 = time.perf_counter()
@@ -195,10 +252,13 @@ async def _drive_data(args, spec, opts, transport, membership) -> int:
             per_stage = [len(serving(live, "relay", k)) for k in range(1, spec.model.n_stages + 1)]
             row = iteration_row(report, per_stage)
             metrics.write(event="iteration", **row)
+            print(step_line(row, spec.total_steps), flush=True)
             board.iteration(row)
             if board.enabled:  # computed in the board's worker thread: the next iteration starts at once
                 board.in_background(report.iteration, routing_gap_of(node), prefix="routing/")
         metrics.write(event="done", seconds=time.perf_counter() - t0)
+        print(f"data node {transport.peer_id}: the run reached its last step ({spec.total_steps}) in "
+              f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
         if args.linger:  # keep serving stage 0 (for `gwtf export --run`) until stopped
             stop = asyncio.Event()
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -208,6 +268,22 @@ async def _drive_data(args, spec, opts, transport, membership) -> int:
         board.close()
         await node.close()
     return 0
+
+
+BAR_WIDTH = 20
+
+
+def step_line(row: dict[str, Any], total_steps: int) -> str:
+    """What a data node prints per step (its terminal is a volunteer's view of the run):
+    `[#####...............]  10/40  loss 4.1234   5210 tok/s  live per stage [2, 2, 2]  re-routed 0  lost 0`."""
+    done = row["iteration"] + 1
+    filled = BAR_WIDTH * done // max(total_steps, 1)
+    bar = "#" * filled + "." * (BAR_WIDTH - filled)
+    width = len(str(total_steps))
+    return (
+        f"[{bar}] {done:>{width}}/{total_steps}  loss {row['loss']:.4f}  {row['tokens_per_s']:7.0f} tok/s  "
+        f"live per stage {row['live_per_stage']}  re-routed {row['rerouted']}  lost {row['lost']}"
+    )
 
 
 def iteration_row(report: IterationReport, live_per_stage: list[int]) -> dict[str, Any]:

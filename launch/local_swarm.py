@@ -31,21 +31,23 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> None:
-    parser.add_argument("--preset", default="debug")
+    parser.add_argument("--preset", default="debug", help="model preset (gwtf.models.presets)")
     parser.add_argument("--stages", type=int, default=3, help="relay stages")
     parser.add_argument("--replicas", type=int, default=2, help="replicas per relay stage at the start")
-    parser.add_argument("--data-nodes", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-nodes", type=int, default=1, help="data nodes that drive the run")
+    parser.add_argument("--steps", type=int, default=40, help="training steps")
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (weights, data order)")
     parser.add_argument("--crash-at", type=int, default=10, help="step at which a relay is SIGKILLed (-1: never)")
     parser.add_argument("--capacity", type=int, default=2,
                         help="microbatches a relay holds at once (2: every replica carries part of each step, so "
                         "the one set to crash is in use when its step comes)")  # fmt: skip
     parser.add_argument("--crash-stage", type=int, default=2, help="stage of the relay that crashes")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N for every local node")
     parser.add_argument("--crash-phase", default="backward", help="phase of the crash (gwtf.faults.PHASES)")
     parser.add_argument("--router", default="gwtf-p2p", help="gwtf-p2p | gwtf | swarm | round-robin | oracle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run config override")
-    parser.add_argument("--out", default="runs/demo", help="logs, metrics and the summary JSON")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="logs, metrics, summary.json (default: a new runs/demo-DATE-TIME each run)")  # fmt: skip
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="TensorBoard scalars, data node R's in DIR/data-R (tensorboard --logdir DIR)")  # fmt: skip
     parser.add_argument("--dashboard", type=int, nargs="?", const=DEFAULT_PORT, default=None, metavar="PORT",
@@ -57,19 +59,51 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
 def run(args: argparse.Namespace, extra: SwarmExtras | None = None) -> int:
     extra = extra or SwarmExtras()
     check_args(args, pretrained="--from-pretrained" in extra.bootstrap)  # one line, before any process starts
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*"):
-        if stale.is_file():
-            stale.unlink()
+    out = _out_dir(args.out)
     group = ProcessGroup(out)
     try:
         summary = _run_swarm(args, group, out, extra)
+        if extra.after_done is None:  # no node lingers for later work: each ends by itself at the run's end
+            summary["exits"] = _await_exits(group, timeout=EXIT_WAIT_S)
     finally:
         group.stop_all()
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {out / 'summary.json'}; node logs in {out}/")
+    print(outcome(args, summary), flush=True)
     return 0 if summary["ok"] else 1
+
+
+EXIT_WAIT_S = 30.0  # at the run's end, how long the nodes have to exit by themselves before they are stopped
+
+
+def _out_dir(given: str | None) -> Path:
+    """`--out` as given (its old files removed), or a new directory per run: runs/demo-DATE-TIME[-N]."""
+    if given is not None:
+        out = Path(given)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("*"):
+            if stale.is_file():
+                stale.unlink()
+        return out
+    base = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    for n in range(1000):
+        out = base if n == 0 else base.with_name(f"{base.name}-{n}")
+        try:
+            out.mkdir(parents=True)
+            return out
+        except FileExistsError:
+            continue
+    raise UserError(f"{base}: 1000 demo directories of this second exist; pass --out DIR")
+
+
+def _await_exits(group: ProcessGroup, timeout: float) -> dict[str, int | None]:
+    """Each node's exit code once every one has exited by itself (a node exits 0 when the run reached its last step
+    and no data node serves), or after `timeout` seconds (None for those still running, then stopped)."""
+    nodes = {name: p for name, p in group.procs.items() if name != "dashboard"}  # a watcher serves until stopped
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in nodes.values()):
+        time.sleep(0.2)
+    return {name: p.poll() for name, p in nodes.items()}
 
 
 def check_args(args: argparse.Namespace, pretrained: bool = False) -> None:
@@ -89,6 +123,8 @@ def check_args(args: argparse.Namespace, pretrained: bool = False) -> None:
     if not pretrained:  # a pretrained checkpoint fixes the model; bootstrap checks it as it converts it
         run_flags += [f"preset={args.preset}", f"stages={args.stages}"]
     load_config(None, run_flags, defaults=LAUNCH_DEFAULTS)
+    if getattr(args, "device", None) is not None:
+        NodeOptions(device=args.device)  # the flag's form; CUDA itself is checked by each node as it starts
     if args.crash_at >= 0:
         if not 1 <= args.crash_stage <= args.stages:
             raise UserError(f"--crash-stage {args.crash_stage}: the swarm has stages 1..{args.stages}")
@@ -146,6 +182,7 @@ def _run_swarm(args: argparse.Namespace, group: ProcessGroup, out: Path, extra: 
     join = ["join", "--run", run_id, "--initial-peers", *peers]
     if getattr(args, "capacity", None):
         join += ["--capacity", str(args.capacity)]
+    join += ["--device", getattr(args, "device", "cpu")]
     for stage in range(1, args.stages + 1):
         for r in range(args.replicas):
             argv = [*join, "--role", "relay", "--stage", str(stage)]
@@ -261,12 +298,43 @@ def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path
         "joiner_served": _joiner_served(group),
         "failed_processes": group.failed(),
     }
-    if losses:
-        print(
-            f"done: {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; microbatches {totals}; "
-            f"crash recovered: {bool(crashed) and summary['ok']}; joiner served: {summary['joiner_served']}"
-        )
     return summary
+
+
+def outcome(args: argparse.Namespace, summary: dict) -> str:
+    """The demo's last line: what was asked (steps, a crash or none) and what happened (loss, microbatches, the
+    crash's recovery, how the nodes ended)."""
+    mb, steps = summary["microbatches"], summary["steps"]
+    loss = f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}" if steps else "no step finished"
+    parts = [
+        f"{'done' if summary['ok'] else 'FAILED'}: {steps}/{args.steps} steps, {loss}",
+        f"microbatches {mb['finished']}/{mb['started']} finished, {mb['rerouted']} re-routed, {mb['lost']} lost",
+    ]
+    if args.crash_at < 0:
+        parts.append("no crash asked")
+    else:
+        asked = f"crash asked: stage {args.crash_stage} during {args.crash_phase} of step {args.crash_at}"
+        crash = summary["crash"]
+        if not crash:
+            parts.append(f"{asked}, and it did not happen (the run ended first)")
+        elif crash.get("served_at_step") is not None:
+            parts.append(f"{asked}, recovered: the standby volunteer serves since step {crash['served_at_step']}")
+        else:
+            parts.append(f"{asked}, the stage went on with its other replica; the standby volunteer did not serve")
+    exits = summary.get("exits")
+    if exits is not None:
+        running = sorted(n for n, code in exits.items() if code is None)
+        bad = sorted(n for n, code in exits.items() if code not in (None, 0, -9))  # -9: the crash asked for
+        clean = sum(code == 0 for code in exits.values())
+        if not running and not bad:
+            parts.append(f"{clean} nodes exited 0 by themselves at the run's end")
+        if running:
+            parts.append(f"still running {EXIT_WAIT_S:g}s after the run's end (stopped): {', '.join(running)}")
+        if bad:
+            parts.append(f"exited with an error: {', '.join(bad)}")
+    if summary["failed_processes"]:
+        parts.append(f"failed processes: {summary['failed_processes']}")
+    return "; ".join(parts)
 
 
 def main() -> int:

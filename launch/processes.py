@@ -11,7 +11,9 @@
 Every child is `python -m gwtf.launch.cli ARGV` by default (`entry` puts another module or a wrapper such as
 cProfile in front), writes stdout and stderr to `LOG_DIR/NAME.log`, runs with one intra-op thread and the Hugging
 Face hub offline, and leads its own session: its process group (id = its pid) holds what it starts (hivemind's DHT
-process, p2pd), also once a crash orphans them, so a signal to the group reaches the whole node. A group made with
+process, p2pd), also once a crash orphans them, so a signal to the group reaches the whole node. A child learns
+this launcher's pid (gwtf.lifecycle.PARENT_ENV) and stops itself once the launcher is gone, even SIGKILLed; SIGTERM to
+the launcher stops every child as Ctrl-C does. A group made with
 `own_sessions=False` keeps its children in the caller's session (and so in its scheduling group: with Linux's
 autogroup scheduling the CPU is shared per session, which a throughput measurement must not change) and signals
 each by its own pid only. Every wait here is bounded and gives up (UserError) as soon as a child exits early.
@@ -27,12 +29,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gwtf.errors import UserError
+from gwtf.lifecycle import PARENT_ENV
 
 CLI = ("-m", "gwtf.launch.cli")  # what a child runs unless `entry` says otherwise
 BASE_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -56,18 +61,20 @@ class ProcessGroup:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ok_exits: tuple[int, ...] = NOT_FAILED
     own_sessions: bool = True
+    _sigterm: Any = field(default=None, init=False, repr=False)  # the SIGTERM handler before the first start
 
     # ---- start -------------------------------------------------------------------------------------------------
     def start(
         self, name: str, argv: Sequence[str], *, entry: Sequence[str] = CLI, env: Mapping[str, str] | None = None
     ) -> subprocess.Popen:
         """`python ENTRY ARGV` as `name`, logging to `LOG_DIR/NAME.log` (truncated); `env` adds to the environment."""
+        self._trap_sigterm()
         with open(self.log_dir / f"{name}.log", "w") as out:  # the child holds its own copy
             proc = subprocess.Popen(
                 [sys.executable, *entry, *argv],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **BASE_ENV, **(env or {})},
+                env={**os.environ, **BASE_ENV, PARENT_ENV: str(os.getpid()), **(env or {})},
                 start_new_session=self.own_sessions,
             )
         self.procs[name] = proc
@@ -103,6 +110,18 @@ class ProcessGroup:
         for proc in self.procs.values():  # leftovers of a group (p2pd) after its leader exited
             if self.own_sessions:
                 self._signal(proc, signal.SIGKILL)
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
+    def _trap_sigterm(self) -> None:
+        """SIGTERM to the launcher stops everything as Ctrl-C does: it raises KeyboardInterrupt in the main thread,
+        so the caller's `finally: group.stop_all()` runs (SIGTERM's default would end the launcher alone and leave
+        every node running). Only where the handler is still the default, from the main thread."""
+        if self._sigterm is not None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
 
     def _signal(self, proc: subprocess.Popen, sig: int) -> None:
         if self.own_sessions:
@@ -156,6 +175,10 @@ class ProcessGroup:
             return not waiting
 
         self.wait_until(lambda: f"{text!r} in the logs of {waiting}", ready, timeout, poll_s)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gwtf import lifecycle
+
+    lifecycle.install()  # its DHT client's process and p2pd end with it
     interval = check_watch(getattr(args, "watch", None))
     access = join_access(args.run, getattr(args, "key", None))
     dht = make_dht(args.initial_peers, loopback=not args.public, access=access, client_mode=True)
@@ -112,9 +115,10 @@ def format_status(run: RunRecord, nodes: dict[str, NodeRecord], telemetry: Mappi
     data = sorted((r for r in nodes.values() if r.role == "data"), key=lambda r: r.peer_id)
     why = explain_all(nodes, telemetry)
     step = run_version(nodes, telemetry)
+    total = run.config.get("run", {}).get("train", {}).get("steps") if isinstance(run.config, dict) else None
     lines = [
         f"run {run.run_id}  model hash {run.model_hash}  stages {n_stages}  nodes {len(nodes)}  "
-        f"step {'-' if step is None else step}"
+        f"step {'-' if step is None else step}{'' if total is None else f'/{total}'}{_progress(telemetry)}"
     ]
     header = (
         f"  {'peer':<14} {'status':<8} {'cap':>4} {'held':>4} {'mbatch/s':>9} {'state':>6} {'done':>6} "
@@ -126,7 +130,33 @@ def format_status(run: RunRecord, nodes: dict[str, NodeRecord], telemetry: Mappi
         lines += [f"stage {stage}: {len(replicas)} replica(s), serving capacity {total}", header]
         lines += [_row(r, why[r.peer_id]) for r in replicas] or ["  (none)"]
     lines += [f"data nodes: {len(data)}", header, *(_row(r, why[r.peer_id]) for r in data)]
-    return "\n".join(lines)
+    return "\n".join([*lines, *_addresses(nodes)])
+
+
+def _progress(telemetry: Mapping[str, Any] | None) -> str:
+    """The loss and tokens/s of the newest step any data node published (gwtf.telemetry's history)."""
+    last = [h[-1] for t in (telemetry or {}).values() if isinstance(t, Mapping)
+            if isinstance(h := t.get("history"), list) and h and isinstance(h[-1], Mapping)]  # fmt: skip
+    rows = [r for r in last if isinstance(r.get("loss"), float) and isinstance(r.get("iteration"), int)]
+    if not rows:
+        return ""
+    newest = max(r["iteration"] for r in rows)
+    at = [r for r in rows if r["iteration"] == newest]
+    loss = sum(r["loss"] for r in at) / len(at)
+    tokens = sum(float(r.get("tokens_per_s") or 0.0) for r in at)
+    return f"  loss {loss:.4f} (step {newest})  {tokens:.0f} tok/s"
+
+
+ADDRESSES_SHOWN = 3
+
+
+def _addresses(nodes: dict[str, NodeRecord]) -> list[str]:
+    """Addresses of serving nodes to hand to a new volunteer (--initial-peers): any live peer of the run will do,
+    so the run does not depend on the bootstrap's."""
+    found = [m for r in sorted(nodes.values(), key=lambda r: r.peer_id) if r.status == "serving" for m in r.maddrs[:1]]
+    if not found:
+        return []
+    return ["join through any live node (--initial-peers):", *(f"  {m}" for m in found[:ADDRESSES_SHOWN])]
 
 
 def _row(r: NodeRecord, why: str) -> str:

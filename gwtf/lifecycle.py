@@ -1,0 +1,86 @@
+"""A node's helper processes end with it, whatever ends it, SIGKILL included.
+
+hivemind forks a process for its DHT (multiprocessing, fork), and that process starts the p2pd daemon. A node that
+exits cleanly shuts both down; a SIGKILL runs no cleanup, so they lived on as orphans, holding ports and CPU.
+Linux's PR_SET_PDEATHSIG cannot be set for p2pd from here (asyncio starts it without a preexec hook), so each forked
+child runs a small watchdog thread instead: once its parent process is gone (its parent pid changes), it SIGKILLs the
+processes it started itself (p2pd) and exits. The same watch, on the launcher named by `GWTF_PARENT_PID` (set by
+gwtf.launch.processes), ends a node whose launcher (`gwtf demo`, the harness) was killed without stopping it.
+
+`install()` is called by the node commands (`gwtf bootstrap`, `join`, `status`) before they start a DHT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "GWTF_PARENT_PID"  # the launcher's pid: a node it started ends (SIGTERM to itself) once it is gone
+WATCH_S = 0.5  # how often a watchdog looks at its parent pid
+
+_installed = False
+
+
+def install() -> None:
+    """From now on every process forked from this one ends when this one is gone, with what it started; and this
+    process gets SIGTERM (its clean stop) once the launcher in GWTF_PARENT_PID is gone. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_watch_from_forked_child)
+    launcher = os.environ.pop(PARENT_ENV, None)  # for this process only: what it starts has its own parent
+    if launcher and launcher.isdigit():
+        watch_parent(int(launcher), lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def watch_parent(parent: int, on_gone: Callable[[], None]) -> threading.Thread:
+    """A daemon thread that calls `on_gone()` once this process's parent is no longer `parent` (an orphan is
+    re-parented to init or a subreaper, so its parent pid changes; a pid compared this way cannot be reused)."""
+
+    def run() -> None:
+        stop = threading.Event()
+        while not stop.wait(WATCH_S):
+            if os.getppid() != parent:
+                on_gone()
+                return
+
+    thread = threading.Thread(target=run, name="gwtf-watch-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def _watch_from_forked_child() -> None:
+    """In a freshly forked child (hivemind's DHT process): end, with its own children, once the parent is gone. The
+    node's SIGTERM handler (its clean stop) is the parent's: the child ends on SIGTERM as it would by default."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    watch_parent(os.getppid(), _end_with_children)
+
+
+def _end_with_children() -> None:
+    for pid in children(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(1)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, from /proc (Linux; elsewhere none are found)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        fields = text[text.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        if len(fields) > 1 and fields[1] == str(pid):
+            found.append(int(stat.parent.name))
+    return found

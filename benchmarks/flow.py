@@ -6,8 +6,13 @@ Per seed: a random topology (gwtf.routing.simulator), the optimum (gwtf.routing.
 for --rounds rounds, then 20 % of the relays crash and they run --reconverge-rounds more; the baselines plan the
 same topology. Ratios are against the optimum computed in the same run. Converged = the first round from which
 throughput stays at its final value and total cost within 1 % of its final value.
-iteration_time_vs_swarm: simulated time of --iterations iterations (same microbatches) under churn of 10 % of the
-relays per simulated hour, GWTF over SWARM (below 1 = GWTF faster); --oracle-timing adds the optimum's plan's.
+iteration_time_vs_swarm: simulated time of --iterations iterations (same microbatches, same churn draws) under
+--churn-per-hour (each relay leaves with probability 1 - (1 - rate) ** (t_iter / 3600) per iteration; a newcomer
+takes its place), GWTF over SWARM (below 1 = GWTF faster). SWARM is SWARM's own balancer
+(gwtf.routing.baselines.SwarmRouter): it learns each relay from the forward calls it times in the simulation
+(network + queue + compute), starting from nothing, as SWARM does; `_steady` compares the second half of the
+iterations only, once it has measured the swarm. `_vs_swarm_compute`: against the earlier compute-time-only variant.
+Each figure comes with the mean and a 95 % t-interval over the seeds. --oracle-timing adds the optimum's plan's.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import random
 import statistics
 import time
 
+from gwtf.benchmarks.stats import fmt, mean_ci
 from gwtf.routing.agent import AgentConfig
 from gwtf.routing.base import Plan, Router, SwarmView
-from gwtf.routing.baselines import RoundRobinRouter, SwarmRouter
+from gwtf.routing.baselines import RoundRobinRouter, SwarmComputeRouter, SwarmRouter
 from gwtf.routing.gwtf_router import GWTFRouter
 from gwtf.routing.optimum import OracleRouter, solve_optimum, total_cost, worst_path
 from gwtf.routing.simulator import TopologyConfig, churn, crash, iteration_time, random_topology
@@ -91,28 +97,52 @@ def _reconverge(view: SwarmView, demands: dict[str, int], router: GWTFRouter, se
 
 
 def _churn_timing(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """Same topology, same churn schedule, same microbatches: GWTF's simulated time over SWARM's (and, with
+    """Same topology, same churn draws, same microbatches: GWTF's simulated time over SWARM's (and, with
     --oracle-timing, the optimum's plan's: what the flow objective itself gives)."""
-    times = {}
     gwtf = GWTFRouter(seed, args.rounds, args.reconverge_rounds, cfg=_agent_cfg(args))
-    routers: list[tuple[str, Router]] = [("gwtf", gwtf), ("swarm", SwarmRouter(seed))]
+    routers: list[tuple[str, Router]] = [("gwtf", gwtf), ("swarm", SwarmRouter(seed)),
+                                         ("swarm_compute", SwarmComputeRouter(seed))]  # fmt: skip
     if args.oracle_timing:
         routers.append(("oracle", OracleRouter(seed)))
+    steps, churned = {}, 0
     for name, router in routers:
-        view, demands = random_topology(cfg, seed)
-        rng = random.Random(seed + 2)
-        clock = 0.0
-        for it in range(args.iterations):
-            step = iteration_time(view, router.plan(view, demands), demands)
-            clock += step
-            if math.isinf(step):
-                break
-            view = churn(view, CHURN_PER_HOUR * step / 3600, rng, tag=f"j{it}_")
-        times[name] = clock
-    out = {"iteration_time_vs_swarm": times["gwtf"] / times["swarm"]}
-    if "oracle" in times:
-        out["oracle_iteration_time_vs_swarm"] = times["oracle"] / times["swarm"]
+        steps[name], churned = _timed_iterations(cfg, seed, router, args)
+    half = args.iterations // 2
+    out: dict[str, float] = {"churned_relays": churned}  # the last router's count (the draws differ with t_iter)
+    for name, times in steps.items():
+        out[f"{name}_iteration_s"] = sum(times) / len(times)
+    for name in ("gwtf", "oracle", "swarm_compute"):
+        if name not in steps:
+            continue
+        key = "iteration_time" if name == "gwtf" else f"{name}_iteration_time"
+        out[f"{key}_vs_swarm"] = sum(steps[name]) / sum(steps["swarm"])
+        out[f"{key}_vs_swarm_steady"] = sum(steps[name][half:]) / sum(steps["swarm"][half:])
+    out["iteration_time_vs_swarm_compute"] = sum(steps["gwtf"]) / sum(steps["swarm_compute"])
     return out
+
+
+def _timed_iterations(
+    cfg: TopologyConfig, seed: int, router: Router, args: argparse.Namespace
+) -> tuple[list[float], int]:
+    """Simulated seconds of each iteration, and how many relays churned; the router is told of every forward call
+    it could have timed."""
+    view, demands = random_topology(cfg, seed)
+    rng = random.Random(seed + 2)  # the same churn draws for every router
+    clock = [0.0]
+    if isinstance(router, SwarmRouter):
+        router.clock = lambda: clock[0]  # bans expire in simulated time
+    steps, churned = [], 0
+    for it in range(args.iterations):
+        step = iteration_time(view, router.plan(view, demands), demands, observe=router.observe)
+        steps.append(step)
+        if math.isinf(step):
+            break
+        clock[0] += step
+        p_leave = 1 - (1 - args.churn_per_hour) ** (step / 3600)
+        before = set(view.relays)
+        view = churn(view, p_leave, rng, tag=f"j{it}_")
+        churned += len(before - set(view.relays))
+    return steps, churned
 
 
 def _agent_cfg(args: argparse.Namespace) -> AgentConfig:
@@ -122,6 +152,8 @@ def _agent_cfg(args: argparse.Namespace) -> AgentConfig:
 def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
     def mean(key: str) -> float:
         return statistics.fmean(r[key] for r in rows)
+
+    timing = [k for k in rows[0] if "vs_swarm" in k or k.endswith("_iteration_s")]
 
     def p95(key: str) -> float:
         values = sorted(r[key] for r in rows)
@@ -146,8 +178,10 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
         "swarm_cost_ratio_mean": mean("swarm_cost_ratio"),
         "round_robin_ratio_mean": mean("round_robin_ratio"),
         "round_robin_cost_ratio_mean": mean("round_robin_cost_ratio"),
-        "iteration_time_vs_swarm": mean("iteration_time_vs_swarm"),
-        **({"oracle_iteration_time_vs_swarm": mean("oracle_iteration_time_vs_swarm")} if args.oracle_timing else {}),
+        "iterations": args.iterations,
+        "churn_per_hour": args.churn_per_hour,
+        **{k: mean(k) for k in timing},
+        "intervals": {k: mean_ci([r[k] for r in rows]) for k in timing},
         "sim_rounds_per_s": mean("sim_rounds_per_s"),
         "optimum_s_mean": mean("optimum_s"),
         "runs": rows,
@@ -162,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--reconverge-rounds", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--churn-per-hour", type=float, default=CHURN_PER_HOUR, help="relay churn (0.10 = 10 %%/h)")
     parser.add_argument("--exchange", action="store_true", help="agents also exchange next hops across relays")
     parser.add_argument("--takeover", action="store_true", help="relays hand costly microbatches to peers with room")
     parser.add_argument(
@@ -177,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     summary = summarize(rows, args)
     for key, value in summary.items():
-        if key != "runs":
+        if key not in ("runs", "intervals"):
             print(f"{key:34s} {value:.4g}" if isinstance(value, float) else f"{key:34s} {value}")
+    for key, ci in summary["intervals"].items():
+        print(f"{key:34s} {fmt(ci, 3)}  (mean [95 % t-interval] over seeds)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -3,6 +3,8 @@
     python -m gwtf.benchmarks.recovery --preset debug --stages 6 --failure-rate 10 \
         --strategies checkfree,checkfree+,checkpoint,redundant,copy,random,none --steps 200 --json out.json
     python -m gwtf.benchmarks.recovery --stages 6 --failures-at 60,120:1,170:6 --steps 200     # chosen failures
+    python -m gwtf.benchmarks.recovery --stages 6 --set model.n_layers=12 --set model.d_model=256 \
+        --set model.d_ff=768 --iter-time 0 --failure-rate 10 --seeds 3 --json out.json  # 6 x 2 layers, width 256
 
 Every strategy trains the same model from the same seed on the same batches in this one process (stage 0 plus
 relay stages 1..S, single-process staged training with gwtf.trainer's pieces) and meets the same failures:
@@ -11,23 +13,30 @@ before iteration i the schedule may take every replica of some relay stages; the
 start; `none` never fails). Failures are indexed by executed iterations, so re-done iterations meet failures too.
 
 Failure rate R is in % per stage per MODELLED hour: p_iter = 1 - (1 - R/100) ** (iter_time / 3600) with the
-modelled iteration time `--iter-time` (60 s: the paper's 500M model on geo-distributed GPUs). At realistic rates a
-short run sees few failures; `--failures-at ITER[:STAGE[+STAGE]],...` adds chosen ones (a bare ITER loses one
-seeded middle stage) so that every strategy is compared on the same, informative events.
+modelled iteration time `--iter-time` (60 s: the paper's 500M model on geo-distributed GPUs; 0: this model's own
+measured seconds per iteration in this process). At realistic rates a short run sees few failures;
+`--failures-at ITER[:STAGE[+STAGE]],...` adds chosen ones (a bare ITER loses one seeded middle stage) so that every
+strategy is compared on the same, informative events.
 
 Time is reported two ways. Measured wall time is what this process spent training (evaluation excluded).
 Modelled time is the deployment's: executed iterations x iter_time, plus
   - redundant: its extra forward per iteration (`--redundant-overhead`, 1/3: one more stage forward against a
-    forward + backward of ~3 forwards; the iteration is taken as compute-bound);
+    forward + backward of ~3 forwards; the iteration is taken as compute-bound; 0 models Bamboo's forwards run in
+    pipeline bubbles);
   - every failure but an exact takeover (redundant): the interrupted iteration, re-run (a whole iteration);
-  - state transfers at `--bandwidth-mbps`, with the byte sizes of the modelled deployment (`--modelled-preset`,
-    500m, S stages, fp32): checkfree pulls two neighbours' weights, copy and checkfree+ edges one;
-  - checkpoint: each save sends every stage's weights and Adam moments to one storage peer (its link is shared),
-    each rollback downloads them all again, and every step since the checkpoint is re-done. Its interval defaults
-    to Young's optimum sqrt(2 x save time x MTBF) for the failure rate (`--checkpoint-every N` to fix it).
+  - state transfers at `--bandwidth-mbps`, with the byte sizes of the trained model (or `--modelled-preset`'s,
+    S stages, fp32): checkfree pulls two neighbours' weights, copy and checkfree+ edges one;
+  - checkpoint, as a careful user runs it: every K steps each stage snapshots its own shard (weights + two Adam
+    moments, fp32) to host memory (the only stall: shard / 8 GB/s) and uploads it in the background over its own
+    link to storage at `--storage-mbps`; a save stalls training further only if its upload outlasts the K steps
+    until the next one; a checkpoint can be restored once every shard is uploaded (ceil(upload / iter_time) steps
+    after its snapshot). A loss costs `--restart-s` (fixed: processes restart and rejoin) + every stage loading its
+    own shard in parallel (the largest shard's download) + every step since the checkpoint, re-done. K defaults
+    to Young's optimum sqrt(2 x stall x MTBF), at least the upload's steps (`--checkpoint-every N` to fix it).
 The target loss is the `none` run's validation loss at 80 % of the steps (`--target-loss` to fix it). The
 ratios `vs_checkpoint` and `vs_redundant` are THAT strategy's modelled time to target divided by this one's
-(above 1: this one is faster).
+(above 1: this one is faster). `--seeds N` repeats everything with seeds seed..seed+N-1 (model, data order,
+failures) and reports each figure's mean and 95 % t-interval.
 """
 
 from __future__ import annotations
@@ -37,13 +46,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from gwtf.benchmarks.stats import fmt, mean_ci
 from gwtf.config import load_config
 from gwtf.data import MicrobatchSchedule, PackedData, hash_seed, load_data
 from gwtf.errors import UserError
@@ -63,6 +73,7 @@ from gwtf.trainer import evaluate
 log = logging.getLogger("gwtf.benchmarks.recovery")
 
 NO_FAILURES = "none"
+HOST_COPY_BYTES_S = 8e9  # an asynchronous checkpoint's only stall: its shard's snapshot into host memory
 
 
 @dataclass
@@ -82,7 +93,11 @@ class BenchConfig:
     iter_time_s: float = 60.0
     checkpoint_every: int = 0  # 0: Young's optimum for the failure rate
     bandwidth_mbps: float = 1000.0
-    modelled_preset: str = "500m"
+    storage_mbps: float = 1000.0  # each stage's own link to the checkpoint storage
+    restart_s: float = 30.0  # a restart from a checkpoint: processes start and rejoin (modelled seconds)
+    modelled_preset: str = ""  # "": the byte sizes of the model trained here
+    overrides: list[str] = field(default_factory=list)  # run settings (`model.d_model=256`)
+    seeds: int = 1  # repeats with seeds seed..seed+seeds-1
     redundant_overhead: float = 1.0 / 3.0
     target_loss: float | None = None
     target_fraction: float = 0.8
@@ -95,8 +110,10 @@ class BenchConfig:
         unknown = [s for s in self.strategies if s not in STRATEGIES and s != NO_FAILURES]
         if unknown:
             raise UserError(f"unknown strategies {unknown}; choose from {', '.join([*STRATEGIES, NO_FAILURES])}")
-        if self.steps < 1 or self.eval_every < 1 or self.bandwidth_mbps <= 0:
-            raise UserError("--steps and --eval-every must be >= 1 and --bandwidth-mbps positive")
+        if self.steps < 1 or self.eval_every < 1 or self.bandwidth_mbps <= 0 or self.storage_mbps <= 0:
+            raise UserError("--steps and --eval-every must be >= 1, --bandwidth-mbps and --storage-mbps positive")
+        if self.iter_time_s < 0 or self.restart_s < 0:
+            raise UserError("--iter-time (0: measured) and --restart-s must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,31 +131,57 @@ def stage_params(cfg: ModelConfig, k: int) -> int:
 
 @dataclass
 class CostModel:
+    """The modelled deployment's costs (module docstring), from the byte sizes of the model and the links."""
+
     iter_time_s: float
     relay_weight_bytes: float  # one relay stage's fp32 weights
-    all_state_bytes: float  # every stage's weights + two Adam moments (a checkpoint)
-    bandwidth_bytes_s: float
+    shard_bytes: dict[int, float]  # each stage's checkpoint shard: fp32 weights + two Adam moments
+    bandwidth_bytes_s: float  # between peers: state transfers
+    storage_bytes_s: float  # each stage's own link to the checkpoint storage
+    restart_s: float  # fixed cost of a restart from a checkpoint
 
     @classmethod
-    def build(cls, bench: BenchConfig) -> CostModel:
-        deployed = get_preset(bench.modelled_preset, stages=bench.stages)
-        relay = stage_params(deployed, 1)
-        total = stage_params(deployed, 0) + relay * bench.stages
-        return cls(bench.iter_time_s, 4.0 * relay, 12.0 * total, bench.bandwidth_mbps * 1e6 / 8)
+    def build(cls, bench: BenchConfig, trained: ModelConfig, iter_time_s: float) -> CostModel:
+        deployed = get_preset(bench.modelled_preset, stages=bench.stages) if bench.modelled_preset else trained
+        shards = {k: 12.0 * stage_params(deployed, k) for k in range(deployed.n_stages + 1)}
+        return cls(iter_time_s, shards[1] / 3, shards, bench.bandwidth_mbps * 1e6 / 8, bench.storage_mbps * 1e6 / 8,
+                   bench.restart_s)  # fmt: skip
 
     @property
-    def checkpoint_s(self) -> float:
-        return self.all_state_bytes / self.bandwidth_bytes_s
+    def upload_s(self) -> float:
+        """Every stage uploads its own shard over its own link: the largest shard's time."""
+        return max(self.shard_bytes.values()) / self.storage_bytes_s
+
+    @property
+    def snapshot_s(self) -> float:
+        return max(self.shard_bytes.values()) / HOST_COPY_BYTES_S
+
+    def save_stall_s(self, every: int) -> float:
+        """What one asynchronous save holds training up: the snapshot, and any upload still running when the next
+        save is due."""
+        return self.snapshot_s + max(0.0, self.upload_s - every * self.iter_time_s)
+
+    @property
+    def upload_lag(self) -> int:
+        """Steps after its snapshot until a checkpoint is in storage (and can be restored)."""
+        return math.ceil(self.upload_s / self.iter_time_s) if self.iter_time_s > 0 else 0
+
+    @property
+    def restore_s(self) -> float:
+        """A restart: fixed cost, then every stage loads its own shard in parallel."""
+        return self.restart_s + self.upload_s
 
     def transfer_s(self, relay_stage_weights: float) -> float:
         return relay_stage_weights * self.relay_weight_bytes / self.bandwidth_bytes_s
 
     def young_interval(self, failure_rate_pct: float, n_stages: int) -> int:
-        """Young's checkpoint interval sqrt(2 C M) in iterations, M the mean time between stage losses."""
+        """Young's checkpoint interval sqrt(2 C M) in iterations (C the save's stall, M the mean time between stage
+        losses), and at least the upload's steps (a save due while the last one uploads would queue behind it)."""
         rate = -math.log(1 - failure_rate_pct / 100) * n_stages / 3600 if failure_rate_pct > 0 else 0.0
         if rate <= 0:
-            return 50
-        return max(1, round(math.sqrt(2 * self.checkpoint_s / rate) / self.iter_time_s))
+            return max(50, self.upload_lag)
+        young = round(math.sqrt(2 * self.save_stall_s(self.upload_lag or 1) / rate) / self.iter_time_s)
+        return max(1, young, self.upload_lag)
 
 
 @dataclass
@@ -224,17 +267,32 @@ class Bench:
     def __init__(self, bench: BenchConfig) -> None:
         self.b = bench
         run_cfg = load_config(None, [f"preset={bench.preset}", f"stages={bench.stages}", f"optim.lr={bench.lr}",
-                                     f"data.max_bytes={bench.max_bytes}", f"train.seed={bench.seed}"])  # fmt: skip
+                                     f"data.max_bytes={bench.max_bytes}", f"train.seed={bench.seed}",
+                                     *bench.overrides])  # fmt: skip
         self.cfg = run_cfg.model_config()
         self.optim_cfg = run_cfg.optim
         self.data: PackedData = load_data(run_cfg.data, self.cfg.seq_len)
         self.schedule = MicrobatchSchedule(self.data.train, bench.microbatch_size, bench.microbatches, 1, bench.seed)
+        self.iter_time_s = bench.iter_time_s or self.measure_iteration()
         explicit = FailureSchedule.parse_explicit(bench.failures_at, self.cfg.n_stages, bench.seed)
-        self.failures = FailureSchedule(self.cfg.n_stages, bench.failure_rate / 100, bench.iter_time_s, bench.seed,
+        self.failures = FailureSchedule(self.cfg.n_stages, bench.failure_rate / 100, self.iter_time_s, bench.seed,
                                         explicit)  # fmt: skip
-        self.costs = CostModel.build(bench)
+        self.costs = CostModel.build(bench, self.cfg, self.iter_time_s)
         self.checkpoint_every = bench.checkpoint_every or self.costs.young_interval(bench.failure_rate, bench.stages)
         self.tokens_per_step = bench.microbatch_size * bench.microbatches * self.cfg.seq_len
+
+    def measure_iteration(self, warmup: int = 2, timed: int = 5) -> float:
+        """This model's seconds per training iteration in this process (`--iter-time 0`): CPU time of its one
+        thread (torch.set_num_threads(1)), so that other programs sharing the machine do not count."""
+        from gwtf.models.staged import build_stages
+
+        modules = dict(enumerate(build_stages(self.cfg, self.b.seed)))
+        opts = {k: make_optimizer(m, self.optim_cfg) for k, m in modules.items()}
+        for step in range(warmup + timed):
+            if step == warmup:
+                start = time.process_time()
+            train_step(modules, opts, self.schedule.global_batch(step), self.b.lr, None, {})
+        return (time.process_time() - start) / timed
 
     def make(self, name: str) -> RecoveryStrategy | None:
         if name == NO_FAILURES:
@@ -244,7 +302,7 @@ class Bench:
             options = {"weighting": self.b.checkfree_weighting, "lr_scale": self.b.checkfree_lr_scale,
                        "lr_decay_steps": self.b.checkfree_lr_decay}  # fmt: skip
         elif name == "checkpoint":
-            options = {"every": self.checkpoint_every}
+            options = {"every": self.checkpoint_every, "lag": self.costs.upload_lag}
         elif name == "redundant":
             options = {"extra_forward_fraction": self.b.redundant_overhead}
         strategy = make_strategy(name, **options)
@@ -283,14 +341,15 @@ class Bench:
         run.step += 1
         clock = run.clock
         clock.executed += 1
-        clock.add("iterations", self.b.iter_time_s)
+        clock.add("iterations", self.iter_time_s)
         if run.strategy is not None:
             overhead = run.strategy.extra_forward_fraction
             clock.redundant += overhead
-            clock.add("redundant compute", overhead * self.b.iter_time_s)
+            clock.add("redundant compute", overhead * self.iter_time_s)
             saves = self._saves(run)
             run.strategy.after_step(run.step, run.modules, run.opts)
-            clock.add("checkpoint saves", (self._saves(run) - saves) * self.costs.checkpoint_s)
+            stall = self.costs.save_stall_s(self.checkpoint_every)
+            clock.add("checkpoint save stalls", (self._saves(run) - saves) * stall)
         run.wall_s += time.perf_counter() - start
         if run.step % self.b.eval_every == 0 or run.step == self.b.steps:
             val = self.val(run)
@@ -333,12 +392,12 @@ class Bench:
         exact = all(r.source.startswith("shadow") for r in rebuilt.values())
         if not exact:  # the interrupted iteration's work is lost and it runs again
             clock.wasted += 1
-            clock.add("interrupted iterations", self.b.iter_time_s)
+            clock.add("interrupted iterations", self.iter_time_s)
         if resumed is not None:
             clock.wasted += run.step - resumed
             run.step = resumed
             run.boosts.clear()
-            clock.add("rollback download", self.costs.checkpoint_s)
+            clock.add("restart and parallel shard loads", self.costs.restore_s)
         else:  # stages are rebuilt in parallel: the slowest transfer counts
             clock.add("state transfers", max(self.costs.transfer_s(r.transfer_stages) for r in rebuilt.values()))
 
@@ -416,7 +475,8 @@ def run_bench(bench_cfg: BenchConfig, json_out: str | None = None) -> dict[str, 
     events = bench.failures.events(5 * bench_cfg.steps)
     print(f"p_iter {bench.failures.p_iter:.5f} per stage; failures (iteration: stages) "
           f"{[(i, s) for i, s in events if i < 2 * bench_cfg.steps]}; checkpoint every {bench.checkpoint_every} "
-          f"(save {bench.costs.checkpoint_s:.1f} s modelled)")  # fmt: skip
+          f"(upload {bench.costs.upload_s:.2f} s, stall {bench.costs.save_stall_s(bench.checkpoint_every):.3f} s, "
+          f"restore {bench.costs.restore_s:.1f} s modelled; iteration {bench.iter_time_s:.3f} s)")  # fmt: skip
     runs = []
     for name in names:
         runs.append(bench.run(name))
@@ -429,12 +489,72 @@ def run_bench(bench_cfg: BenchConfig, json_out: str | None = None) -> dict[str, 
     results = summarize(bench, runs, target)
     print_table(results, target)
     out = {"config": asdict(bench_cfg), "target_val_loss": target, "p_iter": bench.failures.p_iter,
-           "checkpoint_every": bench.checkpoint_every, "checkpoint_save_s": bench.costs.checkpoint_s,
+           "checkpoint_every": bench.checkpoint_every, "iter_time_s": bench.iter_time_s,
+           "cost_model": cost_model(bench),
            "failures": events, "time_used_for_ratios": "modelled", "results": results}  # fmt: skip
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(out, indent=1))
     return out
+
+
+def run_seeds(cfg: BenchConfig, json_out: str | None = None) -> dict[str, Any]:
+    """`--seeds N`: the benchmark N times (model, data order and failures seeded each time), one JSON."""
+    if cfg.seeds <= 1:
+        return run_bench(cfg, json_out)
+    outs = []
+    for k in range(cfg.seeds):
+        print(f"== seed {cfg.seed + k}", flush=True)
+        outs.append(run_bench(replace(cfg, seed=cfg.seed + k, seeds=1)))
+    summary = over_seeds(outs)
+    print(f"\nover {cfg.seeds} seeds: mean [95 % t-interval]")
+    for name, s in summary.items():
+        print(f"{name:12} final {fmt(s['final_val_loss'], 4)}  h->target {fmt(s['modelled_h_to_target'], 3)}  "
+              f"x checkpoint {fmt(s['vs_checkpoint'], 2)}  reached {s['reached_target']}/{cfg.seeds}")  # fmt: skip
+    out = {"config": asdict(cfg), "seeds": outs, "summary": summary}
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def cost_model(bench: Bench) -> dict[str, Any]:
+    """The figures the modelled time was built from, for the report."""
+    c = bench.costs
+    return {
+        "iter_time_s": c.iter_time_s,
+        "iter_time_measured": not bench.b.iter_time_s,
+        "shard_bytes": c.shard_bytes,
+        "storage_mbps_per_stage": bench.b.storage_mbps,
+        "bandwidth_mbps": bench.b.bandwidth_mbps,
+        "checkpoint_snapshot_stall_s": c.snapshot_s,
+        "checkpoint_upload_s": c.upload_s,
+        "checkpoint_save_stall_s": c.save_stall_s(bench.checkpoint_every),
+        "checkpoint_upload_lag_steps": c.upload_lag,
+        "restart_fixed_s": c.restart_s,
+        "restore_s": c.restore_s,
+        "redundant_overhead": bench.b.redundant_overhead,
+    }
+
+
+SEED_FIGURES = ("final_val_loss", "mean_val_after_recovery", "modelled_h_to_target", "vs_checkpoint", "vs_redundant")
+
+
+def over_seeds(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """`--seeds N`: each strategy's figures as mean and 95 % t-interval over the seeds, and its validation loss at
+    every evaluated step the same way (equal steps)."""
+    names = list(outs[0]["results"])
+    summary: dict[str, Any] = {}
+    for name in names:
+        runs = [o["results"][name] for o in outs]
+        curves = [dict(r["val_curve"]) for r in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        summary[name] = {
+            **{k: mean_ci([r[k] for r in runs]) for k in SEED_FIGURES},
+            "reached_target": sum(r["target_reached"] for r in runs),
+            "val_at_step": {s: mean_ci([c[s] for c in curves]) for s in steps},
+        }
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,7 +574,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--iter-time", type=float, default=d.iter_time_s, help="modelled seconds per iteration")
     p.add_argument("--checkpoint-every", type=int, default=0, help="iterations (0: Young's optimum)")
     p.add_argument("--bandwidth-mbps", type=float, default=d.bandwidth_mbps)
-    p.add_argument("--modelled-preset", default=d.modelled_preset, help="byte sizes of the modelled deployment")
+    p.add_argument("--storage-mbps", type=float, default=d.storage_mbps, help="each stage's link to checkpoints")
+    p.add_argument("--restart-s", type=float, default=d.restart_s, help="fixed modelled cost of a restart")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run setting: model.d_model=256")
+    p.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1; means and 95 %% intervals")
+    p.add_argument(
+        "--modelled-preset", default=d.modelled_preset, help="byte sizes of another preset (default: this model)"
+    )
     p.add_argument("--redundant-overhead", type=float, default=d.redundant_overhead)
     p.add_argument("--target-loss", type=float)
     p.add_argument("--microbatch-size", type=int, default=d.microbatch_size)
@@ -471,6 +597,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
                       microbatches=a.microbatches, lr=a.lr, eval_every=a.eval_every, val_batches=a.val_batches,
                       failure_rate=a.failure_rate, failures_at=a.failures_at, iter_time_s=a.iter_time,
                       checkpoint_every=a.checkpoint_every, bandwidth_mbps=a.bandwidth_mbps,
+                      storage_mbps=a.storage_mbps, restart_s=a.restart_s, overrides=a.set, seeds=a.seeds,
                       modelled_preset=a.modelled_preset, redundant_overhead=a.redundant_overhead,
                       target_loss=a.target_loss, checkfree_weighting=a.weighting, checkfree_lr_scale=a.lr_boost,
                       checkfree_lr_decay=a.lr_boost_decay,
@@ -483,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         cfg, json_out = parse_args(argv)
-        run_bench(cfg, json_out)
+        run_seeds(cfg, json_out)
     except UserError as exc:
         print(f"error: {exc}")
         return 2

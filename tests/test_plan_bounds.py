@@ -37,3 +37,19 @@ def test_capacity_override_gives_slack():
     assert all(r.capacity == 8 for r in slack.view.relays.values())
     # more room can only lower the bound (the stage part takes the best split)
     assert lower_bound(slack)["lower_bound"] <= lower_bound(tight)["lower_bound"]
+
+
+def test_geo_wide_gives_routing_a_choice():
+    sc = load_scenario("benchmarks/scenarios/geo-wide.toml")
+    problem = scenario_problem(sc)
+    relays = problem.view.relays.values()
+    assert 20 <= len(relays) <= 24 and len({r.region for r in relays} | {sc.data_region}) == 10
+    speeds = [n.speed for n in sc.nodes]
+    assert max(speeds) / min(speeds) >= 4 and {r.capacity for r in relays} <= {1, 2, 3, 4}
+    micro = sum(problem.demands.values())
+    assert all(sum(problem.view.relays[r].capacity for r in reps) >= 1.5 * micro for reps in problem.stages)
+    bound = lower_bound(problem)["lower_bound"]
+    plans = [make_router(name, 0).plan(problem.view, problem.demands) for name in ROUTERS]
+    for plan in plans:
+        _check_plan(problem, plan)
+    assert all(problem.time(plan) >= bound for plan in plans)

@@ -135,6 +135,26 @@ def test_checkpoint_rollback_restores_exact_weights_and_optimizer_state():
     assert all(torch.equal(restored[i]["exp_avg"], saved_moments[i]["exp_avg"]) for i in saved_moments)
 
 
+def test_an_asynchronous_checkpoint_counts_only_once_its_upload_has_finished():
+    torch.manual_seed(0)
+    modules = {k: nn.Linear(2, 2) for k in range(2)}
+    opts = {k: make_optimizer(m, OptimConfig()) for k, m in modules.items()}
+    strategy = make_strategy("checkpoint", every=2, lag=3)
+    strategy.after_step(0, modules, opts)  # the initial state: in storage before training starts
+    assert strategy.store is not None and strategy.store.latest().step == 0
+    for step in range(1, 6):
+        _sgd_steps(modules, opts, 1)
+        strategy.after_step(step, modules, opts)
+        # the snapshot of step 2 is uploading during steps 3-4, and counts from step 5
+        assert strategy.store.latest().step == (2 if step >= 5 else 0)
+    _sgd_steps(modules, opts, 1)
+    strategy.after_step(6, modules, opts)  # snapshot 4 uploads until step 7 ...
+    assert strategy.rollback(modules, opts) == 2  # ... so a loss at step 6 goes back to step 2
+    strategy.after_step(3, modules, opts)
+    strategy.after_step(7, modules, opts)
+    assert strategy.store.latest().step == 2  # the upload of snapshot 4 died with the rolled-back run
+
+
 def test_checkpoint_store_needs_a_complete_checkpoint():
     store = CheckpointStore(every=5, stage_ids=[0, 1])
     assert store.due(10) and not store.due(7) and store.latest() is None
@@ -153,6 +173,9 @@ def test_redundant_takes_over_exactly():
     assert not taken.fresh_optimizer and taken.optimizer_state is not None and strategy.extra_forward_fraction > 0
     orphan = strategy.rebuild(2, {3: modules[3]}, {}, CFG, seed=0)  # its holder, stage 1, died too
     assert "shadow lost" in orphan.source
+    # stage 1's shadow lives on stage 2, as in the live swarm (gwtf.recovery.redundant.shadow_holder_stage)
+    assert strategy.rebuild(1, {2: modules[2], 3: modules[3]}, {}, CFG, seed=0).source == "shadow@2"
+    assert "shadow lost" in strategy.rebuild(1, {3: modules[3]}, {}, CFG, seed=0).source
 
 
 def test_failure_probability_conversion():
@@ -237,3 +260,19 @@ def test_tiny_training_checkfree_rebuild_beats_copying_a_neighbour():
     identity on the residual stream, i.e. to skipping the layer; see the benchmark notes in gwtf/recovery/.)"""
     gaps = [_rebuild_gap(seed) for seed in REBUILD_SEEDS]
     assert sum(gaps) / len(gaps) > REBUILD_MARGIN, f"copy - checkfree per seed {REBUILD_SEEDS}: {gaps}"
+
+
+def test_the_fair_checkpoint_cost_model_saves_in_the_background_and_restores_in_parallel():
+    from gwtf.benchmarks.recovery import HOST_COPY_BYTES_S, CostModel
+
+    shards = {0: 300e6, 1: 100e6, 2: 100e6}  # stage 0 holds the embedding and the head
+    c = CostModel(iter_time_s=10.0, relay_weight_bytes=100e6 / 3, shard_bytes=shards, bandwidth_bytes_s=50e6,
+                  storage_bytes_s=10e6, restart_s=30.0)  # fmt: skip
+    assert c.upload_s == 30.0  # every stage over its own link: the largest shard, not the sum
+    assert c.snapshot_s == pytest.approx(300e6 / HOST_COPY_BYTES_S)
+    assert c.upload_lag == 3  # restorable 3 steps after its snapshot
+    assert c.save_stall_s(every=5) == pytest.approx(c.snapshot_s)  # the upload hides behind 5 steps of training
+    assert c.save_stall_s(every=2) == pytest.approx(c.snapshot_s + 10.0)  # ... but not behind 2
+    assert c.restore_s == 60.0  # fixed restart + the parallel loads
+    assert c.young_interval(10.0, 6) >= c.upload_lag
+    assert c.transfer_s(2.0) == pytest.approx(2 * (100e6 / 3) / 50e6)

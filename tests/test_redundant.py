@@ -63,6 +63,39 @@ def test_a_shadow_forward_computes_only_where_fed_keeps_no_graph_and_is_counted(
     assert x.grad is None and fed.version == 0 and fed.stage == 2
 
 
+class BusyRelay:
+    """What the redundant forwards use of a relay: its compute thread (inline here), its closed flag and the
+    forwards of its own waiting for that thread."""
+
+    def __init__(self) -> None:
+        self.incoming: set = {("data", 0, 0)}  # one forward of its own waits
+        self.closed = False
+
+    async def compute(self, fn, *args):
+        return fn(*args)
+
+    def task_done(self, task) -> None:
+        assert task.cancelled() or task.exception() is None
+
+
+def test_redundant_forwards_wait_for_a_bubble_in_the_relays_own_work():
+    from gwtf.recovery.redundant import RedundantRecovery
+
+    async def main():
+        strategy, relay = RedundantRecovery(), BusyRelay()
+        strategy.shadows = {2: shadow_of(True)}
+        for _ in range(3):
+            strategy.on_forward(relay, torch.randn(2, 3, 4))
+        await asyncio.sleep(0.05)
+        assert strategy.shadows[2].forwards == 0 and len(strategy.backlog) == 3  # its own forward goes first
+        relay.incoming.clear()  # a bubble
+        await asyncio.wait_for(strategy.drainer, timeout=5)
+        assert strategy.shadows[2].forwards == 3 and not strategy.backlog
+        strategy.close()
+
+    asyncio.run(main())
+
+
 def test_the_harness_reads_the_cost_line_the_relays_log(tmp_path):
     a, b = shadow_of(True), shadow_of(False)
     a.fetched_bytes, a.forwards, a.forward_s, b.fetched_bytes = 1000, 3, 0.25, 500

@@ -5,6 +5,8 @@
     python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --json runs/local.json \
         --tensorboard runs/tb          # then: tensorboard --logdir runs/tb (one run per variant)
     python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/local.toml --dashboard   # watch it: URL printed
+    python -m gwtf.benchmarks.churn --scenario benchmarks/scenarios/geo-wide.toml --compare router=gwtf,swarm \
+        --repeats 3 --json docs/results/geo-wide.json   # every ratio with its mean and 95 % interval
 
 Every node is a `gwtf` process (bootstrap, relays, data nodes; hivemind DHT + P2P on loopback). With a region a
 node's transport emulates that region's links (gwtf.transport.LinkEmulator, real time). A node's compute speed is
@@ -19,6 +21,9 @@ chosen among the live relays by a draw seeded with the event's index; a replacem
 region, speed and capacity joins `rejoin_after_s` modelled seconds later and picks its stage itself. An explicit
 `[[trace]]` adds crashes and joins at chosen modelled times. With `--compare`, every variant runs the same
 scenario, seed, data and event times, one after the other; the victims are the same as long as the live sets are.
+With `--repeats N` all of that runs N times, repeat r with seed = the scenario's seed + r (data order, model
+initialisation and crash times; the same seed for every variant of a repeat), and the report adds each ratio's
+mean and 95 % t-interval over the repeats whose runs are valid (finished, no microbatch lost, no process left).
 
 Everything the harness started is killed by process group at the end, also on Ctrl-C or SIGTERM.
 """
@@ -26,6 +31,7 @@ Everything the harness started is killed by process group at the end, also on Ct
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -54,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", default=None, help="write PNG plots into this folder")
     parser.add_argument("--logs", default="runs/churn", help="node logs and metrics, one folder per run")
     parser.add_argument("--steps", type=int, default=None, help="override the scenario's steps")
+    parser.add_argument("--repeats", type=int, default=1, help="run every variant N times, seeds seed..seed+N-1")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="TensorBoard scalars, one run per variant: DIR/<scenario>/<variant>")  # fmt: skip
     parser.add_argument("--dashboard", type=int, nargs="?", const=DEFAULT_PORT, default=None, metavar="PORT",
                         help=f"serve each gwtf variant's live dashboard on 127.0.0.1:PORT (default {DEFAULT_PORT}; "
                         "0: any free port) and print its URL")  # fmt: skip
     args = parser.parse_args(argv)
-    from gwtf.benchmarks.harness.report import build_report, print_summary, write_plots
+    from gwtf.benchmarks.harness.report import build_report, print_repeats, print_summary, repeat_summary, write_plots
 
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the harness stops its children like Ctrl-C does
     try:
@@ -70,14 +77,24 @@ def main(argv: list[str] | None = None) -> int:
         board = check_logdir(args.tensorboard) if args.tensorboard is not None else None
         if args.dashboard is not None:
             check_port_flag(args.dashboard)
-        results = run_scenario(sc, args.compare, Path(args.logs), tensorboard=board, dashboard=args.dashboard)
-        report = build_report(sc, results)
+        if args.repeats < 1:
+            raise UserError(f"--repeats {args.repeats}: need at least 1")
+        results, reports = [], []
+        for r in range(args.repeats):
+            rep = dataclasses.replace(sc, seed=sc.seed + r)
+            logs = Path(args.logs) / f"repeat-{r}" if args.repeats > 1 else Path(args.logs)
+            out = run_scenario(rep, args.compare, logs, tensorboard=board, dashboard=args.dashboard)
+            results += out
+            reports.append(build_report(rep, out))
+            print_summary(reports[-1])
+        report = reports[0] if args.repeats == 1 else {"repeats": repeat_summary(reports), "reports": reports}
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
         if args.plots:
-            write_plots(report, Path(args.plots))
-        print_summary(report)
+            write_plots(reports[0], Path(args.plots))  # the first repeat's runs, as they happened
+        if args.repeats > 1:
+            print_repeats(report["repeats"])
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -268,6 +268,8 @@ class DeepSpeedRun:
             self._kill_job()
         rows = iterations(metrics)
         t0 = t0 if t0 is not None else t_start
+        for r in self.restarts:  # when each restart began, for the report's fixed-cost scaling (harness.report)
+            self.done_events.append({"t": round(r["t_unix"] - t0, 3), "action": "restart", "attempt": r["attempt"]})
         return RunResult(
             variant=self.variant, scenario=self.sc.name, rows=_mark_rollbacks(rows, t0), other_rows=[],
             events=self.done_events, t0=t0, wall_s=time.time() - t_start, done=done, failed=[],

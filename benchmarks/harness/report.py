@@ -1,12 +1,23 @@
 """The churn benchmark's report: JSON figures per run, ratios between compared runs, and PNG plots.
 
     report = build_report(scenario, results)      # harness.results.RunResult list -> JSON-able dict
+    summary = repeat_summary([report, ...])        # `--repeats N`: every ratio's mean and 95 % t-interval
     write_plots(report, Path("docs/plots"))        # <scenario>-loss.png, -throughput.png, -live.png
 
 Definitions (all times are wall seconds after the first iteration started):
-- throughput: the run's tokens (every data node's microbatches; a step DeepSpeed redid after a rollback counts once) per
-  second over the whole run; per iteration,
-  tokens of the iteration / its seconds.
+- useful_tokens_per_s: the tokens of the steps that count (every data node's microbatches; a step DeepSpeed redid
+  after a rollback counts once) over the run's wall time: what a user gets.
+- raw_tokens_per_s: the tokens of every iteration run, redone ones too, over the run's wall time: what the machines
+  processed. The two differ only for a system that rolls back. Per iteration (the plots): tokens of the iteration /
+  its seconds.
+- valid: the run finished every step, lost no microbatch and left no process behind; an invalid run is reported
+  (with its reasons) and left out of every ratio.
+- live relays per stage (the plots): the harness's own record of when each relay started serving and when it killed
+  it, not the DHT records (a killed relay's record outlives it by its TTL).
+- restarts_scaled: a DeepSpeed restart's fixed cost (from the restart's start to its first iteration's start:
+  processes, DeepSpeed's init, the checkpoint load) is real wall time, which time_scale would otherwise turn into
+  minutes of modelled time. `time_to_target_s_restarts_scaled` and `useful_tokens_per_s_restarts_scaled` count each
+  such gap as gap / time_scale, like everything modelled; the waits for a machine (a modelled rejoin) stay.
 - time to target: end of the first step whose training loss, averaged over the last `LOSS_WINDOW` steps, is at or
   below the scenario's target (the data node's training loss; the runtime does not log validation loss).
 - time to full throughput after a crash: from the crash to the start of the first iteration ending after it that
@@ -21,6 +32,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 from typing import Any
+
+from gwtf.benchmarks.stats import fmt, mean_ci
 
 LOSS_WINDOW = 5
 RECOVERY_WINDOW = 3
@@ -63,10 +76,27 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
     useful = sum(1 for row in rows if not row.get("rolled_back"))  # steps that count (a rollback redoes some)
     crashes = [e for e in r.events if "victims" in e]
     extra = {"redundancy": _redundancy(sc, r.redundancy, len(rows), totals)} if getattr(r, "redundancy", None) else {}
+    timeline = getattr(r, "timeline", None)
+    if timeline:
+        extra["live_harness"] = live_from_timeline(timeline, sc.stages, elapsed or 0.0)
+    invalid = invalid_reasons(r, totals, useful, sc.steps)
+    restarts = restart_gaps(rows, r.events)
+    if restarts:
+        shrink = 1 - 1 / sc.time_scale
+        scaled = time_to_target([{**row, "t": row["t"] - shrink * _gaps_before(restarts, row["t"])} for row in rows],
+                                 sc.target_loss)  # fmt: skip
+        end = elapsed - shrink * _gaps_before(restarts, elapsed) if elapsed else None
+        extra["restarts_scaled"] = {
+            "fixed_s": [g for _, g in restarts],
+            "time_to_target_s_restarts_scaled": scaled,
+            "useful_tokens_per_s_restarts_scaled": r.tokens_per_iteration * useful / end if end else None,
+        }
     return {
         "variant": r.variant,
         "label": label(r.variant),
         "done": r.done,
+        "valid": not invalid,
+        "invalid_reasons": invalid,
         "steps": len(rows),
         "wall_s": round(r.wall_s, 2),
         "elapsed_s": elapsed,
@@ -74,7 +104,8 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
         "leftover_pids": r.leftover_pids,
         "log_dir": r.log_dir,
         "time_per_iteration_s": _stats([row["seconds"] for row in rows]),
-        "tokens_per_s": r.tokens_per_iteration * useful / elapsed if elapsed else None,
+        "useful_tokens_per_s": r.tokens_per_iteration * useful / elapsed if elapsed else None,
+        "raw_tokens_per_s": r.tokens_per_iteration * len(rows) / elapsed if elapsed else None,
         "microbatches": totals,
         "wasted_compute_s_upper_bound": (totals["rerouted"] + totals["partial"] + totals["rolled_back"])
         * sc.stages
@@ -95,6 +126,54 @@ def run_report(sc: Any, r: Any) -> dict[str, Any]:
         },
         **extra,
     }
+
+
+def restart_gaps(rows: list[dict], events: list[dict]) -> list[tuple[float, float]]:
+    """(restart time, fixed cost) of each restart event: until its attempt's first iteration started."""
+    gaps = []
+    for ev in events:
+        if ev.get("action") != "restart":
+            continue
+        first = next((row for row in rows if row.get("attempt") == ev["attempt"]), None)
+        if first is not None:
+            gaps.append((ev["t"], max(0.0, first["t"] - first["seconds"] - ev["t"])))
+    return gaps
+
+
+def _gaps_before(gaps: list[tuple[float, float]], t: float) -> float:
+    return sum(g for start, g in gaps if start + g <= t)
+
+
+def invalid_reasons(r: Any, totals: dict[str, int], useful_steps: int, steps: int) -> list[str]:
+    """Why a run cannot stand in a comparison (none: it can)."""
+    reasons = []
+    if not r.done or useful_steps < steps:
+        reasons.append(f"did not finish ({useful_steps} of {steps} steps)")
+    if totals["lost"]:
+        reasons.append(f"lost {totals['lost']} microbatch(es)")
+    if r.leftover_pids:
+        reasons.append(f"left {len(r.leftover_pids)} process(es) behind")
+    return reasons
+
+
+def live_from_timeline(timeline: list[dict], stages: int, end_s: float) -> dict[str, list]:
+    """Live relays per stage as a step function of wall time, from the harness's own start/kill records."""
+    counts = [0] * stages
+    ts, per_stage = [], []
+    for ev in sorted(timeline, key=lambda e: e["t"]):
+        stage = ev.get("stage")
+        if stage is None or not 1 <= stage <= stages:
+            continue
+        counts[stage - 1] += ev["delta"]
+        if ts and ts[-1] == ev["t"]:
+            per_stage[-1] = list(counts)
+        else:
+            ts.append(ev["t"])
+            per_stage.append(list(counts))
+    if ts and end_s > ts[-1]:
+        ts.append(round(end_s, 3))
+        per_stage.append(list(counts))
+    return {"t": ts, "per_stage": per_stage}
 
 
 def _redundancy(sc: Any, cost: dict[str, float], steps: int, totals: dict[str, int]) -> dict[str, Any]:
@@ -147,22 +226,70 @@ def to_full_throughput(rows: list[dict], per_iter: list[float], t_crash: float) 
     return None
 
 
+RATIOS = ("time_to_target", "useful_throughput", "raw_throughput", "time_per_iteration")
+FIGURES = ("time_to_target_s", "useful_tokens_per_s", "raw_tokens_per_s")  # a run's, summarised over repeats
+
+
 def ratios(runs: list[dict]) -> list[dict[str, Any]]:
-    """The first run against each other one: a / b for time to target, throughput and time per iteration."""
+    """The first run against each other one: a / b for time to target, useful and raw throughput and time per
+    iteration. A pair with an invalid run gets no figures, only the reason."""
     out = []
     for b in runs[1:]:
         a = runs[0]
+        pair: dict[str, Any] = {"a": a["label"], "b": b["label"]}
+        invalid = [f"{r['label']}: {why}" for r in (a, b) for why in r.get("invalid_reasons", [])]
+        if invalid:
+            out.append({**pair, **dict.fromkeys(RATIOS), "invalid": invalid})
+            continue
         tpi = (a["time_per_iteration_s"] or {}).get("mean"), (b["time_per_iteration_s"] or {}).get("mean")
         out.append(
             {
-                "a": a["label"],
-                "b": b["label"],
+                **pair,
                 "time_to_target": _ratio(a["time_to_target_s"], b["time_to_target_s"]),
-                "throughput": _ratio(a["tokens_per_s"], b["tokens_per_s"]),
+                "useful_throughput": _ratio(a["useful_tokens_per_s"], b["useful_tokens_per_s"]),
+                "raw_throughput": _ratio(a["raw_tokens_per_s"], b["raw_tokens_per_s"]),
                 "time_per_iteration": _ratio(*tpi),
             }
         )
+        if "restarts_scaled" in a or "restarts_scaled" in b:
+            ttt = [r.get("restarts_scaled", {}).get("time_to_target_s_restarts_scaled", r["time_to_target_s"])
+                   for r in (a, b)]  # fmt: skip
+            out[-1]["time_to_target_restarts_scaled"] = _ratio(*ttt)
     return out
+
+
+def repeat_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """`--repeats N`: each ratio's mean and 95 % t-interval over the repeats whose two runs are valid, and each
+    variant's figures the same way; the invalid runs listed with their reasons."""
+    pairs: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for rep in reports:
+        for r in rep["ratios"]:
+            figures = pairs.setdefault((r["a"], r["b"]), {k: [] for k in RATIOS})
+            for k in RATIOS:
+                if r.get(k) is not None:
+                    figures[k].append(r[k])
+    per_variant: dict[str, dict[str, list[float]]] = {}
+    for rep in reports:
+        for run in rep["runs"]:
+            if run["valid"]:
+                figs = per_variant.setdefault(run["label"], {k: [] for k in (*FIGURES, "s_per_iteration")})
+                for k in FIGURES:
+                    if run[k] is not None:
+                        figs[k].append(run[k])
+                if run["time_per_iteration_s"]:
+                    figs["s_per_iteration"].append(run["time_per_iteration_s"]["mean"])
+    return {
+        "repeats": len(reports),
+        "seeds": [rep["settings"]["seed"] for rep in reports],
+        "ratios": [{"a": a, "b": b, **{k: mean_ci(v) for k, v in figs.items()}} for (a, b), figs in pairs.items()],
+        "variants": {name: {k: mean_ci(v) for k, v in figs.items()} for name, figs in per_variant.items()},
+        "invalid_runs": [
+            {"seed": rep["settings"]["seed"], "label": run["label"], "reasons": run["invalid_reasons"]}
+            for rep in reports
+            for run in rep["runs"]
+            if not run["valid"]
+        ],  # fmt: skip
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -176,18 +303,24 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def print_summary(report: dict[str, Any]) -> None:
     target = report["settings"]["target_loss"]
     print(f"\n{report['scenario']}: target loss {target}")
-    print(f"{'run':28s} {'steps':>5s} {'s/iter':>7s} {'tok/s':>8s} {'to target':>9s} {'final':>6s} "
-          f"{'crashes':>7s} {'rerouted':>8s} {'lost':>4s} {'to full tput (s)':>18s}")  # fmt: skip
+    print(f"{'run':28s} {'steps':>5s} {'s/iter':>7s} {'useful/s':>8s} {'raw tok/s':>9s} {'to target':>9s} "
+          f"{'final':>6s} {'crashes':>7s} {'rerouted':>8s} {'lost':>4s} {'to full tput (s)':>18s}")  # fmt: skip
     for run in report["runs"]:
         tpi = (run["time_per_iteration_s"] or {}).get("mean")
         recov = [c["to_full_throughput_s"] for c in run["crashes"]]
-        print(f"{run['label']:28s} {run['steps']:5d} {_fmt(tpi, 7, 3)} {_fmt(run['tokens_per_s'], 8, 0)} "
+        print(f"{run['label']:28s} {run['steps']:5d} {_fmt(tpi, 7, 3)} {_fmt(run['useful_tokens_per_s'], 8, 0)} "
+              f"{_fmt(run['raw_tokens_per_s'], 9, 0)} "
               f"{_fmt(run['time_to_target_s'], 9, 1)} {_fmt(run['final_loss'], 6, 3)} {len(run['crashes']):7d} "
               f"{run['microbatches']['rerouted']:8d} {run['microbatches']['lost']:4d} "
-              f"{' '.join('-' if v is None else f'{v:.0f}' for v in recov):>18s}")  # fmt: skip
+              f"{' '.join('-' if v is None else f'{v:.0f}' for v in recov):>18s}"
+              f"{'' if run['valid'] else '  INVALID: ' + '; '.join(run['invalid_reasons'])}")  # fmt: skip
     for r in report["ratios"]:
-        print(f"{r['a']} / {r['b']}: time to target {r['time_to_target']}, throughput {r['throughput']}, "
-              f"time per iteration {r['time_per_iteration']}")  # fmt: skip
+        if r.get("invalid"):
+            print(f"{r['a']} / {r['b']}: no ratio ({'; '.join(r['invalid'])})")
+            continue
+        print(f"{r['a']} / {r['b']}: time to target {r['time_to_target']}, useful throughput "
+              f"{r['useful_throughput']}, raw throughput {r['raw_throughput']}, time per iteration "
+              f"{r['time_per_iteration']}")  # fmt: skip
     for run in report["runs"]:
         red = run.get("redundancy")
         if red:
@@ -197,6 +330,14 @@ def print_summary(report: dict[str, Any]) -> None:
                   f"{int(red['redundant_forwards'])} redundant forwards in {red['redundant_forward_s']:.1f} s "
                   f"({red['redundant_forward_s_per_step']:.2f} s/step"
                   f"{'' if share is None else f', {share:.2f} x the emulated regular compute'})")  # fmt: skip
+
+
+def print_repeats(summary: dict[str, Any]) -> None:
+    print(f"\nover {summary['repeats']} repeats (seeds {summary['seeds']}); mean [95 % t-interval] (n valid pairs)")
+    for r in summary["ratios"]:
+        print(f"{r['a']} / {r['b']}: " + ", ".join(f"{k} {fmt(r[k], 3)}" for k in RATIOS))
+    for run in summary["invalid_runs"]:
+        print(f"invalid (left out): seed {run['seed']} {run['label']}: {'; '.join(run['reasons'])}")
 
 
 def _fmt(v: float | None, width: int, digits: int) -> str:
@@ -255,11 +396,15 @@ def _plot_live(plt: Any, report: dict, path: Path) -> Path:
     runs = report["runs"]
     fig, axes = plt.subplots(len(runs), 1, figsize=(7, 1.2 + 1.8 * len(runs)), dpi=80, sharex=True, squeeze=False)
     for ax, run in zip(axes[:, 0], runs, strict=True):
-        live = run["series"]["live_per_stage"]
+        # the harness's own kill/serve times; a run without them (DeepSpeed) plots its ranks' own count
+        harness = run.get("live_harness")
+        t, live = (
+            (harness["t"], harness["per_stage"]) if harness else (run["series"]["t"], run["series"]["live_per_stage"])
+        )
         for k in range(report["settings"]["stages"]):
-            ax.step(run["series"]["t"], [row[k] for row in live], where="post", label=f"stage {k + 1}")
+            ax.step(t, [row[k] for row in live], where="post", label=f"stage {k + 1}")
         _mark_crashes(ax, run, "black")
-        ax.set(ylabel="live relays", title=run["label"])
+        ax.set(ylabel="live relays", title=run["label"] + ("" if harness else " (its own count)"))
         ax.legend(fontsize=6, loc="lower left", ncol=4)
     axes[-1, 0].set_xlabel("wall clock (s)")
     return _save(plt, fig, path)

@@ -3,7 +3,7 @@ both read a data node's metrics file while it is written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gwtf.launch.processes import read_jsonl
@@ -24,6 +24,8 @@ class RunResult:
     tokens_per_iteration: int
     log_dir: str
     redundancy: dict[str, float] | None = None  # recovery="redundant": the extra work the shadows cost (all relays)
+    # the harness's own record of relays serving and killed: {"t", "node", "stage", "delta": +1 | -1}, in order
+    timeline: list[dict] = field(default_factory=list)
 
 
 def iterations(path: Path) -> list[dict]:

@@ -60,6 +60,8 @@ class SwarmRun:
         self.done_events: list[dict] = []
         self.joiners = 0
         self.recovery = recovery_of(sc, variant)
+        self.t0: float | None = None  # unix time of the first iteration's start, once known
+        self.timeline: list[dict] = []  # relays starting to serve (+1) and killed (-1), as the harness saw them
 
     # ---- start -------------------------------------------------------------------------------------------------
     def start(self) -> list[str]:
@@ -132,6 +134,12 @@ class SwarmRun:
             if r.alive and not r.serving:
                 match = SERVING.search(self.group.log_text(r.name))
                 r.serving, r.stage = (True, int(match.group(1))) if match else (False, r.stage)
+                if r.serving:
+                    self.timeline.append({"t": self._now(), "node": r.name, "stage": r.stage, "delta": 1})
+
+    def _now(self) -> float:
+        """Wall seconds after the first iteration started (0 before it)."""
+        return round(max(0.0, time.time() - self.t0), 3) if self.t0 is not None else 0.0
 
     def _do_crash(self, ev: Event, join: list[str]) -> dict:
         by_stage = self._serving()
@@ -157,6 +165,8 @@ class SwarmRun:
         for name in victims:
             self.group.kill(name)
             self.relays[name].alive = False
+            if self.relays[name].serving:  # the plots count it gone now, not when its DHT record expires
+                self.timeline.append({"t": self._now(), "node": name, "stage": self.relays[name].stage, "delta": -1})
         stage = self.relays[victims[0]].stage
         if self.sc.churn.rejoin_after_s is not None and ev.origin == "rate":
             for name in victims:
@@ -185,7 +195,7 @@ class SwarmRun:
         t0, done = t_start, False
         try:
             join = self.start()
-            t0 = self._wait_first_iteration()
+            t0 = self.t0 = self._wait_first_iteration()
             done = self._monitor(t0, join)
         except UserError as exc:  # this variant failed (a node exited early...): a result, the others still run
             print(f"  !! {exc}", flush=True)
@@ -200,7 +210,7 @@ class SwarmRun:
             variant=self.variant, scenario=self.sc.name, rows=rows[0], other_rows=rows[1:],
             events=self.done_events, t0=t0, wall_s=time.time() - t_start, done=done, failed=self.group.failed(),
             leftover_pids=leftover, tokens_per_iteration=tokens_per_iteration(self.sc), log_dir=str(self.log_dir),
-            redundancy=redundancy,
+            redundancy=redundancy, timeline=self.timeline,
         )  # fmt: skip
 
     def _wait_first_iteration(self) -> float:
@@ -212,6 +222,7 @@ class SwarmRun:
         shown, deadline = 0, time.monotonic() + self.sc.timeout_s
         while time.monotonic() < deadline:
             self.fire_due(time.time() - t0, join)
+            self._learn_stages()  # joiners that started serving, when they did
             rows = iterations(self._metrics(0))
             for row in rows[shown:]:
                 self._progress(row, t0)

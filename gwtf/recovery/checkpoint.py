@@ -1,4 +1,8 @@
-"""Checkpoint restart: every stage's state to a storage peer every K steps, the whole model rolled back on a loss.
+"""Checkpoint restart as a careful user runs it: every K steps each stage snapshots its own shard (weights + Adam
+moments) and uploads it to storage in the background while training goes on; a checkpoint can be restored only once
+every stage's upload has finished (`lag` steps later); a loss rolls the whole model back to the last such one, every
+stage loading its own shard in parallel. What the saves and restores cost in time is the benchmark's cost model
+(gwtf.benchmarks.recovery.CostModel); here is what state is restored.
 
 The one-process simulation only (`live = False`): no volunteer stores checkpoints in a live swarm here; checkpoint
 restart is measured live as DeepSpeed's."""
@@ -30,17 +34,19 @@ class Checkpoint:
 class CheckpointStore:
     """A storage peer: every `every` steps each stage sends it its weights and optimizer state.
 
-    A checkpoint is complete when every stage of the model has sent its state for the same step; a loss rolls the
-    whole model back to the last complete one (a half-written newer one is useless: the stages would disagree).
+    A checkpoint is complete when every stage of the model has sent its state for the same step and, with an
+    asynchronous upload (`lag` > 0), `lag` more steps have run (the shards are in storage only then); a loss rolls
+    the whole model back to the last complete one (a half-written newer one is useless: the stages would disagree).
     """
 
-    def __init__(self, every: int, stage_ids: list[int]) -> None:
-        if every < 1:
-            raise UserError(f"checkpoint interval must be >= 1 iteration, got {every}")
-        self.every = every
+    def __init__(self, every: int, stage_ids: list[int], lag: int = 0) -> None:
+        if every < 1 or lag < 0:
+            raise UserError(f"checkpoint interval must be >= 1 iteration and its upload lag >= 0, got {every}, {lag}")
+        self.every, self.lag = every, lag
         self.stage_ids = sorted(stage_ids)
-        self.saves = 0  # complete checkpoints written
+        self.saves = 0  # checkpoints snapshotted by every stage (their uploads started)
         self._pending: Checkpoint | None = None
+        self._uploading: list[Checkpoint] = []  # snapshotted by every stage, upload not finished yet
         self._complete: Checkpoint | None = None
 
     def due(self, step: int) -> bool:
@@ -53,8 +59,15 @@ class CheckpointStore:
         self._pending.modules[k] = state_copy(module)
         self._pending.optimizers[k] = copy.deepcopy(optimizer.state_dict())
         if sorted(self._pending.modules) == self.stage_ids:
-            self._complete, self._pending = self._pending, None
+            self._uploading.append(self._pending)
+            self._pending = None
             self.saves += 1
+            self.advance(step)
+
+    def advance(self, step: int) -> None:
+        """`step` steps have run: the uploads started `lag` or more steps ago are in storage."""
+        while self._uploading and self._uploading[0].step + self.lag <= step:
+            self._complete = self._uploading.pop(0)
 
     def save(self, step: int, modules: Mapping[int, nn.Module], optimizers: Mapping[int, Any]) -> None:
         for k in self.stage_ids:
@@ -69,6 +82,7 @@ class CheckpointStore:
         ckpt = self._complete
         if ckpt is None:
             raise RecoveryError("no complete checkpoint to roll back to; save one before training starts")
+        self._uploading.clear()  # their uploads die with the run that was making them: training resumes before them
         for k in self.stage_ids:
             modules[k].load_state_dict(ckpt.modules[k], strict=True)
             modules[k].zero_grad(set_to_none=True)
@@ -79,20 +93,26 @@ class CheckpointStore:
 class CheckpointRecovery(RecoveryStrategy):
     """Periodic checkpoints of every stage (stage 0 included); a loss rolls the whole model back.
 
-    `after_step` saves every `every` steps (call it once with step 0 before training: the first checkpoint);
-    `rebuild` gives the lost stage its checkpointed state, and `rollback` then restores every other stage too.
+    `after_step` saves every `every` steps (call it once with step 0 before training: the first checkpoint, which
+    is in storage at once: nothing to overlap it with); a checkpoint counts `lag` steps after its snapshot (its
+    asynchronous upload); `rebuild` gives the lost stage its checkpointed state, and `rollback` then restores every
+    other stage too.
     """
 
     name = "checkpoint"
     live = False
 
-    def __init__(self, every: int = 50) -> None:
-        self.every = every
+    def __init__(self, every: int = 50, lag: int = 0) -> None:
+        self.every, self.lag = every, lag
         self.store: CheckpointStore | None = None
 
     def after_step(self, step: int, modules: Mapping[int, nn.Module], optimizers: Mapping[int, Any]) -> None:
         if self.store is None:
-            self.store = CheckpointStore(self.every, list(modules))
+            self.store = CheckpointStore(self.every, list(modules), self.lag)
+            self.store.save(step, modules, optimizers)
+            self.store.advance(step + self.lag)  # the initial state, before training: written before it starts
+            return
+        self.store.advance(step)
         if self.store.due(step):
             self.store.save(step, modules, optimizers)
 

@@ -1,17 +1,19 @@
 """Redundant computation, Bamboo's baseline: the relays of stage k-1 also hold stage k (a shadow) and run its forward
 on every microbatch, so a stage that lost every replica is taken over exactly: weights, optimizer moments, version.
 
-Stage 1's shadow is held by stage 2 (its predecessor would be the data nodes, which are out of scope here). After
-every step a holder fetches the new state of the stage it shadows from one live replica of it, in the background,
-and on every microbatch it forwards it also runs that stage's forward on its own output (the stage-1 shadow on stage
-2 has no input there: it costs only the compute delay the churn harness emulates). A joiner for a stage with no live
-replica then takes the shadow over exactly. In the one-process benchmark the shadows are copies taken after each
-step (the same state).
+Stage 1's shadow is held by stage 2 (its predecessor would be the data nodes, which are out of scope here); the
+one-process benchmark places shadows the same way (`shadow_holder_stage`). After every step a holder fetches the new
+state of the stage it shadows from one live replica of it, in the background, and it runs that stage's forward on
+its own output of every microbatch in the pipeline's bubbles, as Bamboo does: when no forward of its own waits for
+its compute thread (the stage-1 shadow on stage 2 has no input there: it costs only the compute delay the churn
+harness emulates). A joiner for a stage with no live replica then takes the shadow over exactly. In the one-process
+benchmark the shadows are copies taken after each step (the same state).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import functools
 import logging
@@ -32,6 +34,8 @@ from gwtf.stage import StageReplica, state_subset, timed
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)
+BUBBLE_POLL_S = 0.005  # how often a redundant forward waiting for a bubble looks again
+MAX_BACKLOG = 64  # redundant forwards waiting for a bubble; beyond this the oldest is dropped (and counted)
 
 
 def shadow_holder_stage(stage: int, n_stages: int) -> int | None:
@@ -90,12 +94,13 @@ def redundancy_cost(shadows: dict[int, Shadow]) -> str:
 
 
 class RedundantRecovery(RecoveryStrategy):
-    """Each stage k is shadowed by the node of stage k-1 (stage 1 by the data nodes, which hold stage 0).
+    """Each stage k is shadowed by the relays of stage `shadow_holder_stage(k)`: k-1, and stage 2 for stage 1.
 
-    The shadow runs stage k's forward on every microbatch (that is the extra compute: one more stage forward per
-    stage, about a third of a stage's forward + backward) and keeps its weights and optimizer state in step, so a
-    lost stage is taken over exactly. If the shadow's holder is lost at the same time, the shadow is gone too:
-    the stage falls back to copying a neighbour (logged, and named in `RebuiltStage.source`).
+    The shadow runs stage k's forward on every microbatch, in the holder's idle time (the extra compute: one more
+    stage forward per stage, about a third of a stage's forward + backward, free where the pipeline has bubbles)
+    and keeps its weights and optimizer state in step, so a lost stage is taken over exactly. If the shadow's holder
+    is lost at the same time, the shadow is gone too: the stage falls back to copying a neighbour (logged, and named
+    in `RebuiltStage.source`).
     """
 
     name = "redundant"
@@ -106,6 +111,9 @@ class RedundantRecovery(RecoveryStrategy):
         self.extra_forward_fraction = extra_forward_fraction
         self.saved: dict[int, tuple[StateDict, dict[str, Any]]] = {}  # the one-process simulation's shadows
         self.shadows: dict[int, Shadow] = {}  # live: the neighbouring stage(s) this strategy's relay shadows
+        self.backlog: collections.deque[torch.Tensor] = collections.deque()  # outputs waiting for a bubble
+        self.dropped = 0  # redundant forwards dropped from a full backlog (no bubble came in time)
+        self.drainer: asyncio.Task | None = None
 
     def after_step(self, step: int, modules: Mapping[int, nn.Module], optimizers: Mapping[int, Any]) -> None:
         # In a deployment the shadow computes its own update; in one process copying the result is the same state.
@@ -121,8 +129,8 @@ class RedundantRecovery(RecoveryStrategy):
         cfg: ModelConfig,
         seed: int,
     ) -> RebuiltStage:
-        holder = lost - 1
-        if lost in self.saved and (holder == 0 or holder in stages):
+        holder = shadow_holder_stage(lost, cfg.n_stages)  # the live swarm's placement
+        if lost in self.saved and holder is not None and holder in stages:
             state, opt_state = self.saved[lost]
             return RebuiltStage({n: t.clone() for n, t in state.items()}, 1.0, False, 0, copy.deepcopy(opt_state),
                                 f"shadow@{holder}")  # fmt: skip
@@ -147,8 +155,15 @@ class RedundantRecovery(RecoveryStrategy):
             self.on_step(relay, relay.replica.version)
 
     def on_forward(self, relay: LiveRelay, out: torch.Tensor) -> None:
-        if self.shadows:
-            relay.spawn(self._shadow_forwards(relay, out))
+        if not self.shadows:
+            return
+        if len(self.backlog) >= MAX_BACKLOG:
+            self.backlog.popleft()
+            self.dropped += 1
+        self.backlog.append(out)
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.ensure_future(self._shadow_forwards(relay))
+            self.drainer.add_done_callback(relay.task_done)
 
     def on_step(self, relay: LiveRelay, version: int) -> None:
         """Start bringing every shadow up to `version`, in the background (never on a step's path)."""
@@ -173,6 +188,8 @@ class RedundantRecovery(RecoveryStrategy):
         return result
 
     def close(self) -> None:
+        if self.drainer is not None:
+            self.drainer.cancel()
         for shadow in self.shadows.values():
             if shadow.refreshing is not None:
                 shadow.refreshing.cancel()
@@ -268,7 +285,14 @@ class RedundantRecovery(RecoveryStrategy):
         log.warning("relay %s: shadow of stage %d not brought to v%d (it is at v%d); the next step tries again",
                     relay.peer_id[:8], shadow.stage, version, shadow.version)  # fmt: skip
 
-    async def _shadow_forwards(self, relay: LiveRelay, out: torch.Tensor) -> None:
-        """Bamboo's cost: each shadow's forward on this microbatch (on the compute thread, like real work)."""
-        for shadow in self.shadows.values():
-            await relay.compute(shadow.timed_forward, out)
+    async def _shadow_forwards(self, relay: LiveRelay) -> None:
+        """Bamboo's cost, in the pipeline's bubbles (Bamboo, Thorpe et al., NSDI '23: redundant forwards fill the
+        bubbles of the pipeline schedule): each waiting output's shadow forwards run on the compute thread only
+        while no forward of the relay's own waits for it."""
+        while self.backlog and not relay.closed:
+            if relay.incoming:  # its own work first: the redundant forward waits for a bubble
+                await asyncio.sleep(BUBBLE_POLL_S)
+                continue
+            out = self.backlog.popleft()
+            for shadow in self.shadows.values():
+                await relay.compute(shadow.timed_forward, out)

@@ -7,7 +7,12 @@ capacity (so capacity binds). Everything is drawn from one seed.
 Iteration timing: every microbatch goes forward along its path and back (backward costs twice the forward);
 each relay computes one microbatch at a time (FIFO by arrival), each transfer costs latency + bytes / share of
 bandwidth, where a link's bandwidth is shared evenly by the microbatches that cross it in the iteration.
-Microbatches a plan leaves out run in further waves. Churn replaces relays between iterations.
+Microbatches a plan leaves out run in further waves. Churn replaces relays between iterations: each relay leaves
+with the given probability (so rates far below one relay per iteration still add up over iterations).
+
+Callers' timing (what SWARM's balancer measures): for every forward hop into a relay, the time from the moment its
+caller starts sending until the relay's output would be back at the caller (transfer in, queue, compute, transfer
+out over the same link), handed to `observe(relay, seconds)` once the wave is done.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import heapq
 import math
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gwtf.routing.base import DataInfo, Plan, RelayInfo, SwarmView
@@ -57,11 +63,12 @@ def random_topology(cfg: TopologyConfig, seed: int) -> tuple[SwarmView, dict[str
 
 
 def churn(view: SwarmView, fraction: float, rng: random.Random, tag: str) -> SwarmView:
-    """Replace `fraction` of the relays with newcomers of the same stage mix, in random regions."""
+    """Each relay leaves with probability `fraction`; a newcomer of the same stage, in a random region, takes its
+    place."""
     relays = dict(view.relays)
-    k = min(len(relays), int(round(fraction * len(relays))))
     regions = sorted({r.region for r in relays.values() if r.region is not None})
-    for n, peer in enumerate(rng.sample(sorted(relays), k)):
+    leaving = [p for p in sorted(relays) if rng.random() < fraction]
+    for n, peer in enumerate(leaving):
         old = relays.pop(peer)
         new = f"{tag}{n:05d}"
         relays[new] = RelayInfo(new, old.stage, rng.randint(1, 4), rng.uniform(0.05, 0.2), rng.choice(regions))
@@ -75,8 +82,12 @@ def crash(view: SwarmView, fraction: float, rng: random.Random) -> SwarmView:
     return SwarmView(view.n_stages, relays, view.data_nodes, view.activation_bytes, view.links)
 
 
-def wave_time(view: SwarmView, plan: Plan) -> float:
-    """Discrete-event time of one wave: all planned microbatches forward then backward."""
+Observe = Callable[[str, float], None]
+
+
+def wave_time(view: SwarmView, plan: Plan, observe: Observe | None = None) -> float:
+    """Discrete-event time of one wave: all planned microbatches forward then backward. `observe(relay, seconds)`:
+    each forward call into a relay as its caller times it (module docstring)."""
     hops: list[tuple[str, list[str]]] = [(o, p) for o, paths in plan.items() for p in paths]
     if not hops:
         return 0.0
@@ -94,6 +105,13 @@ def wave_time(view: SwarmView, plan: Plan) -> float:
     heapq.heapify(events)
     end, seq = 0.0, len(routes)
     n_fwd = view.n_stages + 2
+    sent_at: dict[tuple[int, int], float] = {}  # (microbatch, position) -> when its caller started sending
+    calls: list[tuple[str, float]] = []
+
+    def transfer(a: str, b: str, pair: tuple[str, str]) -> float:
+        share = view.links.bandwidth_Bps(a, b) / max(1, crossings[pair])
+        return view.links.latency_s(a, b) + view.activation_bytes / share
+
     while events:
         t, _, mb, pos = heapq.heappop(events)
         route = routes[mb]
@@ -103,26 +121,32 @@ def wave_time(view: SwarmView, plan: Plan) -> float:
         start = max(t, free.get(peer, 0.0))
         done = start + work
         free[peer] = done
+        if 0 < pos < n_fwd - 1:  # a forward call into a relay: back at its caller one transfer after its output
+            caller = route[pos - 1]
+            calls.append((peer, done + transfer(peer, caller, (caller, peer)) - sent_at[(mb, pos)]))
         if pos + 1 == len(route):
             end = max(end, done)
             continue
         nxt = route[pos + 1]
         pair = (peer, nxt) if not backward else (nxt, peer)
-        share = view.links.bandwidth_Bps(peer, nxt) / max(1, crossings[pair])
-        arrive = done + view.links.latency_s(peer, nxt) + view.activation_bytes / share
+        sent_at[(mb, pos + 1)] = done
         seq += 1
-        heapq.heappush(events, (arrive, seq, mb, pos + 1))
+        heapq.heappush(events, (done + transfer(peer, nxt, pair), seq, mb, pos + 1))
+    if observe is not None:
+        for relay, seconds in calls:
+            observe(relay, seconds)
     return end
 
 
-def iteration_time(view: SwarmView, plan: Plan, demands: dict[str, int]) -> float:
-    """Time for every data node to run its demanded microbatches: waves reuse the plan's paths."""
+def iteration_time(view: SwarmView, plan: Plan, demands: dict[str, int], observe: Observe | None = None) -> float:
+    """Time for every data node to run its demanded microbatches: waves reuse the plan's paths. `observe`: as for
+    `wave_time`."""
     left = dict(demands)
     total = 0.0
     while any(left.values()):
         wave = {o: plan.get(o, [])[: left[o]] for o in left}
         if not any(wave.values()):
             return math.inf  # some data node has demand and no path at all
-        total += wave_time(view, wave)
+        total += wave_time(view, wave, observe)
         left = {o: left[o] - len(wave[o]) for o in left}
     return total

@@ -10,10 +10,17 @@ Files:
                    overrides, the run record's dict)
     errors.py      UserError (one-line CLI errors), BadMessage, PeerError
     data.py        tokenizers (byte-level, HF/GGUF), corpora (the embedded corpus, files, HF datasets), packing,
-                   deterministic disjoint shards, held-out validation split
+                   deterministic disjoint shards, held-out validation split (by document, or by rows), loss masks
+    records.py     fine-tuning rows through Hugging Face `datasets` (JSON lines, CSV, Parquet, saved datasets):
+                   text, chat `messages` (the tokenizer's template, assistant turns trained), prompt/completion
+    lora.py        LoRA adapters across the swarm (`[lora]`): peft's LoRA on each stage's modules, a frozen base,
+                   only adapters trained, averaged and moved; merged or peft-directory export
     optim.py       the optimizer and learning-rate schedule shared by the local trainer and the swarm
     trainer.py     single-process reference trainer (`gwtf train-local`), the baseline for every swarm result
     stage.py       one replica of a relay stage: forward, backward (with recompute), gradient accumulation, optimizer
+    device.py      a node's device (--device auto|cpu|cuda[:N]) and the run's precision (fp32 | bf16): CPU tensors
+                   to and from the compute thread, device-synchronized timers, bf16 autocast
+    sizing.py      sizes in bytes: transfer waits from bytes over the floor bandwidth, byte-sized chunks
     transport/     tensor messages (wire format, validation), in-process and hivemind P2P backends, the direct TCP
                    path, link emulation, TransportConfig
     auth.py        runs by invitation: run keys, HMAC proofs over libp2p peer ids, signed DHT records
@@ -22,6 +29,7 @@ Files:
     averaging.py   same-stage gradient averaging weighted by microbatches processed, screened by the leader
     placement.py   choose_stage: where a volunteer adds the most throughput
     faults.py      the fault injector shared by tests and benchmarks
+    lifecycle.py   a node's helper processes (hivemind's DHT process, p2pd) end with it, SIGKILL included
     metrics.py     JSON-lines metrics
     telemetry.py   what a data node publishes for watchers (history, flows, plan, events, bytes per message kind);
                    routing_gap: a plan's throughput and worst path against the optimum

@@ -16,7 +16,7 @@ A run config is read from a TOML file and then from `key=value` overrides, later
     router = "gwtf-p2p"
     [recovery]                # gwtf.recovery.config.RecoveryConfig
     strategy = "checkfree+"
-    # and [transport], [membership], [iteration], [averaging]: each component's own settings (SECTIONS below)
+    # and [transport], [membership], [iteration], [averaging], [wire]: each component's own settings (SECTIONS below)
 
     cfg = load_config("run.toml", ["train.steps=20", "optim.betas=[0.9, 0.99]", "model.d_model=96"])
 
@@ -40,7 +40,9 @@ from typing import Any
 
 from gwtf.averaging import AveragingConfig
 from gwtf.data import DataConfig
+from gwtf.device import check_precision
 from gwtf.errors import UserError
+from gwtf.lora import LoraConfig
 from gwtf.membership import MembershipConfig
 from gwtf.models.checkpoint import read_manifest
 from gwtf.models.presets import ModelConfig, get_preset
@@ -48,7 +50,7 @@ from gwtf.optim import OptimConfig
 from gwtf.recovery.config import RecoveryConfig
 from gwtf.routing.config import RoutingConfig
 from gwtf.runtime.config import IterationConfig
-from gwtf.transport.config import TransportConfig
+from gwtf.transport.config import TransportConfig, WireConfig
 
 
 @dataclass
@@ -59,8 +61,11 @@ class TrainConfig:
     seed: int = 0  # model initialisation and the microbatch schedule
     eval_every: int = 50  # validation every this many steps (0: only at the end)
     val_batches: int = 8  # validation microbatches (the first ones of the validation rows)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 master weights; activations travel in bf16)
+    activation_checkpointing: bool = False  # relays keep only each microbatch's input, recompute in the backward
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         positive = {"steps": self.steps, "microbatch_size": self.microbatch_size,
                     "microbatches_per_step": self.microbatches_per_step, "val_batches": self.val_batches}  # fmt: skip
         bad = [f"train.{k}={v}" for k, v in positive.items() if v < 1]
@@ -81,6 +86,8 @@ SECTIONS: dict[str, type] = {
     "recovery": RecoveryConfig,
     "iteration": IterationConfig,
     "averaging": AveragingConfig,
+    "wire": WireConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -98,6 +105,8 @@ class RunConfig:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     iteration: IterationConfig = field(default_factory=IterationConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters instead of full fine-tuning (gwtf.lora)
     pretrained: str | None = None  # a staged checkpoint directory (`gwtf convert`): fine-tuning starts from it
 
     def __post_init__(self) -> None:

@@ -20,13 +20,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gwtf.launch.local_swarm", "run a local swarm on 127.0.0.1 with a crash injected and recovered"),
     "bootstrap": ("gwtf.launch.bootstrap", "start a run: DHT peer and run record; prints the address to join"),
     "join": ("gwtf.launch.join", "join a run as a relay or data node"),
+    "doctor": ("gwtf.launch.doctor", "can the peers of a run reach this machine? (run it where you would join)"),
     "status": ("gwtf.launch.status", "print the stages, replicas and data nodes of a run"),
     "dashboard": ("gwtf.launch.dashboard", "serve a live web page of a run: pipeline, flows, gap to the optimum, loss"),
     "train-local": ("gwtf.launch.train_local", "single-process reference training"),
     "convert": ("gwtf.launch.convert", "convert a HF directory or GGUF file into a staged checkpoint"),
     "export": ("gwtf.launch.convert", "export a staged checkpoint as a Hugging Face directory"),
     "finetune": ("gwtf.launch.finetune", "fine-tune a pretrained checkpoint on a local swarm and export it"),
+    "generate": ("gwtf.launch.generate", "try a fine-tuned model: continue prompts, or chat with it"),
 }
+
+
+def not_given(default: object) -> bool:
+    """A default that means "the flag was not given" (None, a switch's False, an empty list), not a value."""
+    return default is None or default is False or default == [] or default == argparse.SUPPRESS
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default where the help does not say it already (None, False and [] are
+    "not given": the help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = not action.option_strings or not_given(action.default)
+        return text if quiet or "default" in text else f"{text} (default: %(default)s)"
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
@@ -35,7 +52,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         cmd.set_defaults(_module=module_name, _command=name)
         module = _import_command(module_name) if name == selected else None
         if module is not None:

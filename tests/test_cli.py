@@ -17,6 +17,7 @@ SURFACE = {
         "--crash-stage",
         "--dashboard",
         "--data-nodes",
+        "--device",
         "--out",
         "--preset",
         "--replicas",
@@ -30,10 +31,12 @@ SURFACE = {
     ],
     "bootstrap": [
         "--addr-file",
+        "--announce-maddrs",
         "--config",
         "--data",
         "--data-nodes",
         "--from-pretrained",
+        "--host-maddrs",
         "--key",
         "--open",
         "--preset",
@@ -42,12 +45,15 @@ SURFACE = {
         "--run",
         "--set",
         "--stages",
+        "--use-relay",
         "--workdir",
     ],
     "join": [
+        "--announce-maddrs",
         "--capacity",
         "--device",
         "--fault",
+        "--host-maddrs",
         "--initial-peers",
         "--join-timeout",
         "--key",
@@ -61,6 +67,17 @@ SURFACE = {
         "--stage",
         "--standby",
         "--tensorboard",
+        "--use-relay",
+    ],
+    "doctor": [
+        "--announce-maddrs",
+        "--host-maddrs",
+        "--initial-peers",
+        "--key",
+        "--public",
+        "--run",
+        "--timeout",
+        "--use-relay",
     ],
     "status": ["--initial-peers", "--key", "--public", "--run", "--timeout", "--watch"],
     "dashboard": ["--host", "--initial-peers", "--key", "--port", "--public", "--run", "--timeout"],
@@ -78,16 +95,21 @@ SURFACE = {
         "--tensorboard",
     ],
     "convert": ["--equal-stages", "--from", "--stages", "--to"],
-    "export": ["--from", "--initial-peers", "--key", "--run", "--to"],
+    "export": ["--adapter-only", "--from", "--initial-peers", "--key", "--run", "--to"],
     "finetune": [
+        "--adapter-only",
         "--crash-at",
         "--crash-phase",
         "--crash-stage",
         "--data",
         "--data-nodes",
+        "--device",
         "--from-pretrained",
+        "--lora",
         "--out",
+        "--prompts",
         "--replicas",
+        "--resume",
         "--router",
         "--seed",
         "--seq-len",
@@ -96,6 +118,7 @@ SURFACE = {
         "--steps",
         "--timeout",
     ],
+    "generate": ["--base", "--chat", "--max-new-tokens", "--model", "--prompt", "--seed", "--temperature"],
 }
 
 
@@ -158,7 +181,8 @@ def test_an_unknown_router_is_refused_by_the_parser(capsys):
 
 @pytest.mark.parametrize(
     "argv,named",
-    [(["--region", "mars"], "region 'mars' is not in the region table"), (["--capacity", "0"], "capacity=0")],
+    [(["--region", "mars"], "region 'mars' is not in the region table"), (["--capacity", "0"], "capacity=0"),
+     (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N")],  # fmt: skip
 )
 def test_join_refuses_a_bad_node_option_before_it_reaches_for_the_run(argv, named, capsys):
     t0 = time.monotonic()
@@ -183,6 +207,7 @@ def test_join_refuses_a_bad_node_option_before_it_reaches_for_the_run(argv, name
         (["--crash-at", "40"], "--crash-at 40"),
         (["--set", "recovery.strategy=nope"], "recovery.strategy='nope'"),
         (["--dashboard", "70000"], "--dashboard 70000: a TCP port is 0..65535"),
+        (["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_demo_refuses_a_bad_value_before_it_starts_a_process(argv, named, tmp_path, capsys):

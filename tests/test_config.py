@@ -67,7 +67,8 @@ def test_unknown_key_names_it_and_the_valid_ones(override, named):
 def test_unknown_key_in_toml(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[train]\nsteps = 3\nlearning_rate = 0.1\n")
-    with pytest.raises(UserError, match="learning_rate.*valid keys: eval_every, microbatch_size"):
+    valid = "valid keys: activation_checkpointing, eval_every, microbatch_size"
+    with pytest.raises(UserError, match=f"learning_rate.*{valid}"):
         load_config(str(path), [])
 
 
@@ -159,6 +160,10 @@ def _other_value(value):
 
 
 CHOICES = {  # fields whose values are names: another valid name
+    "data.text_field": "body",
+    "data.documents": "paragraphs",
+    "lora.targets": "q_proj,k_proj,v_proj,o_proj",
+    "lora.dropout": 0.1,
     "data.corpus": "/srv/corpus.txt",
     "data.tokenizer": "/srv/tokenizer",
     "data.val_fraction": 0.1,
@@ -168,6 +173,11 @@ CHOICES = {  # fields whose values are names: another valid name
     "routing.router": "swarm",
     "recovery.strategy": "checkfree+",
     "averaging.aggregate": "median",
+    "train.precision": "bf16",
+    "wire.activations": "uint8",
+    "wire.gradients": "blockwise8",
+    "wire.averaging": "fp16",
+    "wire.state": "bf16",
 }
 
 
@@ -199,7 +209,8 @@ def test_sections_cover_every_component_config():
     from gwtf.config import SECTIONS
 
     assert set(SECTIONS) == {
-        "data", "optim", "train", "transport", "membership", "routing", "recovery", "iteration", "averaging"
+        "data", "optim", "train", "transport", "membership", "routing", "recovery", "iteration", "averaging", "wire",
+        "lora",
     }  # fmt: skip
     assert all(isinstance(getattr(RunConfig(), name), cls) for name, cls in SECTIONS.items())
 

@@ -56,6 +56,7 @@ class LiveRelay(Protocol):
     run_version: int
     closed: bool
     rebuilt_source: str
+    incoming: set  # forwards acknowledged and waiting for its compute thread (recovery="redundant" yields to them)
 
     async def compute(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from gwtf.data import MicrobatchSchedule, PackedData
+from gwtf.lora import apply_lora
 from gwtf.membership import Membership
 from gwtf.models.checkpoint import load_stage
 from gwtf.models.staged import build_stage
@@ -26,15 +27,18 @@ def module_builder(spec: RunSpec) -> Callable[[int], nn.Module]:
 
     def build(k: int) -> nn.Module:
         if spec.pretrained and Path(spec.pretrained).is_dir():
-            return load_stage(spec.pretrained, k)[1]
-        return build_stage(spec.model, k, spec.seed)
+            module = load_stage(spec.pretrained, k)[1]
+        else:
+            module = build_stage(spec.model, k, spec.seed)
+        return apply_lora(module, spec.config.lora, k, spec.seed)  # LoRA runs: frozen base, seeded adapters
 
     return build
 
 
 def make_schedule(spec: RunSpec, data: PackedData, n_data_nodes: int) -> MicrobatchSchedule:
     t = spec.config.train
-    return MicrobatchSchedule(data.train, t.microbatch_size, t.microbatches_per_step, n_data_nodes, t.seed)
+    return MicrobatchSchedule(data.train, t.microbatch_size, t.microbatches_per_step, n_data_nodes, t.seed,
+                              labels=data.train_labels)  # fmt: skip
 
 
 def make_data_node(

@@ -24,13 +24,17 @@ import torch
 from gwtf.averaging import GroupAverager
 from gwtf.errors import BadMessage, PeerError
 from gwtf.liveness import ProbeCache
+from gwtf.lora import trainable_names
 from gwtf.membership import Membership, NodeRecord, serving
 from gwtf.routing.base import Router, SwarmView
 from gwtf.runtime import schema
+from gwtf.runtime.consistency import resync_diverged
 from gwtf.runtime.flights import Flight, FlightLegs, IterationReport
 from gwtf.runtime.spec import NodeOptions, RunSpec
+from gwtf.runtime.stage0_copy import newest_copy, push_copy
 from gwtf.runtime.state import fetch_state
-from gwtf.stage import StageReplica, state_subset
+from gwtf.sizing import transfer_s
+from gwtf.stage import StageReplica, state_bytes, state_subset
 from gwtf.telemetry import TTL_S, Telemetry
 from gwtf.transport import Message, Transport
 
@@ -59,7 +63,8 @@ class DataNode(FlightLegs):
         self.rank, self.schedule = rank, schedule
         self.recovery = self.run.recovery.make()  # the microbatches' stage order (CheckFree+ swaps some)
         self.view_builder = view_builder  # (live records, iteration) -> SwarmView
-        self.stage0 = StageReplica(0, build_module(0), spec.optim, spec.total_steps, capacity=1 << 30)
+        self.stage0 = StageReplica(0, build_module(0).to(self.device), spec.optim, spec.total_steps, capacity=1 << 30,
+                                   precision=self.run.train.precision)  # fmt: skip
         self.head: Any = self.stage0.module  # models.staged.HeadStage: embed / loss
         self.iteration = 0
         self.expected_data_nodes = 1
@@ -68,7 +73,8 @@ class DataNode(FlightLegs):
         self.stale_since: dict[int, float] = {}  # stage -> when it was first seen with every replica a step behind
         self.advancing = asyncio.Lock()  # many waits check for stale stages; one at a time asks
         self.probes = ProbeCache(transport)  # late legs that share replicas share their probes
-        self.averager = GroupAverager(transport, spec.run_id, "stage0", config=self.run.averaging)
+        self.averager = GroupAverager(transport, spec.run_id, "stage0", config=self.run.averaging,
+                                      floor_mbps=self.run.iteration.floor_bandwidth_mbps)  # fmt: skip
         self.telemetry = Telemetry(self.peer_id)
         self.plan_view: SwarmView | None = None  # the view the iteration's first wave was planned on
         self.publisher: asyncio.Task | None = None
@@ -98,7 +104,7 @@ class DataNode(FlightLegs):
             grad_norm=self.stage0.last_grad_norm,
             throughput=0.0,
             microbatches_done=self.stage0.stats.backward,
-            maddrs=[],
+            maddrs=list(self.maddrs),
             device=next(self.stage0.module.parameters()).device.type,
             held=len(self.flights),
         )
@@ -117,18 +123,42 @@ class DataNode(FlightLegs):
                 break
             await asyncio.sleep(0.1)
         ahead = sorted((r.state_version, p) for p, r in peers.items() if p != self.peer_id and r.state_version > 0)
-        if ahead:
-            await self._download_stage0(ahead[-1][1])
+        await self._take_stage0([p for _, p in reversed(ahead)], await self.live_nodes(max_age=0))
         units = len(self.schedule.microbatches(self.iteration, self.rank))  # gwtf-p2p: one per microbatch
         await self.start_routing(0, lambda records: self.view_builder(records, None), units)
         self.publisher = asyncio.ensure_future(self._publish_loop())
 
-    async def _download_stage0(self, donor: str) -> None:
-        async def get(peer: str, msg: Message) -> Message:
-            return await self.call(peer, "get_state", msg, timeout=self.run.iteration.iteration_timeout)
+    async def _take_stage0(self, donors: list[str], nodes: dict[str, NodeRecord]) -> None:
+        """Joining a run in progress: stage 0 and the step from the live data node furthest ahead (`donors`, best
+        first), or, when none answers (the run lost every data node), the newest copy the replicas of stage 1 keep
+        (gwtf.runtime.stage0_copy). At a run's start there is neither: stage 0 is the seed's."""
+        for donor in donors:
+            try:
+                return await self._download_stage0(donor)
+            except (PeerError, BadMessage) as exc:  # a crashed data node's record outlives it by its time to live
+                log.warning("data node %s: stage 0 from %s failed (%s)", self.peer_id[:8], donor[:8], exc)
+        if not any(r.state_version > 0 for r in serving(nodes, "relay").values()):
+            return
+        copy = await newest_copy(self, nodes)
+        if copy is None or copy[1]["version"] <= self.stage0.version:
+            return
+        await self.compute(self.stage0.load_state, *copy)
+        self.iteration = self.stage0.version
+        await self.announce()
+        log.warning("data node %s: no data node was left; stage 0 and step %d from the relays' copy",
+                    self.peer_id[:8], self.iteration)  # fmt: skip
 
-        names = [n for n, _ in self.stage0.module.named_parameters()]
-        tensors, meta = await fetch_state(get, self.spec.run_id, [donor], names)
+    async def _download_stage0(self, donor: str) -> None:
+        sizes = state_bytes(self.stage0.module)
+        floor = self.run.iteration.floor_bandwidth_mbps
+        wait = self.run.iteration.iteration_timeout + transfer_s(sum(sizes.values()), floor)
+
+        async def get(peer: str, msg: Message) -> Message:
+            return await self.call(peer, "get_state", msg, timeout=wait)
+
+        # the trainable parameters; under LoRA stage 0 trains none and is taken whole (from the staged copy anyway)
+        names = trainable_names(self.stage0.module) or [n for n, _ in self.stage0.module.named_parameters()]
+        tensors, meta = await fetch_state(get, self.spec.run_id, [donor], names, sizes)
         await self.compute(self.stage0.load_state, tensors, meta)
         self.iteration = self.stage0.version
         await self.announce()
@@ -146,9 +176,9 @@ class DataNode(FlightLegs):
             raise BadMessage(f"no microbatch {msg.microbatch_id} in flight at iteration {msg.iteration}")
         schema.check_tensor_count(schema.DATA, handler, msg)
         expected = (*fl.x.shape, m.d_model)
-        for t in msg.tensors:
-            if tuple(t.shape) != expected or t.dtype != torch.float32:
-                raise BadMessage(f"expected float32 {expected}, got {t.dtype} {tuple(t.shape)}")
+        for t in msg.tensors:  # activations travel in the run's dtype (train.precision)
+            if tuple(t.shape) != expected or t.dtype != self.stage0.wire:
+                raise BadMessage(f"expected {self.stage0.wire} {expected}, got {t.dtype} {tuple(t.shape)}")
 
     async def rpc_relay_serving(self, msg: Message) -> Message:
         """A relay started serving: read the DHT now, not when the cached view expires, so that it is routed through
@@ -234,9 +264,12 @@ class DataNode(FlightLegs):
         i, t0 = self.iteration, time.perf_counter()
         await self.wait_for_stages(self.run.recovery.stage_timeout)
         pending = list(enumerate(self.schedule.microbatches(i, self.rank)))
+        targets = self.schedule.microbatch_labels(i, self.rank)
         report = IterationReport(iteration=i, loss=float("nan"))
         while pending:
             flights = await self._plan_wave(pending)
+            for fl in flights:  # the loss mask stays here: only the data node, the sink, computes the loss
+                fl.labels = targets[fl.mb] if self.schedule.labels is not None else None
             report.waves += 1
             pending = pending[len(flights) :]
             await asyncio.gather(*(self._run_flight(fl, report) for fl in flights))
@@ -288,6 +321,9 @@ class DataNode(FlightLegs):
         peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
         await self.compute(self.stage0.apply_averaged, result.grads, i)
+        # before the relays step: a copy never falls behind them (see gwtf.runtime.stage0_copy)
+        tensors, meta = await self.compute(self.stage0.state)
+        await push_copy(self, tensors, meta, self._confirmed(nodes))
         live = serving(self._confirmed(nodes), "relay")
         used: dict[str, set[str]] = {}
         for fl in self.flights.values():
@@ -311,6 +347,16 @@ class DataNode(FlightLegs):
                 log.warning("iteration %d: relay %s did not step (%s)", i, p[:8], r)
             else:
                 self.confirmed[p] = int(r.meta["version"])
+        stepped = {p: r for p, r in zip(relays, replies) if isinstance(r, Message)}
+        await self._resync_diverged(i, stepped, {p: live[p].stage for p in stepped if p in live})
+
+    async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> None:
+        """Replicas whose weights differ from their stage's majority download it before the next iteration."""
+
+        async def resync(peer: str, msg: Message) -> Message:
+            return await self.call(peer, "resync", msg, timeout=3 * self.run.iteration.iteration_timeout)
+
+        await resync_diverged(resync, self.spec.run_id, i, stepped, stages)
 
     # ---- telemetry -----------------------------------------------------------------------------------------------
     async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:
@@ -366,9 +412,12 @@ class DataNode(FlightLegs):
             log.warning("%s: publishing telemetry failed (%s: %s)", self.peer_id[:8], type(exc).__name__, exc)
 
     async def close(self) -> None:
-        """Stop publishing; a data node that stops (not a crash) says so in a last publish (bounded)."""
+        """Stop publishing; a data node that stops (not a crash) says so in a last publish (bounded), and in its
+        record ("leaving"), so the relays see at once that the run is over (gwtf.membership.RunEnd)."""
         if self.publisher is not None and not self.closed:
             self.publisher.cancel()
             self.telemetry.finished = True
             await self.publish_telemetry()
+            self.status = "leaving"
+            await self.announce()
         await super().close()

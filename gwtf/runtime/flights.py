@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from gwtf.device import autocast, to_device, to_host
 from gwtf.errors import BadMessage, PeerError
 from gwtf.liveness import ProbeCache
 from gwtf.membership import NodeRecord
@@ -20,6 +21,7 @@ from gwtf.recovery import RecoveryStrategy
 from gwtf.routing.base import SwarmView
 from gwtf.runtime import schema
 from gwtf.runtime.node import NodeBase
+from gwtf.sizing import transfer_s
 from gwtf.stage import StageReplica
 from gwtf.telemetry import Telemetry
 from gwtf.transport import Message
@@ -44,6 +46,7 @@ class Flight:
     origin: str
     attempt: int = 0
     h0: torch.Tensor | None = None  # embedding output, with its graph, until the embedding's gradient comes back
+    h0_host: torch.Tensor | None = None  # h0 as sent: a CPU copy in the run's wire dtype
     head: asyncio.Future | None = None
     grad: asyncio.Future | None = None
     loss: float | None = None
@@ -52,6 +55,8 @@ class Flight:
     outcome: str = "started"
     avoid: set[str] = field(default_factory=set)  # replicas that failed this microbatch: not offered again
     give_up_at: float = float("inf")  # monotonic time after which its current leg is abandoned (a failed recovery)
+    call_s: float | None = None  # this node's forward call into the first replica, timed (schema.timing)
+    labels: torch.Tensor | None = None  # the loss's targets where the data has a loss mask (-100: not trained on)
 
     def meta(self) -> dict:
         return schema.routed(self.route, self.order, self.origin, self.attempt)
@@ -119,6 +124,10 @@ class FlightLegs(NodeBase):
         if fl is not None and fl.grad is not None and not fl.grad.done():
             fl.route = list(msg.meta["route"])
             fl.grad.set_result(msg.tensors[0])
+            # Whole forward calls timed at their callers, for routers that learn from them (SWARM's balancer).
+            timing = schema.timing(msg.meta.get("timing"), self.peer_id, None, fl.route[0], fl.call_s)
+            for peer, seconds in schema.call_times({"timing": timing}):
+                self.router.observe(peer, seconds)
         return self.message("ack")
 
     async def rpc_route(self, msg: Message) -> Message:
@@ -167,14 +176,14 @@ class FlightLegs(NodeBase):
         fl.recomputed += 1
         meta = fl.meta()
         if k == 0:
-            if fl.h0 is None:  # a late recovery request: the embedding's backward already ran
+            if fl.h0 is None or fl.h0_host is None:  # a late recovery request: the embedding's backward already ran
                 raise BadMessage(f"microbatch {fl.mb} has finished its backward")
             req = self.message(
                 "recompute",
                 iteration=self.iteration,
                 microbatch_id=fl.mb,
                 stage=0,
-                tensors=[fl.h0.detach(), msg.tensors[0]],
+                tensors=[fl.h0_host, msg.tensors[0]],
                 meta=meta,
             )
             await self.call(new, "recompute", req)
@@ -195,7 +204,7 @@ class FlightLegs(NodeBase):
             report.lost += 1
             log.error("mb %d lost: no route through the swarm in %d attempts", fl.mb, self.run.iteration.max_attempts)
             return
-        loss, grad = await self.compute(self._head_backward, hidden, fl.x)
+        loss, grad = await self.compute(self._head_backward, hidden, fl.x if fl.labels is None else fl.labels)
         fl.loss = loss
         report.losses.append(loss)
         if await self._backward_leg(fl, grad):
@@ -216,7 +225,7 @@ class FlightLegs(NodeBase):
                 fl.reroutes += 1
                 await self._release(fl, attempt - 1)
                 await self._fresh_route(fl)
-            fl.h0 = await self.compute(self._embed, fl.x)
+            fl.h0, fl.h0_host = await self.compute(self._embed, fl.x)
             try:
                 await self._send_first(fl)
                 return await self._await(fl, fl.head, on_dead=self._restart)
@@ -242,20 +251,29 @@ class FlightLegs(NodeBase):
             if peer not in live:
                 await self._replace(fl, pos, {peer})
 
+    def leg_timeout(self, fl: Flight) -> float:
+        """A leg's wait: the fixed microbatch timeout plus its activation crossing every hop of its route (and back
+        to this node) at the run's floor bandwidth."""
+        h = fl.h0
+        nbytes = (len(fl.route) + 1) * (h.numel() * h.element_size() if h is not None else 0)
+        return self.run.iteration.microbatch_timeout + transfer_s(nbytes, self.run.iteration.floor_bandwidth_mbps)
+
     async def _send_first(self, fl: Flight) -> None:
-        assert fl.h0 is not None
-        deadline, pause, failures = time.monotonic() + self.run.iteration.microbatch_timeout, 0.02, 0
+        assert fl.h0_host is not None
+        deadline, pause, failures = time.monotonic() + self.leg_timeout(fl), 0.02, 0
         while failures < self.run.iteration.max_attempts and time.monotonic() < deadline:
             msg = self.message(
                 "forward",
                 iteration=self.iteration,
                 microbatch_id=fl.mb,
                 stage=0,
-                tensors=[fl.h0.detach()],
+                tensors=[fl.h0_host],
                 meta=fl.meta(),
             )
             try:
+                sent = time.monotonic()
                 await self.call(fl.route[0], "forward", msg)
+                fl.call_s = time.monotonic() - sent
                 return
             except PeerError as exc:
                 if "full" in str(exc):  # busy, not broken: wait for capacity (backing off, bounded)
@@ -268,7 +286,7 @@ class FlightLegs(NodeBase):
 
     async def _await(self, fl: Flight, fut: asyncio.Future, on_dead) -> torch.Tensor:
         """Wait for a leg to come back, calling `on_dead(position, peer)` when a hop of the route has died."""
-        deadline = time.monotonic() + self.run.iteration.microbatch_timeout
+        deadline = time.monotonic() + self.leg_timeout(fl)
         next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
         while time.monotonic() < min(deadline, fl.give_up_at):
             try:
@@ -285,7 +303,7 @@ class FlightLegs(NodeBase):
                     await on_dead(*dead[-1])
         if time.monotonic() >= fl.give_up_at:
             raise Restart(f"no answer within {RECOVERY_GRACE_S:.0f}s of a failed recovery")
-        raise Restart(f"no answer within {self.run.iteration.microbatch_timeout:.0f}s")
+        raise Restart(f"no answer within {self.leg_timeout(fl):.0f}s")
 
     async def _restart(self, pos: int, peer: str) -> None:
         raise Restart(f"replica {peer[:8]} at position {pos} of the route died")
@@ -332,19 +350,26 @@ class FlightLegs(NodeBase):
         await self.compute(self._embed_backward, fl, g0)
         return True
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head.embed(x)
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the embedding's output with its graph, on the device; its CPU copy in the wire dtype, to send)."""
+        s = self.stage0
+        with autocast(s.device, s.precision):
+            h0 = self.head.embed(to_device(x, s.device))
+        return h0, to_host(h0, s.wire)
 
     def _head_backward(self, hidden: torch.Tensor, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        h = hidden.detach().requires_grad_(True)
-        loss = self.head.loss(h, x)
+        s = self.stage0
+        h = to_device(hidden.detach(), s.device).to(torch.float32).requires_grad_(True)
+        with autocast(s.device, s.precision):
+            loss = self.head.loss(h, to_device(x, s.device))
         loss.backward()
         self.stage0.count += 1
         self.stage0.stats.backward += 1
         assert h.grad is not None
-        return float(loss.detach()), h.grad.detach()
+        return float(loss.detach()), to_host(h.grad, s.wire)
 
     def _embed_backward(self, fl: Flight, g0: torch.Tensor) -> None:
         assert fl.h0 is not None
-        fl.h0.backward(g0)
+        if fl.h0.requires_grad:  # a frozen stage 0 (LoRA) has nothing to learn from it
+            fl.h0.backward(to_device(g0, self.stage0.device).to(fl.h0.dtype))
         fl.h0 = None

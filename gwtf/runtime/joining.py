@@ -13,13 +13,15 @@ from typing import Any
 import torch
 
 from gwtf.errors import BadMessage, PeerError, UserError
+from gwtf.lora import keep_own_frozen, trainable_names
 from gwtf.membership import NodeRecord, serving
 from gwtf.optim import make_optimizer
 from gwtf.recovery import install
 from gwtf.runtime.relay_state import RelayBase
 from gwtf.runtime.state import fetch_state
 from gwtf.runtime.views import view_builder
-from gwtf.stage import StageReplica, state_subset
+from gwtf.sizing import transfer_s
+from gwtf.stage import StageReplica, state_bytes, state_subset
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,11 @@ class RelayJoining(RelayBase):
         nodes = await self.fresh_versions(await self.live_nodes(max_age=0))
         self.run_version = max((r.state_version for r in nodes.values()), default=0)  # for fault points
         await self.fault("joining", self.run_version)
-        module = await self.compute(build_module, self.stage)
-        self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.opts.capacity)
+        module = await self.compute(lambda k: build_module(k).to(self.device), self.stage)  # built from the seed, moved
+        train = self.run.train
+        self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.opts.capacity,
+                                    precision=train.precision, checkpointing=train.activation_checkpointing,
+                                    dropout_seed=train.seed if self.spec.model.dropout > 0 else None)  # fmt: skip
         # Download from the replicas at the stage's newest version only: one left behind (it joined as a step ended
         # and was never routed through since) would hand a stale state on to every later joiner.
         have = {p: r.state_version for p, r in serving(nodes, "relay", self.stage).items() if r.state_version > 0}
@@ -79,13 +84,17 @@ class RelayJoining(RelayBase):
         """Fetch parameters and optimizer state, parameter names spread over the donors (one version for all).
         False when no live donor is left (the stage is lost: the caller rebuilds it)."""
         assert self.replica is not None
-        names = [n for n, _ in self.replica.module.named_parameters()]
+        # The trainable parameters (all of them, or LoRA's adapters); a LoRA base too where this machine has no
+        # staged copy to load it from, once (gwtf.lora)
+        base_here = self.base_ready or not self.spec.pretrained or Path(self.spec.pretrained).is_dir()
+        names = [n for n, p in self.replica.module.named_parameters() if p.requires_grad or not base_here]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 await self.fault("state_download", self.run_version)
                 tensors, meta = await self.fetch_state_from(donors, names)
                 await self.compute(self.replica.load_state, tensors, meta)
+                self.base_ready = True
                 log.info(
                     "relay %s downloaded stage %d v%d from %d donor(s)",
                     self.peer_id[:8],
@@ -112,6 +121,7 @@ class RelayJoining(RelayBase):
             return
         rebuilt, version = result
         r = self.replica
+        rebuilt.state_dict = keep_own_frozen(rebuilt.state_dict, r.module)  # LoRA: the adapters alone are rebuilt
         r.optimizer = install(rebuilt, r.module, r.optimizer, lambda m: make_optimizer(m, self.spec.optim))
         r.version = version
         r.boost, r.boost_from, r.lr_scale = rebuilt, r.version, rebuilt.lr_scale
@@ -141,7 +151,7 @@ class RelayJoining(RelayBase):
         """Stage `stage`'s current parameters from one of its replicas, as a module, with their version and the
         gradient norm of its last step (from the same snapshot: a DHT record may lag behind)."""
         module = await self.compute(build_module, stage)
-        tensors, meta = await self.fetch_state_from([donor], [n for n, _ in module.named_parameters()])
+        tensors, meta = await self.fetch_state_from([donor], trainable_names(module))  # LoRA: its adapters
         module.load_state_dict({k.split("/", 1)[1]: t for k, t in tensors.items() if k.startswith("param/")},
                                strict=False)  # fmt: skip
         return module, int(meta["version"]), float(meta.get("grad_norm") or 1.0)
@@ -152,11 +162,16 @@ class RelayJoining(RelayBase):
         """A stage's state from `donors` through `handler` (get_state, or get_shadow with `stage`), `meta` added to
         each request."""
 
+        sizes = state_bytes(self.replica.module) if self.replica is not None else None
+        # The chunks from one donor share its link: each waits for the donor's whole share at the floor bandwidth.
+        share = sum((sizes or {}).get(n, 0) for n in names) // max(len(donors), 1)
+        wait = self.run.iteration.iteration_timeout + transfer_s(share, self.run.iteration.floor_bandwidth_mbps)
+
         async def get(donor: str, msg: Message) -> Message:
             msg.meta.update(meta)
-            return await self.call(donor, handler, msg, timeout=self.run.iteration.iteration_timeout)
+            return await self.call(donor, handler, msg, timeout=wait)
 
-        return await fetch_state(get, self.spec.run_id, donors, names)
+        return await fetch_state(get, self.spec.run_id, donors, names, sizes)
 
     async def _watch_version(self) -> None:
         """A replica catches up with the run by itself. Data nodes route only through replicas at the iteration's

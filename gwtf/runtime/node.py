@@ -14,11 +14,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from gwtf.device import resolve_device
 from gwtf.faults import FaultInjector
 from gwtf.membership import Membership, NodeRecord, serving
 from gwtf.routing.base import Router, SwarmView
 from gwtf.routing.registry import make_router
 from gwtf.runtime.spec import NodeOptions, RunSpec
+from gwtf.sizing import transfer_s
 from gwtf.transport import Message, Transport
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,9 @@ class NodeBase:
     def __init__(self, spec: RunSpec, transport: Transport, membership: Membership, opts: NodeOptions,
                  router: Router | None = None):  # fmt: skip
         self.spec, self.transport, self.membership, self.opts = spec, transport, membership, opts
+        transport.use_wire(spec.config.wire)  # the run's codecs per kind of message (gwtf.transport.codecs)
         self.run = spec.config  # the run's settings, section by section (gwtf.config.RunConfig)
+        self.device = resolve_device(opts.device)  # the first CUDA call, if any: the node's DHT is up already
         self.peer_id = transport.peer_id
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.peer_id[:6]}")
         self.status = "joining"
@@ -41,6 +45,7 @@ class NodeBase:
         self._view: tuple[float, dict[str, NodeRecord]] | None = None
         self.faults: FaultInjector | None = None
         self.run_version = 0
+        self.maddrs: list[str] = []  # its DHT peer's addresses, in its record: a volunteer may join through them
         self.router = router or make_router(self.run.routing, spec.seed)  # started with the node, closed with it
 
     async def fault(self, phase: str, iteration: int) -> None:
@@ -53,9 +58,13 @@ class NodeBase:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:
+        """A bounded call: `timeout` (default the run's call timeout) plus the message's bytes at the run's floor
+        bandwidth (a 1.5b activation is 256 MiB: 14 s at 150 Mbit/s against a 10 s call timeout)."""
         if self.faults is not None:
             msg = await self.faults.on_send(self.peer_id, name, msg)
-        return await self.transport.call(peer, name, msg, timeout=timeout or self.run.transport.call_timeout)
+        floor = self.run.iteration.floor_bandwidth_mbps
+        wait = (timeout or self.run.transport.call_timeout) + transfer_s(msg.nbytes, floor)
+        return await self.transport.call(peer, name, msg, timeout=wait)
 
     def message(self, kind: str, **kw) -> Message:
         return Message(kind=kind, run_id=self.spec.run_id, **kw)

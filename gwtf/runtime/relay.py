@@ -12,11 +12,13 @@ import time
 
 import torch
 
+from gwtf.device import to_host
 from gwtf.errors import BadMessage, PeerError
 from gwtf.membership import Membership
 from gwtf.runtime import schema
 from gwtf.runtime.iteration_end import RelayIterationEnd
 from gwtf.runtime.spec import NodeOptions, RunSpec
+from gwtf.runtime.stage0_copy import Stage0Keeper
 from gwtf.stage import timed
 from gwtf.transport import Message, Transport
 
@@ -28,6 +30,7 @@ class RelayNode(RelayIterationEnd):
 
     def __init__(self, spec: RunSpec, transport: Transport, membership: Membership, opts: NodeOptions, stage: int):
         super().__init__(spec, transport, membership, opts, stage)
+        self.stage0_keeper = Stage0Keeper(self)
         handlers = {
             "regrad": self.rpc_regrad,
             "release": self.rpc_release,
@@ -37,8 +40,10 @@ class RelayNode(RelayIterationEnd):
             "resend": self.rpc_resend,
             "end_iteration": self.rpc_end_iteration,
             "advance": self.rpc_advance,
+            "resync": self.rpc_resync,
             "get_state": self.rpc_get_state,
             **self.recovery.handlers(self),
+            **self.stage0_keeper.handlers(),  # a copy of stage 0 for data nodes (gwtf.runtime.stage0_copy)
         }
         for name, fn in handlers.items():
             transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
@@ -63,10 +68,10 @@ class RelayNode(RelayIterationEnd):
             raise BadMessage("not serving yet")
         self._check_iteration(msg)
         self.incoming.add(self._key(msg))  # counted against capacity until its forward has run (or failed)
-        self.spawn(self._forward(msg))
+        self.spawn(self._forward(msg, time.monotonic()))
         return self.message("ack")
 
-    async def _forward(self, msg: Message) -> None:
+    async def _forward(self, msg: Message, arrived: float) -> None:
         assert self.replica is not None
         key = self._key(msg)
         try:
@@ -79,13 +84,17 @@ class RelayNode(RelayIterationEnd):
         self.compute_s = 0.8 * self.compute_s + 0.2 * took if self.compute_s else took
         self.recovery.on_forward(self, out)
         route, origin, pos = list(msg.meta["route"]), str(msg.meta["origin"]), self._pos(msg)
+        serve_s = time.monotonic() - arrived  # queue + compute, for the callers' timing (schema.timing)
         if pos == len(route) - 1:
+            self.timings[key] = (serve_s, None)
             await self._deliver(origin, "head", msg, out, route)
             return
         for _ in range(self.run.iteration.max_attempts):  # bounded: re-route around a dead next hop
             nxt = route[pos + 1]
             try:
+                sent = time.monotonic()
                 await self.call(nxt, "forward", self._relay_msg(msg, "forward", [out], route))
+                self.timings[key] = (serve_s, time.monotonic() - sent)
                 return
             except PeerError as exc:
                 log.info(
@@ -147,12 +156,19 @@ class RelayNode(RelayIterationEnd):
             grad_in = await self.compute(self.replica.backward, key, msg.tensors[0])
         route, origin, pos = list(msg.meta["route"]), str(msg.meta["origin"]), self._pos(msg)
         self.sent_grads[key] = (grad_in, route)
+        serve_s, call_s = self.timings.pop(key, (None, None)) if not recompute else (None, None)
+        callee = route[pos + 1] if pos + 1 < len(route) else None
+        timing = schema.timing(msg.meta.get("timing"), self.peer_id, serve_s, callee, call_s)
         if pos == 0:
-            await self._deliver(origin, "embed_grad", msg, grad_in, route)
+            done = self._relay_msg(msg, "embed_grad", [grad_in], route)
+            done.meta["timing"] = timing
+            await self.call(origin, "embed_grad", done)
             return
         prev = route[pos - 1]
+        back = self._relay_msg(msg, "backward", [grad_in], route)
+        back.meta["timing"] = timing
         try:
-            await self.call(prev, "backward", self._relay_msg(msg, "backward", [grad_in], route))
+            await self.call(prev, "backward", back)
         except PeerError as exc:
             # The previous stage's replica died after its forward: its upstream resends the activation to a new
             # replica, which recomputes that one stage (design.md section 4). The data node coordinates it.
@@ -190,7 +206,8 @@ class RelayNode(RelayIterationEnd):
         if held is None:
             raise BadMessage(f"no held output for microbatch {msg.microbatch_id}")
         route = list(msg.meta["route"])
-        fwd = self._relay_msg(msg, "recompute", [held.out.detach(), msg.tensors[0]], route)
+        out = await self.compute(to_host, held.out, self.replica.wire)  # a CPU copy in the run's dtype
+        fwd = self._relay_msg(msg, "recompute", [out, msg.tensors[0]], route)
         await self.call(route[route.index(self.peer_id) + 1], "recompute", fwd)
         return self.message("ack")
 

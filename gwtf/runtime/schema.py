@@ -9,6 +9,7 @@ Relay handlers (all ack on receipt; the work runs after the ack):
     regrad       "the replica before you died during its backward: recover it with the gradient you sent it"
     release      "this microbatch was restarted: drop what you hold of its earlier attempts"
     end_iteration, advance, get_state, and a recovery strategy's own (redundant: get_shadow)
+    resync       "your weights differ from your stage's majority: download the state from these replicas"
 Data node handlers (what relays send back):
     head         stage S's output of a microbatch          embed_grad  stage 1's input gradient
     route        "my next hop died: give me another"       recover     "this replica died after its forward"
@@ -40,6 +41,7 @@ RELAY: dict[str, Rpc] = {
     "resend": Rpc(ROUTED),
     "release": Rpc(("origin", "attempt")),
     "get_shadow": Rpc(("stage",)),
+    "resync": Rpc(("donors", "hash"), tensors=0),
 }
 DATA: dict[str, Rpc] = {
     "head": Rpc(("route", "attempt"), tensors=1),
@@ -76,6 +78,32 @@ def routed(route: list[str], order: Any, origin: Any, attempt: Any) -> dict[str,
     """The meta of a microbatch on its route: one replica per position, the stage at each position (CheckFree+ swaps
     some), the data node it came from and its attempt."""
     return {"route": list(route), "order": order, "origin": origin, "attempt": attempt}
+
+
+def timing(entries: Any, peer: str, serve_s: float | None, callee: str | None, call_s: float | None) -> list:
+    """The backward leg's `timing` meta, for routers that learn from whole calls timed at the caller (SWARM):
+    one [replica, serve_s, call_s] per replica, where serve_s (queue + compute, from the forward's arrival until its
+    output was ready) is the replica's own and call_s (the forward call into it, transfer included) its caller's.
+    `peer` appends its entry (None: nothing timed, a recomputation) and fills in the call it made into `callee`."""
+    out = [list(e) for e in entries if isinstance(e, list) and len(e) == 3] if isinstance(entries, list) else []
+    for e in out:
+        if e[0] == callee and e[2] is None:
+            e[2] = call_s
+    if serve_s is not None:
+        out.append([peer, serve_s, None])
+    return out
+
+
+def call_times(meta: dict[str, Any]) -> list[tuple[str, float]]:
+    """(replica, seconds of the whole forward call into it) from a backward leg's `timing` meta; malformed or
+    incomplete entries are left out (a router must not learn from them)."""
+    out = []
+    for e in meta.get("timing") or []:
+        if isinstance(e, list) and len(e) == 3 and isinstance(e[0], str):
+            serve_s, call_s = e[1], e[2]
+            if all(isinstance(v, int | float) and 0 <= v < 1e6 for v in (serve_s, call_s)):
+                out.append((e[0], float(serve_s) + float(call_s)))
+    return out
 
 
 def recovering(meta: dict[str, Any], dead_pos: int, dead: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gwtf.config import RunConfig
+from gwtf.device import check_device
 from gwtf.errors import UserError
 from gwtf.models.presets import ModelConfig
 from gwtf.optim import OptimConfig
@@ -52,12 +53,14 @@ def run_spec(run_id: str, cfg: RunConfig, data_nodes: int = 1) -> RunSpec:
 
 @dataclass
 class NodeOptions:
-    """A node's own settings (`gwtf join --capacity --region`), not the run's."""
+    """A node's own settings (`gwtf join --capacity --region --device`), not the run's."""
 
     capacity: int = 4  # microbatches a relay holds at once
     region: str | None = None  # emulate this region's links (gwtf/resources/regions.json)
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N (gwtf.device); resolved when the node starts, after its DHT
 
     def __post_init__(self) -> None:
+        self.device = check_device(self.device)
         if self.capacity < 1:
             raise UserError(f"capacity={self.capacity}: a relay holds at least 1 microbatch")
         known = load_regions().regions

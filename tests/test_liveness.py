@@ -133,7 +133,7 @@ def test_a_reset_first_contact_is_asked_again():
     """The first stream between two peers (asking for the direct-TCP endpoint) can be reset by a libp2p dial race;
     asking is idempotent, so it is asked once more before the call counts as failed. A second failure counts."""
     from gwtf.errors import PeerError
-    from gwtf.transport.direct import DirectTcp
+    from gwtf.transport.direct import _HANDLE_BYTES, DirectTcp, Endpoint
 
     async def main(fails: int):
         asked = []
@@ -142,7 +142,13 @@ def test_a_reset_first_contact_is_asked_again():
             asked.append(peer)
             if len(asked) <= fails:
                 raise asyncio.IncompleteReadError(b"", 16)
-            return {"host": "127.0.0.1", "port": 9, "token": "00" * 16}
+            return {
+                "hosts": ["127.0.0.1"],
+                "port": 9,
+                "handle": "00" * _HANDLE_BYTES,
+                "secret": "11" * 32,
+                "cipher": "none",
+            }
 
         direct = DirectTcp("me", serve=None, read_reply=None, ask_endpoint=ask)  # type: ignore[arg-type]
         try:
@@ -150,5 +156,6 @@ def test_a_reset_first_contact_is_asked_again():
         except (PeerError, asyncio.IncompleteReadError) as exc:
             return type(exc).__name__, len(asked)
 
-    assert asyncio.run(main(fails=1)) == (("127.0.0.1", 9, bytes(16)), 2)
+    granted = Endpoint(("127.0.0.1",), 9, bytes(_HANDLE_BYTES), bytes.fromhex("11" * 32), "none")
+    assert asyncio.run(main(fails=1)) == (granted, 2)
     assert asyncio.run(main(fails=2)) == ("IncompleteReadError", 2)

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     after = validation_loss(cfg, final)
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(prompts, samples_before, complete(final, cfg, prompts), strict=True)]  # fmt: skip
-    kept = ("exported", "weights_hash", "losses", "microbatches", "crash")
+    kept = ("exported", "weights_hash", "losses", "microbatches", "crash", "replicas")
     result = {"val_loss_before": before, "val_loss_after": after, **{k: summary[k] for k in kept},
               "source": str(source), "lora": cfg.lora.r > 0, "samples": samples}  # fmt: skip
     (out / "finetune.json").write_text(json.dumps(result, indent=1))

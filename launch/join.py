@@ -289,9 +289,13 @@ def step_line(row: dict[str, Any], total_steps: int) -> str:
 def iteration_row(report: IterationReport, live_per_stage: list[int]) -> dict[str, Any]:
     """A data node's iteration as its metrics line and TensorBoard scalars have it."""
     tokens_per_s = report.tokens / max(report.seconds, 1e-9)
-    counts = {k: getattr(report, k) for k in ("started", "finished", "rerouted", "partial", "lost", "waves")}
+    counts = {
+        k: getattr(report, k) for k in ("started", "finished", "rerouted", "partial", "lost", "waves", "resynced")
+    }
     head = {"iteration": report.iteration, "loss": report.loss, "tokens_per_s": tokens_per_s, "seconds": report.seconds}
-    return {**head, **counts, "live_per_stage": live_per_stage}
+    # {stage: [replicas hashed, distinct hashes]}; one distinct hash: the stage's replicas are identical
+    hashes = {str(stage): list(counts) for stage, counts in report.weight_hashes.items()}
+    return {**head, **counts, "live_per_stage": live_per_stage, "weight_hashes": hashes}
 
 
 def routing_gap_of(node: DataNode) -> Callable[[], dict[str, float]]:

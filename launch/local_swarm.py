@@ -297,8 +297,17 @@ def _summarize(args: argparse.Namespace, group: ProcessGroup, metrics: list[Path
         "crash": crashed,
         "joiner_served": _joiner_served(group),
         "failed_processes": group.failed(),
+        "replicas": replica_agreement(iters[0]),
     }
     return summary
+
+
+def replica_agreement(rows: list[dict]) -> dict[str, int]:
+    """From a data node's iteration lines: how many (step, stage) pairs had 2+ replicas report their weights after
+    stepping, in how many those weights differed (before the resync that follows), and how many replicas resynced."""
+    pairs = [counts for r in rows for counts in r.get("weight_hashes", {}).values() if counts[0] >= 2]
+    return {"compared": len(pairs), "differed": sum(1 for _, distinct in pairs if distinct > 1),
+            "resynced": sum(r.get("resynced", 0) for r in rows)}  # fmt: skip
 
 
 def outcome(args: argparse.Namespace, summary: dict) -> str:
@@ -310,6 +319,11 @@ def outcome(args: argparse.Namespace, summary: dict) -> str:
         f"{'done' if summary['ok'] else 'FAILED'}: {steps}/{args.steps} steps, {loss}",
         f"microbatches {mb['finished']}/{mb['started']} finished, {mb['rerouted']} re-routed, {mb['lost']} lost",
     ]
+    agree = summary.get("replicas") or {}
+    if agree.get("compared"):
+        parts.append(f"replicas identical after every step ({agree['compared']} stage-steps compared)" if not
+                     agree["differed"] else f"replicas differed at {agree['differed']} of {agree['compared']} "
+                     f"stage-steps ({agree['resynced']} resynchronised)")  # fmt: skip
     if args.crash_at < 0:
         parts.append("no crash asked")
     else:

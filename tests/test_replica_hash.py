@@ -5,7 +5,9 @@ import logging
 
 import torch
 
-from gwtf.runtime.consistency import diverged, majority
+from gwtf.launch.local_swarm import replica_agreement
+from gwtf.runtime.consistency import diverged, majority, weight_hashes
+from gwtf.transport import Message
 from tests.test_swarm_inprocess import run, small_config, train_swarm
 
 
@@ -36,3 +38,25 @@ def test_a_replica_forced_out_of_sync_is_detected_and_resynced(caplog) -> None:
     assert f"replica {nudged[:8]} has weights" in caplog.text and "resyncing" in caplog.text
     assert "resynced from" in caplog.text
     assert caplog.text.count("resyncing") == 1  # only the nudged one, only once
+
+
+def test_each_step_s_weight_agreement_is_counted_for_the_run_summary() -> None:
+    """The data node's iteration line counts, per stage, the replicas that reported their weights after stepping and
+    the distinct hashes among them (a stale reply, of another version, is not counted); the run's summary counts
+    the (step, stage) pairs compared and those that differed."""
+
+    def stepped(version: int, digest: str) -> Message:
+        return Message(kind="stepped", run_id="r", iteration=version - 1, meta={"version": version, "hash": digest})
+
+    replies = {
+        "a": stepped(4, "x"),
+        "b": stepped(4, "x"),
+        "c": stepped(4, "y"),
+        "d": stepped(3, "z"),
+        "e": stepped(4, "w"),
+    }
+    stages = {"a": 1, "b": 1, "c": 2, "d": 2, "e": 3}
+    assert weight_hashes(3, replies, stages) == {1: (2, 1), 2: (1, 1), 3: (1, 1)}
+    rows = [{"weight_hashes": {"1": [2, 1], "2": [1, 1]}, "resynced": 0},
+            {"weight_hashes": {"1": [2, 2], "2": [2, 1]}, "resynced": 1}, {}]  # fmt: skip
+    assert replica_agreement(rows) == {"compared": 3, "differed": 1, "resynced": 1}

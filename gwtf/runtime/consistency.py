@@ -43,6 +43,17 @@ def diverged(digests: dict[str, tuple[int, str]]) -> dict[str, tuple[str, list[s
     return out
 
 
+def weight_hashes(iteration: int, replies: dict[str, Message], stages: dict[str, int]) -> dict[int, tuple[int, int]]:
+    """{stage: (replicas whose `stepped` reply for `iteration` carries a weight hash, distinct hashes among them)};
+    one distinct hash: the stage's replicas are identical (before any resync)."""
+    seen: dict[int, list[str]] = {}
+    for peer, reply in replies.items():
+        digest = reply.meta.get("hash")
+        if peer in stages and isinstance(digest, str) and reply.meta.get("version") == iteration + 1:
+            seen.setdefault(stages[peer], []).append(digest)
+    return {stage: (len(hashes), len(set(hashes))) for stage, hashes in sorted(seen.items())}
+
+
 async def resync_diverged(
     call: Callable[[str, Message], Awaitable[Message]],
     run_id: str,

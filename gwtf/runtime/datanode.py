@@ -28,7 +28,7 @@ from gwtf.lora import trainable_names
 from gwtf.membership import Membership, NodeRecord, serving
 from gwtf.routing.base import Router, SwarmView
 from gwtf.runtime import schema
-from gwtf.runtime.consistency import resync_diverged
+from gwtf.runtime.consistency import resync_diverged, weight_hashes
 from gwtf.runtime.flights import Flight, FlightLegs, IterationReport
 from gwtf.runtime.spec import NodeOptions, RunSpec
 from gwtf.runtime.stage0_copy import newest_copy, push_copy
@@ -275,7 +275,7 @@ class DataNode(FlightLegs):
             await asyncio.gather(*(self._run_flight(fl, report) for fl in flights))
         report.check()
         report.loss = sum(report.losses) / max(len(report.losses), 1)
-        await self._finish_iteration(i)
+        report.weight_hashes, report.resynced = await self._finish_iteration(i)
         report.seconds = time.perf_counter() - t0
         await self._note_iteration(report)
         self.flights.clear()
@@ -316,7 +316,9 @@ class DataNode(FlightLegs):
             nodes = await self.live_nodes(max_age=0)
         return nodes
 
-    async def _finish_iteration(self, i: int) -> None:
+    async def _finish_iteration(self, i: int) -> tuple[dict[int, tuple[int, int]], int]:
+        """Average and step stage 0, have the relays step, check their weights agree. Returns ({stage: (replicas that
+        reported a weight hash, distinct hashes)}, replicas resynchronised)."""
         nodes = await self._data_peers()
         peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
@@ -348,15 +350,16 @@ class DataNode(FlightLegs):
             else:
                 self.confirmed[p] = int(r.meta["version"])
         stepped = {p: r for p, r in zip(relays, replies) if isinstance(r, Message)}
-        await self._resync_diverged(i, stepped, {p: live[p].stage for p in stepped if p in live})
+        stages = {p: live[p].stage for p in stepped if p in live}
+        return weight_hashes(i, stepped, stages), len(await self._resync_diverged(i, stepped, stages))
 
-    async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> None:
+    async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> dict[str, str]:
         """Replicas whose weights differ from their stage's majority download it before the next iteration."""
 
         async def resync(peer: str, msg: Message) -> Message:
             return await self.call(peer, "resync", msg, timeout=3 * self.run.iteration.iteration_timeout)
 
-        await resync_diverged(resync, self.spec.run_id, i, stepped, stages)
+        return await resync_diverged(resync, self.spec.run_id, i, stepped, stages)
 
     # ---- telemetry -----------------------------------------------------------------------------------------------
     async def call(self, peer: str, name: str, msg: Message, timeout: float | None = None) -> Message:

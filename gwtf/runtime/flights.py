@@ -79,6 +79,9 @@ class IterationReport:
     seconds: float = 0.0
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
+    # stage -> (replicas that reported a weight hash after stepping, distinct hashes among them; 1: identical)
+    weight_hashes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    resynced: int = 0  # replicas that differed from their stage's majority and were resynchronised
 
     def check(self) -> None:
         if self.started != self.finished + self.partial + self.lost:

@@ -181,8 +181,11 @@ def test_an_unknown_router_is_refused_by_the_parser(capsys):
 
 @pytest.mark.parametrize(
     "argv,named",
-    [(["--region", "mars"], "region 'mars' is not in the region table"), (["--capacity", "0"], "capacity=0"),
-     (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N")],  # fmt: skip
+    [
+        (["--region", "mars"], "region 'mars' is not in the region table"),
+        (["--capacity", "0"], "capacity=0"),
+        (["--device", "gpu"], "--device gpu: choose auto, cpu, cuda or cuda:N"),
+    ],  # fmt: skip
 )
 def test_join_refuses_a_bad_node_option_before_it_reaches_for_the_run(argv, named, capsys):
     t0 = time.monotonic()

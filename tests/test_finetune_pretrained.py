@@ -48,8 +48,8 @@ def test_smollm2_finetuned_across_a_crashing_swarm_keeps_its_knowledge(tmp_path)
     result = json.loads((out / "finetune.json").read_text())
     assert result["microbatches"]["lost"] == 0 and result["crash"]
     assert result["val_loss_after"] < result["val_loss_before"]  # it adapted to the corpus
-    # 3 stages x 2 replicas of 10 SmolLM2 layers (about 90 tensors each): the replicas' weight hashes agree after every step
-    # (each step's stages with 2 replicas serving; the crashed stage has one until its standby joins)
+    # 3 stages x 2 replicas of 10 SmolLM2 layers (about 90 tensors each): the replicas' weight hashes agree after
+    # every step (each step's stages with 2 replicas serving; the crashed stage has one until its standby joins)
     agreement = result["replicas"]
     assert agreement["compared"] >= 8 * 2 and agreement["differed"] == 0 and agreement["resynced"] == 0, agreement
 

@@ -26,15 +26,12 @@ from typing import Any
 
 import torch
 
+from gwtf.membership import LOOPBACK_KW
+
 RUN = "bench"
 RUN_PLAIN = "bench-plain"  # the server's transport whose direct path does not encrypt
 KINDS = ("transport", "direct_plain", "p2p_only", "tcp")  # what is timed, per size
-P2P_KW: dict[str, Any] = {
-    "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
-    "nat_port_map": False,
-    "auto_nat": False,
-    "use_relay": False,
-}
+P2P_KW: dict[str, Any] = LOOPBACK_KW  # loopback only, no NAT traversal or relays (as every node here)
 WAIT_S = 120.0
 
 

@@ -43,14 +43,22 @@ def diverged(digests: dict[str, tuple[int, str]]) -> dict[str, tuple[str, list[s
     return out
 
 
+def reported(iteration: int, replies: dict[str, Message], stages: dict[str, int]) -> dict[str, tuple[int, str]]:
+    """{replica: (its stage, the weight hash its `stepped` reply for `iteration` carries)}; a reply of another version
+    (stale) or without a hash is left out."""
+    return {
+        p: (stages[p], r.meta["hash"])
+        for p, r in replies.items()
+        if p in stages and isinstance(r.meta.get("hash"), str) and r.meta.get("version") == iteration + 1
+    }
+
+
 def weight_hashes(iteration: int, replies: dict[str, Message], stages: dict[str, int]) -> dict[int, tuple[int, int]]:
     """{stage: (replicas whose `stepped` reply for `iteration` carries a weight hash, distinct hashes among them)};
     one distinct hash: the stage's replicas are identical (before any resync)."""
     seen: dict[int, list[str]] = {}
-    for peer, reply in replies.items():
-        digest = reply.meta.get("hash")
-        if peer in stages and isinstance(digest, str) and reply.meta.get("version") == iteration + 1:
-            seen.setdefault(stages[peer], []).append(digest)
+    for stage, digest in reported(iteration, replies, stages).values():
+        seen.setdefault(stage, []).append(digest)
     return {stage: (len(hashes), len(set(hashes))) for stage, hashes in sorted(seen.items())}
 
 
@@ -63,11 +71,7 @@ async def resync_diverged(
 ) -> dict[str, str]:
     """Compare the `stepped` replies' hashes per stage; have each odd replica resynchronise from its stage's
     majority and wait for it (every call bounded by `call`). {peer: its hash afterwards, or why it failed}."""
-    digests = {
-        p: (stages[p], r.meta["hash"])
-        for p, r in replies.items()
-        if p in stages and isinstance(r.meta.get("hash"), str) and r.meta.get("version") == iteration + 1
-    }
+    digests = reported(iteration, replies, stages)
     odd = diverged(digests)
     if not odd:
         return {}

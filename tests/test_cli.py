@@ -163,6 +163,12 @@ def test_bootstrap_puts_every_section_into_the_run_record():
         (["--preset", "gpt5"], "gpt5"),
         (["--set", "train.steps=0"], "train.steps=0"),
         (["--set", "recovery.strategy=checkpoint"], "not a live swarm mode"),
+        (["--set", "iteration.floor_bandwidth_mbps=0"], "iteration.floor_bandwidth_mbps=0.0 must be positive"),
+        (["--set", "averaging.bucket_mb=0"], "averaging.bucket_mb=0.0 must be in .0, 1024. .MiB."),
+        (["--set", "train.precision=fp16"], "train.precision='fp16': choose one of fp32, bf16"),
+        (["--set", "wire.activations=int4"], "wire.activations='int4': choose one of"),
+        (["--set", "lora.r=-1"], "lora.r=-1 must be >= 0"),
+        (["--set", "data.documents=chapters"], "data.documents='chapters' is unknown"),
     ],
 )
 def test_bootstrap_refuses_a_bad_value_in_one_line(argv, named):

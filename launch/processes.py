@@ -43,6 +43,8 @@ CLI = ("-m", "gwtf.launch.cli")  # what a child runs unless `entry` says otherwi
 BASE_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 # Exits that are not a failure: a clean one, and the signals a crash (injected or the harness's) or a stop sends.
 NOT_FAILED = (0, -signal.SIGKILL, -signal.SIGTERM)
+# gwtf.launch.cli's exit after KeyboardInterrupt: a node maps SIGTERM to it, so a child `stop_all` stopped exits so
+INTERRUPTED_EXIT = 130
 REAP_TIMEOUT_S = 10.0  # how long a SIGKILLed child may take to be reaped
 
 
@@ -62,6 +64,7 @@ class ProcessGroup:
     ok_exits: tuple[int, ...] = NOT_FAILED
     own_sessions: bool = True
     _sigterm: Any = field(default=None, init=False, repr=False)  # the SIGTERM handler before the first start
+    _stopped: set[str] = field(default_factory=set, init=False, repr=False)  # children running when stop_all came
 
     # ---- start -------------------------------------------------------------------------------------------------
     def start(
@@ -97,6 +100,7 @@ class ProcessGroup:
         """SIGTERM each child's process group (its DHT and p2pd children are in it, also once orphaned by a crash),
         SIGKILL whatever is left after `grace` seconds, reap every child, and SIGKILL each group once more for
         what outlived its leader."""
+        self._stopped.update(name for name, proc in self.procs.items() if proc.poll() is None)
         for proc in self.procs.values():
             self._signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -131,8 +135,14 @@ class ProcessGroup:
 
     # ---- state -------------------------------------------------------------------------------------------------
     def failed(self) -> list[str]:
-        """Children that exited with an exit code outside `ok_exits`."""
-        return [n for n, p in self.procs.items() if p.poll() not in (None, *self.ok_exits)]
+        """Children that exited with an exit code outside `ok_exits`; a child this group stopped may also have ended
+        as interrupted (INTERRUPTED_EXIT): that is the stop, not a failure."""
+        return [
+            n
+            for n, p in self.procs.items()
+            if (code := p.poll()) not in (None, *self.ok_exits)
+            and not (n in self._stopped and code == INTERRUPTED_EXIT)
+        ]
 
     def log_text(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"

@@ -426,3 +426,20 @@ def test_the_demos_last_line_says_what_was_asked_and_what_happened() -> None:
     crashed = {**summary, "crash": {"served_at_step": 3}, "exits": {"relay-s1-0": -9, "data-0": None}}
     line = outcome(asked, crashed)
     assert "recovered: the standby volunteer serves since step 3" in line and "(stopped): data-0" in line
+
+
+def test_a_child_the_group_stopped_that_ends_interrupted_has_not_failed(tmp_path) -> None:
+    """A node maps SIGTERM to Ctrl-C and exits 130 ("interrupted"): after `stop_all` that is the stop, not a failure
+    (a harness run whose data node was still closing when it was stopped was marked failed); a child that exits 130
+    without being stopped has failed."""
+    on_term = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(130)); time.sleep(60)"
+    group = ProcessGroup(tmp_path)
+    try:
+        group.start("node", [], entry=("-c", on_term))
+        group.start("quitter", [], entry=("-c", "import sys; sys.exit(130)"))
+        group.procs["quitter"].wait(timeout=30)
+        time.sleep(0.5)  # the node's handler is installed
+    finally:
+        group.stop_all()
+    assert group.procs["node"].returncode == 130
+    assert group.failed() == ["quitter"]

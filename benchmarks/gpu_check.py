@@ -118,9 +118,7 @@ async def swarm_losses(cfg: RunConfig, device: str) -> tuple[list[float], list[f
 
 
 def local_losses(cfg: RunConfig, device: torch.device) -> tuple[list[float], list[float]]:
-    """gwtf's reference train_step on `device` (fp32, or bf16 autocast as the swarm's compute threads run)."""
-    from gwtf.device import autocast
-
+    """gwtf's reference train_step on `device` (fp32, or bf16 as a swarm computes it: gwtf.trainer.pipeline_loss)."""
     model = cfg.model_config()
     data = load_data(cfg.data, model.seq_len)
     t = cfg.train
@@ -132,8 +130,7 @@ def local_losses(cfg: RunConfig, device: torch.device) -> tuple[list[float], lis
         batch = [x.to(device) for x in schedule.global_batch(step)]
         synchronize(device)
         t0 = time.perf_counter()
-        with autocast(device, t.precision):
-            losses.append(train_step(stages, opts, batch, lr_at(step, t.steps, cfg.optim)))
+        losses.append(train_step(stages, opts, batch, lr_at(step, t.steps, cfg.optim), t.precision))
         synchronize(device)
         seconds.append(time.perf_counter() - t0)
     return losses, seconds

@@ -49,6 +49,30 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
 
 
+class _OnTheWire(torch.autograd.Function):
+    """Identity up to the wire's rounding, both ways: the forward rounds to the wire dtype, the backward rounds the
+    gradient to it (each returns to the dtype it came in)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
+        ctx.dtype, ctx.wire = x.dtype, wire
+        return x.to(wire).to(torch.float32)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.to(ctx.wire).to(ctx.dtype), None
+
+
+def on_the_wire(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """`x` as the next stage receives it, as an fp32 tensor, and its gradient as the sending stage receives it: one
+    process training the whole pipeline (train-local) rounds where a swarm's messages do. Nothing for fp32."""
+    wire = wire_dtype(precision)
+    if wire == torch.float32 and x.dtype == torch.float32:
+        return x
+    out: torch.Tensor = _OnTheWire.apply(x, wire)
+    return out
+
+
 def check_device(spec: str) -> str:
     """`spec` if it is auto, cpu, cuda or cuda:N (no CUDA call: a node checks its flags before its DHT starts)."""
     s = spec.strip().lower()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from gwtf.config import RunConfig, to_dict
 from gwtf.data import MicrobatchSchedule, PackedData, Tokenizer, load_data, load_tokenizer
+from gwtf.device import autocast, on_the_wire
 from gwtf.errors import UserError
 from gwtf.metrics import MetricsWriter
 from gwtf.optim import lr_at, make_optimizer, set_lr
@@ -42,37 +43,49 @@ from gwtf.tensorboard import ITERATION_TAGS, ScalarBoard
 logger = logging.getLogger(__name__)
 
 
-def pipeline_loss(stages: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss of microbatch x (batch, seq) through stage 0, stages 1..S and back to stage 0."""
+def pipeline_loss(stages: list[nn.Module], x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Mean next-token loss of microbatch x (batch, seq) through stage 0, stages 1..S and back to stage 0. In bf16
+    as a swarm computes it: each stage under autocast, activations and their gradients rounded to bf16 between
+    stages (where a swarm's messages carry them), each stage's input back in fp32."""
     head: Any = stages[0]  # models.staged.HeadStage
-    hidden = head.embed(x)  # (batch, seq, d_model)
-    for stage in stages[1:]:
-        hidden = stage(hidden)
-    return head.loss(hidden, x)
+    with autocast(x.device, precision):
+        hidden = head.embed(x)  # (batch, seq, d_model)
+    for stage in [*stages[1:], None]:
+        hidden = on_the_wire(hidden, precision)
+        with autocast(x.device, precision):
+            hidden = head.loss(hidden, x) if stage is None else stage(hidden)
+    return hidden
 
 
 @torch.no_grad()
-def evaluate(stages: list[nn.Module], val: torch.Tensor, microbatch_size: int, max_batches: int) -> float:
+def evaluate(
+    stages: list[nn.Module], val: torch.Tensor, microbatch_size: int, max_batches: int, precision: str = "fp32"
+) -> float:
     """Mean loss over the first `max_batches` microbatches of the validation rows."""
     for stage in stages:
         stage.eval()
     batches = val[: max_batches * microbatch_size].split(microbatch_size)
-    losses = [pipeline_loss(stages, x).item() for x in batches]
+    losses = [pipeline_loss(stages, x, precision).item() for x in batches]
     for stage in stages:
         stage.train()
     return sum(losses) / len(losses)
 
 
 def train_step(
-    stages: list[nn.Module], opts: Sequence[torch.optim.Optimizer], batch: list[torch.Tensor], lr: float
+    stages: list[nn.Module],
+    opts: Sequence[torch.optim.Optimizer],
+    batch: list[torch.Tensor],
+    lr: float,
+    precision: str = "fp32",
 ) -> float:
-    """One optimizer step over the microbatches of `batch` (order in the module docstring); returns the mean loss."""
+    """One optimizer step over the microbatches of `batch` (order in the module docstring), in `precision` (the
+    run's train.precision: fp32 master weights either way); returns the mean loss."""
     for opt in opts:
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
     total = 0.0
     for x in batch:
-        loss = pipeline_loss(stages, x)
+        loss = pipeline_loss(stages, x, precision)
         (loss / len(batch)).backward()
         total += loss.item()
     for opt in opts:
@@ -135,7 +148,7 @@ def train_local(
         for step in bar:
             start = time.perf_counter()
             lr = lr_at(step, tr.steps, cfg.optim)
-            loss = train_step(stages, opts, schedule.global_batch(step), lr)
+            loss = train_step(stages, opts, schedule.global_batch(step), lr, tr.precision)
             seconds = time.perf_counter() - start
             train_time += seconds
             losses.append(loss)
@@ -145,7 +158,7 @@ def train_local(
             bar.set_postfix(loss=f"{loss:.3f}")
             done = step + 1
             if done == tr.steps or (tr.eval_every and done % tr.eval_every == 0):
-                val = evaluate(stages, data.val, tr.microbatch_size, tr.val_batches)
+                val = evaluate(stages, data.val, tr.microbatch_size, tr.val_batches, tr.precision)
                 val_losses.append([done, val])
                 metrics.write(event="val", step=done, val_loss=val)
                 board.add(done, {ITERATION_TAGS["val_loss"]: val})

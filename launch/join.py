@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
     parser.add_argument("--role", choices=("relay", "data"), default="relay", help="serve a stage, or drive the steps")
     parser.add_argument("--stage", type=int, default=None, help="relay stage (default: where it adds most)")
     parser.add_argument("--rank", type=int, default=0, help="data node rank (its data shard)")
-    parser.add_argument("--capacity", type=int, default=4, help="microbatches a relay holds at once (default: 4)")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="microbatches a relay holds at once (default: what its device's memory holds, at most the "
+                        "run's microbatches per step)")  # fmt: skip
     parser.add_argument("--device", default="auto",
                         help="auto | cpu | cuda | cuda:N: where it computes (auto: CUDA if present)")  # fmt: skip
     parser.add_argument(

@@ -1,6 +1,7 @@
 """`gwtf train-local`: the single-process reference training every swarm result is compared with.
 
 gwtf train-local --config run.toml --set optim.lr=1e-3 --set train.microbatch_size=16 --json out.json
+gwtf train-local --preset debug --set train.precision=bf16   # computes and rounds as a bf16 swarm does
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -238,11 +237,6 @@ def _from_gpt2(cls: type[ModelConfig], h: Any, n_stages: int) -> ModelConfig:
 # --- presets ---------------------------------------------------------------------------------------------------
 
 
-def _llama_ff(d_model: int) -> int:
-    """LLaMA's SwiGLU width: 8/3 d rounded up to a multiple of 256."""
-    return math.ceil(8 * d_model / 3 / 256) * 256
-
-
 def debug() -> ModelConfig:
     return ModelConfig(
         family="llama",
@@ -278,20 +272,26 @@ def llama_124m() -> ModelConfig:
 
 
 def llama_500m() -> ModelConfig:
+    """498.8M parameters: GPT-2 large's width (1280, 20 heads of 64) at GPT-2 medium's depth (24 layers); d_ff 2816
+    (2.2 d, a multiple of 256) keeps the name true, as for `124m` (8/3 d would give 3584 and 569M). The width and depth
+    it had before (1024 x 24) held 374M."""
     return ModelConfig(
         family="llama",
         vocab_size=32000,
-        d_model=1024,
-        n_heads=16,
-        n_kv_heads=16,
+        d_model=1280,
+        n_heads=20,
+        n_kv_heads=20,
         n_layers=24,
         n_stages=6,
-        d_ff=_llama_ff(1024),
+        d_ff=2816,
         seq_len=1024,
     )
 
 
 def llama_1_5b() -> ModelConfig:
+    """1.515B parameters: LLaMA's 8/3 d (5632) would give 1.36B; d_ff 6656 (3.25 d, a multiple of 256) keeps the name
+    true with the width, depth and sequence length unchanged, so a microbatch of 8 x 4096 still moves 256 MiB between
+    stages (gwtf.sizing)."""
     return ModelConfig(
         family="llama",
         vocab_size=32000,
@@ -300,12 +300,13 @@ def llama_1_5b() -> ModelConfig:
         n_kv_heads=16,
         n_layers=24,
         n_stages=6,
-        d_ff=_llama_ff(2048),
+        d_ff=6656,
         seq_len=4096,
     )
 
 
-def gpt_500m() -> ModelConfig:
+def gpt_355m() -> ModelConfig:
+    """GPT-2 medium: 354.8M parameters (called `gpt-500m` before, which it never held)."""
     return ModelConfig(
         family="gpt",
         vocab_size=50257,
@@ -326,12 +327,15 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "124m": llama_124m,
     "500m": llama_500m,
     "1.5b": llama_1_5b,
-    "gpt-500m": gpt_500m,
+    "gpt-355m": gpt_355m,
 }
+RENAMED = {"gpt-500m": "gpt-355m"}  # old name -> new: named after what they hold
 
 
 def get_preset(name: str, stages: int | None = None, **overrides: Any) -> ModelConfig:
     """A preset by name; `stages=S` keeps its layers per stage (n_layers = S x layers per stage)."""
+    if name in RENAMED:
+        raise UserError(f"model preset {name!r} is now {RENAMED[name]!r} (named after the parameters it holds)")
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = PRESETS[name]()

@@ -5,6 +5,8 @@ OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_models.py -q
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import BertConfig, GPT2LMHeadModel, LlamaForCausalLM
@@ -187,7 +189,29 @@ def test_preset_sizes():
     m124 = get_preset("124m")
     assert (m124.d_model, m124.n_heads, m124.n_stages, m124.n_layers, m124.seq_len) == (768, 12, 4, 12, 512)
     assert (get_preset("1.5b").d_model, get_preset("1.5b").seq_len) == (2048, 4096)
-    assert get_preset("gpt-500m").vocab_size == 50257 and get_preset("500m").vocab_size == 32000
+    assert get_preset("gpt-355m").vocab_size == 50257 and get_preset("500m").vocab_size == 32000
+    with pytest.raises(UserError, match="'gpt-500m' is now 'gpt-355m'"):
+        get_preset("gpt-500m")
+
+
+def _size_in_name(name: str) -> float | None:
+    """124m -> 124e6, 1.5b -> 1.5e9, gpt-355m -> 355e6; None for a name without a size (debug)."""
+    m = re.search(r"(\d+(?:\.\d+)?)([mb])$", name)
+    return float(m.group(1)) * (1e6 if m.group(2) == "m" else 1e9) if m else None
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_holds_what_its_name_says(name):
+    """Counted on transformers' unsplit model, built on the meta device (no memory, no init): within 5 %."""
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = HF_CLASS[cfg.family](cfg.to_hf_config())
+    params = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    named = _size_in_name(name)
+    if named is None:
+        assert name.startswith("debug") and params < 1e6, (name, params)
+        return
+    assert abs(params / named - 1) < 0.05, f"{name} holds {params / 1e6:.1f}M parameters"
 
 
 def test_stages_override_keeps_layers_per_stage():

@@ -34,3 +34,15 @@ def test_throughput_benchmark_minimal(tmp_path):
     assert d["deepspeed"]["losses"] == pytest.approx(single, abs=1e-3)
     # DeepSpeed's first rank holds the embedding and its last rank the head: 4 layers over 2 ranks
     assert d["deepspeed"]["parts"] == [0, 2, 4]
+
+
+def test_throughput_settings_carry_device_and_precision():
+    from gwtf.benchmarks.throughput import BenchSettings
+    from gwtf.errors import UserError
+
+    s = BenchSettings(device="cuda:1", precision="bf16")
+    assert "train.precision=bf16" in s.overrides() and not s.with_deepspeed()  # DeepSpeed's baseline is CPU fp32
+    assert BenchSettings().with_deepspeed()
+    for bad in ({"device": "gpu"}, {"precision": "fp16"}):
+        with pytest.raises(UserError):
+            BenchSettings(**bad)

@@ -6,6 +6,10 @@ Replicas of a stage step bit-identical averaged gradients from bit-identical wei
 something went wrong: a replica left out of a round that stepped on its own, a corrupted download, or replicas on
 different devices (CUDA's AdamW kernels are not bit-identical with the CPU's). A warning is not enough there: a
 joiner or a CheckFree neighbour trusts any replica's state, so the odd one is overwritten.
+
+Stage 0 (embeddings, final norm, LM head) has one replica per data node, averaged among the data nodes; they check
+it the same way (`Stage0Hashes`): after stepping, each asks the others for their stage-0 hash at the new version,
+takes the same majority (the same tie rule), and the one that differs downloads stage 0 from the majority itself.
 """
 
 from __future__ import annotations
@@ -13,9 +17,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
+from gwtf.errors import BadMessage, PeerError
+from gwtf.lora import trainable_names
+from gwtf.runtime.state import fetch_state
+from gwtf.sizing import transfer_s
+from gwtf.stage import state_bytes
 from gwtf.transport import Message
+
+if TYPE_CHECKING:
+    from gwtf.runtime.datanode import DataNode
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +103,80 @@ async def resync_diverged(
         else:
             out[peer] = str(r.meta.get("hash"))
     return out
+
+
+STAGE0_POLL_S = 0.05  # a data node asked for a version it has not stepped to yet looks again this often
+
+
+class Stage0Hashes:
+    """Stage 0's replicas, one per data node, checked after every step as relay stages are: a data node whose stage
+    0 differs from the data nodes' majority downloads it (weights and Adam moments) from the majority's holders
+    before its next iteration. Each data node decides for itself from the same hashes, so none is told to."""
+
+    def __init__(self, node: DataNode):
+        self.node = node
+
+    def handlers(self) -> dict[str, Callable[[Message], Awaitable[Message]]]:
+        return {"stage0_hash": self.rpc_stage0_hash}
+
+    async def rpc_stage0_hash(self, msg: Message) -> Message:
+        """This node's stage-0 hash once it holds version `msg.iteration` (the asker may step first: wait for the
+        step, bounded by the call timeout); the version it holds, whichever it is, is in the reply."""
+        node = self.node
+        deadline = time.monotonic() + node.run.transport.call_timeout / 2
+        while node.stage0.version < msg.iteration and time.monotonic() < deadline:
+            await asyncio.sleep(STAGE0_POLL_S)
+        digest = await node.compute(node.stage0.weights_digest)
+        return node.message("stage0_hash", meta={"hash": digest, "version": node.stage0.version})
+
+    async def check(self, iteration: int, data_nodes: list[str]) -> tuple[tuple[int, int] | None, int]:
+        """After stepping stage 0 to version iteration + 1: ((data nodes whose hash was compared, distinct hashes),
+        1 if this node resynchronised else 0). Nothing to compare (None) with no other data node."""
+        node = self.node
+        others = [p for p in data_nodes if p != node.peer_id]
+        if not others:
+            return None, 0
+        ask = node.message("stage0_hash", iteration=iteration + 1)
+        replies = await asyncio.gather(*(node.call(p, "stage0_hash", ask) for p in others), return_exceptions=True)
+        hashes = {node.peer_id: await node.compute(node.stage0.weights_digest)}
+        for peer, reply in zip(others, replies):
+            if isinstance(reply, BaseException):
+                log.info("iteration %d: no stage-0 hash from data node %s (%s)", iteration, peer[:8], reply)
+            elif reply.meta.get("version") == iteration + 1 and isinstance(reply.meta.get("hash"), str):
+                hashes[peer] = reply.meta["hash"]
+        counts = (len(hashes), len(set(hashes.values())))
+        odd = diverged({p: (0, h) for p, h in hashes.items()}).get(node.peer_id)
+        if odd is None:
+            return counts, 0
+        best, donors = odd
+        log.warning("iteration %d: data node %s has stage 0 %s, the majority %s (%d data nodes): resyncing",
+                    iteration, node.peer_id[:8], hashes[node.peer_id][:8], best[:8], len(donors))  # fmt: skip
+        return counts, int(await self._resync(iteration + 1, donors, best))
+
+    async def _resync(self, version: int, donors: list[str], best: str) -> bool:
+        """Download stage 0 at `version` from `donors` and load it; True when its hash is then the majority's."""
+        node, stage0 = self.node, self.node.stage0
+        sizes = state_bytes(stage0.module)
+        wait = node.run.iteration.iteration_timeout + transfer_s(
+            sum(sizes.values()), node.run.iteration.floor_bandwidth_mbps
+        )
+
+        async def get(peer: str, msg: Message) -> Message:
+            return await node.call(peer, "get_state", msg, timeout=wait)
+
+        names = trainable_names(stage0.module) or [n for n, _ in stage0.module.named_parameters()]
+        try:
+            tensors, meta = await fetch_state(get, node.spec.run_id, donors, names, sizes)
+            if meta["version"] != version:  # a donor stepped on without this node: it is behind, not odd
+                raise BadMessage(f"the donors hold version {meta['version']}, not {version}")
+            await node.compute(stage0.load_state, tensors, meta)
+        except (PeerError, BadMessage) as exc:
+            log.warning("data node %s: stage 0 did not resync (%s)", node.peer_id[:8], exc)
+            return False
+        digest: Any = await node.compute(stage0.weights_digest)
+        if digest != best:
+            log.warning("data node %s: stage 0 resynced to %s, not the majority's %s", node.peer_id[:8], digest[:8],
+                        best[:8])  # fmt: skip
+            return False
+        log.info("data node %s: stage 0 resynced from %s", node.peer_id[:8], donors[0][:8])
+        return True

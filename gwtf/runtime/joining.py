@@ -20,7 +20,7 @@ from gwtf.recovery import install
 from gwtf.runtime.relay_state import RelayBase
 from gwtf.runtime.state import fetch_state
 from gwtf.runtime.views import view_builder
-from gwtf.sizing import transfer_s
+from gwtf.sizing import derive_capacity, transfer_s
 from gwtf.stage import StageReplica, state_bytes, state_subset
 from gwtf.transport import Message
 
@@ -39,9 +39,14 @@ class RelayJoining(RelayBase):
         await self.fault("joining", self.run_version)
         module = await self.compute(lambda k: build_module(k).to(self.device), self.stage)  # built from the seed, moved
         train = self.run.train
-        self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.opts.capacity,
+        self.replica = StageReplica(self.stage, module, self.spec.optim, self.spec.total_steps, self.opts.capacity or 1,
                                     precision=train.precision, checkpointing=train.activation_checkpointing,
                                     dropout_seed=train.seed if self.spec.model.dropout > 0 else None)  # fmt: skip
+        if self.opts.capacity is None:  # no --capacity: what the device's memory holds (gwtf.sizing)
+            m = self.spec.model
+            figures = await self.compute(derive_capacity, self.replica, self.spec.microbatch_size, m.seq_len,
+                                         m.d_model, train.microbatches_per_step)  # fmt: skip
+            self.replica.capacity = figures.capacity
         # Download from the replicas at the stage's newest version only: one left behind (it joined as a step ended
         # and was never routed through since) would hand a stale state on to every later joiner.
         have = {p: r.state_version for p, r in serving(nodes, "relay", self.stage).items() if r.state_version > 0}

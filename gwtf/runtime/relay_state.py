@@ -60,7 +60,7 @@ class RelayBase(NodeBase):
             role="relay",
             stage=self.stage,
             status=self.status,
-            capacity=self.opts.capacity,
+            capacity=r.capacity if r else self.opts.capacity or 0,  # derived once the stage is built, without one
             compute_s=self.compute_s,
             region=self.opts.region,
             state_version=r.version if r else -1,

@@ -55,13 +55,13 @@ def run_spec(run_id: str, cfg: RunConfig, data_nodes: int = 1) -> RunSpec:
 class NodeOptions:
     """A node's own settings (`gwtf join --capacity --region --device`), not the run's."""
 
-    capacity: int = 4  # microbatches a relay holds at once
+    capacity: int | None = 4  # microbatches a relay holds at once; None: derived from its device's memory (gwtf.sizing)
     region: str | None = None  # emulate this region's links (gwtf/resources/regions.json)
     device: str = "cpu"  # auto | cpu | cuda | cuda:N (gwtf.device); resolved when the node starts, after its DHT
 
     def __post_init__(self) -> None:
         self.device = check_device(self.device)
-        if self.capacity < 1:
+        if self.capacity is not None and self.capacity < 1:
             raise UserError(f"capacity={self.capacity}: a relay holds at least 1 microbatch")
         known = load_regions().regions
         if self.region is not None and self.region not in known:

@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "aiohttp>=3.9,<4",  # gwtf dashboard's web server
     "cryptography==50.0.2",  # the direct path's AEAD (ChaCha20-Poly1305) and key derivation (HKDF)
     "datasets==5.2.0",  # fine-tuning data as it comes: JSON lines, CSV, Parquet, load_from_disk
+    "xxhash>=3.4",  # frame checksums (XXH3-64); datasets depends on it too
     "peft==0.21.2",  # LoRA adapters across the swarm
 ]
 

@@ -8,7 +8,9 @@ server that reads a length-prefixed payload into a preallocated buffer and acks 
 float32 tensor of each size per call, and the same bytes over the raw socket. Reported per size (1 MB = 2^20 bytes),
 median of the repeats, in MB/s: transport (the direct path, encrypted: as nodes use it), direct_plain (the direct path
 unencrypted), p2p_only (everything over hivemind's libp2p streams: the fallback for a peer whose direct port cannot be
-reached; libp2p always encrypts, so it has no unencrypted variant), tcp; and each one's ratio to tcp.
+reached; libp2p always encrypts, so it has no unencrypted variant), tcp; and each one's ratio to tcp, as a mean
+with its 95 % t-interval over the repeats (each repeat times every kind once, back to back: the ratios of one
+repeat share the machine's load of the moment).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from gwtf.benchmarks.stats import fmt, mean_ci
 from gwtf.membership import LOOPBACK_KW
 
 RUN = "bench"
@@ -92,33 +95,63 @@ def _server_main(conn: Any, max_bytes: int) -> None:
 # --- client -------------------------------------------------------------------------------------------------
 
 
-def _time_raw(port: int, payload: memoryview, repeats: int) -> list[float]:
-    times = []
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(repeats + 1):  # the first one warms up
-            start = time.perf_counter()
-            sock.sendall(len(payload).to_bytes(8, "big"))
-            sock.sendall(payload)
-            if sock.recv(1) != b"k":
-                raise RuntimeError("raw TCP server did not ack")
-            times.append(time.perf_counter() - start)
-    return times[1:]
+def _time_raw(sock: socket.socket, payload: memoryview) -> float:
+    start = time.perf_counter()
+    sock.sendall(len(payload).to_bytes(8, "big"))
+    sock.sendall(payload)
+    if sock.recv(1) != b"k":
+        raise RuntimeError("raw TCP server did not ack")
+    return time.perf_counter() - start
 
 
-async def _time_transport(transport: Any, peer: str, tensor: torch.Tensor, repeats: int) -> list[float]:
+async def _time_kind(kind: str, raw: socket.socket, payload: memoryview, sealed: Any, plain: Any, peer: str,
+                     tensor: torch.Tensor) -> float:  # fmt: skip
+    if kind == "tcp":
+        return _time_raw(raw, payload)
+    if kind != "p2p_only":
+        return await _time_call(sealed if kind == "transport" else plain, peer, tensor)
+    sealed.direct_tcp_min_bytes = None  # the fallback: everything over libp2p streams
+    try:
+        return await _time_call(sealed, peer, tensor)
+    finally:
+        sealed.direct_tcp_min_bytes = 0
+
+
+async def _time_call(transport: Any, peer: str, tensor: torch.Tensor) -> float:
     from gwtf.transport import Message
 
-    times = []
-    for _ in range(repeats + 1):
-        msg = Message("forward", transport.run_id, tensors=[tensor])
-        start = time.perf_counter()
-        await transport.call(peer, "sink", msg, timeout=WAIT_S)
-        times.append(time.perf_counter() - start)
-    return times[1:]
+    msg = Message("forward", transport.run_id, tensors=[tensor])
+    start = time.perf_counter()
+    await transport.call(peer, "sink", msg, timeout=WAIT_S)
+    return time.perf_counter() - start
 
 
-async def _measure(info: dict[str, Any], sizes: list[int], repeats: int) -> dict[str, dict[str, float]]:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds so far of these processes and their descendants (the p2pd daemons), every thread."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            family = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for q in family:
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                continue
+    return total
+
+
+async def _measure(info: dict[str, Any], sizes: list[int], repeats: int, server_pid: int) -> dict[str, dict[str, Any]]:
+    """Per size, `repeats` rounds after one warm-up round; each round times one transfer of every kind back to back,
+    so a load change on the machine hits them alike, and each kind's ratio to the round's raw TCP time is one
+    sample. Reported: the median MB/s of each kind, each ratio's mean with its 95 % t-interval over the rounds, and
+    the median CPU milliseconds per MB that both processes and their p2p daemons spent on each kind (what a loaded
+    machine changes least: it says where a transfer's cost goes, not how the scheduler shared the cores)."""
     from hivemind.p2p import P2P, PeerID
 
     from gwtf.transport import HivemindTransport
@@ -126,23 +159,38 @@ async def _measure(info: dict[str, Any], sizes: list[int], repeats: int) -> dict
     p2p = await P2P.create(initial_peers=info["maddrs"], **P2P_KW)
     sealed, plain = [await HivemindTransport.create(p2p, run) for run in (RUN, RUN_PLAIN)]  # the server decides
     peer = PeerID.from_base58(info["maddrs"][0].rsplit("/p2p/", 1)[1]).to_base58()
-    results: dict[str, dict[str, float]] = {}
+    pids = [os.getpid(), server_pid]
+    raw = socket.create_connection(("127.0.0.1", info["tcp_port"]), timeout=WAIT_S)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    results: dict[str, dict[str, Any]] = {}
     try:
         for mb in sizes:
             tensor = torch.randn(mb * 2**20 // 4)
             payload = tensor.numpy().data.cast("B")
-            seconds = {"tcp": statistics.median(_time_raw(info["tcp_port"], payload, repeats))}
-            seconds["transport"] = statistics.median(await _time_transport(sealed, peer, tensor, repeats))
-            seconds["direct_plain"] = statistics.median(await _time_transport(plain, peer, tensor, repeats))
-            sealed.direct_tcp_min_bytes = None
-            seconds["p2p_only"] = statistics.median(await _time_transport(sealed, peer, tensor, repeats))
-            sealed.direct_tcp_min_bytes = 0
-            row = {f"{k}_mb_per_s": mb / seconds[k] for k in KINDS}
-            row.update({f"{k}_ratio": seconds["tcp"] / seconds[k] for k in KINDS if k != "tcp"})
+            seconds: dict[str, list[float]] = {k: [] for k in KINDS}
+            cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+            for round_ in range(repeats + 1):  # round 0 warms up (connections, endpoints, buffers)
+                times, cpu_used = {}, {}
+                for kind in KINDS:
+                    c0 = _cpu_seconds(pids)
+                    times[kind] = await _time_kind(kind, raw, payload, sealed, plain, peer, tensor)
+                    cpu_used[kind] = _cpu_seconds(pids) - c0
+                if round_:
+                    for kind in KINDS:
+                        seconds[kind].append(times[kind])
+                        cpu[kind].append(cpu_used[kind])
+            row: dict[str, Any] = {f"{k}_mb_per_s": mb / statistics.median(seconds[k]) for k in KINDS}
+            for k in KINDS[:-1]:
+                row[f"{k}_ratio"] = mean_ci([tcp / t for tcp, t in zip(seconds["tcp"], seconds[k])])
             row["ratio"] = row["transport_ratio"]
+            row.update({f"{k}_cpu_ms_per_mb": 1000 * statistics.median(cpu[k]) / mb for k in KINDS})
             results[str(mb)] = row
-            print(f"{mb:>3} MB  " + "  ".join(f"{k} {v:8.2f}" for k, v in row.items()), flush=True)
+            speeds = "  ".join(f"{k} {row[f'{k}_mb_per_s']:.0f}" for k in KINDS)
+            ratios = "".join(f"\n    {k} / tcp: {fmt(row[f'{k}_ratio'])}" for k in KINDS[:-1])
+            cpu_ms = "  ".join(f"{k} {row[f'{k}_cpu_ms_per_mb']:.2f}" for k in KINDS)
+            print(f"{mb:>3} MB, MB/s (median): {speeds}{ratios}\n    CPU ms per MB, both ends: {cpu_ms}", flush=True)
     finally:
+        raw.close()
         for transport in (sealed, plain):
             await transport.shutdown()
         await p2p.shutdown()
@@ -164,7 +212,7 @@ def main() -> None:
     try:
         if not parent.poll(WAIT_S):
             raise RuntimeError("the server process did not start in time")
-        results = asyncio.run(_measure(parent.recv(), args.sizes, args.repeats))
+        results = asyncio.run(_measure(parent.recv(), args.sizes, args.repeats, server.pid))
         parent.send("done")
         server.join(timeout=10)
     finally:

@@ -15,6 +15,7 @@ for the people watching the run (`gwtf dashboard`).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,8 @@ STATUSES = ("joining", "serving", "leaving")
 RUN_TTL_S = 7 * 24 * 3600.0  # the run record outlives any node; bootstrap may publish it again
 DHT_TIMEOUT_S = 10.0  # bound on one DHT store or lookup
 STORE_ATTEMPTS = 2  # a store that no peer kept is tried once more before it is reported
+DHT_OPS_ENV = "GWTF_DHT_OPS"  # a folder: each process keeps its count of DHT reads and writes there (benchmarks)
+SHARING_ENV = "HIVEMIND_MEMORY_SHARING_STRATEGY"  # hivemind's name: torch's tensor sharing between its processes
 LOOPBACK_KW: dict[str, Any] = {
     "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
     "nat_port_map": False,
@@ -101,6 +104,44 @@ def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -
         for p, r in nodes.items()
         if r.role == role and r.status == "serving" and (stage is None or r.stage == stage)
     }
+
+
+class DhtOps:
+    """This process's DHT reads and writes, by operation and record kind ("read nodes", "write telemetry", ...):
+    what a node's membership costs its DHT peer. With DHT_OPS_ENV set, the counts are also written (at most every
+    `every` seconds, and at exit) to `<folder>/<pid>.json`, which benchmarks.throughput reads per process."""
+
+    def __init__(self, every: float = 0.25) -> None:
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._every, self._written = every, 0.0
+        self._folder = os.environ.get(DHT_OPS_ENV)
+        if self._folder:
+            atexit.register(self.write)
+
+    def add(self, op: str, key: str) -> None:
+        name = f"{op} {key.rsplit('/', 1)[-1]}"
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        if self._folder and time.monotonic() - self._written >= self._every:
+            self.write()
+
+    def write(self) -> None:
+        if not self._folder:
+            return
+        self._written = time.monotonic()
+        with self._lock:
+            data = json.dumps({"time": time.time(), "counts": self.counts})
+        path = os.path.join(self._folder, f"{os.getpid()}.json")
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)  # a reader never sees half a file
+        except OSError as exc:
+            logger.debug("cannot write the DHT counts to %s: %s", path, exc)
+
+
+DHT_OPS = DhtOps()
 
 
 class RunEnd:
@@ -319,8 +360,14 @@ def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: Run
     records then carry the key's MAC). Other keyword arguments go to hivemind.DHT.
     """
     import hivemind
+    import torch.multiprocessing
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.utils.crypto import RSAPrivateKey
+
+    # Importing hivemind switched torch to "file_system" sharing for the shared state of its futures, which starts a
+    # torch_shm_manager daemon beside every node (58 MB PSS measured here); those few bytes go over pipes to the DHT
+    # process just as well as file descriptors (torch's own default, no daemon). Set before the DHT's first future.
+    torch.multiprocessing.set_sharing_strategy(os.environ.get(SHARING_ENV, "file_descriptor"))
 
     private_key = RSAPrivateKey()  # not the process-wide key: several nodes may share a process
     validator = RSASignatureValidator(private_key)
@@ -460,6 +507,7 @@ class DHTMembership(Membership):
         from hivemind.utils import get_dht_time
 
         for attempt in range(STORE_ATTEMPTS):
+            DHT_OPS.add("write", key)
             future = self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner_key, return_future=True)
             if future.result(timeout=DHT_TIMEOUT_S):
                 return
@@ -473,6 +521,7 @@ class DHTMembership(Membership):
         """Unexpired values under `key` by subkey, each with the seconds it has left."""
         from hivemind.utils import get_dht_time
 
+        DHT_OPS.add("read", key)
         found = self.dht.get(key, latest=True, return_future=True).result(timeout=DHT_TIMEOUT_S)
         if found is None or not isinstance(found.value, dict):
             return {}

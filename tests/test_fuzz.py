@@ -191,7 +191,7 @@ def test_fuzzed_frames_get_errors_and_leave_the_node_unchanged(live_swarm) -> No
             shape = d(st.lists(st.integers(1, 2**31), min_size=1, max_size=4))
             header = {"handler": d(st.sampled_from(names)), "auth": swarm.access.proof(FUZZER, target),
                       "kind": "forward", "run_id": RUN, "iteration": 0, "microbatch_id": 0, "stage": 0, "meta": {},
-                      "tensors": [["float32", shape]] * d(st.integers(1, 100)), "crc32": 0}  # fmt: skip
+                      "tensors": [["float32", shape]] * d(st.integers(1, 100)), "xxh3": 0}  # fmt: skip
             raw = str(header).replace("'", '"').encode()
             body_len = d(st.integers(0, 2**40))
             fuzz.send(kind, target, struct.pack("!4sIQ", b"GWT1", len(raw), body_len) + raw, may_break=True)

@@ -12,7 +12,10 @@ from gwtf.errors import UserError
 from gwtf.launch.status import format_status
 from gwtf.launch.status import run as status_command
 from gwtf.membership import (
+    DHT_OPS,
+    DHT_OPS_ENV,
     DHTMembership,
+    DhtOps,
     InMemoryMembership,
     NodeRecord,
     RunRecord,
@@ -144,11 +147,20 @@ def test_dht_membership_records_signatures_and_expiry() -> None:
     dht_b = make_dht(dht_addresses(dht_a))
     try:
         a, b = DHTMembership(dht_a, RUN), DHTMembership(dht_b, RUN)
+        import torch.multiprocessing
+
+        # no torch_shm_manager daemon beside each node (hivemind would pick "file_system"); the DHT works as well
+        assert torch.multiprocessing.get_sharing_strategy() == "file_descriptor"
         a.publish_run(run_record())
         assert b.get_run(timeout=10) == run_record()
         a.announce(node(str(dht_a.peer_id)), ttl=30)
         b.announce(node(str(dht_b.peer_id), stage=2), ttl=1.0)
         assert set(a.live_nodes()) == {str(dht_a.peer_id), str(dht_b.peer_id)}
+        before = dict(DHT_OPS.counts)  # each DHT operation is counted once, by record kind
+        a.announce(node(str(dht_a.peer_id)), ttl=30)
+        a.live_nodes(), a.telemetry()
+        grew = {k: n - before.get(k, 0) for k, n in DHT_OPS.counts.items() if n != before.get(k, 0)}
+        assert grew == {"write nodes": 1, "read nodes": 1, "read telemetry": 1}
 
         # b writes under a's subkey: without a's private key the signature cannot match, so it is refused
         forged = node(str(dht_a.peer_id), capacity=99).to_dict()
@@ -184,3 +196,18 @@ def test_status_command_errors_are_user_errors() -> None:
     with pytest.raises(UserError):
         status_command(bad)
     assert time.monotonic() - start < 60
+
+
+def test_dht_ops_are_written_for_a_benchmark_to_read(tmp_path, monkeypatch) -> None:
+    import json
+    import os
+
+    monkeypatch.setenv(DHT_OPS_ENV, str(tmp_path))
+    ops = DhtOps(every=3600.0)
+    ops.add("read", f"gwtf/{RUN}/nodes")  # the first one is written at once
+    ops.add("read", f"gwtf/{RUN}/nodes")  # then at most every `every` seconds, and at exit
+    ops.add("write", f"gwtf/{RUN}/telemetry")
+    path = tmp_path / f"{os.getpid()}.json"
+    assert json.loads(path.read_text())["counts"] == {"read nodes": 1}
+    ops.write()
+    assert json.loads(path.read_text())["counts"] == {"read nodes": 2, "write telemetry": 1}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 
 import pytest
 import torch
+import xxhash
 
 from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.transport import (
@@ -260,7 +260,8 @@ def test_emulated_call_is_delayed_both_ways() -> None:
 def test_frame_checksum_covers_body() -> None:
     frame = encode_frame(Message("f", RUN, tensors=[torch.ones(3)]), extra={})
     header = frame[1]
-    assert isinstance(header, bytes) and str(zlib.crc32(b"".join(bytes(b) for b in frame[2:]))) in header.decode()
+    body = b"".join(bytes(b) for b in frame[2:])
+    assert isinstance(header, bytes) and f'"xxh3":{xxhash.xxh3_64_intdigest(body)}' in header.decode()
 
 
 # --- hivemind backend ----------------------------------------------------------------------------------------
@@ -353,5 +354,53 @@ def test_direct_tcp_refuses_unknown_token() -> None:
             writer.close()
         finally:
             await close_all(client, server)
+
+    asyncio.run(run())
+
+
+# --- receive buffers (gwtf/transport/buffers.py) -------------------------------------------------------------
+
+
+def test_buffer_pool_reuses_a_buffer_only_once_its_tensors_are_freed() -> None:
+    from gwtf.transport.buffers import MIN_POOLED_BYTES, BufferPool
+
+    pool = BufferPool(max_idle_bytes=4 * MIN_POOLED_BYTES)
+    first = pool.take(MIN_POOLED_BYTES)
+    kept = torch.frombuffer(first, dtype=torch.uint8)  # as decode_body makes tensors: views that keep it alive
+    address = kept.data_ptr()
+    del first
+    assert pool.idle_bytes == 0  # a tensor still views it
+    second = pool.take(MIN_POOLED_BYTES)
+    assert second.ctypes.data != address and pool.misses == 2
+    del kept, second
+    third = pool.take(MIN_POOLED_BYTES)  # both came back; one is taken again, same memory as before
+    assert pool.hits == 1 and pool.idle_bytes == MIN_POOLED_BYTES and third.nbytes == MIN_POOLED_BYTES
+    small = pool.take(100)  # below the pooled sizes: plain memory, never kept
+    del small, third
+    assert pool.idle_bytes == 2 * MIN_POOLED_BYTES
+    held = [pool.take(MIN_POOLED_BYTES * 3) for _ in range(2)]  # returned together: over the idle bound
+    del held
+    assert pool.idle_bytes <= pool.max_idle_bytes and pool.hits == 1
+    assert not BufferPool(pin_memory=True).pin_memory or torch.cuda.is_available()  # pinning only with CUDA
+
+
+def test_kept_tensors_survive_later_messages_in_reused_buffers() -> None:
+    """A handler may keep what it received (a relay keeps activations until their backward): later frames of the
+    same size must land elsewhere, and a freed message's buffer is what the next one reuses."""
+    kept: list[torch.Tensor] = []
+
+    async def keep(msg: Message) -> Message:
+        if msg.meta.get("keep"):
+            kept.append(msg.tensors[0])
+        return Message("ack", RUN)
+
+    async def run() -> None:
+        client, server = in_process_pair()
+        server.add_handler("keep", keep)
+        sent = [torch.full((1 << 16,), float(i)) for i in range(6)]  # 256 KiB bodies: pooled
+        for i, x in enumerate(sent):
+            await client.call("server", "keep", Message("forward", RUN, tensors=[x], meta={"keep": i % 2 == 0}), 5)
+        assert [float(t[0]) for t in kept] == [0.0, 2.0, 4.0] and all(bool((t == t[0]).all()) for t in kept)
+        assert server.buffers.hits >= 2  # the frames not kept were freed, and their buffers used again
 
     asyncio.run(run())

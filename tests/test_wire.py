@@ -12,7 +12,7 @@ import torch
 
 from gwtf.auth import RunAccess
 from gwtf.transport import Message
-from gwtf.transport.crypto import RECORD_BYTES, SecureChannel, Tampered, derive_keys
+from gwtf.transport.crypto import CIPHERS, RECORD_BYTES, SecureChannel, Tampered, derive_keys
 from gwtf.transport.frame import encode_frame
 from tests.test_transport import RUN, close_all, hivemind_pair
 
@@ -276,5 +276,36 @@ def test_frames_skip_the_checksum_only_where_the_channel_authenticates() -> None
                 await _still_serves(client, server)
             finally:
                 await close_all(client, server)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_each_cipher_round_trips_and_refuses_the_other(cipher: str) -> None:
+    """Both AEADs a node may choose carry frames whole; keys derived for one cipher open nothing sealed by the
+    other (the cipher is bound into the keys), so a caller and a server that disagree fail at the first record."""
+
+    async def run() -> None:
+        a, b = socket.socketpair()
+        for s in (a, b):
+            s.setblocking(False)
+        up, down = derive_keys(b"k" * 32, b"s" * 32, RUN, "caller", "server", b"c" * 16, b"n" * 16, cipher)
+        caller, server = SecureChannel(a, up, down, cipher=cipher), SecureChannel(b, down, up, cipher=cipher)
+        payload = torch.randint(0, 256, (3 * RECORD_BYTES + 5,), dtype=torch.uint8).numpy().tobytes()
+        sent = asyncio.ensure_future(caller.send([b"head", memoryview(payload)]))
+        assert await server.read_exactly(4 + len(payload)) == b"head" + payload
+        await sent
+        a.close(), b.close()
+        other = next(c for c in CIPHERS if c != cipher)
+        up2, down2 = derive_keys(b"k" * 32, b"s" * 32, RUN, "caller", "server", b"c" * 16, b"n" * 16, other)
+        assert (up2, down2) != (up, down)
+        for keys in ((down2, up2), (down, up)):  # the other cipher's keys, or even these keys under the other cipher
+            a, b = socket.socketpair()
+            for s in (a, b):
+                s.setblocking(False)
+            await SecureChannel(a, up, down, cipher=cipher).send([b"x" * 100])  # record 0, as the reader expects
+            with pytest.raises(Tampered):
+                await SecureChannel(b, *keys, cipher=other).read_exactly(100)
+            a.close(), b.close()
 
     asyncio.run(run())

@@ -37,6 +37,8 @@ class NodeBase:
         transport.use_wire(spec.config.wire)  # the run's codecs per kind of message (gwtf.transport.codecs)
         self.run = spec.config  # the run's settings, section by section (gwtf.config.RunConfig)
         self.device = resolve_device(opts.device)  # the first CUDA call, if any: the node's DHT is up already
+        if self.device.type == "cuda":  # received tensors land in pinned buffers: host-to-device copies by DMA
+            transport.pin_buffers()
         self.peer_id = transport.peer_id
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.peer_id[:6]}")
         self.status = "joining"

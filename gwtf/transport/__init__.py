@@ -11,8 +11,11 @@ Files (each imports only those above it):
                   direct path's listen and announced hosts (hivemind's names and meaning)
     message.py    Message, MessageLimits (what a node accepts), TensorSpec and tensor_validator (a handler's checks)
     channels.py   byte channels a frame is read from: in-memory bytes, an asyncio stream (P2P), a TCP socket
+    buffers.py    BufferPool: received frame bodies land in reused buffers (pinned on CUDA nodes), returned when
+                  the last tensor decoded from one is freed
     crypto.py     the direct path's encryption: per-connection keys (HKDF from the run key, a secret handed out
-                  over libp2p, both peer ids, both sides' nonces), ChaCha20-Poly1305 records with counter nonces
+                  over libp2p, both peer ids, both sides' nonces), AES-256-GCM (ChaCha20-Poly1305 on a CPU without
+                  AES instructions) records with counter nonces
     frame.py      the wire format: prefix, JSON header, aligned body; encoding, decoding and the checks on receipt
     codecs.py     tensor codecs per kind of message (none, fp16, bf16, hivemind's uint8, blockwise8), stochastic
                   rounding and error feedback, the header's "codecs" list checked against the limits before decoding

@@ -15,6 +15,7 @@ from typing import Any
 
 from gwtf.auth import RunAccess
 from gwtf.errors import BadMessage, PeerError
+from gwtf.transport.buffers import BufferPool
 from gwtf.transport.channels import Reader
 from gwtf.transport.codecs import WireCodecs
 from gwtf.transport.frame import (
@@ -61,10 +62,16 @@ class Transport(ABC):
         self.rejected = 0  # frames refused by validation, for metrics and tests
         self.wire: dict[str, Counter[str]] = {"sent": Counter(), "received": Counter()}  # bytes by message kind
         self.codecs = WireCodecs()  # what each kind of message travels as (`use_wire`); none by default
+        self.buffers = BufferPool()  # received bodies land in reused buffers (buffers.py); pinned by `pin_buffers`
 
     def use_wire(self, wire: Any) -> None:
         """Encode each kind of message as the run's WireConfig says (gwtf.transport.codecs)."""
         self.codecs.use(wire)
+
+    def pin_buffers(self, pin: bool = True) -> None:
+        """Receive into page-locked buffers (a node that computes on a CUDA device: host-to-device copies by DMA).
+        A no-op where CUDA is not available."""
+        self.buffers = BufferPool(self.buffers.max_idle_bytes, pin_memory=pin)
 
     def add_handler(self, name: str, fn: Handler, validator: Validator | None = None) -> None:
         self._handlers[name] = (fn, validator)
@@ -125,7 +132,7 @@ class Transport(ABC):
         except BadMessage as exc:
             await skip(reader, header.body_len)  # keeps the channel in sync; costs bandwidth, no memory
             return self._refuse(sender, header.handler, exc)
-        body = await read_body(reader, header)
+        body = await read_body(reader, header, self.buffers)
         if self.emulator is not None:
             await self.emulator.delay(header.region, self.region, header.body_len)
         try:
@@ -180,7 +187,7 @@ class Transport(ABC):
         try:
             check_header(header, self.limits, self.run_id)
             self.access.check(peer_id, self.peer_id, header.fields.get("auth"))  # members take tensors from members
-            body = await read_body(reader, header)
+            body = await read_body(reader, header, self.buffers)
             if self.emulator is not None:
                 await self.emulator.delay(header.region, self.region, header.body_len)
             msg = decode_body(header, body, peer_id, reader.authenticated)

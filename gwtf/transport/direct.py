@@ -30,7 +30,7 @@ from typing import Any
 
 from gwtf.errors import PeerError
 from gwtf.transport.channels import PlainChannel, SocketReader
-from gwtf.transport.crypto import CIPHER, NONCE_BYTES, SecureChannel, Tampered, derive_keys
+from gwtf.transport.crypto import CIPHER, CIPHERS, NONCE_BYTES, SecureChannel, Tampered, derive_keys
 from gwtf.transport.frame import is_error_frame
 from gwtf.transport.message import Message
 
@@ -63,7 +63,7 @@ class Endpoint:
     port: int
     handle: bytes
     secret: bytes
-    cipher: str  # crypto.CIPHER, or "none" (a run with wire.encrypt = false)
+    cipher: str  # one of crypto.CIPHERS (the one the peer chose), or "none" (a run with wire.encrypt = false)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Endpoint | None:
@@ -73,7 +73,7 @@ class Endpoint:
             port, cipher = meta["port"], meta["cipher"]
         except (KeyError, TypeError, ValueError):
             return None  # no listener (an empty grant) or not a grant at all
-        ok = bool(hosts) and isinstance(port, int) and len(handle) == _HANDLE_BYTES and cipher in (CIPHER, "none")
+        ok = bool(hosts) and isinstance(port, int) and len(handle) == _HANDLE_BYTES and cipher in (*CIPHERS, "none")
         return cls(hosts, port, handle, secret, cipher) if ok else None
 
 
@@ -167,10 +167,12 @@ class DirectTcp:
         self, sock: socket.socket, secret: bytes, caller: str, server: str, nonce_c: bytes, nonce_s: bytes,
         serving: bool, cipher: str | None = None,
     ) -> Channel:  # fmt: skip
-        if (cipher or (CIPHER if self.encrypt else "none")) == "none":
+        cipher = cipher or (CIPHER if self.encrypt else "none")
+        if cipher == "none":
             return PlainChannel(sock)
-        to_server, to_caller = derive_keys(self._run_key, secret, self.run_id, caller, server, nonce_c, nonce_s)
-        return SecureChannel(sock, to_caller, to_server) if serving else SecureChannel(sock, to_server, to_caller)
+        to_server, to_caller = derive_keys(self._run_key, secret, self.run_id, caller, server, nonce_c, nonce_s, cipher)
+        keys = (to_caller, to_server) if serving else (to_server, to_caller)
+        return SecureChannel(sock, *keys, cipher=cipher)
 
     def grant(self, peer_id: str) -> dict[str, Any]:
         """The HELLO reply's meta for `peer_id`: where to dial, its handle and secret (empty: no listener)."""

@@ -1,7 +1,9 @@
 """The wire format: a message as a frame, and the checks on a received frame before any handler sees it.
 
 A frame is a fixed prefix (magic, header length, body length), a JSON header (kind, run id, iteration, microbatch,
-stage, meta, the sender's region, each tensor's dtype and shape, a crc32 of the body) and the body: the tensors'
+stage, meta, the sender's region, each tensor's dtype and shape, a checksum of the body: XXH3-64, from the xxhash
+package that `datasets` already brings; 16 GB/s on one core here where zlib's crc32 ran at 3.5 GB/s and was a third
+of a plain transfer's CPU) and the body: the tensors'
 raw bytes, each padded to `_ALIGN` bytes. Receiving is staged so that a bad frame costs no memory: prefix
 (`read_prefix`), header (`parse_header`), the header against the receiver's limits and run (`check_header`) before
 any body byte is buffered, then the body (`read_body`, `decode_body`: checksum, finite values).
@@ -12,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import xxhash
 
 from gwtf.errors import BadMessage
+from gwtf.transport.buffers import BufferPool
 from gwtf.transport.channels import Reader
 from gwtf.transport.message import Message, MessageLimits, dtype_name
 
@@ -27,7 +30,8 @@ _PREFIX = struct.Struct("!4sIQ")  # magic, header length, body length
 PREFIX_BYTES = _PREFIX.size
 _ALIGN = 64  # each tensor starts at a multiple of this in the body, so decoded views are aligned
 _DRAIN_CHUNK = 1 << 20
-NO_CHECKSUM = -1  # crc32 of a frame sent on an authenticated channel: the channel's MAC covers every byte
+NO_CHECKSUM = -1  # the checksum of a frame sent on an authenticated channel: the channel's MAC covers every byte
+CHECKSUM_KEY = "xxh3"  # the header field of the body's checksum (XXH3-64 as an unsigned integer)
 
 
 def _padded(nbytes: int) -> int:
@@ -40,7 +44,7 @@ class Header:
 
     fields: dict[str, Any]
     tensors: list[tuple[str, list[int]]]
-    crc: int
+    crc: int  # the body's checksum (XXH3-64), or NO_CHECKSUM
     body_len: int
 
     @property
@@ -69,15 +73,16 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def encode_frame(msg: Message, *, extra: dict[str, Any], checksum: bool = True) -> list[bytes | memoryview]:
     """The frame of a message as a list of buffers (the tensors' memory is not copied). `checksum=False` for a
-    channel that authenticates every byte itself (an AEAD: libp2p's, the sealed direct path's): crc32 is then
+    channel that authenticates every byte itself (an AEAD: libp2p's, the sealed direct path's): the checksum is then
     NO_CHECKSUM, and a receiver takes that only on such a channel (`decode_body`)."""
     buffers: list[bytes | memoryview] = []
-    crc, body_len = 0, 0
+    digest, body_len = xxhash.xxh3_64(), 0
     for tensor in msg.tensors:
         data = _tensor_bytes(tensor)
         pad = bytes(_padded(data.nbytes) - data.nbytes)
         if checksum:
-            crc = zlib.crc32(pad, zlib.crc32(data, crc))
+            digest.update(data)
+            digest.update(pad)
         buffers += [data, pad]
         body_len += data.nbytes + len(pad)
     header = {
@@ -89,7 +94,7 @@ def encode_frame(msg: Message, *, extra: dict[str, Any], checksum: bool = True) 
         "stage": msg.stage,
         "meta": msg.meta,
         "tensors": [[dtype_name(t.dtype), list(t.shape)] for t in msg.tensors],
-        "crc32": crc if checksum else NO_CHECKSUM,
+        CHECKSUM_KEY: digest.intdigest() if checksum else NO_CHECKSUM,
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     return [_PREFIX.pack(_MAGIC, len(header_bytes), body_len), header_bytes, *buffers]
@@ -125,7 +130,7 @@ def parse_header(raw: bytes, body_len: int) -> Header:
     if not isinstance(fields, dict):
         raise BadMessage("header is not a JSON object")
     tensors = fields.pop("tensors", [])
-    crc = fields.pop("crc32", None)
+    crc = fields.pop(CHECKSUM_KEY, None)
     ok = isinstance(tensors, list) and all(_is_tensor_entry(t) for t in tensors) and isinstance(crc, int)
     if not ok:
         raise BadMessage("malformed tensor list or checksum in header")
@@ -184,7 +189,7 @@ def decode_body(header: Header, body: Any, sender: str, authenticated: bool = Fa
     if header.crc == NO_CHECKSUM:
         if not authenticated:
             raise BadMessage("a frame without a checksum on a channel that does not authenticate its bytes")
-    elif zlib.crc32(body) != header.crc:
+    elif xxhash.xxh3_64_intdigest(body) != header.crc:
         raise BadMessage("checksum mismatch")
     tensors, offset = [], 0
     for i, (name, shape) in enumerate(header.tensors):
@@ -211,9 +216,10 @@ async def read_prefix(reader: Reader, limits: MessageLimits) -> tuple[int, int]:
     return _parse_prefix(await reader.read_exactly(_PREFIX.size), limits)
 
 
-async def read_body(reader: Reader, header: Header) -> Any:
-    """A fresh writable buffer holding the body (a numpy array: allocated without zero-filling)."""
-    body = torch.empty(header.body_len, dtype=torch.uint8).numpy()
+async def read_body(reader: Reader, header: Header, pool: BufferPool | None = None) -> Any:
+    """A writable buffer holding the body (a numpy array, not zero-filled): from `pool` if given (it returns there
+    once the tensors decoded from it are freed), else fresh."""
+    body = pool.take(header.body_len) if pool is not None else torch.empty(header.body_len, dtype=torch.uint8).numpy()
     await reader.read_into(body.data)
     return body
 

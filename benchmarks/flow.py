@@ -13,6 +13,13 @@ takes its place), GWTF over SWARM (below 1 = GWTF faster). SWARM is SWARM's own 
 (network + queue + compute), starting from nothing, as SWARM does; `_steady` compares the second half of the
 iterations only, once it has measured the swarm. `_vs_swarm_compute`: against the earlier compute-time-only variant.
 Each figure comes with the mean and a 95 % t-interval over the seeds. --oracle-timing adds the optimum's plan's.
+
+At N = 10,000 (a run takes tens of minutes per seed on one core, nearly all of it in the agents' rounds):
+    python -m gwtf.benchmarks.flow --nodes 10000 --iterations 8 --timing-only --first-seed 0 --json s0.json &
+    python -m gwtf.benchmarks.flow --nodes 10000 --iterations 8 --timing-only --first-seed 1 --json s1.json
+    python -m gwtf.benchmarks.flow --merge s0.json s1.json --json flow_10000.json
+--timing-only leaves out the optimum (its integer program) and the crash/reconvergence figures; --first-seed lets
+seeds run as separate processes and --merge summarizes their outputs (same settings, distinct seeds).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import logging
 import math
 import random
 import statistics
+import sys
 import time
 
 from gwtf.benchmarks.stats import fmt, mean_ci
+from gwtf.errors import UserError
 from gwtf.routing.agent import AgentConfig
 from gwtf.routing.base import Plan, Router, SwarmView
 from gwtf.routing.baselines import RoundRobinRouter, SwarmComputeRouter, SwarmRouter
@@ -50,6 +59,16 @@ def count(plan: Plan) -> int:
 
 
 def one_seed(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    out = {"seed": seed} if args.timing_only else _against_optimum(cfg, seed, args)
+    out.update(_churn_timing(cfg, seed, args))
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def _against_optimum(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict:
+    """GWTF's plan and the baselines' against the optimum of the same topology, and GWTF's reconvergence after a
+    crash of CRASH_FRACTION of the relays."""
     view, demands = random_topology(cfg, seed)
     t0 = time.perf_counter()
     opt = solve_optimum(view, demands)
@@ -82,7 +101,6 @@ def one_seed(cfg: TopologyConfig, seed: int, args: argparse.Namespace) -> dict:
         out[f"{key}_cost_ratio"] = total_cost(view, base) / max(opt.total_cost, 1e-9)
         out[f"{key}_worst_path_ratio"] = worst_path(view, base) / opt.worst_path if opt.worst_path else 1.0
     out.update(_reconverge(view, demands, router, seed))
-    out.update(_churn_timing(cfg, seed, args))
     return out
 
 
@@ -135,6 +153,8 @@ def _timed_iterations(
     for it in range(args.iterations):
         step = iteration_time(view, router.plan(view, demands), demands, observe=router.observe)
         steps.append(step)
+        if args.progress:  # long runs (N = 10,000): each figure as it comes, in case the run is cut short
+            print(f"# seed {seed} {router.name} iteration {it}: {step:.4f} s", file=sys.stderr, flush=True)
         if math.isinf(step):
             break
         clock[0] += step
@@ -146,44 +166,54 @@ def _timed_iterations(
 
 
 def _agent_cfg(args: argparse.Namespace) -> AgentConfig:
-    return AgentConfig(exchange=args.exchange, takeover=args.takeover)
+    return AgentConfig(exchange=args.exchange, takeover=args.takeover, moves=args.moves)
+
+
+OPTIMUM_FIGURES = {  # summary key -> (per-seed key, how seeds combine); absent under --timing-only
+    "optimality_ratio_mean": ("optimality_ratio", "mean"),
+    "optimality_ratio_min": ("optimality_ratio", "min"),
+    "worst_path_cost_ratio_mean": ("worst_path_cost_ratio", "mean"),
+    "worst_path_vs_lower_bound_mean": ("worst_path_vs_lower_bound", "mean"),
+    "total_cost_ratio_mean": ("total_cost_ratio", "mean"),
+    "rounds_to_converge_p95": ("rounds_to_converge", "p95"),
+    "rounds_to_reconverge_p95": ("rounds_to_reconverge", "p95"),
+    "reconverged_ratio_mean": ("reconverged_ratio", "mean"),
+    "messages_per_node_per_round_mean": ("messages_per_node_per_round", "mean"),
+    "swarm_ratio_mean": ("swarm_ratio", "mean"),
+    "swarm_cost_ratio_mean": ("swarm_cost_ratio", "mean"),
+    "round_robin_ratio_mean": ("round_robin_ratio", "mean"),
+    "round_robin_cost_ratio_mean": ("round_robin_cost_ratio", "mean"),
+    "sim_rounds_per_s": ("sim_rounds_per_s", "mean"),
+    "optimum_s_mean": ("optimum_s", "mean"),
+}
 
 
 def summarize(rows: list[dict], args: argparse.Namespace) -> dict:
-    def mean(key: str) -> float:
-        return statistics.fmean(r[key] for r in rows)
-
-    timing = [k for k in rows[0] if "vs_swarm" in k or k.endswith("_iteration_s")]
-
-    def p95(key: str) -> float:
-        values = sorted(r[key] for r in rows)
+    def p95(values: list[float]) -> float:
+        values = sorted(values)
         return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
 
+    combine = {"mean": statistics.fmean, "min": min, "p95": p95}
+    timing = [k for k in rows[0] if "vs_swarm" in k or k.endswith("_iteration_s")]
+    optimum = {
+        key: combine[how]([r[field] for r in rows])
+        for key, (field, how) in OPTIMUM_FIGURES.items()
+        if all(field in r for r in rows)
+    }
     return {
         "nodes": args.nodes,
         "stages": args.stages,
-        "seeds": args.seeds,
+        "seeds": len(rows),
         "exchange": args.exchange,
         "takeover": args.takeover,
-        "optimality_ratio_mean": mean("optimality_ratio"),
-        "optimality_ratio_min": min(r["optimality_ratio"] for r in rows),
-        "worst_path_cost_ratio_mean": mean("worst_path_cost_ratio"),
-        "worst_path_vs_lower_bound_mean": mean("worst_path_vs_lower_bound"),
-        "total_cost_ratio_mean": mean("total_cost_ratio"),
-        "rounds_to_converge_p95": p95("rounds_to_converge"),
-        "rounds_to_reconverge_p95": p95("rounds_to_reconverge"),
-        "reconverged_ratio_mean": mean("reconverged_ratio"),
-        "messages_per_node_per_round_mean": mean("messages_per_node_per_round"),
-        "swarm_ratio_mean": mean("swarm_ratio"),
-        "swarm_cost_ratio_mean": mean("swarm_cost_ratio"),
-        "round_robin_ratio_mean": mean("round_robin_ratio"),
-        "round_robin_cost_ratio_mean": mean("round_robin_cost_ratio"),
+        "moves": getattr(args, "moves", 0),
+        "timing_only": bool(args.timing_only),
+        **optimum,
         "iterations": args.iterations,
         "churn_per_hour": args.churn_per_hour,
-        **{k: mean(k) for k in timing},
+        **{k: statistics.fmean(r[k] for r in rows) for k in timing},
         "intervals": {k: mean_ci([r[k] for r in rows]) for k in timing},
-        "sim_rounds_per_s": mean("sim_rounds_per_s"),
-        "optimum_s_mean": mean("optimum_s"),
+        "wall_s_per_seed_mean": statistics.fmean(r.get("wall_s", math.nan) for r in rows),
         "runs": rows,
     }
 
@@ -199,17 +229,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-per-hour", type=float, default=CHURN_PER_HOUR, help="relay churn (0.10 = 10 %%/h)")
     parser.add_argument("--exchange", action="store_true", help="agents also exchange next hops across relays")
     parser.add_argument("--takeover", action="store_true", help="relays hand costly microbatches to peers with room")
+    parser.add_argument("--moves", type=int, default=0, help="cheaper next hops each agent tries per round (moves.py)")
     parser.add_argument(
         "--oracle-timing", action="store_true", help="also time the optimum's plan (oracle_iteration_time_vs_swarm)"
+    )
+    parser.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="only the iteration-time comparison (no optimum, whose integer program dominates at N = 10,000)",
+    )
+    parser.add_argument("--progress", action="store_true", help="print each iteration's time to stderr")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
+    parser.add_argument(
+        "--merge", nargs="+", default=None, metavar="JSON", help="summarize the runs of these outputs (no new run)"
     )
     parser.add_argument("--json", default=None, help="write the summary here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = TopologyConfig(nodes=args.nodes, stages=args.stages)
-    rows = []
-    for seed in range(args.seeds):
-        rows.append(one_seed(cfg, seed, args))
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    if args.merge:
+        rows = _merged(args)
+    else:
+        cfg = TopologyConfig(nodes=args.nodes, stages=args.stages)
+        rows = []
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            rows.append(one_seed(cfg, seed, args))
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
     summary = summarize(rows, args)
     for key, value in summary.items():
         if key not in ("runs", "intervals"):
@@ -220,6 +264,30 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return 0
+
+
+def _merged(args: argparse.Namespace) -> list[dict]:
+    """The runs of earlier outputs (seeds run as separate processes), which must share their settings; `args` takes
+    them on."""
+    rows, settings = [], None
+    for path in args.merge:
+        with open(path) as f:
+            summary = json.load(f)
+        mine = {k: summary.get(k, 0 if k == "moves" else None) for k in MERGE_SETTINGS}  # moves: added later
+        if settings is not None and mine != settings:
+            raise UserError(f"--merge: {path} was run with {mine}, the first with {settings}")
+        settings = mine
+        rows.extend(summary["runs"])
+    assert settings is not None
+    for key, value in settings.items():
+        setattr(args, key, value)
+    seeds = [r["seed"] for r in rows]
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--merge: seeds {sorted(seeds)} repeat")
+    return rows
+
+
+MERGE_SETTINGS = ("nodes", "stages", "exchange", "takeover", "moves", "timing_only", "iterations", "churn_per_hour")
 
 
 if __name__ == "__main__":

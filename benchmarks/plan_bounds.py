@@ -9,6 +9,9 @@ iteration of the scenario's microbatches. `gwtf.routing.simulator.iteration_time
 one microbatch at a time, links share bandwidth), mean over `--seeds` router seeds. Then:
 - `objective_best`: the same search on GWTF's own objective (worst path cost d, then total cost), timed: what
   an agent that reached its objective's optimum would get;
+- `congestion_objective_best`: the same on that objective with each relay's compute paid once per microbatch it
+  holds and each link's transfer once per microbatch crossing it (`congestion_objective`), timed: what an agent
+  that advertised that cost would get at best;
 - `search_best`: hill climbing on the simulated iteration time from every router's plan and from random plans, moving
   one microbatch's hop at one stage to another replica with room or exchanging it with another microbatch's: the
   best plan found, an upper bound on what the best router could reach;
@@ -25,16 +28,22 @@ numbers: they bound what the choice of routes can do on a swarm of this shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gwtf.benchmarks.harness.scenario import Scenario, load_scenario
+from gwtf.errors import UserError
+from gwtf.routing.agent import AgentConfig
 from gwtf.routing.base import DataInfo, Plan, RelayInfo, Router, SwarmView
+from gwtf.routing.gwtf_router import GWTFRouter
 from gwtf.routing.registry import make_router
-from gwtf.routing.simulator import iteration_time
+from gwtf.routing.simulator import TopologyConfig, iteration_time, random_topology
 
 ROUTERS = ("round-robin", "swarm", "gwtf", "oracle")
 WARMUP = 10  # iterations a router plans, and hears the simulated calls of, before the plan that is timed
@@ -185,6 +194,38 @@ def gwtf_objective(p: Problem):
     return score
 
 
+def congestion_objective(p: Problem):
+    """GWTF's objective on a cost that counts what the microbatches of one plan do to each other (a variant proposed
+    for the agents, not what they run): each relay's compute is paid once per microbatch it holds (it computes them
+    one at a time) and each link's transfer term is multiplied by the microbatches that cross it (they share its
+    bandwidth), as `gwtf.routing.simulator` times an iteration. A relay knows both figures for its own slots and
+    out-links, so an agent could advertise this cost-to-sink as it advertises d today."""
+    view, links, size = p.view, p.view.links, p.view.activation_bytes
+
+    def link(a: str, b: str, sharing: int) -> float:
+        lat = (links.latency_s(a, b) + links.latency_s(b, a)) / 2
+        return lat + 2 * size * sharing / (links.bandwidth_Bps(a, b) + links.bandwidth_Bps(b, a))
+
+    def score(plan: Plan) -> float:
+        routes = [[o, *path, o] for o, paths in plan.items() for path in paths]
+        load: dict[str, int] = {}
+        crossings: dict[tuple[str, str], int] = {}
+        for route in routes:
+            for r in route[1:-1]:
+                load[r] = load.get(r, 0) + 1
+            for pair in zip(route, route[1:]):
+                crossings[pair] = crossings.get(pair, 0) + 1
+        costs = [
+            view.compute_s(route[0])
+            + sum(view.compute_s(r) * load[r] for r in route[1:-1])
+            + sum(link(a, b, crossings[(a, b)]) for a, b in zip(route, route[1:]))
+            for route in routes
+        ]
+        return max(costs, default=0.0) + 1e-3 * sum(costs)
+
+    return score
+
+
 def _climb(p: Problem, routes: list[tuple[str, list[str]]], rng: random.Random, max_evals: int, score):
     cur = score(_unflatten(routes))
     evals = 0
@@ -234,6 +275,10 @@ def _replace(routes, changes):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _maker(name: str) -> Callable[[int], Router]:
+    return lambda seed: make_router(name, seed)
+
+
 def warmed_plan(p: Problem, router: Router) -> Plan:
     """The router's plan after `WARMUP` iterations in which it heard every call the simulator timed."""
     for _ in range(WARMUP):
@@ -241,25 +286,61 @@ def warmed_plan(p: Problem, router: Router) -> Plan:
     return router.plan(p.view, p.demands)
 
 
-def run(sc: Scenario, capacity: int | None, seeds: int, restarts: int, max_evals: int) -> dict:
-    p = scenario_problem(sc, capacity)
+def topology_problem(nodes: int, stages: int, seed: int) -> Problem:
+    """The swarm `gwtf.benchmarks.flow` times at `--nodes` (gwtf.routing.simulator.random_topology, the same seed
+    gives the same swarm): its data nodes ask for 1.1x the bottleneck stage's slots, so every plan runs in waves."""
+    view, demands = random_topology(TopologyConfig(nodes=nodes, stages=stages), seed)
+    return Problem(view, demands)
+
+
+def agent_variant(spec: str) -> tuple[str, Callable[[int], Router]]:
+    """`key=value,...` of gwtf.routing.agent.AgentConfig fields (and `rounds`): a GWTF router with those settings,
+    named `gwtf[spec]`, to see which of the agent's options close the gap to its objective's optimum."""
+    fields = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(AgentConfig)}
+    kw: dict[str, Any] = {}
+    rounds = 40
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key == "rounds":
+            rounds = int(value)
+        elif key in fields:
+            kind = {"bool": lambda v: v.lower() in ("1", "true", "yes"), "int": int, "float": float}.get(
+                fields[key], str
+            )
+            kw[key] = kind(value)
+        else:
+            raise UserError(f"--agent-variant: {key!r} is not an AgentConfig field (nor rounds)")
+    cfg = AgentConfig(**kw)
+    return f"gwtf[{spec}]", lambda seed: GWTFRouter(seed, rounds=rounds, cfg=cfg)
+
+
+def run(
+    sc: Scenario, capacity: int | None, seeds: int, restarts: int, max_evals: int, variants: tuple[str, ...] = ()
+) -> dict:
+    row = run_problem(scenario_problem(sc, capacity), seeds, restarts, max_evals, variants)
+    return {"scenario": sc.name, "capacity_override": capacity, **row}
+
+
+def run_problem(p: Problem, seeds: int, restarts: int, max_evals: int, variants: tuple[str, ...] = ()) -> dict:
     times: dict[str, float] = {}
     plans: list[Plan] = []
-    for name in ROUTERS:
+    routers: list[tuple[str, Callable[[int], Router]]] = [(name, _maker(name)) for name in ROUTERS]
+    routers += [agent_variant(spec) for spec in variants]
+    for name, make in routers:
         per_seed = []
         for seed in range(seeds):
-            plan = warmed_plan(p, make_router(name, seed))
+            plan = warmed_plan(p, make(seed))
             per_seed.append(p.time(plan))
             plans.append(plan)
         times[name] = statistics.fmean(per_seed)
     best_t, _ = search(p, plans, random.Random(0), restarts, max_evals)
     _, objective_plan = search(p, plans, random.Random(1), restarts, max_evals, gwtf_objective(p))
     times["objective_best"] = p.time(objective_plan)
+    _, congestion_plan = search(p, plans, random.Random(2), restarts, max_evals, congestion_objective(p))
+    times["congestion_objective_best"] = p.time(congestion_plan)
     bounds = lower_bound(p)
     swarm = times["swarm"]
     return {
-        "scenario": sc.name,
-        "capacity_override": capacity,
         "microbatches": sum(p.demands.values()),
         "slots_per_stage": [sum(p.view.relays[r].capacity for r in reps) for reps in p.stages],
         "iteration_s": {**times, "search_best": best_t, **bounds},
@@ -271,20 +352,41 @@ def run(sc: Scenario, capacity: int | None, seeds: int, restarts: int, max_evals
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", action="append", required=True, help="scenario TOML (repeatable)")
+    parser.add_argument("--scenario", action="append", default=[], help="scenario TOML (repeatable)")
+    parser.add_argument(
+        "--nodes", type=int, default=None, help="instead: gwtf.benchmarks.flow's random swarm of N nodes"
+    )
+    parser.add_argument("--stages", type=int, default=10, help="with --nodes: pipeline stages")
+    parser.add_argument("--topologies", type=int, default=1, help="with --nodes: topology seeds 0..T-1")
     parser.add_argument(
         "--capacity", type=int, action="append", default=None, help="every relay's capacity (repeatable)"
     )
     parser.add_argument("--seeds", type=int, default=5, help="router seeds to average")
     parser.add_argument("--restarts", type=int, default=10, help="random starting plans for the search")
     parser.add_argument("--max-evals", type=int, default=3000, help="simulated plans per climb")
+    parser.add_argument(
+        "--agent-variant",
+        action="append",
+        default=[],
+        help="also a GWTF router with these AgentConfig settings, e.g. exchange=1,takeover=1 or rounds=120",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    variants = tuple(args.agent_variant)
+    if bool(args.scenario) == (args.nodes is not None):
+        parser.error("give --scenario (one or more) or --nodes")
     rows = []
+    for topology in range(args.topologies if args.nodes is not None else 0):
+        row = run_problem(topology_problem(args.nodes, args.stages, topology), args.seeds, args.restarts,
+                          args.max_evals, variants)  # fmt: skip
+        rows.append({"nodes": args.nodes, "stages": args.stages, "topology_seed": topology, **row})
+        figures = "  ".join(f"{k} {v:.3f}" for k, v in row["vs_swarm"].items())
+        print(f"nodes={args.nodes} topology={topology} microbatches={row['microbatches']}  vs SWARM: {figures}",
+              flush=True)  # fmt: skip
     for path in args.scenario:
         sc = load_scenario(path)
         for cap in args.capacity or [None]:
-            row = run(sc, cap, args.seeds, args.restarts, args.max_evals)
+            row = run(sc, cap, args.seeds, args.restarts, args.max_evals, variants)
             rows.append(row)
             figures = "  ".join(f"{k} {v:.3f}" for k, v in row["vs_swarm"].items())
             print(f"{sc.name} capacity={cap or 'scenario'} slots/stage={row['slots_per_stage']} "

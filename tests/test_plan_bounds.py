@@ -3,8 +3,21 @@
 import random
 from collections import Counter
 
+import pytest
+
 from gwtf.benchmarks.harness.scenario import load_scenario
-from gwtf.benchmarks.plan_bounds import ROUTERS, lower_bound, random_plan, scenario_problem, search
+from gwtf.benchmarks.plan_bounds import (
+    ROUTERS,
+    agent_variant,
+    congestion_objective,
+    gwtf_objective,
+    lower_bound,
+    random_plan,
+    scenario_problem,
+    search,
+    topology_problem,
+)
+from gwtf.errors import UserError
 from gwtf.routing.registry import make_router
 
 
@@ -53,3 +66,28 @@ def test_geo_wide_gives_routing_a_choice():
     for plan in plans:
         _check_plan(problem, plan)
     assert all(problem.time(plan) >= bound for plan in plans)
+
+
+def test_flows_random_swarm_runs_in_waves_and_the_congestion_cost_counts_sharing():
+    problem = topology_problem(40, 4, 0)
+    assert all(sum(problem.view.relays[r].capacity for r in reps) > 0 for reps in problem.stages)
+    assert sum(problem.demands.values()) > min(sum(problem.view.relays[r].capacity for r in reps)
+                                               for reps in problem.stages)  # fmt: skip
+    d, congested = gwtf_objective(problem), congestion_objective(problem)
+    origin = sorted(problem.demands)[0]
+    path = [reps[0] for reps in problem.stages]
+    alone = {origin: [path]}
+    assert congested(alone) == pytest.approx(d(alone))  # one microbatch: nothing shared, the same cost as d
+    twice = {origin: [path, list(path)]}  # two on the same relays and links: each relay computes both, links share
+    assert congested(twice) > d(twice) + 1e-3
+    plan = make_router("swarm", 0).plan(problem.view, problem.demands)
+    assert congested(plan) >= d(plan)
+
+
+def test_agent_variants_set_the_agents_options_and_refuse_unknown_ones():
+    name, make = agent_variant("exchange=1,moves=2,rounds=7,temperature0=0.5")
+    router = make(3)
+    assert name == "gwtf[exchange=1,moves=2,rounds=7,temperature0=0.5]" and router.rounds == 7
+    assert router.cfg.exchange is True and router.cfg.moves == 2 and router.cfg.temperature0 == 0.5
+    with pytest.raises(UserError, match="not an AgentConfig field"):
+        agent_variant("speed=9")

@@ -1,5 +1,6 @@
-"""Redundant computation (Bamboo) in the live runtime: shadows of the neighbouring stage kept in step by fetching,
-their forward run on every microbatch, and an exact takeover of a stage that lost every replica."""
+"""Redundant computation (Bamboo) in the live runtime: shadows of the neighbouring stage kept in step by deltas (the
+stage's averaged gradients, checked by its weights hash) or by fetching, their forward run on every microbatch, and
+an exact takeover of a stage that lost every replica."""
 
 import asyncio
 import contextlib
@@ -112,9 +113,11 @@ def test_the_harness_reads_the_cost_line_the_relays_log(tmp_path):
 
 
 async def wait_for_shadows(swarm: InProcessSwarm, version: int) -> None:
-    """Shadows update in the background after a step: wait (bounded) until every one is at `version`."""
+    """Shadows update in the background after a step: wait (bounded) until every one is at `version` (and exact:
+    one whose delta failed its hash check is still downloading)."""
     for _ in range(300):
-        if all(s.version >= version for n in swarm.relays.values() for s in n.recovery.shadows.values()):
+        shadows = [s for n in swarm.relays.values() for s in n.recovery.shadows.values()]
+        if all(s.version >= version and s.exact for s in shadows):
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"shadows not at v{version}")
@@ -159,6 +162,78 @@ def test_shadows_follow_their_stage_and_change_no_loss():
         return losses
 
     assert run(go()) == pytest.approx(reference, abs=1e-4)  # the redundant forwards change nothing
+
+
+def _same_state(a: StageReplica, b: StageReplica) -> bool:
+    """Weights, both Adam moments, step counts and version, bit for bit."""
+    (ta, ma), (tb, mb) = a.state(), b.state()
+    same = ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    return same and ma["version"] == mb["version"] and ma["steps"] == mb["steps"]
+
+
+def _shadow_bytes_per_step(deltas: bool, monkeypatch, steps: int = 4, spoil_at: int | None = None):
+    """Train `steps` steps on a 3-stage one-replica redundant swarm; after every step check each shadow equals its
+    stage bit for bit. Returns per shadow (holder stage, stage): (bytes received, deltas, full downloads, trainable
+    parameters). `deltas` False: the delta path is off (the full download of every step, as before it existed).
+    `spoil_at`: the delta to that version leaves the shadow's weights off by a little (as another device's kernels
+    could), which its hash check must catch."""
+    from gwtf.recovery import redundant
+
+    if not deltas:
+        monkeypatch.setattr(redundant.RedundantRecovery, "_delta_refresh", lambda *a: asyncio.sleep(0, False))
+    if spoil_at is not None:
+        apply = redundant._apply_step
+
+        def spoiled(replica, grads, version):
+            digest = apply(replica, grads, version)
+            if version != spoil_at:
+                return digest
+            with torch.no_grad():
+                next(replica.module.parameters()).add_(1e-6)
+            replica._digest = None
+            return replica.weights_digest()
+
+        monkeypatch.setattr(redundant, "_apply_step", spoiled)
+    cfg = small_config(steps=steps, microbatches=2, stages=3)
+
+    async def go():
+        out = {}
+        async with redundant_swarm(cfg) as swarm:
+            by_stage = {n.stage: n for n in swarm.relays.values()}
+            for step in range(steps):
+                await swarm.step()
+                await wait_for_shadows(swarm, step + 1)
+                for holder in by_stage.values():
+                    for k, shadow in holder.recovery.shadows.items():
+                        assert shadow.exact and _same_state(shadow.replica, by_stage[k].replica), (step, k)
+            for holder in by_stage.values():
+                for k, shadow in holder.recovery.shadows.items():
+                    numel = sum(p.numel() for p in by_stage[k].replica.trainable())
+                    out[(holder.stage, k)] = (shadow.fetched_bytes, shadow.deltas, shadow.full_fetches, numel)
+        return out
+
+    return run(go())
+
+
+def test_shadows_stay_exact_by_applying_their_stages_averaged_gradients_a_third_of_the_bytes(monkeypatch):
+    steps = 4
+    after = _shadow_bytes_per_step(True, monkeypatch, steps)
+    monkeypatch.undo()
+    before = _shadow_bytes_per_step(False, monkeypatch, steps)
+    assert after.keys() == before.keys() == {(2, 1), (1, 2), (2, 3)}
+    for key, (got, deltas, full, numel) in after.items():
+        assert (deltas, full) == (steps, 0) and got == steps * 4 * numel  # the gradients: 4 bytes a parameter
+        old, old_deltas, old_full, _ = before[key]
+        assert (old_deltas, old_full) == (0, steps) and old == steps * 12 * numel  # weights + two Adam moments
+        assert old == 3 * got
+
+
+def test_a_delta_that_leaves_a_shadow_off_its_stage_is_caught_and_replaced_by_the_full_state(monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="gwtf.recovery.redundant")
+    out = _shadow_bytes_per_step(True, monkeypatch, steps=4, spoil_at=2)  # every shadow checked exact after each step
+    for got, deltas, full, numel in out.values():
+        assert (deltas, full) == (3, 1) and got == 4 * 4 * numel + 12 * numel  # four deltas received, one refused
+    assert caplog.text.count("off its replica's weights after the delta to v2") == 3
 
 
 def test_a_lost_middle_stage_is_taken_over_exactly_from_its_shadow():
@@ -235,3 +310,19 @@ def test_a_stage_lost_in_its_step_before_its_shadow_caught_up_takes_the_runs_ver
     assert joiner.rebuilt_source == "shadow@stage 1 v3, v4 without that step's update"
     assert lost_meta["version"] == 3 and meta["version"] == 4 and joiner.replica.version == 6
     assert all(torch.equal(rebuilt[k], t) for k, t in lost.items())  # the state it died with, exactly
+
+
+def test_a_delta_that_does_not_fit_the_stage_is_refused_before_the_shadow_changes():
+    from gwtf.errors import BadMessage
+    from gwtf.recovery.redundant import _apply_step
+
+    shadow = shadow_of(True)
+    before = [p.detach().clone() for p in shadow.replica.module.parameters()]
+    good = [torch.zeros_like(p) for p in shadow.replica.trainable()]
+    for bad in (good[:1], [torch.zeros(3, 3), good[1]], [g.long() for g in good]):
+        with pytest.raises(BadMessage, match="does not fit"):
+            _apply_step(shadow.replica, bad, 1)
+    assert shadow.replica.version == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, shadow.replica.module.parameters()))
+    digest = _apply_step(shadow.replica, good, 1)  # a fitting one steps it, like the replica's own step
+    assert shadow.replica.version == 1 and digest == shadow.replica.weights_digest()

@@ -33,6 +33,8 @@ Strategies (section 7 of the design):
                  whole model back to the last complete checkpoint (`rollback`).
     redundant    Bamboo-style: the node before stage k also holds stage k and runs its forward redundantly, so it
                  takes over exactly (weights + optimizer); costs `extra_forward_fraction` more compute per iteration.
+                 Live, the shadow follows its stage by applying the stage's averaged gradients of each step (a third
+                 of the full state's bytes), checked by the stage's weights hash; a full download where that fails.
 
 Choices measured with `python -m gwtf.benchmarks.recovery --steps 200 --failures-at 80,140 --failure-rate 0
 --strategies checkfree --target-loss 3.0882 [--weighting W] [--lr-boost X --lr-boost-decay D]` (debug preset, 6

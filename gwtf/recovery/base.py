@@ -128,8 +128,9 @@ class RecoveryStrategy(ABC):
         """The relay ran a forward (on its event loop, after the compute thread returned `out`)."""
         return None
 
-    def on_step(self, relay: LiveRelay, version: int) -> None:
-        """The relay stepped its optimizer to `version` (never wait here: the step's path must stay short)."""
+    def on_step(self, relay: LiveRelay, version: int, grads: list[Tensor] | None = None) -> None:
+        """The relay stepped its optimizer to `version`, with the averaged gradients `grads` where it applied them
+        (None when its version moved otherwise). Never wait here: the step's path must stay short."""
         return None
 
     async def rebuild_live(self, relay: LiveRelay, build_module: BuildModule) -> tuple[RebuiltStage, int] | None:

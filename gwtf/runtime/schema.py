@@ -41,6 +41,7 @@ RELAY: dict[str, Rpc] = {
     "resend": Rpc(ROUTED),
     "release": Rpc(("origin", "attempt")),
     "get_shadow": Rpc(("stage",)),
+    "get_shadow_step": Rpc(("stage", "version"), tensors=0),
     "resync": Rpc(("donors", "hash"), tensors=0),
 }
 DATA: dict[str, Rpc] = {

@@ -9,17 +9,20 @@ from hypothesis import strategies as st
 from gwtf.routing import DataInfo, LinkModel, RelayInfo, SwarmView
 from gwtf.routing.agent import (
     EXPIRY_ROUNDS,
+    REPORT_AGAIN_ROUNDS,
     Advert,
     Agent,
     AgentConfig,
     ChainCost,
     Handback,
+    Hello,
     InProcessBus,
     InSlot,
     Lost,
     OutSlot,
     PeerCard,
     Permit,
+    Release,
     Request,
     Taken,
     Transfer,
@@ -175,6 +178,86 @@ def test_unanswered_request_expires_and_the_microbatch_is_routed_again():
     out = agent.inbound[("u", 0)].out
     assert first not in agent.outbound  # the stale request was given up
     assert out is not None and agent.outbound[out].peer != silent  # and the microbatch asked the other peer
+
+
+def test_a_relay_goes_on_routing_after_its_regions_last_data_node_left():
+    # Live, the only data node of region A dies: its record expires, the service drops A from the sink regions and
+    # calls peer_died. An advert heard before still prices A, and a relay further down holds slots labelled A until
+    # the Release reaches it: its round raised KeyError, and the live agent stopped for good (issue 21).
+    agent, bus = lone_relay(n_stages=3)
+    agent.add_next(agent.known["p"])
+    agent.add_next(agent.known["q"])  # never heard from: priced by estimate
+    agent.step(0, [Advert("p", 2, 4, 0.1, (("A", 0.3),))], NoDirectory())
+    agent.inbound[("u", 0)] = InSlot("A", prefix=0.1)
+    agent.step(1, [], NoDirectory())
+    assert agent.inbound[("u", 0)].out is not None and agent.spare == 3
+    agent.inbound[("u", 1)] = InSlot("A", prefix=0.1)  # arrived as the news did: no next hop yet
+    agent.sink_regions.clear()  # region A has no data node left
+    agent.step(2, [], NoDirectory())  # prices A where an advert still does (p), nowhere else (q): nothing raises
+    n = agent.inbound[("u", 0)].out
+    peer = agent.outbound[n].peer
+    agent.peer_died("u")
+    agent.step(3, [], NoDirectory())
+    assert agent.spare == agent.card.capacity and not agent.outbound  # the relay's room is back
+    assert any(isinstance(m, Release) and m.slots == (n,) for m in bus.take()[peer])  # and the next relay's
+
+
+def test_a_slot_whose_release_was_lost_is_released_by_the_next_report():
+    # Live, a Release can be lost (a call that timed out under load): the downstream relay held the slot, and its
+    # room, for good; the upstream peer's run could not get a path through it any more (issue 21). Its chain cost
+    # is reported again every REPORT_AGAIN_ROUNDS rounds, and the upstream peer releases a slot it no longer has.
+    bus = InProcessBus()
+    last = Agent(PeerCard("z", 2, "A", 0.1, 2), 2, FlatCosts(), bus, {"A": "d"}, AgentConfig(), seed=0)
+    relay = Agent(PeerCard("y", 1, "A", 0.1, 2), 2, FlatCosts(), bus, {"A": "d"}, AgentConfig(), seed=0)
+    for agent in (last, relay):
+        agent.known = {c.peer_id: c for c in (last.card, relay.card, PeerCard("d", 0, "A", 0.0, 0))}
+    slot = last.inbound[("y", 7)] = InSlot("A", prefix=0.2, cost_told=0)  # reported at round 0, when y held it
+    slot.sent_cost = last._cost_of(slot)  # then y gave out-slot 7 up, and its Release never arrived
+    for r in range(REPORT_AGAIN_ROUNDS + 3):
+        inbox = bus.take()
+        relay.step(r, inbox.get("y", []), NoDirectory())
+        last.step(r, inbox.get("z", []), NoDirectory())
+        if not last.inbound:
+            break
+    assert not last.inbound and last.spare == 2 and r > REPORT_AGAIN_ROUNDS  # released, after the report came again
+
+
+def test_a_slot_whose_lost_was_lost_is_routed_anew():
+    # The other way round: z revoked y's slot 3 and its Lost never arrived, so y believed it held a hop at z that z
+    # no longer had. y sends the slot's (label, prefix) again every REPORT_AGAIN_ROUNDS rounds; z, full now,
+    # rejects it, and y routes the microbatch anew.
+    bus = InProcessBus()
+    last = Agent(PeerCard("z", 2, "A", 0.1, 1), 2, FlatCosts(), bus, {"A": "d"}, AgentConfig(deflect=False), seed=0)
+    relay = Agent(PeerCard("y", 1, "A", 0.1, 2), 2, FlatCosts(), bus, {"A": "d"}, AgentConfig(), seed=0)
+    cards = (last.card, relay.card, PeerCard("d", 0, "A", 0.0, 0), PeerCard("w", 1, "A", 0.1, 2))
+    for agent in (last, relay):
+        agent.known = {c.peer_id: c for c in cards}
+    last.inbound[("w", 0)] = InSlot("A", prefix=0.2)  # z's one slot went to w
+    relay.inbound[("d", 0)] = InSlot("A", prefix=0.1, out=3)
+    relay.outbound[3] = OutSlot("z", ("d", 0), asked=0, held=True, sent=("A", 0.1))
+    relay.next_no = 4
+    for r in range(REPORT_AGAIN_ROUNDS + 3):
+        inbox = bus.take()
+        relay.step(r, inbox.get("y", []), NoDirectory())
+        last.step(r, inbox.get("z", []), NoDirectory())
+        if 3 not in relay.outbound:
+            break
+    assert 3 not in relay.outbound and r >= REPORT_AGAIN_ROUNDS  # given up once z said it does not hold it
+    assert last.inbound.keys() == {("w", 0)}
+
+
+def test_a_peer_never_heard_from_is_greeted_again():
+    # Live, a relay's Hello can reach its next-stage peer before that peer has read its record: dropped, and the
+    # relay never got an advert (adverts go to those who said Hello). It says Hello again while it has heard nothing.
+    agent, bus = lone_relay(n_stages=3)
+    agent.add_next(agent.known["p"])
+    agent.add_next(agent.known["q"])
+    bus.take()  # the first Hellos, lost
+    agent.step(1, [Advert("p", 2, 4, 0.1, (("A", 0.3),))], NoDirectory())
+    for r in range(2, REPORT_AGAIN_ROUNDS + 1):
+        agent.step(r, [], NoDirectory())
+    hellos = {dst for dst, msgs in bus.take().items() for m in msgs if isinstance(m, Hello)}
+    assert hellos == {"q"}  # p was heard from
 
 
 def test_slow_relays_still_get_paths():

@@ -283,3 +283,68 @@ def test_p2p_router_start_runs_the_nodes_agent_and_close_stops_it():
         assert not any(n.closed for n in nodes.values())
 
     asyncio.run(asyncio.wait_for(go(), timeout=60))
+
+
+def test_after_the_only_data_node_dies_the_relays_room_returns_and_a_new_one_gets_paths():
+    # The run's only data node dies: its record goes, the relays' agents drop its region's sink and release its
+    # slots (their room returns), and a new data node gets both paths. Before the fix the relays' rounds raised
+    # KeyError on the region that had no data node left and stopped for good: the new data node found no path
+    # (issue 21). A read of the records that lacks the node's own is not trusted: nobody dies of it.
+    infos = {
+        "d0": DataInfo("d0", "Japan", 0.01),
+        "d1": DataInfo("d1", "Japan", 0.01),
+        "r1": RelayInfo("r1", 1, 2, 0.1, "Japan"),
+        "r2": RelayInfo("r2", 2, 2, 0.1, "Japan"),
+    }
+
+    def views(records):
+        relays = {p: i for p, i in infos.items() if p in records and isinstance(i, RelayInfo)}
+        data = {p: i for p, i in infos.items() if p in records and isinstance(i, DataInfo)}
+        return SwarmView(2, relays, data, 2**20, LinkModel())
+
+    async def until(what, ready, timeout=20.0):
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not ready():
+            assert asyncio.get_running_loop().time() < deadline, what()
+            await asyncio.sleep(0.02)
+
+    async def go():
+        network = InProcessNetwork()
+        records = {p: SimpleNamespace(room=-1) for p in ("d0", "r1", "r2")}
+        nodes = {p: StubNode(network, p, records, n_stages=2) for p in infos}
+        routers = {p: make_router(RoutingConfig(router="gwtf-p2p", round_s=0.01), seed=1) for p in infos}
+        try:
+            for p, stage, units in (("r2", 2, 0), ("r1", 1, 0), ("d0", 0, 2)):
+                await routers[p].start(nodes[p], stage, views, units)
+            both = [["r1", "r2"], ["r1", "r2"]]
+            await until(
+                lambda: routers["d0"].service.agent.paths(), lambda: routers["d0"].service.agent.paths() == both
+            )
+            assert routers["r1"].room() == routers["r2"].room() == 0
+            relays = [routers["r1"].service, routers["r2"].service]
+            partial = dict(records)
+            records.clear()  # a read that reached nobody: r1 and r2 keep their view
+            await until(lambda: [s.partial_reads for s in relays], lambda: all(s.partial_reads for s in relays))
+            assert routers["r1"].room() == routers["r2"].room() == 0
+            records.update(partial)
+            await routers["d0"].close()
+            nodes["d0"].closed = True
+            del records["d0"]  # gone at once, no goodbye: its record expired
+            await until(lambda: [r.room() for r in routers.values()], lambda: routers["r1"].room() == 2)
+            await until(lambda: routers["r2"].room(), lambda: routers["r2"].room() == 2)  # the Release reached r2
+            records["d1"] = SimpleNamespace(room=-1)
+            await routers["d1"].start(nodes["d1"], 0, views, 2)
+            await until(
+                lambda: routers["d1"].service.agent.paths(), lambda: routers["d1"].service.agent.paths() == both
+            )
+            assert all(not s.task.done() and s.round_errors == 0 for s in relays)
+            assert routers["r2"].room() == 0
+            await routers["r1"].close()
+            nodes["r1"].closed = True
+            del records["r1"]  # r2's own upstream dies: its room returns too
+            await until(lambda: routers["r2"].room(), lambda: routers["r2"].room() == 2)
+        finally:
+            for r in routers.values():
+                await r.close()
+
+    asyncio.run(asyncio.wait_for(go(), timeout=60))

@@ -170,6 +170,9 @@ def test_sigterm_to_the_demo_stops_every_node(tmp_path) -> None:
             assert demo.poll() is None, log_path.read_text()[-2000:]
             time.sleep(0.5)
         nodes = _descendants(demo.pid)
+        while len(nodes) < 4 * 3 and time.monotonic() < deadline:  # on a loaded machine the last helpers come later
+            time.sleep(0.5)
+            nodes = _descendants(demo.pid)
         assert len(nodes) >= 4 * 3, [p.name() for p in nodes]  # bootstrap, 2 relays, a data node, each with helpers
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=60) == 130, log_path.read_text()[-2000:]  # stopped as by Ctrl-C
@@ -356,14 +359,46 @@ def test_a_new_data_node_takes_stage0_and_the_step_from_the_relays_copy() -> Non
     assert crashed == pytest.approx(reference, abs=1e-5)
 
 
+def test_a_relay_full_of_a_dead_data_nodes_microbatches_serves_the_new_one() -> None:
+    """The only data node dies mid-step: the relays still hold its microbatches, so the new data node's found no
+    room until the relays stepped, and its first step was lost. A full relay drops what it holds for data nodes whose
+    record expired."""
+    import asyncio
+
+    import torch
+
+    from gwtf.stage import Held
+    from tests.support import InProcessSwarm
+    from tests.test_swarm_inprocess import fast_swarm, small_config
+
+    async def go() -> list:
+        swarm = InProcessSwarm(small_config(steps=4, stages=2), replicas=[1, 1], settings=fast_swarm())
+        await swarm.start()
+        try:
+            for relay in swarm.relays.values():  # full of a data node that is gone (it never had a record)
+                for mb in range(relay.replica.capacity):
+                    x = torch.zeros(1, requires_grad=True)
+                    relay.replica.held[("gone", mb, 0)] = Held(x, x * 2)
+            result = await swarm.step()
+            assert all(not any(k[0] == "gone" for k in r.replica.held) for r in swarm.relays.values())
+            return result.reports
+        finally:
+            await swarm.close()
+
+    reports = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert all(r.lost == 0 for r in reports), reports
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_the_only_data_node_sigkilled_at_step_10_a_new_one_finishes_the_run(tmp_path) -> None:
-    group = ProcessGroup(tmp_path)
+@pytest.mark.parametrize("stop", ["sigkill", "ctrl-c"])
+def test_the_only_data_node_sigkilled_at_step_10_a_new_one_finishes_the_run(tmp_path, stop) -> None:
+    """The run's only data node dies (SIGKILL), or its volunteer stops it on purpose (Ctrl-C: SIGINT to its process
+    group, as a terminal sends it); the relays keep serving, and a data node started later resumes the run from them:
+    stage 0 and the step from stage 1's copy, the step count and the loss going on."""
+    group = ProcessGroup(tmp_path, ok_exits=(0, -9, -15, 130))  # 130: the data node interrupted on purpose
     try:
-        # round-robin: under gwtf-p2p the new data node's agent has found no path in 120 s, twice out of two (the
-        # relays' agents do not yet hand it the dead data node's slots); open in issue 21
-        peers = _start_run(group, tmp_path, RUN, "--open", "--router", "round-robin", steps=30)
+        peers = _start_run(group, tmp_path, RUN, "--open", steps=30)
         join = ["join", "--run", RUN, "--initial-peers", *peers]
         for stage in (1, 2):
             group.start(f"relay-s{stage}", [*join, "--stage", str(stage)])
@@ -371,7 +406,11 @@ def test_the_only_data_node_sigkilled_at_step_10_a_new_one_finishes_the_run(tmp_
         first, second = tmp_path / "data-0.jsonl", tmp_path / "data-1.jsonl"
         group.start("data-0", [*join, "--role", "data", "--metrics", str(first)])
         group.wait_until("step 10", lambda: _iterations(first) >= 10, timeout=240, poll_s=0.05)
-        group.kill("data-0")  # the run's only data node, stage 0 with it
+        if stop == "sigkill":
+            group.kill("data-0")  # the run's only data node, stage 0 with it
+        else:
+            os.killpg(os.getpgid(group.procs["data-0"].pid), signal.SIGINT)
+            assert group.procs["data-0"].wait(timeout=60) == 130
         group.start("data-1", [*join, "--role", "data", "--metrics", str(second)])
         done = lambda: any(r.get("event") == "done" for r in read_jsonl(second))  # noqa: E731
         group.wait_until("the new data node's last step", done, timeout=400)
@@ -379,8 +418,9 @@ def test_the_only_data_node_sigkilled_at_step_10_a_new_one_finishes_the_run(tmp_
         after = [r for r in read_jsonl(second) if r.get("event") == "iteration"]
         steps = [r["iteration"] for r in after]
         assert steps == list(range(len(before), 30)) or steps == list(range(len(before) + 1, 30)), steps
-        assert after[0]["loss"] < before[0]["loss"] - 0.2, (before[0], after[0])  # training went on, not restarted
-        assert after[0]["loss"] < before[-1]["loss"] + 0.2
+        resumed = next(r for r in after if r["loss"] > 0)  # a step whose microbatches were all lost reports 0
+        assert resumed["loss"] < before[0]["loss"] - 0.2, (before[0], resumed)  # training went on, not restarted
+        assert resumed["loss"] < before[-1]["loss"] + 0.2
     finally:
         group.stop_all()
 

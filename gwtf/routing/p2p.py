@@ -7,7 +7,8 @@ holding up the next round. Rounds are not synchronized across nodes: a message s
 the receiver's next round, as on the simulator's bus, give or take the link's delay. What an agent knows: the peers'
 DHT records (stage, region, measured compute time, capacity and the room the relay's agent last published), re-read
 once a heartbeat, and its own messages. A peer whose record expired is dead to it (`Agent.peer_died`: only its
-neighbours renegotiate).
+neighbours renegotiate); a read that lacks the node's own record is incomplete and changes nothing. A round that
+raises is logged and counted (`stats`), and the next one goes on.
 
 A data node reads its paths off its own agent (`P2PRouter`): `Route` messages bring each chain's relays up to it.
 `gwtf` (gwtf.routing.gwtf_router) instead runs every agent inside each data node on its view of the swarm: the same
@@ -92,6 +93,8 @@ class AgentService:
         self.dropped = 0
         self.failed_calls = 0
         self.refused = 0  # calls refused by validation or a full inbox
+        self.round_errors = 0  # rounds that raised (logged; the next round goes on)
+        self.partial_reads = 0  # record reads that lacked this node's own record: not trusted (see _refresh)
         node.transport.add_handler(HANDLER, self.rpc_route)
 
     @property
@@ -136,6 +139,8 @@ class AgentService:
             "dropped_messages": self.dropped,
             "refused_calls": self.refused,
             "rejected_messages": agent.rejected if agent is not None else 0,
+            "round_errors": self.round_errors,
+            "partial_reads": self.partial_reads,
         }
 
     async def rpc_route(self, msg: Message) -> Message:
@@ -163,7 +168,15 @@ class AgentService:
         loop = asyncio.get_running_loop()
         while not self.node.closed:
             t0 = loop.time()
-            self.round()
+            try:
+                self.round()
+            except Exception:  # a bug in one round must not stop the agent for good (it did, silently: issue 21)
+                self.round_errors += 1
+                if self.round_errors in (1, 10, 100) or self.round_errors % 1000 == 0:
+                    log.exception(
+                        "%s: routing round %d failed (%d so far)", self.me[:8], self.round_no, self.round_errors
+                    )
+                self.round_no += 1
             await asyncio.sleep(max(0.0, self.round_s - (loop.time() - t0)))
 
     def round(self) -> None:
@@ -212,6 +225,13 @@ class AgentService:
     async def _refresh(self, max_age: float | None = None) -> None:
         """Re-read the records: who is there (peers whose record expired are dead), their figures and room."""
         records = await self.node.live_nodes(max_age=max_age)
+        if self.agent is not None and self.me not in records:
+            # Our own heartbeat keeps our record live, so a read without it is incomplete (a DHT get that reached
+            # too few peers, or none): acting on it would declare every peer it missed dead, and `peer_died` drops
+            # their slots without telling them, so neither side would give those slots back.
+            self.partial_reads += 1
+            log.info("%s: a read of the records lacked this node's own; the routing view is kept", self.me[:8])
+            return
         view = self.views(records)
         cards = cards_of(view)
         directory = Directory(ViewCosts(view))

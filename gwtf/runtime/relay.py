@@ -14,7 +14,7 @@ import torch
 
 from gwtf.device import to_host
 from gwtf.errors import BadMessage, PeerError
-from gwtf.membership import Membership
+from gwtf.membership import Membership, serving
 from gwtf.runtime import schema
 from gwtf.runtime.iteration_end import RelayIterationEnd
 from gwtf.runtime.spec import NodeOptions, RunSpec
@@ -31,6 +31,7 @@ class RelayNode(RelayIterationEnd):
     def __init__(self, spec: RunSpec, transport: Transport, membership: Membership, opts: NodeOptions, stage: int):
         super().__init__(spec, transport, membership, opts, stage)
         self.stage0_keeper = Stage0Keeper(self)
+        self.missing_since: dict[str, float] = {}  # data nodes this replica holds microbatches of, not in the records
         handlers = {
             "regrad": self.rpc_regrad,
             "release": self.rpc_release,
@@ -66,6 +67,7 @@ class RelayNode(RelayIterationEnd):
     async def rpc_forward(self, msg: Message) -> Message:
         if self.replica is None:
             raise BadMessage("not serving yet")
+        await self._drop_orphans()
         self._check_iteration(msg)
         self.incoming.add(self._key(msg))  # counted against capacity until its forward has run (or failed)
         self.spawn(self._forward(msg, time.monotonic()))
@@ -177,6 +179,27 @@ class RelayNode(RelayIterationEnd):
             req = self._relay_msg(msg, "recover", [grad_in], route)
             req.meta = schema.recovering(req.meta, pos - 1, prev)
             await self.call(origin, "recover", req)
+
+    async def _drop_orphans(self) -> None:
+        """When full: what this replica holds for a data node whose record expired is dead weight (it died mid-step;
+        until the relays step, a new data node's microbatches found no room, and its step was lost: issue 21). Only
+        for a data node missing from the reads for a record's time to live (a loaded one may miss heartbeats), and
+        only on a read that holds this relay's own record (an incomplete read would orphan live microbatches)."""
+        assert self.replica is not None
+        if len(self.replica.held) + len(self.incoming) < self.replica.capacity:
+            return
+        nodes = await self.live_nodes()
+        live, now = serving(nodes, "data"), time.monotonic()
+        if self.peer_id not in nodes:
+            return
+        missing = {k[0] for k in self.replica.held_keys() if k[0] not in live}
+        self.missing_since = {o: self.missing_since.get(o, now) for o in missing}
+        gone = {o for o, t in self.missing_since.items() if now - t >= self.run.membership.record_ttl_s}
+        orphans = [k for k in self.replica.held_keys() if k[0] in gone]
+        if orphans:
+            dropped = await self.compute(self.replica.drop, orphans)  # 0 when a concurrent forward dropped them
+            if dropped:
+                log.info("relay %s dropped %d microbatches of data nodes no longer live", self.peer_id[:8], dropped)
 
     async def rpc_release(self, msg: Message) -> Message:
         """A data node restarted a microbatch: what this replica holds of its earlier attempts is dead weight."""

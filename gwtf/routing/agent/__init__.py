@@ -13,7 +13,8 @@ Files (each imports only those above it):
     codec.py      their wire form for router gwtf-p2p: encode, decode (checks every field and the sender)
     bus.py        Bus, what an agent sends through; InProcessBus (delivered next round)
     state.py      what an agent holds: PeerCard, AgentConfig, InSlot/OutSlot/NeighbourState, AgentState (the
-                  slots, neighbours and the moves' tables); the limits (MAX_BATCH, MAX_COST, EXPIRY_ROUNDS)
+                  slots, neighbours and the moves' tables); the limits (MAX_BATCH, MAX_COST, EXPIRY_ROUNDS,
+                  REPORT_AGAIN_ROUNDS)
     core.py       AgentCore: the protocol (adverts, request/grant, routing, swaps, chain costs, crashes, joins)
                   and the hooks the moves override
     deflect.py    Deflections (`deflect`, on by default): requests a full relay cannot grant go to peers with room
@@ -58,6 +59,7 @@ from gwtf.routing.agent.state import (
     INF,
     MAX_BATCH,
     MAX_COST,
+    REPORT_AGAIN_ROUNDS,
     AgentConfig,
     AgentState,
     Costs,
@@ -74,6 +76,7 @@ __all__ = [
     "MAX_BATCH",
     "MAX_COST",
     "MESSAGE_TYPES",
+    "REPORT_AGAIN_ROUNDS",
     "Advert",
     "Agent",
     "AgentConfig",

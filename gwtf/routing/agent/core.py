@@ -73,6 +73,7 @@ from gwtf.routing.agent.state import (
     INF,
     MAX_BATCH,
     MAX_COST,
+    REPORT_AGAIN_ROUNDS,
     AgentState,
     InSlot,
     NeighbourState,
@@ -152,6 +153,7 @@ class AgentCore(AgentState):
         self._report_upstream(ChainCost, "sent_cost", self._cost_of)
         self._report()
         self._advertise()
+        self._hello_again()
 
     def peer_died(self, peer: str) -> None:
         """Local renegotiation: microbatches sent to `peer` are routed elsewhere; those from it are released."""
@@ -304,6 +306,8 @@ class AgentCore(AgentState):
                 if slot is not None and slot.out == n:
                     slot.rejected += 1
                 self._drop_out(n)
+            elif out is not None and out.peer == msg.sender:  # held here, not there (its Lost was lost): route anew
+                self._drop_out(n)
         state = self.next.get(msg.sender)
         if state is not None:
             state.spare = max(0, min(msg.spare, card.capacity))
@@ -404,9 +408,12 @@ class AgentCore(AgentState):
         state = self.next[peer]
         if state.heard:
             return state.hop + state.cost.get(label, INF)
+        sink = self.sink_regions.get(label)
+        if sink is None:  # the region's last data node left (its microbatches are being released): no sink there
+            return INF
         card = state.card  # not heard yet: assume the rest of the path stays in that peer's region
         rest = (self.n_stages - card.stage + 1) * card.compute_s
-        return state.hop + rest + self.costs.link(peer, self.sink_regions[label])
+        return state.hop + rest + self.costs.link(peer, sink)
 
     def _value(self, n: int, label: str) -> float:
         """Cost of carrying a microbatch of `label` on out-slot n from here to its sink."""
@@ -512,14 +519,16 @@ class AgentCore(AgentState):
         return temperature > 1e-6 and self.rng.random() < math.exp(-delta / temperature)
 
     def _send_updates(self) -> None:
-        """Labels and prefixes travel down the chains when the microbatch on a slot changed."""
+        """Labels and prefixes travel down the chains when the microbatch on a slot changed, and every
+        REPORT_AGAIN_ROUNDS rounds anyway: a held slot whose Lost was lost is then asked for afresh (granted again,
+        or rejected and routed anew, `_on_reply`)."""
         for n, out in self.outbound.items():
             slot = self.inbound.get(out.paired)
             if not out.held or slot is None or self.round_no < out.quiet_until or n in self.offers:
                 continue
             want = (slot.label, round(slot.prefix + self._hop(out.peer), 4))
-            if want != out.sent:
-                out.sent = want
+            if want != out.sent or self.round_no - max(out.asked, out.updated) >= REPORT_AGAIN_ROUNDS:
+                out.sent, out.updated = want, self.round_no
                 self._requests[out.peer].append((n, *want, slot.share))
 
     def _flush(self) -> None:
@@ -549,7 +558,8 @@ class AgentCore(AgentState):
 
     def _report_upstream(self, kind: type[ChainCost] | type[Route], sent: str, value_of) -> None:
         """Tell each upstream holder, per slot, what the chain behind it is now by `value_of` (its cost per sink
-        region, or with `routes` its relays), when that changed from what it was told (the slot's `sent` field)."""
+        region, or with `routes` its relays), when that changed from what it was told (the slot's `sent` field); the
+        chain cost also every REPORT_AGAIN_ROUNDS rounds, so that a slot whose Release was lost is released."""
         if self.is_data:
             return
         updates: dict[str, list[tuple[int, tuple]]] = defaultdict(list)
@@ -557,11 +567,23 @@ class AgentCore(AgentState):
             if self.round_no < slot.quiet_until:
                 continue
             value, told = value_of(slot), getattr(slot, sent)
-            if value != told and (value or told):
+            again = kind is ChainCost and told is not None and self.round_no - slot.cost_told >= REPORT_AGAIN_ROUNDS
+            if (value != told and (value or told)) or again:
                 setattr(slot, sent, value)
+                if kind is ChainCost:
+                    slot.cost_told = self.round_no
                 updates[up].append((n, value))
         for dst, items in updates.items():
             self._send_batches(dst, kind, items)
+
+    def _hello_again(self) -> None:
+        """Next-stage peers never heard from are greeted again every REPORT_AGAIN_ROUNDS rounds: live, a Hello that
+        arrives before its receiver has read the sender's record is dropped (unknown sender), and the sender would
+        never be sent the peer's adverts (seen in processes: both relays of a 2-stage run unsubscribed for good)."""
+        if self.round_no % REPORT_AGAIN_ROUNDS:
+            return
+        for peer in sorted(p for p, state in self.next.items() if not state.heard):
+            self.bus.send(peer, Hello(self.me, self.card.stage))
 
     def _advertise(self) -> None:
         if self.is_data:
@@ -587,9 +609,10 @@ class AgentCore(AgentState):
         best = dict.fromkeys(self.sink_regions, INF)
         for p in roomy or self.next:
             state = self.next[p]
-            if state.heard:
+            if state.heard:  # an advert heard before a region's last data node left may still price it: skipped
                 for g, v in state.cost.items():
-                    best[g] = min(best[g], state.hop + v)
+                    if g in best:
+                        best[g] = min(best[g], state.hop + v)
             else:
                 for g in best:
                     best[g] = min(best[g], self._option(p, g))

@@ -22,6 +22,11 @@ SlotKey = tuple[str, int]  # (upstream peer, its slot number)
 MAX_BATCH = 64  # slots per message: bounded lists
 MAX_COST = 1e6  # seconds: larger costs or prefixes are malformed
 EXPIRY_ROUNDS = 3  # a request is answered in 2 rounds (request, reply)
+# Rounds after which a held slot's chain cost is reported upstream, and its (label, prefix) sent downstream, again
+# though unchanged: a live swarm can lose a Release or a Lost (a call that timed out), and a slot would be held on
+# one side only, for good; a report for a slot the upstream peer no longer has is answered with a Release
+# (core.py, _on_chaincost), an ask for one the downstream peer no longer holds is granted afresh or rejected.
+REPORT_AGAIN_ROUNDS = 50
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class InSlot:
     swapped: int = -(10**9)  # round of its last swap
     offered: int = -(10**9)  # round it was last offered for a cross-relay exchange or handed over
     quiet_until: int = 0  # taken over: no chain costs upstream until the upstream has switched to us
+    cost_told: int = -(10**9)  # round its chain cost was last reported upstream (REPORT_AGAIN_ROUNDS)
     rejected: int = 0  # requests for it that were turned down
 
 
@@ -117,6 +123,7 @@ class OutSlot:
     route: tuple[str, ...] = ()  # the relays of that chain, the peer first (AgentConfig.routes; (): not known)
     sent: tuple[str, float] | None = None  # the (label, prefix) the peer knows
     quiet_until: int = 0  # an exchanged slot: no updates until the holder has re-keyed it (see Transfer)
+    updated: int = -(10**9)  # round its (label, prefix) was last sent (REPORT_AGAIN_ROUNDS)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     python -m gwtf.benchmarks.throughput --preset debug --stages 4 --steps 12 --json runs/throughput.json
     python -m gwtf.benchmarks.throughput --steps 12 --profile runs/prof     # also cProfile every swarm process
+    python -m gwtf.benchmarks.throughput --preset 124m --device cuda --precision bf16   # swarm vs single, one GPU
 
 Three systems train the same model (same seed, data order, microbatches, AdamW and lr schedule), one after the
 other so that they never share the CPU with each other:
@@ -14,6 +15,14 @@ other so that they never share the CPU with each other:
   S + 1 (plus the bootstrap DHT peer); the same warm-up steps are left out of its timing.
 - single process: gwtf's reference `train_step` (gwtf/trainer.py) over all stages, same warm-up exclusion.
 
+`--device` and `--precision` apply to every swarm node and to the single process. DeepSpeed's pipeline here runs on
+CPU processes over gloo in fp32, so it is compared only at `--device cpu --precision fp32` (else left out).
+
+Besides tokens/s, for the swarm: CPU seconds per step by process kind (the nodes, hivemind's forked DHT processes,
+the p2pd daemons), each node's DHT reads and writes per step by record kind (gwtf.membership.DhtOps, counted in each
+node process), and the PSS of one node of each kind by process, with each process's private pages, read from
+/proc/PID/smaps_rollup after the warm-up.
+
 Every process is pinned to one intra-op thread (OMP_NUM_THREADS=1). On a machine with fewer cores than pipeline
 processes the comparison is CPU-bound: it compares software overheads like for like, not what a pipeline gains
 from real parallel hardware.
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,6 +44,7 @@ from typing import Any
 
 from gwtf.benchmarks.ds_pipeline import DSSettings, run_deepspeed
 from gwtf.launch.processes import CLI, ProcessGroup, profiled, read_jsonl
+from gwtf.membership import DHT_OPS_ENV
 
 TARGET_RATIO = 0.9
 
@@ -49,8 +60,13 @@ class BenchSettings:
     capacity: int = 0  # microbatches a relay holds at once (0: = microbatches, one wave per step)
     seed: int = 0
     repeats: int = 1  # runs of each system, interleaved; the medians are reported
+    device: str = "cpu"  # every swarm node's --device and the single process's: auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # train.precision of the swarm and the single process: fp32 | bf16
 
     def __post_init__(self) -> None:
+        from gwtf.device import check_device, check_precision
+
+        self.device, self.precision = check_device(self.device), check_precision(self.precision)
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.steps < self.warmup + 2:
@@ -61,7 +77,11 @@ class BenchSettings:
     def overrides(self) -> list[str]:
         return [f"train.steps={self.steps}", f"train.seed={self.seed}",
                 f"train.microbatch_size={self.microbatch_size}",
-                f"train.microbatches_per_step={self.microbatches}"]  # fmt: skip
+                f"train.microbatches_per_step={self.microbatches}", f"train.precision={self.precision}"]  # fmt: skip
+
+    def with_deepspeed(self) -> bool:
+        """DeepSpeed's baseline here is CPU processes over gloo in fp32: like for like only there."""
+        return self.device == "cpu" and self.precision == "fp32"
 
 
 # --- gwtf swarm ------------------------------------------------------------------------------------------------
@@ -80,29 +100,118 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
     # autogroup scheduling a session of their own each would change how they share the CPU with the other systems.
     procs = ProcessGroup(out, ok_exits=(0,), own_sessions=False)
 
+    ops_dir = out / "dht_ops"  # each node process counts its DHT reads and writes there (gwtf.membership.DhtOps)
+    shutil.rmtree(ops_dir, ignore_errors=True)
+    ops_dir.mkdir()
+
     def start(name: str, argv: list[str]) -> None:  # optionally under cProfile, one profile per process
-        procs.start(name, argv, entry=profiled(profile_dir / f"{name}.prof") if profile_dir else CLI)
+        procs.start(name, argv, entry=profiled(profile_dir / f"{name}.prof") if profile_dir else CLI,
+                    env={DHT_OPS_ENV: str(ops_dir)})  # fmt: skip
 
     sets = sum((["--set", o] for o in s.overrides()), [])
     try:
         start("bootstrap", ["bootstrap", "--run", run_id, "--preset", s.preset, "--stages", str(s.stages),
                             "--router", "round-robin", "--addr-file", str(addr), *sets])  # fmt: skip
         peers = procs.wait_for_address(addr, 60)
-        join = ["join", "--run", run_id, "--initial-peers", *peers, "--capacity", str(s.capacity)]
+        join = ["join", "--run", run_id, "--initial-peers", *peers, "--capacity", str(s.capacity), "--device", s.device]
         for k in range(1, s.stages + 1):
             start(f"relay-s{k}", [*join, "--role", "relay", "--stage", str(k)])
         start("data-0", [*join, "--role", "data", "--rank", "0", "--metrics", str(metrics)])
         n_iters = lambda: sum(r.get("event") == "iteration" for r in read_jsonl(metrics))  # noqa: E731
         procs.wait_until("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), timeout)
         tracker = _CpuTracker(procs)
-        cpu_start = tracker.read()
+        cpu_start, ops_start = tracker.read(), _dht_ops(procs, ops_dir)
+        pss = pss_by_node(procs)  # after the warm-up steps (optimizer state made), every node and child still up
         procs.wait_until("the last iteration", lambda: tracker.poll() or n_iters() >= s.steps, timeout)
-        cpu = _cpu_delta(cpu_start, tracker.read())
+        cpu, ops = _cpu_delta(cpu_start, tracker.read()), _ops_delta(ops_start, _dht_ops(procs, ops_dir))
         procs.procs["data-0"].wait(timeout=30)  # exits by itself after its last step (and writes its profile)
     finally:
         procs.stop_all(grace=20)  # cProfile writes its file on the way out
     iters = [r for r in read_jsonl(metrics) if r.get("event") == "iteration"]
-    return {**_steady_state(iters, s), "cpu_seconds_in_timed_steps": cpu}
+    steady = _steady_state(iters, s)
+    per_step = {name: {op: round(n / steady["timed_steps"], 2) for op, n in c.items()} for name, c in ops.items()}
+    return {**steady, "cpu_seconds_in_timed_steps": cpu, "dht_ops_per_step": per_step, "pss_mb": pss}
+
+
+def process_kind(owner: str) -> str:
+    """What a CPU or memory owner ("relay-s1", "relay-s1/p2pd", "relay-s1/python3") is: the node's own process,
+    hivemind's forked DHT process, the p2p daemon, or torch's shared-memory manager."""
+    if "/" not in owner:
+        return "node"
+    child = owner.split("/", 1)[1]
+    return "p2pd" if "p2pd" in child else "torch_shm_manager" if "torch_shm" in child else "DHT process"
+
+
+def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
+    """Each node's proportional set size in MB (shared pages split among the processes that map them: the honest
+    per-process share, from /proc/PID/smaps_rollup) by process kind, and the node's total ("all"); and, as
+    "private KIND", each kind's private pages (what that process alone costs: for hivemind's DHT process, a fork of
+    the node, the memory that a DHT in the node's own process would not need, less its own state)."""
+    import psutil
+
+    out: dict[str, dict[str, float]] = {}
+    for name, proc in procs.procs.items():
+        try:
+            p = psutil.Process(proc.pid)
+            family = [(name, p)] + [(f"{name}/{c.name()}", c) for c in p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        sizes: dict[str, float] = {}
+        private: dict[str, float] = {}
+        for owner, q in family:
+            kb = _smaps_kb(q.pid)
+            if kb:
+                kind = process_kind(owner)
+                sizes[kind] = round(sizes.get(kind, 0.0) + kb["Pss"] / 1024, 1)
+                mine = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
+                private[f"private {kind}"] = round(private.get(f"private {kind}", 0.0) + mine / 1024, 1)
+        out[name] = {**sizes, "all": round(sum(sizes.values()), 1), **private}
+    return out
+
+
+def _smaps_kb(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/PID/smaps_rollup (Pss, Private_Clean, Private_Dirty, ...); empty if it is gone."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 3 and parts[2] == "kB":
+                    fields[parts[0].rstrip(":")] = int(parts[1])
+    except (OSError, ValueError):
+        return {}
+    return fields
+
+
+def _dht_ops(procs: ProcessGroup, folder: Path) -> dict[str, dict[str, int]]:
+    """Each node process's DHT reads and writes so far, by operation and record kind (what it last wrote down)."""
+    out = {}
+    for name, proc in procs.procs.items():
+        try:
+            out[name] = json.loads((folder / f"{proc.pid}.json").read_text())["counts"]
+        except (OSError, ValueError, KeyError):
+            out[name] = {}
+    return out
+
+
+def _ops_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {
+        name: {op: n - before.get(name, {}).get(op, 0) for op, n in counts.items()} for name, counts in after.items()
+    }
+
+
+def dht_ops_by_kind(per_step: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per node kind (bootstrap, relay, data: a process's name up to its first '-'), the mean DHT operations per
+    step of one node of that kind, by operation, and their total ("all")."""
+    kinds: dict[str, list[dict[str, float]]] = {}
+    for name, ops in per_step.items():
+        kinds.setdefault(name.split("-")[0], []).append(ops)
+    out = {}
+    for kind, nodes in kinds.items():
+        names = sorted({op for ops in nodes for op in ops})
+        mean = {op: round(sum(ops.get(op, 0.0) for ops in nodes) / len(nodes), 2) for op in names}
+        out[kind] = {**mean, "all": round(sum(mean.values()), 2)}
+    return out
 
 
 def _cpu_seconds(procs: ProcessGroup) -> dict[int, tuple[str, float]]:
@@ -187,6 +296,7 @@ def run_single(s: BenchSettings) -> dict[str, Any]:
 
     from gwtf.config import load_config
     from gwtf.data import MicrobatchSchedule, load_data
+    from gwtf.device import resolve_device, synchronize
     from gwtf.models.staged import build_stages
     from gwtf.optim import lr_at, make_optimizer
     from gwtf.trainer import train_step
@@ -196,12 +306,16 @@ def run_single(s: BenchSettings) -> dict[str, Any]:
     model_cfg = cfg.model_config()
     data = load_data(cfg.data, model_cfg.seq_len)
     schedule = MicrobatchSchedule(data.train, s.microbatch_size, s.microbatches, 1, s.seed)
-    stages = build_stages(model_cfg, s.seed)
+    device = resolve_device(s.device)
+    stages = [stage.to(device) for stage in build_stages(model_cfg, s.seed)]
     opts = [make_optimizer(stage, cfg.optim) for stage in stages]
     losses, timed, cpu = [], 0.0, 0.0
     for step in range(s.steps):
+        batch = [x.to(device) for x in schedule.global_batch(step)]
+        synchronize(device)  # CUDA runs asynchronously: the clock reads after the step's kernels, not their launch
         t0, c0 = time.perf_counter(), time.process_time()
-        losses.append(train_step(stages, opts, schedule.global_batch(step), lr_at(step, s.steps, cfg.optim)))
+        losses.append(train_step(stages, opts, batch, lr_at(step, s.steps, cfg.optim), s.precision))
+        synchronize(device)
         if step >= s.warmup:
             timed += time.perf_counter() - t0
             cpu += time.process_time() - c0
@@ -220,23 +334,31 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
     ds_settings = DSSettings(preset=s.preset, stages=s.stages, steps=s.steps, warmup=s.warmup,
                              microbatch_size=s.microbatch_size, microbatches=s.microbatches, seed=s.seed)  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {"gwtf": [], "deepspeed": [], "single_process": []}
+    if not s.with_deepspeed():
+        del runs["deepspeed"]
     for _ in range(s.repeats):
         runs["gwtf"].append(run_gwtf(s, work / "swarm", profile_dir))
-        runs["deepspeed"].append(_deepspeed_once_more_on_crash(ds_settings, work / "ds_pipeline.json"))
+        if "deepspeed" in runs:
+            runs["deepspeed"].append(_deepspeed_once_more_on_crash(ds_settings, work / "ds_pipeline.json"))
         runs["single_process"].append(run_single(s))
     tps = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
     return {
         "gwtf_tokens_per_s": tps["gwtf"],
-        "deepspeed_tokens_per_s": tps["deepspeed"],
+        "deepspeed_tokens_per_s": tps.get("deepspeed"),
         "single_process_tokens_per_s": tps["single_process"],
-        "ratio_vs_deepspeed": tps["gwtf"] / tps["deepspeed"],
+        "ratio_vs_deepspeed": tps["gwtf"] / tps["deepspeed"] if "deepspeed" in tps else None,
         "ratio_vs_single_process": tps["gwtf"] / tps["single_process"],
         "target_ratio": TARGET_RATIO,
         "tokens_per_s_each_repeat": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
         "cpu_seconds_per_step": {k: statistics.median(_cpu_per_step(r) for r in v) for k, v in runs.items()},
+        "gwtf_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in runs["gwtf"]]),
+        "gwtf_dht_ops_per_step_by_node": _median_dicts([dht_ops_by_kind(r["dht_ops_per_step"]) for r in runs["gwtf"]]),
+        "gwtf_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in runs["gwtf"]]),
         "settings": asdict(s),
         "cpu_cores": os.cpu_count(),
         "processes": {"gwtf": s.stages + 2, "deepspeed": s.stages, "single_process": 1},
+        "device": s.device,
+        "precision": s.precision,
         "placement": {
             "gwtf": "data node = stage 0 (embedding, norm, head, loss); one relay process per stage 1..S",
             "deepspeed": "rank 0 = embedding + stage 1, rank S-1 = stage S + norm + head + loss",
@@ -258,6 +380,37 @@ def _deepspeed_once_more_on_crash(settings: DSSettings, out: Path) -> dict[str, 
         return run_deepspeed(settings, str(out))
 
 
+def _cpu_by_kind(result: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds per step of the whole swarm by process kind (node, DHT process, p2pd, torch_shm_manager)."""
+    out: dict[str, float] = {}
+    for owner, seconds in result["cpu_seconds_in_timed_steps"].items():
+        kind = process_kind(owner)
+        out[kind] = out.get(kind, 0.0) + seconds / result["timed_steps"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def _pss_by_kind(pss: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The mean PSS of one node of each kind (bootstrap, relay, data), by process kind."""
+    kinds: dict[str, list[dict[str, float]]] = {}
+    for name, sizes in pss.items():
+        kinds.setdefault(name.split("-")[0], []).append(sizes)
+    out = {}
+    for kind, nodes in kinds.items():
+        names = sorted({k for n in nodes for k in n})
+        out[kind] = {k: round(sum(n.get(k, 0.0) for n in nodes) / len(nodes), 1) for k in names}
+    return out
+
+
+def _median_dicts(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Key by key (nested dicts too), the median over the repeats of the values they have."""
+    keys = sorted({k for d in dicts for k in d})
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [d[k] for d in dicts if k in d]
+        out[k] = _median_dicts(values) if isinstance(values[0], dict) else round(statistics.median(values), 3)
+    return out
+
+
 def _cpu_per_step(result: dict[str, Any]) -> float:
     return sum(result["cpu_seconds_in_timed_steps"].values()) / result["timed_steps"]
 
@@ -266,15 +419,30 @@ def print_table(r: dict[str, Any]) -> None:
     s = r["settings"]
     print(f"\n{s['preset']} model, {s['stages']} stages, {s['microbatches']} x {s['microbatch_size']}-row "
           f"microbatches per step, {s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up; "
-          f"{r['cpu_cores']} CPU cores")  # fmt: skip
+          f"{r['cpu_cores']} CPU cores; {s['device']}, {s['precision']}")  # fmt: skip
     print(f"{'system':<28}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}{'CPU s/step':>12}")
     for name, key in (("gwtf swarm (hivemind)", "gwtf"), ("deepspeed pipeline (1F1B)", "deepspeed"),
                       ("single process", "single_process")):  # fmt: skip
         tps = r[f"{key}_tokens_per_s"]
+        if tps is None:
+            print(f"{name:<28}  not run: its baseline here is CPU processes over gloo, fp32")
+            continue
         cpu = r["cpu_seconds_per_step"][key]
         print(f"{name:<28}{r['processes'][key]:>10}{tps:>12.0f}{tps / r['gwtf_tokens_per_s']:>10.2f}{cpu:>12.3f}")
-    verdict = "meets" if r["ratio_vs_deepspeed"] >= TARGET_RATIO else "misses"
-    print(f"ratio gwtf / deepspeed = {r['ratio_vs_deepspeed']:.3f} ({verdict} the {TARGET_RATIO} target)")
+    if r["ratio_vs_deepspeed"] is not None:
+        verdict = "meets" if r["ratio_vs_deepspeed"] >= TARGET_RATIO else "misses"
+        print(f"ratio gwtf / deepspeed = {r['ratio_vs_deepspeed']:.3f} ({verdict} the {TARGET_RATIO} target)")
+    print(f"ratio gwtf / single process = {r['ratio_vs_single_process']:.3f}")
+    by_process = r["gwtf_cpu_seconds_per_step_by_process"]
+    total = sum(by_process.values()) or 1.0
+    print("gwtf CPU s/step by process kind: "
+          + ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f} %)" for k, v in sorted(by_process.items())))  # fmt: skip
+    for kind, ops in r["gwtf_dht_ops_per_step_by_node"].items():
+        print(f"DHT operations per step, one {kind} node: {ops['all']:g} ("
+              + ", ".join(f"{op} {n:g}" for op, n in ops.items() if op != "all") + ")")  # fmt: skip
+    for kind, sizes in r["gwtf_pss_mb_per_node"].items():
+        print(f"PSS of one {kind} node: {sizes['all']:.0f} MB ("
+              + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items() if k != "all") + ")")  # fmt: skip
     print(r["note"])
 
 

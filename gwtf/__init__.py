@@ -20,7 +20,8 @@ Files:
     stage.py       one replica of a relay stage: forward, backward (with recompute), gradient accumulation, optimizer
     device.py      a node's device (--device auto|cpu|cuda[:N]) and the run's precision (fp32 | bf16): CPU tensors
                    to and from the compute thread, device-synchronized timers, bf16 autocast
-    sizing.py      sizes in bytes: transfer waits from bytes over the floor bandwidth, byte-sized chunks
+    sizing.py      sizes in bytes: transfer waits from bytes over the floor bandwidth, byte-sized chunks, a relay's
+                   capacity from its device's free memory and the measured bytes a held microbatch keeps
     transport/     tensor messages (wire format, validation), in-process and hivemind P2P backends, the direct TCP
                    path, link emulation, TransportConfig
     auth.py        runs by invitation: run keys, HMAC proofs over libp2p peer ids, signed DHT records

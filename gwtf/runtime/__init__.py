@@ -13,12 +13,13 @@ Files:
     joining.py        RelayJoining: join, state download, stage rebuild (the run's recovery strategy), catch-up
     iteration_end.py  RelayIterationEnd: average with the stage's replicas and step; advance a stale stage;
                       resync a replica whose weights differ from its stage's majority
-    consistency.py    the replicas' weight hashes compared per stage after a step; the odd ones resynchronised
+    consistency.py    the replicas' weight hashes compared per stage after a step; the odd ones resynchronised;
+                      stage 0 compared across the data nodes the same way
     relay.py          RelayNode: serving forward, backward, recompute, resend, regrad, release
     flights.py        Flight, IterationReport, FlightLegs: a data node's microbatches on their routes, both legs
     datanode.py       DataNode: stage 0, the iteration (plan waves, run flights), readiness, stale stages, its end
-    stage0_copy.py    Stage0Keeper, push_copy, newest_copy: stage 0 copied to stage 1's replicas after each step,
-                      so a new data node takes it and the step when every data node died
+    stage0_copy.py    Stage0Keeper, push_copy, newest_copy, copy_parts: stage 0 copied to stage 1's replicas after
+                      each step in byte-sized parts, so a new data node takes it and the step when every data node died
     assembly.py       module_builder, make_schedule, make_data_node: nodes from a run spec
 
 A microbatch: DataNode._plan_wave (router.plan) -> FlightLegs._forward_leg (embed, `forward` to stage 1) ->

@@ -28,7 +28,7 @@ from gwtf.lora import trainable_names
 from gwtf.membership import Membership, NodeRecord, serving
 from gwtf.routing.base import Router, SwarmView
 from gwtf.runtime import schema
-from gwtf.runtime.consistency import resync_diverged, weight_hashes
+from gwtf.runtime.consistency import Stage0Hashes, resync_diverged, weight_hashes
 from gwtf.runtime.flights import Flight, FlightLegs, IterationReport
 from gwtf.runtime.spec import NodeOptions, RunSpec
 from gwtf.runtime.stage0_copy import newest_copy, push_copy
@@ -78,6 +78,7 @@ class DataNode(FlightLegs):
         self.telemetry = Telemetry(self.peer_id)
         self.plan_view: SwarmView | None = None  # the view the iteration's first wave was planned on
         self.publisher: asyncio.Task | None = None
+        self.stage0_hashes = Stage0Hashes(self)  # stage 0 checked identical across data nodes after every step
         for name, fn in {
             "head": self.rpc_head,
             "embed_grad": self.rpc_embed_grad,
@@ -87,6 +88,7 @@ class DataNode(FlightLegs):
             "get_state": self.rpc_get_state,
             "relay_serving": self.rpc_relay_serving,
             "versions": self.rpc_versions,
+            **self.stage0_hashes.handlers(),
         }.items():
             transport.add_handler(name, fn, validator=functools.partial(self.validate, handler=name))
 
@@ -340,6 +342,7 @@ class DataNode(FlightLegs):
         relays = sorted(set().union(*group.values()))
         meta = {"used": {k: sorted(v) for k, v in used.items()}, "group": {k: sorted(v) for k, v in group.items()}}
         done = self.message("end_iteration", iteration=i, meta=meta)
+        stage0 = asyncio.ensure_future(self.stage0_hashes.check(i, peers))  # while the relays step
         replies = await asyncio.gather(
             *(self.call(p, "end_iteration", done, timeout=3 * self.run.iteration.iteration_timeout) for p in relays),
             return_exceptions=True,
@@ -351,7 +354,9 @@ class DataNode(FlightLegs):
                 self.confirmed[p] = int(r.meta["version"])
         stepped = {p: r for p, r in zip(relays, replies) if isinstance(r, Message)}
         stages = {p: live[p].stage for p in stepped if p in live}
-        return weight_hashes(i, stepped, stages), len(await self._resync_diverged(i, stepped, stages))
+        (stage0_counts, stage0_resynced), hashes = await stage0, weight_hashes(i, stepped, stages)
+        hashes = {0: stage0_counts, **hashes} if stage0_counts else hashes
+        return hashes, stage0_resynced + len(await self._resync_diverged(i, stepped, stages))
 
     async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> dict[str, str]:
         """Replicas whose weights differ from their stage's majority download it before the next iteration."""

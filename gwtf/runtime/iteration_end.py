@@ -36,7 +36,10 @@ class RelayIterationEnd(RelayJoining):
             return await self._stepped()
         if i > self.replica.version:
             raise BadMessage(f"end of iteration {i} but this replica is at version {self.replica.version}")
-        sender = (await self.live_nodes()).get(msg.sender) or (await self.live_nodes(max_age=0)).get(msg.sender)
+        # A peer's role never changes: a view as old as a record's life tells it (no DHT read per step), and a
+        # fresh read only for a sender not in that view (a data node that joined since)
+        known = (await self.live_nodes(max_age=self.run.membership.record_ttl_s)).get(msg.sender)
+        sender = known or (await self.live_nodes(max_age=0)).get(msg.sender)
         if sender is None or sender.role != "data":
             raise BadMessage("only a live data node ends an iteration")  # a relay cannot make a stage step early
         self.iteration_done.setdefault(i, set()).add(msg.sender)
@@ -60,7 +63,8 @@ class RelayIterationEnd(RelayJoining):
         """A data node found this replica's weights off its stage's majority after a step: download the state from
         the majority's replicas (once, however many data nodes ask), then answer as `stepped` does."""
         assert self.replica is not None
-        sender = (await self.live_nodes()).get(msg.sender) or (await self.live_nodes(max_age=0)).get(msg.sender)
+        known = (await self.live_nodes(max_age=self.run.membership.record_ttl_s)).get(msg.sender)  # as above
+        sender = known or (await self.live_nodes(max_age=0)).get(msg.sender)
         if sender is None or sender.role != "data":
             raise BadMessage("only a live data node asks a replica to resync")
         donors, want = msg.meta["donors"], msg.meta["hash"]
@@ -140,7 +144,7 @@ class RelayIterationEnd(RelayJoining):
         result = await self.averager.average(i, self.replica.grad_tensors(), self.replica.count, sorted(group))
         await self.fault("optimizer_step", i)
         await self.compute(self.replica.apply_averaged, result.grads, i)
-        self.recovery.on_step(self, i + 1)
+        self.recovery.on_step(self, i + 1, result.grads)  # redundant: the update its shadows apply in turn
         self.sent_grads.clear()
         self.timings.clear()
         self.iteration_done.pop(i, None)

@@ -260,6 +260,46 @@ def test_a_peer_never_heard_from_is_greeted_again():
     assert hellos == {"q"}  # p was heard from
 
 
+def test_a_relay_left_without_candidates_looks_in_the_directory_again():
+    # A read that missed its only next-stage peer's record declared it dead (`peer_died`); the agent's own lookups
+    # ask for peers with room, and a relay that never saw that peer's room would wait for good. Every
+    # REPORT_AGAIN_ROUNDS rounds a relay with fewer candidates than it keeps takes the nearest again and greets them.
+    agent, bus = lone_relay(n_stages=3)
+    p = agent.known["p"]
+
+    class Nearest(NoDirectory):
+        def nearest(self, stage, me, k, rng, need_spare):
+            assert stage == 2 and not need_spare
+            return [p]
+
+    agent.add_next(p)
+    agent.peer_died("p")
+    bus.take()
+    for r in range(1, REPORT_AGAIN_ROUNDS + 1):
+        agent.step(r, [], Nearest())
+    assert "p" in agent.next
+    assert any(isinstance(m, Hello) for m in bus.take().get("p", []))
+
+
+def test_an_unchanged_advert_is_sent_again_after_one_was_refused():
+    # Seen in processes: a stage-2 relay advertised before any data node existed (no regions), its next advert,
+    # pricing the new data node's region, was refused by stage 1 (which had not read that record yet), and stage 1
+    # kept the empty advert for good: no path, ever. Adverts go out again, unchanged, every REPORT_AGAIN_ROUNDS.
+    bus, sinks = InProcessBus(), {}
+    last = Agent(PeerCard("y", 2, "A", 0.1, 4), 2, FlatCosts(), bus, sinks, AgentConfig(), seed=0)
+    last.learn(PeerCard("x", 1, "A", 0.1, 4))
+    last.step(0, [Hello("x", 1)], NoDirectory())
+    assert [m.cost for m in bus.take()["x"] if isinstance(m, Advert)] == [()]  # no data node yet: no region
+    sinks["A"] = "d"  # a data node's record read
+    last.step(1, [], NoDirectory())
+    assert [dict(m.cost) for m in bus.take()["x"] if isinstance(m, Advert)] == [{"A": pytest.approx(0.1)}]  # refused
+    adverts = []
+    for r in range(2, REPORT_AGAIN_ROUNDS + 2):
+        last.step(r, [], NoDirectory())
+        adverts += [m for m in bus.take().get("x", []) if isinstance(m, Advert)]
+    assert len(adverts) == 1 and dict(adverts[0].cost).keys() == {"A"}
+
+
 def test_slow_relays_still_get_paths():
     # seconds per microbatch far above the simulator's: a path costs ~12 s, and must not look "blocked"
     spec = [[(2, 3.0, "Japan"), (1, 3.0, "LA")] for _ in range(4)]

@@ -584,15 +584,27 @@ class AgentCore(AgentState):
             return
         for peer in sorted(p for p, state in self.next.items() if not state.heard):
             self.bus.send(peer, Hello(self.me, self.card.stage))
+        # Fewer candidates than it keeps (a read that missed a record declared one dead, `peer_died`): look again in
+        # the directory, room or not, as at the start; a newly added one is greeted (`add_next`). Without it a relay
+        # whose only next-stage peer was once missed from a read waited for a lookup that asks for room it never saw.
+        nearest = getattr(self._directory, "nearest", None)
+        if self.card.stage < self.n_stages and len(self.next) < self.cfg.neighbours and nearest is not None:
+            for other in nearest(self.card.stage + 1, self.me, self.cfg.neighbours, self.rng, False):
+                self.add_next(other)
 
     def _advertise(self) -> None:
         if self.is_data:
             return
         self.my_cost = self._cost_to_sink()
         advert_key = (self.spare, tuple(sorted((g, round(c, 2)) for g, c in self.my_cost.items())))
-        if advert_key == self.last_advert:
+        # Unchanged figures are sent again every REPORT_AGAIN_ROUNDS rounds, as distance-vector protocols send
+        # periodic updates (RIP, RFC 2453 section 3.8): an advert can be refused (it priced a data node's region that
+        # its receiver had not read yet) or lost, and the receiver would keep the earlier one for good. Seen in
+        # processes: a stage-2 relay advertised before any data node existed (no regions), its next advert was
+        # refused, and stage 1 never routed to it.
+        if advert_key == self.last_advert and self.round_no - self.last_advert_round < REPORT_AGAIN_ROUNDS:
             return
-        self.last_advert = advert_key
+        self.last_advert, self.last_advert_round = advert_key, self.round_no
         msg = Advert(self.me, self.card.stage, advert_key[0], self.card.compute_s, advert_key[1])
         for peer in sorted(self.subscribers):
             self.bus.send(peer, msg)

@@ -159,6 +159,7 @@ class AgentState:
         self.known: dict[str, PeerCard] = {}
         self.my_cost: dict[str, float] = {}
         self.last_advert: tuple | None = None
+        self.last_advert_round = 0  # when it was sent (sent again unchanged every REPORT_AGAIN_ROUNDS rounds)
         self.rejected = 0  # invalid messages dropped
         self.round_no = 0
         self.last_refresh = -(10**9)

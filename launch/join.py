@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gwtf.config import from_dict
-from gwtf.errors import UserError
+from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.faults import Fault, FaultInjector
 from gwtf.launch.network import add_address_arguments, addresses_of
 from gwtf.membership import RunRecord, check_model_hash, dht_addresses, make_dht, serving
@@ -205,7 +205,17 @@ async def _serve_relay(args, spec, opts, transport, membership) -> int:
         node.faults = FaultInjector([Fault.parse(args.fault)])
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await node.start(module_builder(spec), timeout=args.join_timeout)
+    try:
+        await node.start(module_builder(spec), timeout=args.join_timeout)
+    except (PeerError, BadMessage) as exc:
+        # The run may have ended while this node joined (its donors and neighbours exited at the last step): that is
+        # not an error of this volunteer's; anything else is.
+        if not await _run_is_over(membership, spec.total_steps):
+            raise
+        await node.close()
+        print(f"relay {transport.peer_id}: the run reached its last step ({spec.total_steps}) while this node was "
+              f"joining ({exc}); exiting", flush=True)  # fmt: skip
+        return 0
     print(f"relay {transport.peer_id} serving stage {stage}", flush=True)
     print(f"volunteers may join through this node: --initial-peers {' '.join(node.maddrs[:1])}", flush=True)
     waits = [asyncio.ensure_future(until_run_over(membership.live_nodes, spec.total_steps)),
@@ -217,6 +227,17 @@ async def _serve_relay(args, spec, opts, transport, membership) -> int:
     if not stop.is_set():
         print(f"relay {transport.peer_id}: the run reached its last step ({spec.total_steps}); exiting", flush=True)
     return 0
+
+
+async def _run_is_over(membership, total_steps: int) -> bool:
+    """One bounded read of the records: has the run reached its last step (gwtf.membership.RunEnd)?"""
+    from gwtf.membership import RunEnd
+
+    try:
+        return RunEnd(total_steps).over(await asyncio.to_thread(membership.live_nodes))
+    except Exception as exc:  # noqa: BLE001 (the DHT did not answer: not known to be over)
+        log.info("reading the records for the run's end failed (%s)", exc)
+        return False
 
 
 RUN_END_POLL_S = 2.0  # how often a relay, a standby or the bootstrap reads the records to see whether the run is over

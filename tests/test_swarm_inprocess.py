@@ -1,6 +1,7 @@
 """The swarm runtime on the in-process transport: equivalence with the single-process trainer, joins, crashes."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -125,6 +126,30 @@ def test_a_joiner_takes_the_state_and_the_next_step_while_dht_records_lag():
     losses, _ = run(train_swarm(cfg, 6, on_step=join_at_3, settings=slow_beat))
     assert joined["node"].replica.version == 6  # it stepped with its stage at every step since it joined
     assert losses == pytest.approx(reference, abs=1e-4)
+
+
+def test_a_joiner_skips_a_donor_killed_a_moment_ago_whose_record_is_still_live():
+    # One of stage 2's two replicas is SIGKILLed as a joiner arrives: its record lives on (here for 120 s), so the
+    # first download, spread over both replicas, fails. The joiner takes the whole state from the live replica on
+    # the next attempt instead of failing every attempt until the dead one's record expires (seen in processes: a
+    # standby retried a dead donor for 13 s, the run ended meanwhile).
+    cfg = small_config(steps=5)
+    joined = {}
+
+    async def crash_and_join_at_3(step, swarm):
+        if step == 3:
+            victim = sorted(p for p, n in swarm.relays.items() if n.stage == 2)[0]
+            await swarm.crash(victim)
+            assert victim in swarm.data_nodes[0].membership.live_nodes()  # its record has not expired
+            t0 = time.monotonic()
+            node = await swarm.add_relay(2)
+            joined.update(node=node, seconds=time.monotonic() - t0)
+            assert node.replica.version == 3
+
+    slow_beat = ["membership.heartbeat_s=60.0", "membership.record_ttl_s=120.0", "transport.call_timeout=5.0",
+                 "iteration.microbatch_timeout=10.0"]  # fmt: skip
+    run(train_swarm(cfg, 5, on_step=crash_and_join_at_3, settings=slow_beat, replicas=[1, 2, 1]))
+    assert joined["seconds"] < 30, joined
 
 
 def test_relay_crash_mid_iteration_loses_no_microbatch():

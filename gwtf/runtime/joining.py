@@ -94,10 +94,14 @@ class RelayJoining(RelayBase):
         base_here = self.base_ready or not self.spec.pretrained or Path(self.spec.pretrained).is_dir()
         names = [n for n, p in self.replica.module.named_parameters() if p.requires_grad or not base_here]
         deadline = time.monotonic() + timeout
+        # Donors that could not be reached, until their record would have expired: the state is spread over the
+        # donors, so one dead donor (SIGKILLed, its record still live for up to a TTL) fails every attempt that
+        # includes it, while a live replica of the stage could have served the whole state at once.
+        unreachable: dict[str, float] = {}
         while time.monotonic() < deadline:
             try:
                 await self.fault("state_download", self.run_version)
-                tensors, meta = await self.fetch_state_from(donors, names)
+                tensors, meta = await self.fetch_state_from(donors, names, failed=unreachable)
                 await self.compute(self.replica.load_state, tensors, meta)
                 self.base_ready = True
                 log.info(
@@ -111,9 +115,12 @@ class RelayJoining(RelayBase):
             except (PeerError, BadMessage) as exc:
                 log.warning("state download failed (%s); retrying with the live donors", exc)
                 await asyncio.sleep(0.2)
-                donors = sorted(serving(await self.live_nodes(max_age=0), "relay", self.stage))
-                if not donors:
+                live = sorted(serving(await self.live_nodes(max_age=0), "relay", self.stage))
+                if not live:
                     return False
+                now, ttl = time.monotonic(), self.run.membership.record_ttl_s
+                unreachable = {p: t for p, t in unreachable.items() if now - t < ttl}
+                donors = [p for p in live if p not in unreachable] or live
         raise PeerError(f"could not download stage {self.stage} within {timeout:.0f}s")
 
     async def rebuild_stage(self, build_module) -> None:
@@ -147,9 +154,17 @@ class RelayJoining(RelayBase):
         modules, norms, versions = {}, {}, []
         for j in (self.stage - 1, self.stage + 1):
             donors = sorted(serving(nodes, "relay", j)) if 1 <= j <= self.spec.model.n_stages else []
-            if donors:
-                modules[j], version, norms[j] = await self._neighbour(j, donors[0], build_module)
+            for k, donor in enumerate(donors):  # a replica killed a moment ago is still in the records: the next one
+                try:
+                    modules[j], version, norms[j] = await self._neighbour(j, donor, build_module)
+                except PeerError as exc:
+                    if k == len(donors) - 1:
+                        raise
+                    log.warning("relay %s: stage %d's replica %s did not answer (%s); asking the next one",
+                                self.peer_id[:8], j, donor[:8], exc)  # fmt: skip
+                    continue
                 versions.append(version)
+                break
         return modules, norms, versions
 
     async def _neighbour(self, stage: int, donor: str, build_module) -> tuple[Any, int, float]:
@@ -162,10 +177,15 @@ class RelayJoining(RelayBase):
         return module, int(meta["version"]), float(meta.get("grad_norm") or 1.0)
 
     async def fetch_state_from(
-        self, donors: list[str], names: list[str], handler: str = "get_state", **meta: Any
+        self,
+        donors: list[str],
+        names: list[str],
+        handler: str = "get_state",
+        failed: dict[str, float] | None = None,
+        **meta: Any,
     ) -> tuple[dict[str, torch.Tensor], dict]:
         """A stage's state from `donors` through `handler` (get_state, or get_shadow with `stage`), `meta` added to
-        each request."""
+        each request; a donor whose call fails is noted in `failed` (peer -> when), if given."""
 
         sizes = state_bytes(self.replica.module) if self.replica is not None else None
         # The chunks from one donor share its link: each waits for the donor's whole share at the floor bandwidth.
@@ -174,7 +194,12 @@ class RelayJoining(RelayBase):
 
         async def get(donor: str, msg: Message) -> Message:
             msg.meta.update(meta)
-            return await self.call(donor, handler, msg, timeout=wait)
+            try:
+                return await self.call(donor, handler, msg, timeout=wait)
+            except PeerError:
+                if failed is not None:
+                    failed[donor] = time.monotonic()
+                raise
 
         return await fetch_state(get, self.spec.run_id, donors, names, sizes)
 

@@ -147,15 +147,8 @@ def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
     per-process share, from /proc/PID/smaps_rollup) by process kind, and the node's total ("all"); and, as
     "private KIND", each kind's private pages (what that process alone costs: for hivemind's DHT process, a fork of
     the node, the memory that a DHT in the node's own process would not need, less its own state)."""
-    import psutil
-
     out: dict[str, dict[str, float]] = {}
-    for name, proc in procs.procs.items():
-        try:
-            p = psutil.Process(proc.pid)
-            family = [(name, p)] + [(f"{name}/{c.name()}", c) for c in p.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
+    for name, family in _families(procs):
         sizes: dict[str, float] = {}
         private: dict[str, float] = {}
         for owner, q in family:
@@ -167,6 +160,20 @@ def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
                 private[f"private {kind}"] = round(private.get(f"private {kind}", 0.0) + mine / 1024, 1)
         out[name] = {**sizes, "all": round(sum(sizes.values()), 1), **private}
     return out
+
+
+def _families(procs: ProcessGroup):
+    """(node name, [(owner, psutil.Process)]) for each node still running: its Python process ("NAME") and its
+    descendants (hivemind's DHT process, p2pd: "NAME/PROCESS-NAME")."""
+    import psutil
+
+    for name, proc in procs.procs.items():
+        try:
+            p = psutil.Process(proc.pid)
+            family = [(name, p)] + [(f"{name}/{c.name()}", c) for c in p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        yield name, family
 
 
 def _smaps_kb(pid: int) -> dict[str, int]:
@@ -220,12 +227,7 @@ def _cpu_seconds(procs: ProcessGroup) -> dict[int, tuple[str, float]]:
     import psutil
 
     out: dict[int, tuple[str, float]] = {}
-    for name, proc in procs.procs.items():
-        try:
-            p = psutil.Process(proc.pid)
-            family = [(name, p)] + [(f"{name}/{c.name()}", c) for c in p.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
+    for _name, family in _families(procs):
         for owner, q in family:
             try:
                 t = q.cpu_times()

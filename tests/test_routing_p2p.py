@@ -2,6 +2,7 @@
 negotiate their paths with their own agents over the in-process transport."""
 
 import asyncio
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -238,6 +239,17 @@ class StubNode:
         return dict(self.records)
 
 
+def views_of(infos: dict) -> Callable[[dict], SwarmView]:
+    """A 2-stage swarm view of the peers of `infos` whose record is there."""
+
+    def views(records):
+        relays = {p: i for p, i in infos.items() if p in records and isinstance(i, RelayInfo)}
+        data = {p: i for p, i in infos.items() if p in records and isinstance(i, DataInfo)}
+        return SwarmView(2, relays, data, 2**20, LinkModel())
+
+    return views
+
+
 def test_p2p_router_start_runs_the_nodes_agent_and_close_stops_it():
     # A data node (stage 0, 2 microbatches) and one relay per stage (capacity 2), each with its own router: start
     # makes and starts the node's agent service with the config's round, the agents negotiate two paths over the
@@ -248,10 +260,7 @@ def test_p2p_router_start_runs_the_nodes_agent_and_close_stops_it():
         "r2": RelayInfo("r2", 2, 2, 0.1, "Japan"),
     }
 
-    def views(records):
-        relays = {p: i for p, i in infos.items() if p in records and isinstance(i, RelayInfo)}
-        data = {p: i for p, i in infos.items() if p in records and isinstance(i, DataInfo)}
-        return SwarmView(2, relays, data, 2**20, LinkModel())
+    views = views_of(infos)
 
     async def go():
         network, records = InProcessNetwork(), {p: SimpleNamespace(room=-1) for p in infos}
@@ -297,10 +306,7 @@ def test_after_the_only_data_node_dies_the_relays_room_returns_and_a_new_one_get
         "r2": RelayInfo("r2", 2, 2, 0.1, "Japan"),
     }
 
-    def views(records):
-        relays = {p: i for p, i in infos.items() if p in records and isinstance(i, RelayInfo)}
-        data = {p: i for p, i in infos.items() if p in records and isinstance(i, DataInfo)}
-        return SwarmView(2, relays, data, 2**20, LinkModel())
+    views = views_of(infos)
 
     async def until(what, ready, timeout=20.0):
         deadline = asyncio.get_running_loop().time() + timeout

@@ -210,14 +210,21 @@ def _ops_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int
 def dht_ops_by_kind(per_step: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Per node kind (bootstrap, relay, data: a process's name up to its first '-'), the mean DHT operations per
     step of one node of that kind, by operation, and their total ("all")."""
+    return {
+        kind: {**mean, "all": round(sum(mean.values()), 2)} for kind, mean in _mean_by_node_kind(per_step, 2).items()
+    }
+
+
+def _mean_by_node_kind(per_node: dict[str, dict[str, float]], digits: int) -> dict[str, dict[str, float]]:
+    """Per node kind (a process's name up to its first '-'), the mean of each figure over the nodes of that kind (a
+    figure a node lacks counts 0), rounded to `digits`."""
     kinds: dict[str, list[dict[str, float]]] = {}
-    for name, ops in per_step.items():
-        kinds.setdefault(name.split("-")[0], []).append(ops)
+    for name, figures in per_node.items():
+        kinds.setdefault(name.split("-")[0], []).append(figures)
     out = {}
     for kind, nodes in kinds.items():
-        names = sorted({op for ops in nodes for op in ops})
-        mean = {op: round(sum(ops.get(op, 0.0) for ops in nodes) / len(nodes), 2) for op in names}
-        out[kind] = {**mean, "all": round(sum(mean.values()), 2)}
+        names = sorted({k for n in nodes for k in n})
+        out[kind] = {k: round(sum(n.get(k, 0.0) for n in nodes) / len(nodes), digits) for k in names}
     return out
 
 
@@ -393,14 +400,7 @@ def _cpu_by_kind(result: dict[str, Any]) -> dict[str, float]:
 
 def _pss_by_kind(pss: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """The mean PSS of one node of each kind (bootstrap, relay, data), by process kind."""
-    kinds: dict[str, list[dict[str, float]]] = {}
-    for name, sizes in pss.items():
-        kinds.setdefault(name.split("-")[0], []).append(sizes)
-    out = {}
-    for kind, nodes in kinds.items():
-        names = sorted({k for n in nodes for k in n})
-        out[kind] = {k: round(sum(n.get(k, 0.0) for n in nodes) / len(nodes), 1) for k in names}
-    return out
+    return _mean_by_node_kind(pss, 1)
 
 
 def _median_dicts(dicts: list[dict[str, Any]]) -> dict[str, Any]:

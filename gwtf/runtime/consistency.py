@@ -115,6 +115,8 @@ class Stage0Hashes:
 
     def __init__(self, node: DataNode):
         self.node = node
+        self.own: tuple[int, str] | None = None  # (version, this node's stage-0 hash at it)
+        self.loads = 0  # resyncs so far: a hash computed across one is not kept
 
     def handlers(self) -> dict[str, Callable[[Message], Awaitable[Message]]]:
         return {"stage0_hash": self.rpc_stage0_hash}
@@ -126,8 +128,20 @@ class Stage0Hashes:
         deadline = time.monotonic() + node.run.transport.call_timeout / 2
         while node.stage0.version < msg.iteration and time.monotonic() < deadline:
             await asyncio.sleep(STAGE0_POLL_S)
-        digest = await node.compute(node.stage0.weights_digest)
-        return node.message("stage0_hash", meta={"hash": digest, "version": node.stage0.version})
+        version, digest = await self._own()
+        return node.message("stage0_hash", meta={"hash": digest, "version": version})
+
+    async def _own(self) -> tuple[int, str]:
+        """(version, this node's stage-0 hash), hashed once per version: its own check and every other data node's
+        question ask for it after each step. Version and hash are read together in the compute thread, where the
+        optimizer steps; a resync (same version, other weights) drops it."""
+        stage0, loads = self.node.stage0, self.loads
+        if self.own is not None and self.own[0] == stage0.version:
+            return self.own
+        own = await self.node.compute(lambda: (stage0.version, stage0.weights_digest()))
+        if loads == self.loads:
+            self.own = own
+        return own
 
     async def check(self, iteration: int, data_nodes: list[str]) -> tuple[tuple[int, int] | None, int]:
         """After stepping stage 0 to version iteration + 1: ((data nodes whose hash was compared, distinct hashes),
@@ -138,7 +152,7 @@ class Stage0Hashes:
             return None, 0
         ask = node.message("stage0_hash", iteration=iteration + 1)
         replies = await asyncio.gather(*(node.call(p, "stage0_hash", ask) for p in others), return_exceptions=True)
-        hashes = {node.peer_id: await node.compute(node.stage0.weights_digest)}
+        hashes = {node.peer_id: (await self._own())[1]}
         for peer, reply in zip(others, replies):
             if isinstance(reply, BaseException):
                 log.info("iteration %d: no stage-0 hash from data node %s (%s)", iteration, peer[:8], reply)
@@ -169,11 +183,12 @@ class Stage0Hashes:
             tensors, meta = await fetch_state(get, node.spec.run_id, donors, names, sizes)
             if meta["version"] != version:  # a donor stepped on without this node: it is behind, not odd
                 raise BadMessage(f"the donors hold version {meta['version']}, not {version}")
+            self.own, self.loads = None, self.loads + 1  # the weights change at the same version
             await node.compute(stage0.load_state, tensors, meta)
         except (PeerError, BadMessage) as exc:
             log.warning("data node %s: stage 0 did not resync (%s)", node.peer_id[:8], exc)
             return False
-        digest: Any = await node.compute(stage0.weights_digest)
+        digest: Any = (await self._own())[1]
         if digest != best:
             log.warning("data node %s: stage 0 resynced to %s, not the majority's %s", node.peer_id[:8], digest[:8],
                         best[:8])  # fmt: skip

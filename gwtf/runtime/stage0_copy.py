@@ -6,8 +6,7 @@ Why relays of the edge stages: every data node talks to them each step anyway (t
 takes stage S's output), they hold no other copy of stage 0, and with both a run survives losing every data node and
 every replica of one of them at once (with stage 1 alone, that lost stage 0; the lost relay stage is rebuilt by the
 run's recovery). CheckFree+ keeps the embeddings on the edge stages too, but trains them there; this keeps them exact.
-The
-copy is pushed after the data node's optimizer step and before it tells the relays to step, so a data node that dies
+The copy is pushed after the data node's optimizer step and before it tells the relays to step, so a data node that dies
 in between leaves the copy one step ahead of the relays, never behind: the relays then take the step without that
 update (DataNode._advance_stale), as after any loss of a step's update. Cost: stage 0's state (parameters and two
 Adam moments, fp32) per step to each replica of stages 1 and S (sent to all at once).

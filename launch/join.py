@@ -147,24 +147,40 @@ def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
 PROBE_AT_MOST = 64  # relays a standby probes per poll; a larger swarm waits for dead records to expire instead
 
 
+LOSS_CONFIRM_READS = 2  # reads in a row a replica's record must be missing from before it counts as lost
+
+
 async def wait_for_a_loss(membership, n_stages: int, poll_s: float = 0.5, transport=None) -> int:
-    """A standby volunteer waits, ready, until a stage has fewer serving replicas than it has had (a replica was
-    lost: counts only grow while a swarm starts), and returns that stage. With a transport it also probes the
-    serving relays (a small swarm's), so a crash counts at once rather than when its DHT record expires."""
+    """A standby volunteer waits, ready, until a replica that served is lost, and returns its stage. A replica is
+    lost when a probe finds it gone (with a transport, in a small swarm: at once rather than when its DHT record
+    expires), or when its record is missing from LOSS_CONFIRM_READS reads in a row. One read that missed a record
+    (a DHT get that reached too few peers: seen on a loaded machine) is not a loss, nor is a read that failed."""
     from gwtf.liveness import gone
 
-    most = dict.fromkeys(range(1, n_stages + 1), 0)
+    seen: dict[str, int] = {}  # replicas seen serving -> stage
+    missing: dict[str, int] = {}  # replicas missing from the last reads -> reads in a row
     while True:
-        nodes = await asyncio.to_thread(membership.live_nodes)
-        relays = serving(nodes, "relay")
-        if transport is not None and 0 < len(relays) <= PROBE_AT_MOST:
-            dead = await gone(transport, set(relays), timeout=max(poll_s, 1.0))
-            nodes = {p: r for p, r in nodes.items() if p not in dead}
-        counts = {k: len(serving(nodes, "relay", k)) for k in most}
-        lost = [k for k in most if counts[k] < most[k]]
+        try:
+            nodes = await asyncio.to_thread(membership.live_nodes)
+        except Exception as exc:  # noqa: BLE001 (a DHT read that timed out: the next poll reads again)
+            log.info("standby: reading the records failed (%s); reading again", exc)
+            await asyncio.sleep(poll_s)
+            continue
+        relays = {p: r.stage for p, r in serving(nodes, "relay").items() if 1 <= r.stage <= n_stages}
+        seen.update(relays)
+        dead: set[str] = set()
+        if transport is not None and 0 < len(seen) <= PROBE_AT_MOST:
+            dead = await gone(transport, set(seen), timeout=max(poll_s, 1.0))
+        for peer in set(seen) - set(relays):
+            missing[peer] = missing.get(peer, 0) + 1
+        for peer in set(relays):
+            missing.pop(peer, None)
+        lost = dead | {p for p, n in missing.items() if n >= LOSS_CONFIRM_READS}
         if lost:
-            return min(lost, key=lambda k: (counts[k], k))
-        most = {k: max(most[k], counts[k]) for k in most}
+            counts = {k: sum(1 for p, s in relays.items() if s == k and p not in lost) for k in range(1, n_stages + 1)}
+            stage = min({seen[p] for p in lost}, key=lambda k: (counts[k], k))
+            log.info("standby: replica(s) %s lost (probe: %s)", sorted(p[:8] for p in lost), sorted(dead))
+            return stage
         await asyncio.sleep(poll_s)
 
 

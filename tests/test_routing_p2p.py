@@ -144,6 +144,37 @@ def test_p2p_agents_reroute_around_a_crash_and_take_in_a_joiner():
     assert asyncio.run(asyncio.wait_for(go(), timeout=100)) >= 1  # the crash hit microbatches in flight
 
 
+def test_a_relay_found_gone_is_dropped_before_its_record_expires():
+    # Records outlive a SIGKILLed relay by up to their TTL (here 60 s: longer than the run). The data node probes the
+    # hop that failed and finds it gone: its views leave it out from then on, its agent renegotiates the dead relay's
+    # slots, and a stage-1 newcomer is taken into the paths at once. Without it the agent kept the dead relay's
+    # slots, the newcomer carried nothing and every iteration ran in two waves for the record's whole life.
+    cfg = small_config(steps=8, microbatches=4, stages=2)
+    victim = "relay-s1-1"
+
+    async def go():
+        settings = [*P2P_SWARM, "membership.record_ttl_s=60"]
+        swarm = InProcessSwarm(cfg, replicas=2, settings=settings, capacity=2, faults=[Fault(victim, 2, "backward")])
+        await swarm.start()
+        try:
+            for _ in range(4):
+                result = await swarm.step()
+                assert all(r.lost == 0 for r in result.reports), result.reports
+            data = swarm.data_nodes[0]
+            assert victim in data.gone and victim not in await data.live_nodes(max_age=0)
+            joiner = await swarm.add_relay(1)
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while not any(joiner.peer_id in p for p in planned_paths(swarm)):  # a few rounds: no record expires
+                assert asyncio.get_running_loop().time() < deadline, planned_paths(swarm)
+                await asyncio.sleep(0.05)
+            waves = [(await swarm.step()).reports[0].waves for _ in range(3)]  # its record may lag a step behind
+            assert joiner.replica.stats.backward > 0 and waves[-1] == 1, waves
+        finally:
+            await swarm.close()
+
+    asyncio.run(asyncio.wait_for(go(), timeout=100))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_route_reports_give_a_data_node_the_paths_its_agents_hold(seed):
     # What a data node learns from Route messages is the chain of slots the agents hold, relay by relay (the

@@ -298,6 +298,43 @@ def test_four_volunteers_started_together_spread_over_two_stages(tmp_path) -> No
         group.stop_all()
 
 
+def test_a_standby_takes_a_lost_replica_not_a_read_that_missed_one() -> None:
+    import asyncio
+
+    from gwtf.launch.join import LOSS_CONFIRM_READS, wait_for_a_loss
+    from gwtf.membership import NodeRecord
+
+    def relay(peer: str, stage: int) -> NodeRecord:
+        return NodeRecord(peer, "relay", stage, "serving", 2, 0.1, None, 0, True, None, 0.0, 0)
+
+    full = {p: relay(p, k) for p, k in (("a", 1), ("b", 1), ("c", 2), ("d", 2))}
+    missed = {p: r for p, r in full.items() if p != "a"}
+
+    class Reads:  # what membership.live_nodes returns, read after read (the last one again and again)
+        def __init__(self, *reads):
+            self.reads, self.count = list(reads), 0
+
+        def live_nodes(self):
+            self.count += 1
+            read = self.reads.pop(0) if len(self.reads) > 1 else self.reads[0]
+            if isinstance(read, Exception):
+                raise read
+            return read
+
+    async def first_loss(reads: Reads, limit: float = 1.0):
+        try:
+            return await asyncio.wait_for(wait_for_a_loss(reads, 2, poll_s=0.01), limit)
+        except TimeoutError:
+            return None
+
+    # A read that missed "a" once, then a read that failed (a DHT timeout): neither is a loss, and the standby goes on.
+    reads = Reads(full, missed, TimeoutError("get timed out"), full)
+    assert asyncio.run(first_loss(reads)) is None and reads.count > 4
+    # "c" is missing from LOSS_CONFIRM_READS reads in a row: stage 2 lost a replica.
+    gone_c = {p: r for p, r in full.items() if p != "c"}
+    assert asyncio.run(first_loss(Reads(full, *[gone_c] * LOSS_CONFIRM_READS))) == 2
+
+
 # ---- no single point of failure --------------------------------------------------------------------------------
 
 
@@ -466,6 +503,12 @@ def test_the_demos_last_line_says_what_was_asked_and_what_happened() -> None:
     crashed = {**summary, "crash": {"served_at_step": 3}, "exits": {"relay-s1-0": -9, "data-0": None}}
     line = outcome(asked, crashed)
     assert "recovered: the standby volunteer serves since step 3" in line and "(stopped): data-0" in line
+    # The router left the replica idle: the demo killed it, and says so; a node that failed after the end is named.
+    killed = {**crashed, "crash": {"served_at_step": 6, "step": 5, "phase": "killed by the demo (the router left it "
+                                   "idle)"}, "exits": {"relay-s1-0": -9, "joiner-0": 1}}  # fmt: skip
+    line = outcome(asked, killed)
+    assert "(left unrouted; the demo killed it at step 5), recovered" in line
+    assert "exited with an error: joiner-0" in line
 
 
 def test_a_child_the_group_stopped_that_ends_interrupted_has_not_failed(tmp_path) -> None:

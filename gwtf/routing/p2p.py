@@ -30,6 +30,7 @@ import random
 from collections.abc import Callable
 
 from gwtf.errors import BadMessage, PeerError, UserError
+from gwtf.liveness import Answer, probe
 from gwtf.routing.agent import Agent, AgentConfig, InProcessBus, PeerCard, decode, encode
 from gwtf.routing.base import Plan, RoutedNode, Router, SwarmView
 from gwtf.routing.config import RoutingConfig
@@ -211,8 +212,19 @@ class AgentService:
             except PeerError as exc:  # lost messages are the protocol's normal case (requests expire)
                 self.failed_calls += 1
                 log.debug("%s: routing messages to %s not delivered (%s)", self.me[:8], dst[:8], exc)
+                await self._check_gone(dst, exc)
         if not queue:
             self.queues.pop(dst, None)
+
+    async def _check_gone(self, dst: str, exc: PeerError) -> None:
+        """A call refused or reset (not one that timed out) may mean `dst` died: probed, and if it is certainly gone
+        the node leaves it out of its records (`found_gone`), so the agent renegotiates at its next read instead of
+        when the record expires (a fast run may end first: a SIGKILLed relay kept its slots for the whole run)."""
+        found_gone = getattr(self.node, "found_gone", None)
+        if found_gone is None or str(exc).startswith("timeout") or dst in getattr(self.node, "gone", {}):
+            return
+        if await probe(self.node.transport, dst, timeout=min(self.node.run.transport.call_timeout, 3.0)) is Answer.GONE:
+            found_gone([dst])
 
     async def _refreshes(self) -> None:
         while not self.node.closed:

@@ -408,6 +408,7 @@ class DataNode(FlightLegs):
         gone = await self.probes.gone(suspects, timeout=PUBLISH_TIMEOUT_S)
         self.telemetry.suspects -= suspects
         self.telemetry.found_gone(sorted(gone), stages)
+        self.found_gone(gone)
 
     async def publish_telemetry(self) -> None:
         """Publish the telemetry now. Best effort: a failed publish is logged, and the next one carries the same

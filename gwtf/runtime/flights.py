@@ -301,6 +301,7 @@ class FlightLegs(NodeBase):
                     gone_now = await self.probes.gone(set(fl.route), timeout=PROBE_ROUTE_AFTER_S)
                     next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
                 self.telemetry.found_gone(sorted(gone_now), {p: k for p, k in zip(fl.route, fl.order)})
+                self.found_gone(gone_now)
                 dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live or p in gone_now]
                 if dead:
                     await on_dead(*dead[-1])

@@ -45,6 +45,9 @@ class NodeBase:
         self.started = time.time()
         self.closed = False
         self._view: tuple[float, dict[str, NodeRecord]] | None = None
+        # Peers a probe found gone, while their records live on (a SIGKILLed node's record outlives it by up to a TTL:
+        # longer than a whole fast run), each with its record's expiry when first read after (wall clock; None before).
+        self.gone: dict[str, float | None] = {}
         self.faults: FaultInjector | None = None
         self.run_version = 0
         self.maddrs: list[str] = []  # its DHT peer's addresses, in its record: a volunteer may join through them
@@ -76,13 +79,46 @@ class NodeBase:
 
     async def live_nodes(self, max_age: float | None = None) -> dict[str, NodeRecord]:
         """The live records, cached for `max_age` seconds (default: a heartbeat, as records change no faster):
-        many waits poll it, and a DHT read costs every peer's DHT process CPU (it checks every record's signature)."""
+        many waits poll it, and a DHT read costs every peer's DHT process CPU (it checks every record's signature).
+        Peers found gone (`found_gone`) are left out until their record is renewed or expires."""
         now = time.monotonic()
         if max_age is None:
             max_age = self.run.membership.heartbeat_s
         if self._view is None or now - self._view[0] > max_age:
-            self._view = (now, await asyncio.to_thread(self.membership.live_nodes))
+            self._view = (now, self._without_gone(await asyncio.to_thread(self.membership.live_records)))
         return self._view[1]
+
+    def found_gone(self, peers) -> None:
+        """Peers a probe found certainly gone (gwtf.liveness): every view of the records leaves them out from now
+        on, so routing, readiness and the stage-0 copy stop counting on them before their records expire."""
+        new = [p for p in peers if p not in self.gone and p != self.peer_id]
+        if not new:
+            return
+        for peer in new:
+            self.gone[peer] = None
+        self._view = None
+        log.info("%s: %s found gone; left out of the records until they expire", self.peer_id[:8],
+                 ", ".join(p[:8] for p in sorted(new)))  # fmt: skip
+
+    def _without_gone(self, records: dict[str, tuple[NodeRecord, float]]) -> dict[str, NodeRecord]:
+        """`records` less the peers found gone. A gone peer whose record is renewed (its expiry moved on by more
+        than half a heartbeat: it beat again) is back; one whose record expired is forgotten (a full read only:
+        one with this node's own record)."""
+        now, renewed = time.time(), self.run.membership.heartbeat_s / 2
+        nodes = {}
+        for peer, (rec, left) in records.items():
+            if peer in self.gone:
+                expiry, first = now + left, self.gone[peer]
+                if first is None or expiry <= first + renewed:
+                    self.gone[peer] = expiry if first is None else first
+                    continue
+                del self.gone[peer]
+                log.info("%s: %s was found gone but its record was renewed; counted again", self.peer_id[:8], peer[:8])
+            nodes[peer] = rec
+        if self.peer_id in records:
+            for peer in [p for p in self.gone if p not in records]:
+                del self.gone[peer]
+        return nodes
 
     async def fresh_versions(self, nodes: dict[str, NodeRecord]) -> dict[str, NodeRecord]:
         """`nodes` with the state versions the serving data nodes know first hand where those are newer (records are

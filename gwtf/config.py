@@ -108,6 +108,7 @@ class RunConfig:
     wire: WireConfig = field(default_factory=WireConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)  # adapters instead of full fine-tuning (gwtf.lora)
     pretrained: str | None = None  # a staged checkpoint directory (`gwtf convert`): fine-tuning starts from it
+    resume: str | None = None  # a run's exported state (`gwtf export` writes DIR/state): the run goes on from its step
 
     def __post_init__(self) -> None:
         if self.stages is not None and self.stages < 1:
@@ -154,7 +155,7 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> RunConfig:
     """Inverse of to_dict; missing keys take their defaults, unknown keys are a UserError."""
-    top = {"preset", "stages", "model_overrides", "pretrained", *SECTIONS}
+    top = {"preset", "stages", "model_overrides", "pretrained", "resume", *SECTIONS}
     _check_keys(d, top, "run config")
     sections = {}
     for name, cls in SECTIONS.items():
@@ -167,6 +168,7 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
         stages=None if stages is None else _coerce(stages, int, "stages"),
         model_overrides=dict(d.get("model_overrides", {})),
         pretrained=d.get("pretrained"),
+        resume=d.get("resume"),
         **sections,
     )
 

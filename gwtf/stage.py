@@ -254,6 +254,18 @@ class StageReplica:
             self.version = iteration
         self.drop()
 
+    def skip_to(self, version: int) -> None:
+        """Take `version` without the optimizer steps since this one's (their updates are lost): a data node's stage 0
+        from a copy that lagged the relays (gwtf.runtime.stage0_copy)."""
+        with self.lock:
+            if version < self.version:
+                raise BadMessage(f"skip to v{version} from v{self.version}: a stage does not go back")
+            self.module.zero_grad(set_to_none=True)
+            self.count = 0
+            self.version = version
+            self._digest = None
+        self.drop()
+
     # ---- state transfer ----------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Parameters and optimizer state by stable name (for a joiner or a neighbour)."""

@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "bootstrap") -
         metavar="PATH",
         help="fine-tune this HF directory, .gguf file or staged checkpoint",
     )
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="go on with a stopped run from its export (`gwtf export --to DIR`): its config, "
+                        "weights, optimizer state and step; --set may change what does not fix the model (train.steps, "
+                        "...)")  # fmt: skip
     parser.add_argument("--data", default=None, metavar="PATH", help="the corpus: a text file or a folder of them")
     parser.add_argument("--workdir", default=None, help="where a pretrained checkpoint is converted (runs/RUN)")
 
@@ -65,6 +69,8 @@ LAUNCH_DEFAULTS = ["routing.router=gwtf-p2p"]
 
 
 def build_record(args: argparse.Namespace) -> RunRecord:
+    if getattr(args, "resume", None):
+        return _resumed_record(args)
     pretrained = getattr(args, "from_pretrained", None)
     if args.stages is not None and args.stages < 1:
         raise UserError(f"--stages {args.stages}: a run needs at least 1 relay stage")
@@ -81,6 +87,37 @@ def build_record(args: argparse.Namespace) -> RunRecord:
         raise UserError(f"--data-nodes {args.data_nodes}: a run needs at least 1 data node")
     model = cfg.model_config()
     config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, **extra}
+    return RunRecord(
+        run_id=args.run, model=model.to_dict(), model_hash=model.config_hash(), config=config, created=time.time()
+    )
+
+
+def _resumed_record(args: argparse.Namespace) -> RunRecord:
+    """The record of a run that goes on from its export (gwtf.resume): the saved config, with the user's --set on top
+    (what fixes the model is refused), pointed at the saved state, whose hash every node checks its copy against."""
+    from gwtf.config import from_dict, with_overrides
+    from gwtf.resume import read_manifest, state_dir, state_hash
+
+    fixed = [f for f, v in (("--preset", args.preset), ("--stages", args.stages), ("--config", args.config),
+                            ("--from-pretrained", getattr(args, "from_pretrained", None))) if v]  # fmt: skip
+    if fixed:
+        raise UserError(f"--resume takes the run's config from its export; leave out {', '.join(fixed)}")
+    saved = read_manifest(args.resume)
+    cfg = with_overrides(from_dict(saved["config"]), [*args.set, *([f"routing.router={args.router}"] if args.router
+                                                                  else [])])  # fmt: skip
+    if cfg.model_config().config_hash() != from_dict(saved["config"]).model_config().config_hash():
+        raise UserError("--resume: --set may not change the model of a saved run (its weights fix it)")
+    if saved["version"] >= cfg.train.steps:
+        raise UserError(f"the saved run is at step {saved['version']} of train.steps={cfg.train.steps}: give more "
+                        f"steps to go on (--set train.steps={saved['version'] + cfg.train.steps})")  # fmt: skip
+    if getattr(args, "data", None):
+        cfg.data.corpus = str(Path(args.data).resolve())
+    cfg.resume = str(state_dir(args.resume))
+    if args.data_nodes < 1:
+        raise UserError(f"--data-nodes {args.data_nodes}: a run needs at least 1 data node")
+    model = cfg.model_config()
+    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, "resume_hash": state_hash(cfg.resume)}
+    log.info("run %s resumes run %s at step %d", args.run, saved["run_id"], saved["version"])
     return RunRecord(
         run_id=args.run, model=model.to_dict(), model_hash=model.config_hash(), config=config, created=time.time()
     )

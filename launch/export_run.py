@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 async def fetch_run(initial_peers: list[str], run_id: str, key: str | None = None, timeout: float = 60.0):
-    """(run config, model config, [stage 0, stage 1..S], version) of a live run."""
+    """(run config, model config, [stage 0, stage 1..S], version, [each stage's state: (tensors, meta)]) of a live
+    run; the states (weights and Adam moments, StageReplica.state()) are what gwtf.resume saves."""
     from gwtf.auth import join_access
     from gwtf.membership import DHTMembership, find_run
     from gwtf.transport import HivemindTransport
@@ -45,13 +46,14 @@ async def fetch_run(initial_peers: list[str], run_id: str, key: str | None = Non
             await transport.shutdown()
     finally:
         dht.shutdown()
-    versions = {version for _, version in fetched}
+    versions = {version for _, version, _ in fetched}
     if len(versions) != 1:
         raise UserError(f"the run's stages are at versions {sorted(versions)}: export when the run has finished")
-    return cfg, model, [stage for stage, _ in fetched], versions.pop()
+    return cfg, model, [stage for stage, _, _ in fetched], versions.pop(), [state for _, _, state in fetched]
 
 
-async def _fetch_stage(transport, nodes, cfg: RunConfig, k: int, run_id: str, timeout: float) -> tuple[nn.Module, int]:
+async def _fetch_stage(transport, nodes, cfg: RunConfig, k: int, run_id: str,
+                       timeout: float) -> tuple[nn.Module, int, tuple[dict, dict]]:  # fmt: skip
     holders = sorted(((r.state_version, p) for p, r in serving(nodes, "data" if k == 0 else "relay", k).items()),
                      reverse=True)  # fmt: skip
 
@@ -67,7 +69,7 @@ async def _fetch_stage(transport, nodes, cfg: RunConfig, k: int, run_id: str, ti
             continue
         stage.load_state_dict({n.split("/", 1)[1]: t for n, t in tensors.items() if n.startswith("param/")},
                               strict=False)  # fmt: skip
-        return stage, int(meta["version"])
+        return stage, int(meta["version"]), (tensors, meta)
     raise UserError(f"no live node of run {run_id!r} could give stage {k}")
 
 
@@ -126,10 +128,16 @@ def tokenizer_of(cfg: RunConfig) -> tuple[Any, dict]:
 
 
 def export_run(initial_peers: list[str], run_id: str, out_dir: str, key: str | None = None,
-               adapter_only: bool = False) -> Path:  # fmt: skip
+               adapter_only: bool = False, with_state: bool = True) -> tuple[Path, int]:  # fmt: skip
+    """The live run's model in OUT_DIR and, unless `with_state` is False, its whole state in OUT_DIR/state (what
+    `gwtf bootstrap --resume OUT_DIR` goes on from: gwtf.resume). Returns (OUT_DIR, the version exported)."""
+    from gwtf.config import to_dict
     from gwtf.models.checkpoint import weights_hash
+    from gwtf.resume import save_run_state
 
-    cfg, model, stages, version = asyncio.run(fetch_run(initial_peers, run_id, key))
+    cfg, model, stages, version, states = asyncio.run(fetch_run(initial_peers, run_id, key))
     out = export_stages(stages, cfg, out_dir, adapter_only)
+    if with_state:
+        save_run_state(out, run_id, to_dict(cfg), version, states)
     log.info("exported run %s at version %d to %s (weights %s)", run_id, version, out, weights_hash(stages))
-    return out
+    return out, version

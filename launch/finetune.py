@@ -174,7 +174,7 @@ def export_final(peers: list[str], run_id: str, out: Path, adapter_only: bool = 
     from gwtf.launch.export_run import export_stages, fetch_run, plain_stages, tokenizer_of
     from gwtf.models.checkpoint import save_staged, weights_hash
 
-    cfg, model, stages, version = asyncio.run(fetch_run(peers, run_id))
+    cfg, model, stages, version, _ = asyncio.run(fetch_run(peers, run_id))
     tokenizer, special = tokenizer_of(cfg)
     plain = plain_stages(stages, cfg)
     save_staged(plain, model, out / "final-staged", tokenizer=tokenizer, source={"special_tokens": special})

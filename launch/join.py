@@ -127,7 +127,20 @@ def _spec(args: argparse.Namespace, record: RunRecord) -> RunSpec:
     cfg = from_dict(record.config["run"])
     check_model_hash(record, cfg.model_config().config_hash())
     _check_pretrained_copy(cfg.pretrained, record.config.get("weights_hash"))
+    _check_saved_state(cfg.resume, record.config.get("resume_hash"))
     return run_spec(args.run, cfg, int(record.config.get("data_nodes", 1)))
+
+
+def _check_saved_state(path: str | None, expected: str | None) -> None:
+    """This machine's copy of a resumed run's saved state (gwtf.resume) must be the run's: same hash."""
+    if not path or not Path(path).is_dir():
+        return
+    from gwtf.resume import state_hash
+
+    if state_hash(path) != expected:
+        raise UserError(f"{path} is not the state this run resumed from (hash {state_hash(path)}, the run's "
+                        f"{expected}): use the run's own copy, or remove it to download from a live "
+                        "replica")  # fmt: skip
 
 
 def _check_pretrained_copy(path: str | None, expected: str | None) -> None:

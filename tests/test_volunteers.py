@@ -378,6 +378,7 @@ def test_a_new_data_node_takes_stage0_and_the_step_from_the_relays_copy() -> Non
                 out.append((await swarm.step()).loss)
                 if step == crash_after:  # gone at once, no goodbye: its record expires
                     old = swarm.data_nodes.pop()
+                    await asyncio.shield(old.copying)  # its copy of stage 0 has reached the keepers (background)
                     swarm.network.crash(old.peer_id)
                     await NodeBase.close(old)
                     await asyncio.sleep(1.0)  # past the record's time to live (0.6 s)
@@ -394,6 +395,54 @@ def test_a_new_data_node_takes_stage0_and_the_step_from_the_relays_copy() -> Non
     crashed, taken_at = asyncio.run(asyncio.wait_for(losses(3), timeout=100))
     assert taken_at == 4  # the step after the last one the lost data node finished
     assert crashed == pytest.approx(reference, abs=1e-5)
+
+
+def test_the_copy_of_stage0_is_handed_on_off_the_steps_path_and_a_lagging_one_still_resumes() -> None:
+    """Keepers that take 1.5 s per part: the steps do not wait for the copy (each step's copy is skipped while the last
+    is on its way). The data node dies; the new one takes the newest whole copy, older than the relays' step, and
+    takes their step without the updates in between: the run goes on, at the relays' step, its loss still falling."""
+    import asyncio
+    import time
+
+    from gwtf.faults import FaultInjector, MessageFault
+    from gwtf.runtime.assembly import make_data_node
+    from gwtf.runtime.node import NodeBase
+    from tests.support import InProcessSwarm
+    from tests.test_swarm_inprocess import fast_swarm, small_config
+
+    async def go():
+        swarm = InProcessSwarm(small_config(steps=10, stages=2), replicas=[1, 1], settings=fast_swarm())
+        await swarm.start()
+        try:
+            data = swarm.data_nodes[0]
+            data.faults = FaultInjector([], messages=[MessageFault("*", -1, "keep_stage0", "delay", 1.5)] * 40)
+            losses = [(await swarm.step()).loss for _ in range(2)]
+            await asyncio.shield(data.copying)  # one copy has reached the keepers
+            t0 = time.monotonic()
+            for _ in range(4):
+                losses.append((await swarm.step()).loss)
+            fast = time.monotonic() - t0 < 4 * 1.5  # a step that waited for its copy would take 1.5 s or more
+            skipped, relays_at = data.copies["skipped"], data.iteration
+            old = swarm.data_nodes.pop()
+            swarm.network.crash(old.peer_id)
+            await NodeBase.close(old)
+            await asyncio.sleep(1.0)  # past the record's time to live (0.6 s)
+            kept = max(k.stage0_keeper.copy.version for k in swarm.relays.values() if k.stage0_keeper.copy)
+            new = make_data_node(swarm.spec, swarm._transport("data-new"), swarm._membership("data-new"),
+                                 swarm._options("data-new"), 0, swarm.data)  # fmt: skip
+            await new.start(expected_data_nodes=1, timeout=30)
+            swarm.data_nodes.append(new)
+            taken_at = new.iteration
+            for _ in range(3):
+                losses.append((await swarm.step()).loss)
+            return fast, skipped, relays_at, kept, taken_at, losses
+        finally:
+            await swarm.close()
+
+    fast, skipped, relays_at, kept, taken_at, losses = asyncio.run(asyncio.wait_for(go(), timeout=100))
+    assert fast and skipped >= 2, (fast, skipped)
+    assert kept < relays_at and taken_at == relays_at, (kept, relays_at, taken_at)  # the copy lagged; the step goes on
+    assert losses[-1] < losses[0] - 0.3 and all(x == x for x in losses), losses
 
 
 def test_a_relay_full_of_a_dead_data_nodes_microbatches_serves_the_new_one() -> None:

@@ -17,12 +17,13 @@ import dataclasses
 import functools
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gwtf.averaging import GroupAverager
-from gwtf.errors import BadMessage, PeerError
+from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.liveness import ProbeCache
 from gwtf.lora import trainable_names
 from gwtf.membership import Membership, NodeRecord, serving
@@ -79,6 +80,8 @@ class DataNode(FlightLegs):
         self.plan_view: SwarmView | None = None  # the view the iteration's first wave was planned on
         self.publisher: asyncio.Task | None = None
         self.stage0_hashes = Stage0Hashes(self)  # stage 0 checked identical across data nodes after every step
+        self.copying: asyncio.Future | None = None  # stage 0's copy on its way (gwtf.runtime.stage0_copy)
+        self.copies = {"sent": 0, "skipped": 0}  # copies pushed; steps whose copy was skipped (the last one was busy)
         for name, fn in {
             "head": self.rpc_head,
             "embed_grad": self.rpc_embed_grad,
@@ -139,16 +142,28 @@ class DataNode(FlightLegs):
                 return await self._download_stage0(donor)
             except (PeerError, BadMessage) as exc:  # a crashed data node's record outlives it by its time to live
                 log.warning("data node %s: stage 0 from %s failed (%s)", self.peer_id[:8], donor[:8], exc)
-        if not any(r.state_version > 0 for r in serving(nodes, "relay").values()):
-            return
-        copy = await newest_copy(self, nodes)
+        relays = max((r.state_version for r in serving(nodes, "relay").values()), default=0)
+        copy = await newest_copy(self, nodes) if relays > 0 else None
+        source = "the relays' copy"
+        if self.spec.config.resume:  # a resumed run (gwtf.resume): its saved stage 0, unless the run went past it
+            saved = await asyncio.to_thread(_saved_stage0, self.spec.config.resume, relays)
+            if saved is not None and (copy is None or copy[1]["version"] < saved[1]["version"]):
+                copy, source = saved, "the run's saved state"
         if copy is None or copy[1]["version"] <= self.stage0.version:
             return
         await self.compute(self.stage0.load_state, *copy)
+        behind = relays - self.stage0.version  # the copy is handed on in the background: it may lag the relays
+        if behind > 0:
+            await self.compute(self.stage0.skip_to, relays)
         self.iteration = self.stage0.version
         await self.announce()
-        log.warning("data node %s: no data node was left; stage 0 and step %d from the relays' copy",
-                    self.peer_id[:8], self.iteration)  # fmt: skip
+        if source == "the relays' copy":
+            log.warning("data node %s: no data node was left; stage 0 and step %d from the relays' copy%s",
+                        self.peer_id[:8], self.iteration, f" of step {self.iteration - behind} (stage 0 takes the "
+                        f"relays' step without the {behind} update(s) in between)" if behind > 0 else "")  # fmt: skip
+        else:
+            log.info("data node %s: the run resumes at step %d (stage 0 from its saved state)", self.peer_id[:8],
+                     self.iteration)  # fmt: skip
 
     async def _download_stage0(self, donor: str) -> None:
         sizes = state_bytes(self.stage0.module)
@@ -325,9 +340,7 @@ class DataNode(FlightLegs):
         peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
         await self.compute(self.stage0.apply_averaged, result.grads, i)
-        # before the relays step: a copy never falls behind them (see gwtf.runtime.stage0_copy)
-        tensors, meta = await self.compute(self.stage0.state)
-        await push_copy(self, tensors, meta, self._confirmed(nodes))
+        self._hand_on_copy(await self.compute(self.stage0.state), self._confirmed(nodes))
         live = serving(self._confirmed(nodes), "relay")
         used: dict[str, set[str]] = {}
         for fl in self.flights.values():
@@ -357,6 +370,20 @@ class DataNode(FlightLegs):
         (stage0_counts, stage0_resynced), hashes = await stage0, weight_hashes(i, stepped, stages)
         hashes = {0: stage0_counts, **hashes} if stage0_counts else hashes
         return hashes, stage0_resynced + len(await self._resync_diverged(i, stepped, stages))
+
+    def _hand_on_copy(self, state: tuple[dict[str, torch.Tensor], dict], nodes: dict[str, NodeRecord]) -> None:
+        """Stage 0's state (CPU copies) to the keepers in the background, off the step's critical path: at real sizes
+        the copy is the step's largest transfer (a 124m stage 0 with its Adam moments is 563 MB per keeper). While
+        the last copy is still on its way this step's is skipped, so the copies' cadence follows the data node's
+        bandwidth; a new data node that takes an older copy takes the relays' step without the updates in between
+        (`_take_stage0`)."""
+        if self.copying is not None and not self.copying.done():
+            self.copies["skipped"] += 1
+            log.debug("%s: stage 0's copy of v%d skipped (the last one is still on its way)", self.peer_id[:8],
+                      state[1]["version"])  # fmt: skip
+            return
+        self.copies["sent"] += 1
+        self.copying = asyncio.ensure_future(push_copy(self, *state, nodes))
 
     async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> dict[str, str]:
         """Replicas whose weights differ from their stage's majority download it before the next iteration."""
@@ -423,6 +450,8 @@ class DataNode(FlightLegs):
     async def close(self) -> None:
         """Stop publishing; a data node that stops (not a crash) says so in a last publish (bounded), and in its
         record ("leaving"), so the relays see at once that the run is over (gwtf.membership.RunEnd)."""
+        if self.copying is not None:
+            self.copying.cancel()
         if self.publisher is not None and not self.closed:
             self.publisher.cancel()
             self.telemetry.finished = True
@@ -430,3 +459,15 @@ class DataNode(FlightLegs):
             self.status = "leaving"
             await self.announce()
         await super().close()
+
+
+def _saved_stage0(path: str, relays_at: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Stage 0 from a resumed run's saved state (gwtf.resume), or None once the relays have gone past its version."""
+    from gwtf.resume import load_stage_state, read_manifest
+
+    if not Path(path).is_dir():
+        raise UserError(f"no data node is left to take stage 0 from and the run's saved state {path} is not on this "
+                        "machine: copy it there")  # fmt: skip
+    if relays_at > read_manifest(path)["version"]:
+        return None
+    return load_stage_state(path, 0)

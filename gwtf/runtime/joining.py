@@ -60,6 +60,8 @@ class RelayJoining(RelayBase):
                 f"stage {self.stage} has no live replica to download from and the run's checkpoint "
                 f"{self.spec.pretrained} is not on this machine: copy it there, or join once a replica serves"
             )
+        if not downloaded and self.spec.config.resume:  # a resumed run's first replica: the saved state
+            downloaded = await self._load_saved_state()
         if not downloaded and self.run_version > 0:  # the run is under way and this stage has no live replica left
             await self.rebuild_stage(build_module)
         await self.recovery.on_serving(self, build_module)
@@ -73,6 +75,25 @@ class RelayJoining(RelayBase):
             await self.announce()
         await self._tell_data_nodes(nodes)
         log.info("relay %s serving stage %d at version %d", self.peer_id[:8], self.stage, self.replica.version)
+
+    async def _load_saved_state(self) -> bool:
+        """The first replica of a stage in a resumed run (gwtf.resume) loads the stage's saved state and serves at its
+        version. Not once the run has gone past that version (the stage lost every replica later: its recovery
+        rebuilds it), nor when the state is not on this machine (then it waits for a replica to download from)."""
+        from gwtf.resume import load_stage_state, read_manifest
+
+        path = self.spec.config.resume
+        assert path is not None and self.replica is not None
+        if not Path(path).is_dir():
+            raise UserError(f"stage {self.stage} has no live replica to download from and the run's saved state {path} "
+                            "is not on this machine: copy it there, or join once a replica serves")  # fmt: skip
+        saved = read_manifest(path)["version"]
+        if self.run_version > saved:
+            return False
+        tensors, meta = await asyncio.to_thread(load_stage_state, path, self.stage)
+        await self.compute(self.replica.load_state, tensors, meta)
+        log.info("relay %s: stage %d from the run's saved state at version %d", self.peer_id[:8], self.stage, saved)
+        return True
 
     async def _tell_data_nodes(self, nodes: dict[str, NodeRecord]) -> None:
         """Data nodes read the DHT about once a heartbeat: tell them this replica serves now (best effort, bounded),

@@ -1,4 +1,4 @@
-"""Stage 0 outlives its data nodes: after every step a data node hands its stage 0 (embedding, final norm, head, their
+"""Stage 0 outlives its data nodes: after its steps a data node hands its stage 0 (embedding, final norm, head, their
 optimizer moments, its version: the run's step) to the replicas of the first and the last relay stage, and a data
 node that starts with no live data node ahead of it takes the newest copy from them.
 
@@ -6,10 +6,15 @@ Why relays of the edge stages: every data node talks to them each step anyway (t
 takes stage S's output), they hold no other copy of stage 0, and with both a run survives losing every data node and
 every replica of one of them at once (with stage 1 alone, that lost stage 0; the lost relay stage is rebuilt by the
 run's recovery). CheckFree+ keeps the embeddings on the edge stages too, but trains them there; this keeps them exact.
-The copy is pushed after the data node's optimizer step and before it tells the relays to step, so a data node that dies
-in between leaves the copy one step ahead of the relays, never behind: the relays then take the step without that
-update (DataNode._advance_stale), as after any loss of a step's update. Cost: stage 0's state (parameters and two
-Adam moments, fp32) per step to each replica of stages 1 and S (sent to all at once).
+The copy is handed on in the background after the data node's optimizer step, off the step's critical path, and a
+step's copy is skipped while the last one is still on its way (DataNode._hand_on_copy): at real sizes it is the
+step's largest transfer (a 124m stage 0 and its two Adam moments are 563 MB per keeper: 30 s at 150 Mbit/s, longer
+than a step), so awaiting it made every step wait for it. The price: a copy may lag the relays by the steps its
+transfer took. A new data node that takes a copy older than the relays' version takes their version without the
+updates in between (StageReplica.skip_to: stage 0 loses those optimizer steps, as a relay stage does when no replica
+of a step's update is left, DataNode._advance_stale); the loss goes on from there. At most KEEPERS_PER_STAGE replicas
+of each edge stage keep it, so its cost does not grow with the replicas. Cost: stage 0's state (parameters and two
+Adam moments, fp32) per copy to each keeper (sent to all at once).
 
 The state travels in parts of at most COPY_CHUNK_BYTES (the size of a state download's part, gwtf.stage) and 63
 tensors. State downloads cut by parameter (gwtf.sizing.chunk_by_bytes); the copy cuts inside tensors too, as a 124m
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 
 COPY_CHUNK_BYTES = STATE_CHUNK_BYTES  # one part of the copy: no more bytes than one part of a state download
 MAX_PARTS = 4096  # parts of one copy a keeper accepts (64 GiB at the default part size)
+KEEPERS_PER_STAGE = 2  # replicas of each edge stage (1 and S) that keep the copy: any one of them is enough
 MAX_PART_TENSORS = 63  # slices in one part (a message carries at most 64 tensors: gwtf.transport.MessageLimits)
 
 
@@ -181,7 +187,18 @@ class Stage0Keeper:
 
 
 def keepers(node: NodeBase, nodes: dict[str, NodeRecord]) -> list[str]:
-    """The serving relays that keep stage 0's copy: the replicas of stage 1 and of the last stage."""
+    """The serving relays that keep stage 0's copy: up to KEEPERS_PER_STAGE replicas of stage 1 and of the last stage
+    (the first by peer id, so every data node hands its copy to the same ones)."""
+    relays = serving(nodes, "relay")
+    chosen = set()
+    for edge in {1, node.spec.model.n_stages}:
+        chosen.update(sorted(p for p, r in relays.items() if r.stage == edge)[:KEEPERS_PER_STAGE])
+    return sorted(chosen)
+
+
+def holders(node: NodeBase, nodes: dict[str, NodeRecord]) -> list[str]:
+    """Every serving replica of an edge stage: those a new data node asks for a copy (the keepers change as replicas
+    come and go, and an earlier keeper may hold the newest copy)."""
     edges = {1, node.spec.model.n_stages}
     return sorted(p for p, r in serving(nodes, "relay").items() if r.stage in edges)
 
@@ -217,7 +234,7 @@ async def push_copy(
 async def newest_copy(node: NodeBase, nodes: dict[str, NodeRecord]) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The newest copy of stage 0 that the keepers hold (None if none does): its first part from every keeper, the
     rest from a keeper of the newest version (the next one if a part fails)."""
-    peers = keepers(node, nodes)
+    peers = holders(node, nodes)
     firsts = await asyncio.gather(*(_get_part(node, p, 0) for p in peers), return_exceptions=True)
     found = []
     for peer, reply in zip(peers, firsts, strict=True):

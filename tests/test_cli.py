@@ -41,6 +41,7 @@ SURFACE = {
         "--open",
         "--preset",
         "--public",
+        "--resume",
         "--router",
         "--run",
         "--set",
@@ -95,7 +96,7 @@ SURFACE = {
         "--tensorboard",
     ],
     "convert": ["--equal-stages", "--from", "--stages", "--to"],
-    "export": ["--adapter-only", "--from", "--initial-peers", "--key", "--run", "--to"],
+    "export": ["--adapter-only", "--from", "--initial-peers", "--key", "--run", "--to", "--weights-only"],
     "finetune": [
         "--adapter-only",
         "--crash-at",

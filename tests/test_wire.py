@@ -154,7 +154,7 @@ def test_a_plain_run_still_works_and_both_ends_follow_the_server() -> None:
 
 from gwtf.errors import BadMessage  # noqa: E402
 from gwtf.transport import MessageLimits  # noqa: E402
-from gwtf.transport.codecs import BLOCK, WireCodecs, decode, encode  # noqa: E402
+from gwtf.transport.codecs import BLOCK, ROWS, WireCodecs, decode, encode  # noqa: E402
 from gwtf.transport.config import WireConfig  # noqa: E402
 
 
@@ -183,6 +183,37 @@ def test_each_codec_round_trips_within_its_bound(codec: str) -> None:
         step = (blocks.abs().amax(1, keepdim=True) / 127).expand_as(blocks).reshape(-1)[: x.numel()]
         assert bool((err <= step / 2 + 1e-6).all())  # round to nearest: half a step
         assert wire <= 0.26 * 4 * x.numel()
+
+
+def test_channel8_rounds_each_channel_within_half_its_step_and_keeps_outlier_channels_apart() -> None:
+    # Hidden states (2 sequences, 70 positions, 96 channels) with one outlier channel, as a trained transformer's:
+    # channel8 scales each channel over runs of ROWS positions, so the outlier costs only its own channel.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 70, 96, generator=g)
+    x[:, :, 7] *= 300.0
+    parts = encode(x, "channel8")
+    y = decode(parts, "channel8", torch.float32, list(x.shape))
+    cols = torch.nn.functional.pad(x.transpose(1, 2), (0, 2 * ROWS - 70)).reshape(2, 96, 2, ROWS)
+    step = (cols.abs().amax(-1, keepdim=True) / 127).expand_as(cols).reshape(2, 96, 2 * ROWS)[:, :, :70]
+    assert bool(((y - x).abs() <= step.transpose(1, 2) / 2 + 1e-6).all())  # round to nearest: half a step
+    wire = sum(p.numel() * p.element_size() for p in parts)
+    assert wire == x.numel() + 4 * 2 * 96 * 2  # a byte a value, a float32 scale per channel per run (70 = 64 + 6)
+    full = torch.randn(2, 128, 96, generator=g)  # whole runs: 1.0625 bytes a value
+    assert sum(p.numel() * p.element_size() for p in encode(full, "channel8")) <= 0.27 * 4 * full.numel()
+    flat = decode(encode(x, "blockwise8"), "blockwise8", torch.float32, list(x.shape))
+    rest = torch.ones(96, dtype=torch.bool)
+    rest[7] = False
+    err = lambda z: float((z - x)[:, :, rest].norm() / x[:, :, rest].norm())  # noqa: E731
+    assert err(y) < 0.01 < 0.2 < err(flat)  # the outlier drowns blockwise8's other channels, not channel8's
+    # A 1-D tensor is one channel; parts that do not fit the declared shape are refused.
+    v = torch.randn(3000, generator=g)
+    assert float((decode(encode(v, "channel8"), "channel8", torch.float32, [3000]) - v).abs().max()) < 0.05
+    codecs = WireCodecs()
+    codecs.use(WireConfig(activations="channel8"))
+    sent, entries = codecs.compress(Message("forward", RUN, tensors=[x]), request=True)
+    entries[0][2] = [2, 96, 70]  # the same numel, another layout: its scales no longer fit
+    with pytest.raises(BadMessage, match="parts do not fit"):
+        WireCodecs.decompress(sent, entries, MessageLimits())
 
 
 def test_stochastic_rounding_is_unbiased() -> None:

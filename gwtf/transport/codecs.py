@@ -8,6 +8,12 @@
     blockwise8  8-bit absmax quantization in blocks of 4096 values (1 byte a value, one float32 scale a block), as
                 bitsandbytes' blockwise quantization (which hivemind's BlockwiseQuantization needs and this install
                 lacks) does with a linear code instead of its dynamic one; outliers only cost their own block
+    channel8    8-bit absmax per channel over runs of ROWS (64) rows: a tensor (..., rows, channels) is quantized
+                column by column, one float32 scale per 64 values (1.0625 bytes a value). A trained transformer's
+                hidden states have outlier channels (SmolLM2-135M at a stage boundary: one channel reaches 333
+                where the median channel's largest value is 9): a flat block that holds one of them rounds every
+                other value of the block to a few steps. Measured on SmolLM2's stage-1 output: relative error
+                0.65 % against blockwise8's 5.5 % and uint8's 43 % (clipped outliers)
 
 A message's kind picks its codec (`KIND_CATEGORY`). The sender replaces each float tensor of at least MIN_NUMEL
 values by its encoded parts and lists, in the frame header's "codecs", each original tensor's codec, dtype and
@@ -40,8 +46,9 @@ KIND_CATEGORY = {
 }
 MIN_NUMEL = 1024  # smaller tensors travel as they are: a codec would save little and cost a header entry
 BLOCK = 4096  # blockwise8's block, as bitsandbytes' default
+ROWS = 64  # channel8's run of rows per scale
 _FP16_MAX = 65504.0
-_PARTS = {"fp16": 1, "bf16": 1, "uint8": 2, "blockwise8": 2}
+_PARTS = {"fp16": 1, "bf16": 1, "uint8": 2, "blockwise8": 2, "channel8": 2}
 STOCHASTIC = ("gradients", "averaging")  # categories whose blockwise8 rounding is stochastic
 ERROR_FEEDBACK = ("averaging",)  # categories whose requests carry error feedback
 
@@ -75,6 +82,8 @@ def encode(tensor: torch.Tensor, codec: str, stochastic: bool = False, gen: torc
         return [torch.from_numpy(indices).reshape(-1), torch.from_numpy(codebook)]
     if codec == "blockwise8":
         return _blockwise_encode(x, stochastic, gen)
+    if codec == "channel8":
+        return _channel_encode(x, stochastic, gen)
     raise ValueError(f"unknown codec {codec!r}")
 
 
@@ -89,30 +98,61 @@ def decode(parts: list[torch.Tensor], codec: str, dtype: torch.dtype, shape: lis
         q, scales = parts
         blocks = torch.nn.functional.pad(q.float(), (0, (-numel) % BLOCK)).view(-1, BLOCK)
         return (blocks * (scales.view(-1, 1) / 127.0)).view(-1)[:numel].to(dtype).reshape(shape)
+    if codec == "channel8":
+        q, scales = parts
+        rows, n, channels = _layout(shape)
+        runs = -(-n // ROWS)
+        cols = torch.nn.functional.pad(q.float().view(rows, channels, n), (0, runs * ROWS - n))
+        cols = cols.view(rows, channels, runs, ROWS) * (scales.view(rows, channels, runs, 1) / 127.0)
+        return cols.view(rows, channels, runs * ROWS)[:, :, :n].transpose(1, 2).to(dtype).reshape(shape)
     raise BadMessage(f"unknown codec {codec!r}")
+
+
+def _absmax8(blocks: torch.Tensor, stochastic: bool, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block (the last dim) to int8 steps of its absmax / 127, and the absmaxes: round to nearest, or
+    stochastically, floor(v + U[0,1)), which is unbiased: E[q] = v."""
+    absmax = blocks.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = blocks * (127.0 / absmax)
+    if stochastic:
+        scaled = torch.floor(scaled + torch.rand(scaled.shape, generator=gen))
+    else:
+        scaled = scaled.round()
+    return scaled.clamp_(-127, 127).to(torch.int8), absmax
+
+
+def _layout(shape: list[int]) -> tuple[int, int, int]:
+    """channel8's view of a shape: (leading rows, rows, channels); a 1-D tensor is one channel."""
+    if len(shape) < 2:
+        return 1, math.prod(shape), 1
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+def _channel_encode(x: torch.Tensor, stochastic: bool, gen: torch.Generator | None) -> list[torch.Tensor]:
+    rows, n, channels = _layout(list(x.shape))
+    cols = x.reshape(rows, n, channels).transpose(1, 2).float()  # (rows, channels, n): a channel's values in a row
+    runs = -(-n // ROWS)
+    blocks = torch.nn.functional.pad(cols, (0, runs * ROWS - n)).reshape(rows, channels, runs, ROWS)
+    q, absmax = _absmax8(blocks, stochastic, gen)
+    return [q.view(rows, channels, runs * ROWS)[:, :, :n].reshape(-1), absmax.reshape(-1)]
 
 
 def _blockwise_encode(x: torch.Tensor, stochastic: bool, gen: torch.Generator | None) -> list[torch.Tensor]:
     flat = x.reshape(-1).float()
     n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, (-n) % BLOCK)).view(-1, BLOCK)
-    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    scaled = blocks * (127.0 / absmax)
-    if stochastic:  # floor(v + U[0,1)): unbiased, E[q] = v
-        scaled = torch.floor(scaled + torch.rand(scaled.shape, generator=gen))
-    else:
-        scaled = scaled.round()
-    q = scaled.clamp_(-127, 127).to(torch.int8).view(-1)[:n]
-    return [q, absmax.view(-1)]
+    q, absmax = _absmax8(torch.nn.functional.pad(flat, (0, (-n) % BLOCK)).view(-1, BLOCK), stochastic, gen)
+    return [q.view(-1)[:n], absmax.view(-1)]
 
 
-def _expected_parts(codec: str, numel: int) -> list[tuple[torch.dtype, int]]:
-    """(dtype, numel) of each wire part of a tensor of `numel` values."""
+def _expected_parts(codec: str, shape: list[int]) -> list[tuple[torch.dtype, int]]:
+    """(dtype, numel) of each wire part of a tensor of `shape`."""
+    numel = math.prod(shape)
+    rows, n, channels = _layout(shape)
     return {
         "fp16": [(torch.float16, numel)],
         "bf16": [(torch.bfloat16, numel)],
         "uint8": [(torch.uint8, numel), (torch.float32, 256)],
         "blockwise8": [(torch.int8, numel), (torch.float32, -(-numel // BLOCK))],
+        "channel8": [(torch.int8, numel), (torch.float32, rows * channels * -(-n // ROWS))],
     }[codec]
 
 
@@ -170,7 +210,7 @@ class WireCodecs:
                 continue
             codec, dtype, shape = _check_entry(entry, limits)
             parts = msg.tensors[pos : pos + _PARTS[codec]]
-            expected = _expected_parts(codec, math.prod(shape))
+            expected = _expected_parts(codec, shape)
             if [(p.dtype, p.numel()) for p in parts] != expected:
                 raise BadMessage(f"{codec} parts do not fit a tensor of shape {shape}")
             tensor = decode(parts, codec, dtype, shape)

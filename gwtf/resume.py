@@ -105,3 +105,15 @@ def load_stage_state(path: str | Path, k: int) -> tuple[dict[str, torch.Tensor],
         raise UserError(f"{file} does not match its SHA-256 in {MANIFEST}: the file is damaged or was changed")
     meta = json.loads((d / f"stage-{k}.json").read_text())
     return load_file(str(file)), meta
+
+
+def saved_stage(path: str, k: int, run_at: int, lacking: str,
+                remedy: str = "copy it there") -> tuple[dict[str, torch.Tensor], dict] | None:  # fmt: skip
+    """Stage k's saved state for its first holder in a resumed run, or None once the run has gone past the saved
+    version (a stage lost later is the run's recovery's to rebuild). `lacking`: what the node has no other source for,
+    in the one-line error when the state is not on this machine."""
+    if not Path(path).is_dir():
+        raise UserError(f"{lacking} and the run's saved state {path} is not on this machine: {remedy}")
+    if run_at > read_manifest(path)["version"]:
+        return None
+    return load_stage_state(path, k)

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from gwtf.config import load_config, to_dict
+from gwtf.config import RunConfig, load_config, to_dict
 from gwtf.errors import UserError
 from gwtf.launch.network import add_address_arguments, addresses_of
 from gwtf.membership import RunRecord, make_dht
@@ -69,20 +69,9 @@ LAUNCH_DEFAULTS = ["routing.router=gwtf-p2p"]
 
 
 def build_record(args: argparse.Namespace) -> RunRecord:
-    if getattr(args, "resume", None):
-        return _resumed_record(args)
-    pretrained = getattr(args, "from_pretrained", None)
-    if args.stages is not None and args.stages < 1:
-        raise UserError(f"--stages {args.stages}: a run needs at least 1 relay stage")
-    stages = None if pretrained else args.stages  # a pretrained checkpoint is split when it is converted
-    flags = {"preset": args.preset, "stages": stages, "routing.router": args.router}
-    overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    cfg = load_config(args.config, overrides, defaults=[*LAUNCH_DEFAULTS, *(FINETUNE_DEFAULTS if pretrained else [])])
+    cfg, extra = _resumed_config(args) if getattr(args, "resume", None) else _new_config(args)
     if getattr(args, "data", None):
         cfg.data.corpus = str(Path(args.data).resolve())
-    extra = {}
-    if pretrained:
-        extra = _use_pretrained(cfg, pretrained, args.stages, Path(args.workdir or f"runs/{args.run}") / "pretrained")
     if args.data_nodes < 1:
         raise UserError(f"--data-nodes {args.data_nodes}: a run needs at least 1 data node")
     model = cfg.model_config()
@@ -92,9 +81,24 @@ def build_record(args: argparse.Namespace) -> RunRecord:
     )
 
 
-def _resumed_record(args: argparse.Namespace) -> RunRecord:
-    """The record of a run that goes on from its export (gwtf.resume): the saved config, with the user's --set on top
-    (what fixes the model is refused), pointed at the saved state, whose hash every node checks its copy against."""
+def _new_config(args: argparse.Namespace) -> tuple[RunConfig, dict]:
+    """A new run's config (flags, config file, --set), and what its record carries besides (a checkpoint's hash)."""
+    pretrained = getattr(args, "from_pretrained", None)
+    if args.stages is not None and args.stages < 1:
+        raise UserError(f"--stages {args.stages}: a run needs at least 1 relay stage")
+    stages = None if pretrained else args.stages  # a pretrained checkpoint is split when it is converted
+    flags = {"preset": args.preset, "stages": stages, "routing.router": args.router}
+    overrides = [*args.set, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    cfg = load_config(args.config, overrides, defaults=[*LAUNCH_DEFAULTS, *(FINETUNE_DEFAULTS if pretrained else [])])
+    if not pretrained:
+        return cfg, {}
+    return cfg, _use_pretrained(cfg, pretrained, args.stages, Path(args.workdir or f"runs/{args.run}") / "pretrained")
+
+
+def _resumed_config(args: argparse.Namespace) -> tuple[RunConfig, dict]:
+    """A run that goes on from its export (gwtf.resume): the saved config, with the user's --set on top (what fixes
+    the model is refused), pointed at the saved state, whose hash the record carries for every node to check its
+    copy against."""
     from gwtf.config import from_dict, with_overrides
     from gwtf.resume import read_manifest, state_dir, state_hash
 
@@ -103,24 +107,16 @@ def _resumed_record(args: argparse.Namespace) -> RunRecord:
     if fixed:
         raise UserError(f"--resume takes the run's config from its export; leave out {', '.join(fixed)}")
     saved = read_manifest(args.resume)
-    cfg = with_overrides(from_dict(saved["config"]), [*args.set, *([f"routing.router={args.router}"] if args.router
-                                                                  else [])])  # fmt: skip
-    if cfg.model_config().config_hash() != from_dict(saved["config"]).model_config().config_hash():
+    before = from_dict(saved["config"])
+    cfg = with_overrides(before, [*args.set, *([f"routing.router={args.router}"] if args.router else [])])
+    if cfg.model_config().config_hash() != before.model_config().config_hash():
         raise UserError("--resume: --set may not change the model of a saved run (its weights fix it)")
     if saved["version"] >= cfg.train.steps:
         raise UserError(f"the saved run is at step {saved['version']} of train.steps={cfg.train.steps}: give more "
                         f"steps to go on (--set train.steps={saved['version'] + cfg.train.steps})")  # fmt: skip
-    if getattr(args, "data", None):
-        cfg.data.corpus = str(Path(args.data).resolve())
     cfg.resume = str(state_dir(args.resume))
-    if args.data_nodes < 1:
-        raise UserError(f"--data-nodes {args.data_nodes}: a run needs at least 1 data node")
-    model = cfg.model_config()
-    config = {"run": to_dict(cfg), "data_nodes": args.data_nodes, "resume_hash": state_hash(cfg.resume)}
     log.info("run %s resumes run %s at step %d", args.run, saved["run_id"], saved["version"])
-    return RunRecord(
-        run_id=args.run, model=model.to_dict(), model_hash=model.config_hash(), config=config, created=time.time()
-    )
+    return cfg, {"resume_hash": state_hash(cfg.resume)}
 
 
 def _use_pretrained(cfg, path: str, stages: int | None, workdir: Path) -> dict:

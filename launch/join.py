@@ -126,34 +126,24 @@ def _check_tensorboard(args: argparse.Namespace) -> None:
 def _spec(args: argparse.Namespace, record: RunRecord) -> RunSpec:
     cfg = from_dict(record.config["run"])
     check_model_hash(record, cfg.model_config().config_hash())
-    _check_pretrained_copy(cfg.pretrained, record.config.get("weights_hash"))
-    _check_saved_state(cfg.resume, record.config.get("resume_hash"))
+    _check_local_copy(cfg.pretrained, record.config.get("weights_hash"), "checkpoint")
+    _check_local_copy(cfg.resume, record.config.get("resume_hash"), "saved state")
     return run_spec(args.run, cfg, int(record.config.get("data_nodes", 1)))
 
 
-def _check_saved_state(path: str | None, expected: str | None) -> None:
-    """This machine's copy of a resumed run's saved state (gwtf.resume) must be the run's: same hash."""
-    if not path or not Path(path).is_dir():
-        return
-    from gwtf.resume import state_hash
-
-    if state_hash(path) != expected:
-        raise UserError(f"{path} is not the state this run resumed from (hash {state_hash(path)}, the run's "
-                        f"{expected}): use the run's own copy, or remove it to download from a live "
-                        "replica")  # fmt: skip
-
-
-def _check_pretrained_copy(path: str | None, expected: str | None) -> None:
-    """This machine's copy of the run's checkpoint must be the run's: same weights hash."""
+def _check_local_copy(path: str | None, expected: str | None, kind: str) -> None:
+    """This machine's copy of what the run starts from (`kind`: "checkpoint", a fine-tune's staged checkpoint; "saved
+    state", a resumed run's, gwtf.resume) must be the run's: the hash the run record carries."""
     if not path or not Path(path).is_dir():
         return
     from gwtf.models.checkpoint import read_manifest
+    from gwtf.resume import state_hash
 
-    found = read_manifest(path).get("weights_hash")
+    found = read_manifest(path).get("weights_hash") if kind == "checkpoint" else state_hash(path)
     if found != expected:
         raise UserError(
-            f"{path} has weights hash {found} but the run fine-tunes {expected}: this is another checkpoint; "
-            "use the run's own copy (or remove it: the stage is then downloaded from a live replica)"
+            f"{path} has hash {found} but the run's {kind} has {expected}: this is another {kind}; use the run's "
+            "own copy (or remove it: the stage is then downloaded from a live replica)"
         )
 
 

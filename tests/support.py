@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from gwtf.config import RunConfig, with_overrides
 from gwtf.data import load_data
@@ -20,7 +21,7 @@ from gwtf.runtime.datanode import DataNode
 from gwtf.runtime.flights import IterationReport
 from gwtf.runtime.relay import RelayNode
 from gwtf.runtime.spec import NodeOptions, run_spec
-from gwtf.transport import InProcessNetwork, InProcessTransport, LinkEmulator
+from gwtf.transport import InProcessNetwork, InProcessTransport, LinkEmulator, Message
 
 log = logging.getLogger(__name__)
 QUICK_BEAT = ["membership.heartbeat_s=0.2", "membership.record_ttl_s=1.0"]
@@ -115,3 +116,28 @@ class InProcessSwarm:
     async def close(self) -> None:
         for node in [*self.relays.values(), *self.data_nodes]:
             await node.close()
+
+
+class StubNode:
+    """What a router or the stage-0 copy uses of its node (gwtf.routing.base.RoutedNode) and nothing more: a real
+    in-process transport, the run's settings that AgentService reads, and the DHT records as a dict the test edits."""
+
+    def __init__(self, network: InProcessNetwork, peer_id: str, records: dict, n_stages: int,
+                 run_id: str = "stub-run", call_timeout: float = 2.0) -> None:  # fmt: skip
+        self.transport = InProcessTransport(network, peer_id, run_id)
+        self.peer_id, self.run_id, self.call_timeout = peer_id, run_id, call_timeout
+        self.spec = SimpleNamespace(model=SimpleNamespace(n_stages=n_stages))
+        settings = {"transport": SimpleNamespace(call_timeout=call_timeout),
+                    "membership": SimpleNamespace(heartbeat_s=0.02)}  # fmt: skip
+        self.run = SimpleNamespace(**settings)
+        self.records = records
+        self.closed = False
+
+    async def call(self, peer, name, msg, timeout=None):
+        return await self.transport.call(peer, name, msg, timeout=timeout or self.call_timeout)
+
+    def message(self, kind, **kw):
+        return Message(kind=kind, run_id=self.run_id, **kw)
+
+    async def live_nodes(self, max_age=None):
+        return dict(self.records)

@@ -79,14 +79,14 @@ def test_finetune_a_checkpoint_across_a_crashing_swarm_and_export_it(tiny_checkp
 
 
 def test_a_checkpoint_copy_with_other_weights_is_refused(tiny_checkpoint, tmp_path):
-    from gwtf.launch.join import _check_pretrained_copy
+    from gwtf.launch.join import _check_local_copy
     from gwtf.models.checkpoint import ensure_staged, load_stage, read_manifest
 
     staged = ensure_staged(tiny_checkpoint / "src", 2, tmp_path / "staged")
     good = read_manifest(staged)["weights_hash"]
-    _check_pretrained_copy(str(staged), good)  # the run's own copy
+    _check_local_copy(str(staged), good, "checkpoint")  # the run's own copy
     with pytest.raises(UserError, match="another checkpoint"):
-        _check_pretrained_copy(str(staged), "0" * 16)
+        _check_local_copy(str(staged), "0" * 16, "checkpoint")
     stage_file = staged / "stage_1.safetensors"
     data = bytearray(stage_file.read_bytes())
     data[-8:] = b"\x00" * 8  # damage the tail: a flipped weight

@@ -105,6 +105,12 @@ def test_bootstrap_resume_takes_the_saved_config_and_refuses_what_would_not_fit(
     run = record.config["run"]
     assert run["resume"] == str((tmp_path / "state").resolve()) and run["train"]["steps"] == 8
     assert run["optim"] == to_dict(cfg)["optim"] and record.config["resume_hash"] == state_hash(tmp_path)
+    # A joiner's own copy of the state must be the run's: another one is refused in one line.
+    from gwtf.launch.join import _check_local_copy
+
+    _check_local_copy(run["resume"], record.config["resume_hash"], "saved state")
+    with pytest.raises(UserError, match="this is another saved state"):
+        _check_local_copy(run["resume"], "0" * 16, "saved state")
 
 
 @pytest.mark.integration

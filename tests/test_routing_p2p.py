@@ -17,8 +17,8 @@ from gwtf.routing.p2p import HANDLER, P2PRouter
 from gwtf.routing.protocol import ProtocolRun
 from gwtf.routing.registry import make_router
 from gwtf.trainer import train_local
-from gwtf.transport import InProcessNetwork, InProcessTransport, Message
-from tests.support import InProcessSwarm
+from gwtf.transport import InProcessNetwork
+from tests.support import InProcessSwarm, StubNode
 from tests.test_routing_agent import build
 from tests.test_swarm_inprocess import small_config
 
@@ -245,29 +245,6 @@ def test_a_data_node_with_one_first_hop_keeps_it():
     run.agents["d1"].add_units(1)
     run.run(30)
     assert [len(p) for p in run.plan().values()] == [1, 0]
-
-
-class StubNode:
-    """What a router uses of its node (gwtf.routing.base.RoutedNode) and nothing more: a real in-process transport,
-    the run's settings that AgentService reads, and the DHT records as a dict the test edits."""
-
-    def __init__(self, network: InProcessNetwork, peer_id: str, records: dict, n_stages: int) -> None:
-        self.transport = InProcessTransport(network, peer_id, "stub-run")
-        self.peer_id = peer_id
-        self.spec = SimpleNamespace(model=SimpleNamespace(n_stages=n_stages))
-        settings = {"transport": SimpleNamespace(call_timeout=2.0), "membership": SimpleNamespace(heartbeat_s=0.02)}
-        self.run = SimpleNamespace(**settings)
-        self.records = records
-        self.closed = False
-
-    async def call(self, peer, name, msg, timeout=None):
-        return await self.transport.call(peer, name, msg, timeout=timeout or 2.0)
-
-    def message(self, kind, **kw):
-        return Message(kind=kind, run_id="stub-run", **kw)
-
-    async def live_nodes(self, max_age=None):
-        return dict(self.records)
 
 
 def views_of(infos: dict) -> Callable[[dict], SwarmView]:

@@ -2,7 +2,6 @@
 at all, read back part by part by a new data node."""
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,29 +10,17 @@ from gwtf.errors import BadMessage
 from gwtf.membership import NodeRecord
 from gwtf.runtime import stage0_copy
 from gwtf.runtime.stage0_copy import Stage0Keeper, _slices, copy_parts, keepers, newest_copy, push_copy
-from gwtf.transport import InProcessNetwork, InProcessTransport, Message
+from gwtf.transport import InProcessNetwork, Message
+from tests.support import StubNode
 
 
 def record(peer: str, role: str, stage: int) -> NodeRecord:
     return NodeRecord(peer, role, stage, "serving", 4 if stage else 0, 0.1, None, 0, True, None, 0.0, 0)
 
 
-class Node:
+def node(network: InProcessNetwork, peer_id: str, records: dict) -> StubNode:
     """What the copy uses of a node: its transport, bounded calls, messages of its run, the live records."""
-
-    def __init__(self, network: InProcessNetwork, peer_id: str, records: dict) -> None:
-        self.transport = InProcessTransport(network, peer_id, "copy-run")
-        self.peer_id, self.records = peer_id, records
-        self.spec = SimpleNamespace(model=SimpleNamespace(n_stages=3))
-
-    async def call(self, peer, name, msg, timeout=None):
-        return await self.transport.call(peer, name, msg, timeout=timeout or 5.0)
-
-    def message(self, kind, **kw):
-        return Message(kind=kind, run_id="copy-run", **kw)
-
-    async def live_nodes(self, max_age=None):
-        return dict(self.records)
+    return StubNode(network, peer_id, records, n_stages=3, run_id="copy-run", call_timeout=5.0)
 
 
 def state(version: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
@@ -68,10 +55,10 @@ def test_a_copy_pushed_in_parts_is_kept_whole_and_read_back(monkeypatch):
     async def go():
         network = InProcessNetwork()
         records = {"d0": record("d0", "data", 0), "r1": record("r1", "relay", 1), "r2": record("r2", "relay", 1)}
-        data, new = Node(network, "d0", records), Node(network, "d1", records)
+        data, new = node(network, "d0", records), node(network, "d1", records)
         keepers = {}
         for peer in ("r1", "r2"):
-            keepers[peer] = Stage0Keeper(Node(network, peer, records))
+            keepers[peer] = Stage0Keeper(node(network, peer, records))
             for name, fn in keepers[peer].handlers().items():
                 keepers[peer].node.transport.add_handler(name, fn)
         assert await newest_copy(new, records) is None  # nobody holds one yet
@@ -116,16 +103,16 @@ def test_the_copy_outlives_every_data_node_and_every_replica_of_stage_1():
         records = {"d0": record("d0", "data", 0), "a": record("a", "relay", 1), "b": record("b", "relay", 2),
                    "c": record("c", "relay", 3)}  # fmt: skip
         for peer in ("a", "b", "c"):
-            keeper = Stage0Keeper(Node(network, peer, records))
+            keeper = Stage0Keeper(node(network, peer, records))
             for name, fn in keeper.handlers().items():
                 keeper.node.transport.add_handler(name, fn)
-        data = Node(network, "d0", records)
+        data = node(network, "d0", records)
         assert keepers(data, records) == ["a", "c"]
         v4, meta4 = state(4)
         assert await push_copy(data, v4, meta4, records) == 2
         for gone in ("d0", "a"):
             del records[gone]
-        tensors, meta = await newest_copy(Node(network, "d1", records), records)
+        tensors, meta = await newest_copy(node(network, "d1", records), records)
         assert meta["version"] == 4 and all(torch.equal(tensors[k], v4[k]) for k in v4)
 
     asyncio.run(asyncio.wait_for(go(), timeout=30))

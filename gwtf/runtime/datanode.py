@@ -17,16 +17,16 @@ import dataclasses
 import functools
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from gwtf.averaging import GroupAverager
-from gwtf.errors import BadMessage, PeerError, UserError
+from gwtf.errors import BadMessage, PeerError
 from gwtf.liveness import ProbeCache
 from gwtf.lora import trainable_names
 from gwtf.membership import Membership, NodeRecord, serving
+from gwtf.resume import saved_stage
 from gwtf.routing.base import Router, SwarmView
 from gwtf.runtime import schema
 from gwtf.runtime.consistency import Stage0Hashes, resync_diverged, weight_hashes
@@ -146,7 +146,8 @@ class DataNode(FlightLegs):
         copy = await newest_copy(self, nodes) if relays > 0 else None
         source = "the relays' copy"
         if self.spec.config.resume:  # a resumed run (gwtf.resume): its saved stage 0, unless the run went past it
-            saved = await asyncio.to_thread(_saved_stage0, self.spec.config.resume, relays)
+            saved = await asyncio.to_thread(saved_stage, self.spec.config.resume, 0, relays,
+                                            "no data node is left to take stage 0 from")  # fmt: skip
             if saved is not None and (copy is None or copy[1]["version"] < saved[1]["version"]):
                 copy, source = saved, "the run's saved state"
         if copy is None or copy[1]["version"] <= self.stage0.version:
@@ -459,15 +460,3 @@ class DataNode(FlightLegs):
             self.status = "leaving"
             await self.announce()
         await super().close()
-
-
-def _saved_stage0(path: str, relays_at: int) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """Stage 0 from a resumed run's saved state (gwtf.resume), or None once the relays have gone past its version."""
-    from gwtf.resume import load_stage_state, read_manifest
-
-    if not Path(path).is_dir():
-        raise UserError(f"no data node is left to take stage 0 from and the run's saved state {path} is not on this "
-                        "machine: copy it there")  # fmt: skip
-    if relays_at > read_manifest(path)["version"]:
-        return None
-    return load_stage_state(path, 0)

@@ -79,20 +79,19 @@ class RelayJoining(RelayBase):
     async def _load_saved_state(self) -> bool:
         """The first replica of a stage in a resumed run (gwtf.resume) loads the stage's saved state and serves at its
         version. Not once the run has gone past that version (the stage lost every replica later: its recovery
-        rebuilds it), nor when the state is not on this machine (then it waits for a replica to download from)."""
-        from gwtf.resume import load_stage_state, read_manifest
+        rebuilds it); a node without the state on its machine (and no replica to download from) is told so."""
+        from gwtf.resume import saved_stage
 
         path = self.spec.config.resume
         assert path is not None and self.replica is not None
-        if not Path(path).is_dir():
-            raise UserError(f"stage {self.stage} has no live replica to download from and the run's saved state {path} "
-                            "is not on this machine: copy it there, or join once a replica serves")  # fmt: skip
-        saved = read_manifest(path)["version"]
-        if self.run_version > saved:
+        saved = await asyncio.to_thread(saved_stage, path, self.stage, self.run_version,
+                                        f"stage {self.stage} has no live replica to download from",
+                                        "copy it there, or join once a replica serves")  # fmt: skip
+        if saved is None:
             return False
-        tensors, meta = await asyncio.to_thread(load_stage_state, path, self.stage)
-        await self.compute(self.replica.load_state, tensors, meta)
-        log.info("relay %s: stage %d from the run's saved state at version %d", self.peer_id[:8], self.stage, saved)
+        await self.compute(self.replica.load_state, *saved)
+        log.info("relay %s: stage %d from the run's saved state at version %d", self.peer_id[:8], self.stage,
+                 self.replica.version)  # fmt: skip
         return True
 
     async def _tell_data_nodes(self, nodes: dict[str, NodeRecord]) -> None:

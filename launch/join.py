@@ -253,7 +253,8 @@ async def _run_is_over(membership, total_steps: int) -> bool:
     from gwtf.membership import RunEnd
 
     try:
-        return RunEnd(total_steps).over(await asyncio.to_thread(membership.live_nodes))
+        # one read, no grace: asked after a join failed, whose donors and neighbours may have left at the run's end
+        return RunEnd(total_steps, grace=0.0).over(await asyncio.to_thread(membership.live_nodes))
     except Exception as exc:  # noqa: BLE001 (the DHT did not answer: not known to be over)
         log.info("reading the records for the run's end failed (%s)", exc)
         return False
@@ -298,6 +299,7 @@ async def _drive_data(args, spec, opts, transport, membership) -> int:
             board.iteration(row)
             if board.enabled:  # computed in the board's worker thread: the next iteration starts at once
                 board.in_background(report.iteration, routing_gap_of(node), prefix="routing/")
+        await node.hand_on_last_copy()  # before "done": an export then reads edge relays that stream nothing
         metrics.write(event="done", seconds=time.perf_counter() - t0)
         print(f"data node {transport.peer_id}: the run reached its last step ({spec.total_steps}) in "
               f"{time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip

@@ -18,6 +18,7 @@ from gwtf.membership import (
     DhtOps,
     InMemoryMembership,
     NodeRecord,
+    RunEnd,
     RunRecord,
     check_model_hash,
     dht_addresses,
@@ -112,6 +113,29 @@ def test_heartbeat_keeps_record_alive_until_close() -> None:
     assert wait_until(lambda: "a" not in a.live_nodes(), 5)
     with pytest.raises(ValueError):
         InMemoryMembership(store, RUN, "b").start_heartbeat(lambda: node("b"), period=1, ttl=1)
+
+
+def test_the_run_ends_when_its_data_node_leaves_or_stays_unseen_past_the_grace() -> None:
+    """A relay exits at the run's end: at once when the data node says it leaves; when its record is only missing (a
+    read that missed it, a loaded DHT that let it lapse while it lingers for an export) not before `grace` seconds
+    without it, and a data node seen serving again restarts that wait."""
+    clock = FakeClock()
+    relay = node("r1", state_version=5)
+    data = node("d1", role="data", stage=0, state_version=5)
+    end = RunEnd(5, grace=30.0, clock=clock)
+    assert not end.over({"r1": node("r1", state_version=4)})  # the last step not reached: never over
+    assert not end.over({"r1": relay, "d1": data})  # a data node lingers (for an export): not over
+    assert not end.over({"r1": relay})  # its record missed once
+    clock.now += 29.0
+    assert not end.over({"r1": relay})
+    assert not end.over({"r1": relay, "d1": data})  # back: the wait starts again
+    clock.now += 20.0
+    assert not end.over({"r1": relay})
+    clock.now += 30.0
+    assert end.over({"r1": relay})  # unseen for the whole grace: it is gone
+    leaving = RunEnd(5, grace=30.0, clock=clock)
+    assert leaving.over({"r1": relay, "d1": node("d1", role="data", stage=0, status="leaving", state_version=5)})
+    assert RunEnd(5, grace=0.0).over({"r1": relay})  # one read, no grace (a join that failed at the run's end)
 
 
 def test_model_hash_mismatch_refused() -> None:

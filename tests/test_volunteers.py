@@ -445,6 +445,36 @@ def test_the_copy_of_stage0_is_handed_on_off_the_steps_path_and_a_lagging_one_st
     assert losses[-1] < losses[0] - 0.3 and all(x == x for x in losses), losses
 
 
+def test_at_the_last_step_the_keepers_are_handed_the_final_stage0_and_nothing_streams_on() -> None:
+    """Slow keepers skip steps' copies; at the run's end the data node awaits the copy on its way and hands on the
+    final version, so a stopped run resumes from its nodes at its last step and an export after "done" reads edge
+    relays that stream nothing (at SmolLM2 size an export competing with a 340 MB copy timed out)."""
+    import asyncio
+
+    from gwtf.faults import FaultInjector, MessageFault
+    from tests.support import InProcessSwarm
+    from tests.test_swarm_inprocess import fast_swarm, small_config
+
+    async def go():
+        swarm = InProcessSwarm(small_config(steps=4, stages=2), replicas=[1, 1], settings=fast_swarm())
+        await swarm.start()
+        try:
+            data = swarm.data_nodes[0]
+            data.faults = FaultInjector([], messages=[MessageFault("*", -1, "keep_stage0", "delay", 0.5)] * 40)
+            for _ in range(4):
+                await swarm.step()
+            skipped, lagging = data.copies["skipped"], not data.copying.done()
+            handed = await data.hand_on_last_copy()
+            kept = {k.stage0_keeper.copy.version for k in swarm.relays.values()}
+            return skipped, lagging, handed, data.stage0.version, kept, data.copying.done()
+        finally:
+            await swarm.close()
+
+    skipped, lagging, handed, final, kept, settled = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert skipped >= 1 and lagging, (skipped, lagging)  # the last step's copy was not the final one
+    assert handed == final and kept == {final} and settled, (handed, final, kept)
+
+
 def test_a_relay_full_of_a_dead_data_nodes_microbatches_serves_the_new_one() -> None:
     """The only data node dies mid-step: the relays still hold its microbatches, so the new data node's found no
     room until the relays stepped, and its first step was lost. A full relay drops what it holds for data nodes whose

@@ -82,6 +82,7 @@ class DataNode(FlightLegs):
         self.stage0_hashes = Stage0Hashes(self)  # stage 0 checked identical across data nodes after every step
         self.copying: asyncio.Future | None = None  # stage 0's copy on its way (gwtf.runtime.stage0_copy)
         self.copies = {"sent": 0, "skipped": 0}  # copies pushed; steps whose copy was skipped (the last one was busy)
+        self.copied_version = -1  # the version of the last copy pushed
         for name, fn in {
             "head": self.rpc_head,
             "embed_grad": self.rpc_embed_grad,
@@ -341,7 +342,11 @@ class DataNode(FlightLegs):
         peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
         await self.compute(self.stage0.apply_averaged, result.grads, i)
-        self._hand_on_copy(await self.compute(self.stage0.state), self._confirmed(nodes))
+        if self.copying is not None and not self.copying.done():  # the last copy is still on its way: skip this one
+            self.copies["skipped"] += 1
+            log.debug("%s: stage 0's copy of v%d skipped (the last one is still on its way)", self.peer_id[:8], i)
+        else:  # its state copied (CPU, 340 MB for SmolLM2) only when it is handed on
+            self._hand_on_copy(await self.compute(self.stage0.state), self._confirmed(nodes))
         live = serving(self._confirmed(nodes), "relay")
         used: dict[str, set[str]] = {}
         for fl in self.flights.values():
@@ -376,15 +381,24 @@ class DataNode(FlightLegs):
         """Stage 0's state (CPU copies) to the keepers in the background, off the step's critical path: at real sizes
         the copy is the step's largest transfer (a 124m stage 0 with its Adam moments is 563 MB per keeper). While
         the last copy is still on its way this step's is skipped, so the copies' cadence follows the data node's
-        bandwidth; a new data node that takes an older copy takes the relays' step without the updates in between
-        (`_take_stage0`)."""
-        if self.copying is not None and not self.copying.done():
-            self.copies["skipped"] += 1
-            log.debug("%s: stage 0's copy of v%d skipped (the last one is still on its way)", self.peer_id[:8],
-                      state[1]["version"])  # fmt: skip
-            return
+        bandwidth (`_finish_iteration` skips it); a new data node that takes an older copy takes the relays' step
+        without the updates in between (`_take_stage0`)."""
         self.copies["sent"] += 1
+        self.copied_version = state[1]["version"]
         self.copying = asyncio.ensure_future(push_copy(self, *state, nodes))
+
+    async def hand_on_last_copy(self) -> int:
+        """At the run's last step: the copy on its way finished, then the final version's copy pushed and awaited (if
+        the one on its way was older), so the keepers hold the run's final stage 0 (a stopped run resumes from its
+        nodes at its last step) and nothing is still streaming into the edge relays when the run is reported done
+        (an export that reads them then would compete with the copy: at SmolLM2 size, 340 MB per keeper). Each part
+        is a bounded call (push_copy). Returns the version the keepers were handed."""
+        if self.copying is not None:
+            await asyncio.gather(self.copying, return_exceptions=True)  # push_copy logs a keeper that failed
+        if self.copied_version != self.stage0.version:
+            self._hand_on_copy(await self.compute(self.stage0.state), self._confirmed(await self.live_nodes()))
+            await asyncio.gather(self.copying, return_exceptions=True)
+        return self.copied_version
 
     async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> dict[str, str]:
         """Replicas whose weights differ from their stage's majority download it before the next iteration."""

@@ -14,6 +14,8 @@ Files:
     transport.py     activation transport MB/s vs a raw TCP socket: direct path encrypted and not, libp2p streams;
                      ratios with 95 % intervals over repeats, CPU ms per MB of both ends
     compression.py   wire codecs vs fp32: bytes per microbatch, loss after N steps, iteration time on geo10 links
+    codec_fidelity.py  where a codec's error goes: one step with the forward activations, or the backward
+                     gradients, quantized at every stage boundary (the parameters' gradient vs the exact one)
     recovery.py      stage-recovery strategies under the same failure schedule
     finetune.py      fine-tuning throughput: `gwtf finetune`'s swarm vs single-process fine-tuning; --lora: full
                      fine-tuning vs LoRA (bytes averaged and downloaded per step, tokens/s, validation loss)

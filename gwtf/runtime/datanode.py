@@ -393,12 +393,15 @@ class DataNode(FlightLegs):
         nodes at its last step) and nothing is still streaming into the edge relays when the run is reported done
         (an export that reads them then would compete with the copy: at SmolLM2 size, 340 MB per keeper). Each part
         is a bounded call (push_copy). Returns the version the keepers were handed."""
-        if self.copying is not None:
-            await asyncio.gather(self.copying, return_exceptions=True)  # push_copy logs a keeper that failed
+        await self._copy_arrived()
         if self.copied_version != self.stage0.version:
             self._hand_on_copy(await self.compute(self.stage0.state), self._confirmed(await self.live_nodes()))
-            await asyncio.gather(self.copying, return_exceptions=True)
+            await self._copy_arrived()
         return self.copied_version
+
+    async def _copy_arrived(self) -> None:
+        if self.copying is not None:
+            await asyncio.gather(self.copying, return_exceptions=True)  # push_copy logs a keeper that failed
 
     async def _resync_diverged(self, i: int, stepped: dict[str, Message], stages: dict[str, int]) -> dict[str, str]:
         """Replicas whose weights differ from their stage's majority download it before the next iteration."""

@@ -17,8 +17,9 @@ Files (each imports only those above it):
                   over libp2p, both peer ids, both sides' nonces), AES-256-GCM (ChaCha20-Poly1305 on a CPU without
                   AES instructions) records with counter nonces
     frame.py      the wire format: prefix, JSON header, aligned body; encoding, decoding and the checks on receipt
-    codecs.py     tensor codecs per kind of message (none, fp16, bf16, uint8, blockwise8, channel8), stochastic
-                  rounding and error feedback, the header's "codecs" list checked against the limits before decoding
+    codecs.py     tensor codecs per kind of message (none, fp16, bf16, uint8, blockwise8, channel8, blockwise64),
+                  stochastic rounding and error feedback, the header's "codecs" list checked against the limits before
+                  decoding
     links.py      LinkEmulator: latency + bytes / bandwidth between regions (gwtf/resources/regions.json),
                   a directed link's bandwidth shared by the transfers on it
     base.py       Transport, the interface the nodes use (add_handler with a validator, call, shutdown, peer_id),

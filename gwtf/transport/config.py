@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from gwtf.errors import UserError
 
-CODECS = ("none", "fp16", "bf16", "uint8", "blockwise8", "channel8")  # codecs.py says what each costs and keeps
+# codecs.py says what each costs and keeps
+CODECS = ("none", "fp16", "bf16", "uint8", "blockwise8", "channel8", "blockwise64")
 
 
 @dataclass
@@ -26,8 +27,9 @@ class WireConfig:
     """How tensors travel (`[wire]` in a run config). A codec per kind of tensor message, one of CODECS:
     activations (forward, head, recompute), gradients (backward, embed_grad, recover), averaging (avg) and state
     (a joiner's download of a stage: lossy codecs there make its replica differ from the others'). On a trained
-    model's activations use channel8: its hidden states have outlier channels that uint8 clips and blockwise8's
-    4096-value blocks spread over every other channel (README, "Wire compression", has the measured losses)."""
+    model's activations and gradients use blockwise64: its hidden states have outlier channels that uint8 clips and
+    blockwise8's 4096-value blocks spread over every other channel, and massive tokens that set channel8's scales
+    (README, "Wire compression", has the measured losses)."""
 
     activations: str = "none"
     gradients: str = "none"

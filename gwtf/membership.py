@@ -148,13 +148,15 @@ class RunEnd:
     """Whether a run is over, from the records a node reads: some node reached the run's last step (its state
     version), and no data node serves any more (one that lingers after the last step keeps the run up, for export).
 
-    A data node that stops says so in its record ("leaving"): seen, the run is over at once. Without it (a data node
-    that died at the end, or one whose record a loaded DHT let lapse, or that a read missed), the run is over only
-    once no data node has been seen serving for `grace` seconds: at SmolLM2 size on one loaded machine, every relay
-    once read the lingering data node's record as gone at the same moment and exited under the export."""
+    A data node that stops says so in its record ("leaving"): seen, the run is over at once; so it is when no node
+    but the reader (`me`) serves any more (the bootstrap, the last to go, need not wait). Otherwise (a data node that
+    died at the end, one whose record a loaded DHT let lapse, a read that missed it) the run is over only once no data
+    node has been seen serving for `grace` seconds: at SmolLM2 size on one loaded machine, every relay once read the
+    lingering data node's record as gone at the same moment and exited under the export."""
 
-    def __init__(self, total_steps: int, grace: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.total_steps, self.reached, self.grace, self.clock = total_steps, False, grace, clock
+    def __init__(self, total_steps: int, grace: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 me: str | None = None) -> None:  # fmt: skip
+        self.total_steps, self.reached, self.grace, self.clock, self.me = total_steps, False, grace, clock, me
         self.unserved_since: float | None = None  # when no data node was first seen serving, since the last one was
 
     def over(self, nodes: dict[str, NodeRecord]) -> bool:
@@ -166,6 +168,8 @@ class RunEnd:
             return False
         if any(r.role == "data" and r.status == "leaving" for r in nodes.values()):
             return True
+        if not any(r.status == "serving" for p, r in nodes.items() if p != self.me):
+            return True  # nobody is left to keep the run up
         now = self.clock()
         self.unserved_since = now if self.unserved_since is None else self.unserved_since
         return now - self.unserved_since >= self.grace

@@ -18,7 +18,8 @@ from torch import nn
 from gwtf.config import RunConfig, from_dict
 from gwtf.errors import BadMessage, PeerError, UserError
 from gwtf.membership import make_dht, serving
-from gwtf.runtime.state import fetch_state
+from gwtf.runtime.state import fetch_state, state_wait
+from gwtf.stage import state_bytes
 from gwtf.transport import Message
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,16 @@ async def _fetch_stage(transport, nodes, cfg: RunConfig, k: int, run_id: str,
     holders = sorted(((r.state_version, p) for p, r in serving(nodes, "data" if k == 0 else "relay", k).items()),
                      reverse=True)  # fmt: skip
 
-    async def get(peer: str, msg: Message) -> Message:
-        return await transport.call(peer, "get_state", msg, timeout=timeout)
-
     stage, names = _stage_to_fill(cfg, k)
+    sizes = state_bytes(stage)
+    wait = max(timeout, state_wait(cfg.iteration, sizes, names, 1))  # one holder gives the whole stage
+
+    async def get(peer: str, msg: Message) -> Message:
+        return await transport.call(peer, "get_state", msg, timeout=wait)
+
     for _, peer in holders:  # the most advanced first; a holder that fails is skipped
         try:
-            tensors, meta = await fetch_state(get, run_id, [peer], names)
+            tensors, meta = await fetch_state(get, run_id, [peer], names, sizes)
         except (PeerError, BadMessage) as exc:
             log.warning("stage %d from %s failed (%s); trying another holder", k, peer[:8], exc)
             continue

@@ -237,7 +237,7 @@ async def _serve_relay(args, spec, opts, transport, membership) -> int:
         return 0
     print(f"relay {transport.peer_id} serving stage {stage}", flush=True)
     print(f"volunteers may join through this node: --initial-peers {' '.join(node.maddrs[:1])}", flush=True)
-    waits = [asyncio.ensure_future(until_run_over(membership.live_nodes, spec.total_steps)),
+    waits = [asyncio.ensure_future(until_run_over(membership.live_nodes, spec.total_steps, me=transport.peer_id)),
              asyncio.ensure_future(stop.wait())]  # fmt: skip
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for wait in waits:
@@ -263,12 +263,13 @@ async def _run_is_over(membership, total_steps: int) -> bool:
 RUN_END_POLL_S = 2.0  # how often a relay, a standby or the bootstrap reads the records to see whether the run is over
 
 
-async def until_run_over(live_nodes, total_steps: int, poll_s: float = RUN_END_POLL_S) -> None:
+async def until_run_over(live_nodes, total_steps: int, poll_s: float = RUN_END_POLL_S, me: str | None = None) -> None:
     """Return once the run is over (gwtf.membership.RunEnd): a node reached the last step and no data node serves.
-    `live_nodes`: a blocking read of the records; one that fails (bounded) is tried again at the next poll."""
+    `live_nodes`: a blocking read of the records; one that fails (bounded) is tried again at the next poll; `me`: the
+    reader's peer id (its own record keeps nothing up)."""
     from gwtf.membership import RunEnd
 
-    end = RunEnd(total_steps)
+    end = RunEnd(total_steps, me=me)
     while True:
         await asyncio.sleep(poll_s)
         try:

@@ -116,23 +116,29 @@ def test_heartbeat_keeps_record_alive_until_close() -> None:
 
 
 def test_the_run_ends_when_its_data_node_leaves_or_stays_unseen_past_the_grace() -> None:
-    """A relay exits at the run's end: at once when the data node says it leaves; when its record is only missing (a
-    read that missed it, a loaded DHT that let it lapse while it lingers for an export) not before `grace` seconds
-    without it, and a data node seen serving again restarts that wait."""
+    """A relay exits at the run's end: at once when the data node says it leaves, or when nobody else serves; when the
+    data node's record is only missing (a read that missed it, a loaded DHT that let it lapse while it lingers for an
+    export) not before `grace` seconds without it, and a data node seen serving again restarts that wait."""
     clock = FakeClock()
     relay = node("r1", state_version=5)
     data = node("d1", role="data", stage=0, state_version=5)
     end = RunEnd(5, grace=30.0, clock=clock)
     assert not end.over({"r1": node("r1", state_version=4)})  # the last step not reached: never over
     assert not end.over({"r1": relay, "d1": data})  # a data node lingers (for an export): not over
-    assert not end.over({"r1": relay})  # its record missed once
+    other = node("r2", state_version=5)
+    assert not end.over({"r1": relay, "r2": other})  # its record missed once (another relay still serves)
     clock.now += 29.0
-    assert not end.over({"r1": relay})
+    assert not end.over({"r1": relay, "r2": other})
     assert not end.over({"r1": relay, "d1": data})  # back: the wait starts again
     clock.now += 20.0
-    assert not end.over({"r1": relay})
+    assert not end.over({"r1": relay, "r2": other})
     clock.now += 30.0
-    assert end.over({"r1": relay})  # unseen for the whole grace: it is gone
+    assert end.over({"r1": relay, "r2": other})  # unseen for the whole grace: it is gone
+    # Nobody but the reader left serving (the bootstrap, last to go, missed the data node's "leaving"): over at once.
+    assert RunEnd(5, clock=clock).over({"r1": relay, "d1": data}) is False
+    last = RunEnd(5, grace=30.0, clock=clock, me="r1")
+    assert not last.over({"r1": relay, "r2": other, "d1": data}) and last.over({"r1": relay})
+    assert not RunEnd(5, grace=30.0, clock=clock).over({"r1": relay})  # a reader that is not r1: r1 still serves
     leaving = RunEnd(5, grace=30.0, clock=clock)
     assert leaving.over({"r1": relay, "d1": node("d1", role="data", stage=0, status="leaving", state_version=5)})
     assert RunEnd(5, grace=0.0).over({"r1": relay})  # one read, no grace (a join that failed at the run's end)

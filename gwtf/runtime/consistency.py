@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gwtf.errors import BadMessage, PeerError
 from gwtf.lora import trainable_names
-from gwtf.runtime.state import fetch_state
-from gwtf.sizing import transfer_s
+from gwtf.runtime.state import fetch_state, state_wait
 from gwtf.stage import state_bytes
 from gwtf.transport import Message
 
@@ -171,14 +170,12 @@ class Stage0Hashes:
         """Download stage 0 at `version` from `donors` and load it; True when its hash is then the majority's."""
         node, stage0 = self.node, self.node.stage0
         sizes = state_bytes(stage0.module)
-        wait = node.run.iteration.iteration_timeout + transfer_s(
-            sum(sizes.values()), node.run.iteration.floor_bandwidth_mbps
-        )
+        names = trainable_names(stage0.module) or [n for n, _ in stage0.module.named_parameters()]
+        wait = state_wait(node.run.iteration, sizes, names, len(donors))
 
         async def get(peer: str, msg: Message) -> Message:
             return await node.call(peer, "get_state", msg, timeout=wait)
 
-        names = trainable_names(stage0.module) or [n for n, _ in stage0.module.named_parameters()]
         try:
             tensors, meta = await fetch_state(get, node.spec.run_id, donors, names, sizes)
             if meta["version"] != version:  # a donor stepped on without this node: it is behind, not odd

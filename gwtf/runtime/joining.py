@@ -18,9 +18,9 @@ from gwtf.membership import NodeRecord, serving
 from gwtf.optim import make_optimizer
 from gwtf.recovery import install
 from gwtf.runtime.relay_state import RelayBase
-from gwtf.runtime.state import fetch_state
+from gwtf.runtime.state import fetch_state, state_wait
 from gwtf.runtime.views import view_builder
-from gwtf.sizing import derive_capacity, transfer_s
+from gwtf.sizing import derive_capacity
 from gwtf.stage import StageReplica, state_bytes, state_subset
 from gwtf.transport import Message
 
@@ -208,9 +208,7 @@ class RelayJoining(RelayBase):
         each request; a donor whose call fails is noted in `failed` (peer -> when), if given."""
 
         sizes = state_bytes(self.replica.module) if self.replica is not None else None
-        # The chunks from one donor share its link: each waits for the donor's whole share at the floor bandwidth.
-        share = sum((sizes or {}).get(n, 0) for n in names) // max(len(donors), 1)
-        wait = self.run.iteration.iteration_timeout + transfer_s(share, self.run.iteration.floor_bandwidth_mbps)
+        wait = state_wait(self.run.iteration, sizes, names, len(donors))
 
         async def get(donor: str, msg: Message) -> Message:
             msg.meta.update(meta)

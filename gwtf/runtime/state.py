@@ -8,7 +8,8 @@ import asyncio
 import torch
 
 from gwtf.errors import BadMessage
-from gwtf.sizing import chunk_by_bytes
+from gwtf.runtime.config import IterationConfig
+from gwtf.sizing import chunk_by_bytes, transfer_s
 from gwtf.stage import STATE_CHUNK_BYTES, STATE_CHUNK_PARAMS
 from gwtf.transport import Message
 
@@ -18,6 +19,14 @@ def state_chunks(names: list[str], sizes: dict[str, int] | None = None) -> list[
     name's state bytes; a parameter larger than that alone) and STATE_CHUNK_PARAMS parameters."""
     by_bytes = [sizes.get(n, 0) if sizes else 0 for n in names]
     return [[names[i] for i in r] for r in chunk_by_bytes(by_bytes, STATE_CHUNK_BYTES, STATE_CHUNK_PARAMS)]
+
+
+def state_wait(iteration: IterationConfig, sizes: dict[str, int] | None, names: list[str], donors: int) -> float:
+    """How long one call of a state download may take: the chunks from one donor share its link, so each waits for
+    the donor's whole share of `names` (by `sizes`, each name's state bytes) at the run's floor bandwidth, after an
+    iteration's timeout. A SmolLM2 stage of 10 layers is 420 MB: 67 s from one donor at 50 Mbit/s."""
+    share = sum((sizes or {}).get(n, 0) for n in names) // max(donors, 1)
+    return iteration.iteration_timeout + transfer_s(share, iteration.floor_bandwidth_mbps)
 
 
 async def fetch_state(

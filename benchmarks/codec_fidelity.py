@@ -30,7 +30,7 @@ def _quantizer(spec: str, category: str):
     from gwtf.transport import codecs
 
     codec, _, rounding = spec.partition(":")
-    stochastic = category in codecs.STOCHASTIC and category not in codecs.NEAREST.get(codec, ())
+    stochastic = codecs.rounds_stochastically(codec, category)
     if rounding and category == "gradients":
         stochastic = rounding == "stochastic"
     gen = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 
 from gwtf.errors import BadMessage
 from gwtf.runtime.config import IterationConfig
-from gwtf.sizing import chunk_by_bytes, transfer_s
+from gwtf.sizing import chunk_by_bytes, transfer_timeout
 from gwtf.stage import STATE_CHUNK_BYTES, STATE_CHUNK_PARAMS
 from gwtf.transport import Message
 
@@ -26,7 +26,7 @@ def state_wait(iteration: IterationConfig, sizes: dict[str, int] | None, names: 
     the donor's whole share of `names` (by `sizes`, each name's state bytes) at the run's floor bandwidth, after an
     iteration's timeout. A SmolLM2 stage of 10 layers is 420 MB: 67 s from one donor at 50 Mbit/s."""
     share = sum((sizes or {}).get(n, 0) for n in names) // max(donors, 1)
-    return iteration.iteration_timeout + transfer_s(share, iteration.floor_bandwidth_mbps)
+    return transfer_timeout(iteration.iteration_timeout, share, iteration.floor_bandwidth_mbps)
 
 
 async def fetch_state(

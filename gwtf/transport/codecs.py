@@ -67,6 +67,11 @@ NEAREST = {"blockwise64": ("gradients",)}  # ... except these codecs' (measured:
 ERROR_FEEDBACK = ("averaging",)  # categories whose requests carry error feedback
 
 
+def rounds_stochastically(codec: str, category: str) -> bool:
+    """Whether `codec` rounds a `category` tensor stochastically on the wire (STOCHASTIC, less NEAREST)."""
+    return category in STOCHASTIC and category not in NEAREST.get(codec, ())
+
+
 class ErrorFeedback:
     """Per (kind, tensor position, shape): what quantization dropped from the last tensor this node sent there,
     added to the next one (error feedback, Seide et al. 2014 / Karimireddy et al. 2019's EF-SGD)."""
@@ -204,8 +209,7 @@ class WireCodecs:
                 continue
             key = (msg.kind, i, tuple(t.shape))
             meant = self.feedback.corrected(key, t.detach()) if feedback else t
-            stochastic = category in STOCHASTIC and category not in NEAREST.get(codec, ())
-            parts = encode(meant, codec, stochastic, self._gen)
+            parts = encode(meant, codec, rounds_stochastically(codec, category), self._gen)
             if feedback:
                 self.feedback.remember(key, meant, decode(parts, codec, t.dtype, list(t.shape)))
             wire += parts

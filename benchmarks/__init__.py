@@ -9,7 +9,7 @@ Files:
     plan_bounds.py   what routing alone can gain on a harness scenario (or flow.py's random swarm): every router's
                      plan vs the best plans of GWTF's objective, of a congestion-aware one, of a search, lower bounds
     throughput.py    swarm tokens/s vs train-local and DeepSpeed's pipeline engine; the swarm's CPU per step by
-                     process kind, DHT reads and writes per step and PSS per node (node, DHT process, p2pd)
+                     process kind, DHT reads and writes per step and PSS per node (node, p2pd, watchdog)
     ds_pipeline.py   DeepSpeed's pipeline engine on CPU on gwtf's staged modules (the static-pipeline baseline)
     transport.py     activation transport MB/s vs a raw TCP socket: direct path encrypted and not, libp2p streams;
                      ratios with 95 % intervals over repeats, CPU ms per MB of both ends

@@ -18,10 +18,12 @@ other so that they never share the CPU with each other:
 `--device` and `--precision` apply to every swarm node and to the single process. DeepSpeed's pipeline here runs on
 CPU processes over gloo in fp32, so it is compared only at `--device cpu --precision fp32` (else left out).
 
-Besides tokens/s, for the swarm: CPU seconds per step by process kind (the nodes, hivemind's forked DHT processes,
-the p2pd daemons), each node's DHT reads and writes per step by record kind (gwtf.membership.DhtOps, counted in each
-node process), and the PSS of one node of each kind by process, with each process's private pages, read from
-/proc/PID/smaps_rollup after the warm-up.
+Besides tokens/s, for the swarm: CPU seconds per step by process kind (the nodes with their DHT threads, the p2pd
+daemons and their watchdogs), each node's DHT reads and writes per step by record kind (gwtf.membership.DhtOps,
+counted in each node process), and the PSS of one node of each kind by process, with each process's private pages,
+read from /proc/PID/smaps_rollup after the warm-up. The same swarm runs again with every node's DHT in hivemind.DHT's
+forked process (what gwtf.dht replaced; `--dht-process 0` leaves it out), and the ratios of each repeat's pair are
+given with 95 % intervals.
 
 Every process is pinned to one intra-op thread (OMP_NUM_THREADS=1). On a machine with fewer cores than pipeline
 processes the comparison is CPU-bound: it compares software overheads like for like, not what a pipeline gains
@@ -44,9 +46,9 @@ from typing import Any
 
 from gwtf.benchmarks.ds_pipeline import DSSettings, run_deepspeed
 from gwtf.launch.processes import CLI, ProcessGroup, profiled, read_jsonl
-from gwtf.membership import DHT_OPS_ENV
+from gwtf.membership import DHT_OPS_ENV, DHT_PROCESS_ENV
 
-TARGET_RATIO = 0.9
+TARGET_RATIO = 1.0  # issue 17: at least DeepSpeed's tokens/s
 
 
 @dataclass
@@ -62,6 +64,7 @@ class BenchSettings:
     repeats: int = 1  # runs of each system, interleaved; the medians are reported
     device: str = "cpu"  # every swarm node's --device and the single process's: auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # train.precision of the swarm and the single process: fp32 | bf16
+    dht_process: int = 1  # 1: also the swarm with hivemind.DHT's forked process per node (the DHT gwtf.dht replaced)
 
     def __post_init__(self) -> None:
         from gwtf.device import check_device, check_precision
@@ -87,8 +90,10 @@ class BenchSettings:
 # --- gwtf swarm ------------------------------------------------------------------------------------------------
 
 
-def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeout: float = 600.0) -> dict[str, Any]:
-    """A swarm of 1 bootstrap + S relays + 1 data node; steady-state tokens/s from the data node's metrics."""
+def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeout: float = 600.0,
+             dht_process: bool = False) -> dict[str, Any]:  # fmt: skip
+    """A swarm of 1 bootstrap + S relays + 1 data node; steady-state tokens/s from the data node's metrics.
+    `dht_process`: every node runs its DHT in hivemind.DHT's forked process (membership.DHT_PROCESS_ENV)."""
     out.mkdir(parents=True, exist_ok=True)
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +111,7 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
 
     def start(name: str, argv: list[str]) -> None:  # optionally under cProfile, one profile per process
         procs.start(name, argv, entry=profiled(profile_dir / f"{name}.prof") if profile_dir else CLI,
-                    env={DHT_OPS_ENV: str(ops_dir)})  # fmt: skip
+                    env={DHT_OPS_ENV: str(ops_dir), DHT_PROCESS_ENV: "1" if dht_process else "0"})  # fmt: skip
 
     sets = sum((["--set", o] for o in s.overrides()), [])
     try:
@@ -134,19 +139,24 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
 
 
 def process_kind(owner: str) -> str:
-    """What a CPU or memory owner ("relay-s1", "relay-s1/p2pd", "relay-s1/python3") is: the node's own process,
-    hivemind's forked DHT process, the p2p daemon, or torch's shared-memory manager."""
+    """What a CPU or memory owner ("relay-s1", "relay-s1/p2pd", "relay-s1/sh") is: the node's own process (with its
+    DHT thread), the p2p daemon, its watchdog (gwtf.lifecycle), torch's shared-memory manager, or a forked python
+    process (hivemind.DHT's, before the DHT moved into the node: gwtf.dht)."""
     if "/" not in owner:
         return "node"
     child = owner.split("/", 1)[1]
-    return "p2pd" if "p2pd" in child else "torch_shm_manager" if "torch_shm" in child else "DHT process"
+    if "p2pd" in child:
+        return "p2pd"
+    if "torch_shm" in child:
+        return "torch_shm_manager"
+    return "watchdog" if child in ("sh", "dash", "bash") else "DHT process"
 
 
 def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
     """Each node's proportional set size in MB (shared pages split among the processes that map them: the honest
     per-process share, from /proc/PID/smaps_rollup) by process kind, and the node's total ("all"); and, as
     "private KIND", each kind's private pages (what that process alone costs: for hivemind's DHT process, a fork of
-    the node, the memory that a DHT in the node's own process would not need, less its own state)."""
+    the node, what a DHT in the node's own process (gwtf.dht) does not need, less its own state)."""
     out: dict[str, dict[str, float]] = {}
     for name, family in _families(procs):
         sizes: dict[str, float] = {}
@@ -164,7 +174,7 @@ def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
 
 def _families(procs: ProcessGroup):
     """(node name, [(owner, psutil.Process)]) for each node still running: its Python process ("NAME") and its
-    descendants (hivemind's DHT process, p2pd: "NAME/PROCESS-NAME")."""
+    descendants (p2pd and its watchdog: "NAME/PROCESS-NAME")."""
     import psutil
 
     for name, proc in procs.procs.items():
@@ -230,7 +240,7 @@ def _mean_by_node_kind(per_node: dict[str, dict[str, float]], digits: int) -> di
 
 def _cpu_seconds(procs: ProcessGroup) -> dict[int, tuple[str, float]]:
     """pid -> (owner, user + system CPU seconds so far) of each node's Python process and of its descendants
-    (hivemind's DHT process and p2pd daemons, owner "NAME/PROCESS-NAME")."""
+    (p2pd and its watchdog, owner "NAME/PROCESS-NAME")."""
     import psutil
 
     out: dict[int, tuple[str, float]] = {}
@@ -246,7 +256,7 @@ def _cpu_seconds(procs: ProcessGroup) -> dict[int, tuple[str, float]]:
 
 class _CpuTracker:
     """CPU seconds per process of the swarm, read every `every` seconds and remembered after a process exits: the
-    data node's DHT process and p2pd exit with it right after its last step, before the final reading, and their
+    data node's p2pd exits with it right after its last step, before the final reading, and their
     CPU would otherwise go uncounted."""
 
     def __init__(self, procs: ProcessGroup, every: float = 0.5) -> None:
@@ -342,11 +352,15 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
     os.environ["OMP_NUM_THREADS"] = "1"
     ds_settings = DSSettings(preset=s.preset, stages=s.stages, steps=s.steps, warmup=s.warmup,
                              microbatch_size=s.microbatch_size, microbatches=s.microbatches, seed=s.seed)  # fmt: skip
-    runs: dict[str, list[dict[str, Any]]] = {"gwtf": [], "deepspeed": [], "single_process": []}
+    runs: dict[str, list[dict[str, Any]]] = {"gwtf": [], "gwtf_dht_process": [], "deepspeed": [], "single_process": []}
     if not s.with_deepspeed():
         del runs["deepspeed"]
+    if not s.dht_process:
+        del runs["gwtf_dht_process"]
     for _ in range(s.repeats):
         runs["gwtf"].append(run_gwtf(s, work / "swarm", profile_dir))
+        if "gwtf_dht_process" in runs:
+            runs["gwtf_dht_process"].append(run_gwtf(s, work / "swarm-dht-process", dht_process=True))
         if "deepspeed" in runs:
             runs["deepspeed"].append(_deepspeed_once_more_on_crash(ds_settings, work / "ds_pipeline.json"))
         runs["single_process"].append(run_single(s))
@@ -357,15 +371,22 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
         "single_process_tokens_per_s": tps["single_process"],
         "ratio_vs_deepspeed": tps["gwtf"] / tps["deepspeed"] if "deepspeed" in tps else None,
         "ratio_vs_single_process": tps["gwtf"] / tps["single_process"],
+        "paired_ratios": _paired_ratios(runs),
         "target_ratio": TARGET_RATIO,
         "tokens_per_s_each_repeat": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
         "cpu_seconds_per_step": {k: statistics.median(_cpu_per_step(r) for r in v) for k, v in runs.items()},
         "gwtf_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in runs["gwtf"]]),
         "gwtf_dht_ops_per_step_by_node": _median_dicts([dht_ops_by_kind(r["dht_ops_per_step"]) for r in runs["gwtf"]]),
         "gwtf_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in runs["gwtf"]]),
+        **_dht_process_figures(runs, tps),
         "settings": asdict(s),
         "cpu_cores": os.cpu_count(),
-        "processes": {"gwtf": s.stages + 2, "deepspeed": s.stages, "single_process": 1},
+        "processes": {
+            "gwtf": s.stages + 2,
+            "gwtf_dht_process": s.stages + 2,
+            "deepspeed": s.stages,
+            "single_process": 1,
+        },  # fmt: skip
         "device": s.device,
         "precision": s.precision,
         "placement": {
@@ -374,6 +395,32 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
         },
         "note": "CPU-bound: more pipeline processes than cores; a like-for-like comparison of software overhead",
         "details": runs,
+    }
+
+
+def _paired_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """gwtf's tokens/s over each other system's, repeat by repeat (each pair ran back to back): mean and 95 %
+    interval (gwtf.benchmarks.stats.mean_ci)."""
+    from gwtf.benchmarks.stats import mean_ci
+
+    return {
+        f"gwtf/{other}": mean_ci([g["tokens_per_s"] / o["tokens_per_s"] for g, o in zip(runs["gwtf"], runs[other])])
+        for other in runs
+        if other != "gwtf"
+    }
+
+
+def _dht_process_figures(runs: dict[str, list[dict[str, Any]]], tps: dict[str, float]) -> dict[str, Any]:
+    """The swarm whose nodes fork hivemind.DHT's process, as measured in the same run: tokens/s, the ratio of the
+    in-process DHT's (gwtf.dht) to it, CPU by process kind and PSS per node."""
+    if not runs.get("gwtf_dht_process"):
+        return {}
+    other = runs["gwtf_dht_process"]
+    return {
+        "gwtf_dht_process_tokens_per_s": tps["gwtf_dht_process"],
+        "ratio_dht_thread_vs_process": tps["gwtf"] / tps["gwtf_dht_process"],
+        "gwtf_dht_process_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in other]),
+        "gwtf_dht_process_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in other]),
     }
 
 
@@ -422,19 +469,26 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"\n{s['preset']} model, {s['stages']} stages, {s['microbatches']} x {s['microbatch_size']}-row "
           f"microbatches per step, {s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up; "
           f"{r['cpu_cores']} CPU cores; {s['device']}, {s['precision']}")  # fmt: skip
-    print(f"{'system':<28}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}{'CPU s/step':>12}")
-    for name, key in (("gwtf swarm (hivemind)", "gwtf"), ("deepspeed pipeline (1F1B)", "deepspeed"),
-                      ("single process", "single_process")):  # fmt: skip
+    print(f"{'system':<34}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}{'CPU s/step':>12}")
+    for name, key in (("gwtf swarm (hivemind)", "gwtf"), ("  the same, DHT in forked processes", "gwtf_dht_process"),
+                      ("deepspeed pipeline (1F1B)", "deepspeed"), ("single process", "single_process")):  # fmt: skip
+        if key == "gwtf_dht_process" and key not in r["cpu_seconds_per_step"]:
+            continue
         tps = r[f"{key}_tokens_per_s"]
         if tps is None:
-            print(f"{name:<28}  not run: its baseline here is CPU processes over gloo, fp32")
+            print(f"{name:<34}  not run: its baseline here is CPU processes over gloo, fp32")
             continue
         cpu = r["cpu_seconds_per_step"][key]
-        print(f"{name:<28}{r['processes'][key]:>10}{tps:>12.0f}{tps / r['gwtf_tokens_per_s']:>10.2f}{cpu:>12.3f}")
+        print(f"{name:<34}{r['processes'][key]:>10}{tps:>12.0f}{tps / r['gwtf_tokens_per_s']:>10.2f}{cpu:>12.3f}")
     if r["ratio_vs_deepspeed"] is not None:
         verdict = "meets" if r["ratio_vs_deepspeed"] >= TARGET_RATIO else "misses"
         print(f"ratio gwtf / deepspeed = {r['ratio_vs_deepspeed']:.3f} ({verdict} the {TARGET_RATIO} target)")
     print(f"ratio gwtf / single process = {r['ratio_vs_single_process']:.3f}")
+    if r["settings"]["repeats"] > 1:
+        from gwtf.benchmarks.stats import fmt
+
+        print("paired ratios over the repeats, mean [95 % interval]: "
+              + "; ".join(f"{k} {fmt(ci, 3)}" for k, ci in r["paired_ratios"].items()))  # fmt: skip
     by_process = r["gwtf_cpu_seconds_per_step_by_process"]
     total = sum(by_process.values()) or 1.0
     print("gwtf CPU s/step by process kind: "
@@ -442,9 +496,16 @@ def print_table(r: dict[str, Any]) -> None:
     for kind, ops in r["gwtf_dht_ops_per_step_by_node"].items():
         print(f"DHT operations per step, one {kind} node: {ops['all']:g} ("
               + ", ".join(f"{op} {n:g}" for op, n in ops.items() if op != "all") + ")")  # fmt: skip
-    for kind, sizes in r["gwtf_pss_mb_per_node"].items():
-        print(f"PSS of one {kind} node: {sizes['all']:.0f} MB ("
-              + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items() if k != "all") + ")")  # fmt: skip
+    for label, key in (("", "gwtf"), (" (DHT in a forked process)", "gwtf_dht_process")):
+        for kind, sizes in r.get(f"{key}_pss_mb_per_node", {}).items():
+            print(f"PSS of one {kind} node{label}: {sizes['all']:.0f} MB ("
+                  + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items() if k != "all") + ")")  # fmt: skip
+    if "ratio_dht_thread_vs_process" in r:
+        other = r["gwtf_dht_process_cpu_seconds_per_step_by_process"]
+        cpu = r["cpu_seconds_per_step"]
+        print(f"ratio DHT on a thread / DHT in a forked process: tokens/s {r['ratio_dht_thread_vs_process']:.3f}; "
+              f"CPU s/step {cpu['gwtf']:.3f} vs {cpu['gwtf_dht_process']:.3f} (forked: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in sorted(other.items())) + ")")  # fmt: skip
     print(r["note"])
 
 

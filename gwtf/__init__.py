@@ -31,7 +31,8 @@ Files:
     placement.py   choose_stage: where a volunteer adds the most throughput
     faults.py      the fault injector shared by tests and benchmarks
     resume.py      a run's whole state on disk (`gwtf export` writes it), to go on from with `bootstrap --resume`
-    lifecycle.py   a node's helper processes (hivemind's DHT process, p2pd) end with it, SIGKILL included
+    dht.py         ThreadDHT: hivemind's DHTNode on a thread of the node's process (no forked DHT process)
+    lifecycle.py   a node's helper processes (p2pd, anything forked) end with it, SIGKILL included
     metrics.py     JSON-lines metrics
     telemetry.py   what a data node publishes for watchers (history, flows, plan, events, bytes per message kind);
                    routing_gap: a plan's throughput and worst path against the optimum

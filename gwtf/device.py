@@ -10,8 +10,8 @@ Precision: bf16 autocast around the forward (weights, gradients, the optimizer a
 master weights are exact and replicas agree whatever their device), and activations and their gradients travel in
 the run's dtype (half the bytes of fp32). No fp16: its loss scaling would need coordination across stages.
 
-`resolve_device` makes no CUDA call for `cpu`, and only reads torch.cuda for `auto` or `cuda`: a node creates its
-DHT (which forks hivemind's DHT process) before any CUDA call, as a forked CUDA context is unusable.
+`resolve_device` makes no CUDA call for `cpu`, and only reads torch.cuda for `auto` or `cuda`. (A node's DHT runs
+on a thread of its process, gwtf.dht, so nothing forks a process that holds a CUDA context.)
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """A node's helper processes end with it, whatever ends it, SIGKILL included.
 
-hivemind forks a process for its DHT (multiprocessing, fork), and that process starts the p2pd daemon. A node that
-exits cleanly shuts both down; a SIGKILL runs no cleanup, so they lived on as orphans, holding ports and CPU.
-Linux's PR_SET_PDEATHSIG cannot be set for p2pd from here (asyncio starts it without a preexec hook), so each forked
-child runs a small watchdog thread instead: once its parent process is gone (its parent pid changes), it SIGKILLs the
-processes it started itself (p2pd) and exits. The same watch, on the launcher named by `GWTF_PARENT_PID` (set by
-gwtf.launch.processes), ends a node whose launcher (`gwtf demo`, the harness) was killed without stopping it.
+A node's DHT runs on a thread of its own process (gwtf.dht.ThreadDHT), and that thread starts the p2pd daemon. A node
+that exits cleanly shuts p2pd down; a SIGKILL runs no cleanup, and p2pd would live on as an orphan, holding ports and
+CPU. Linux's PR_SET_PDEATHSIG cannot be set for p2pd from here (asyncio starts it without a preexec hook), so
+`end_with_this_process` starts a watchdog (`sh`, about 1 MB) that waits on a pipe only this process writes to: the
+kernel closes it when this process ends, however it ends, and the watchdog then SIGKILLs p2pd. Any process forked
+from a node (hivemind.DHT's, where a caller still makes one) runs a watchdog thread instead: once its parent is gone,
+it SIGKILLs the processes it started itself and exits. The same watch, on the launcher named by `GWTF_PARENT_PID`
+(set by gwtf.launch.processes), ends a node whose launcher (`gwtf demo`, the harness) was killed without stopping it.
 
 `install()` is called by the node commands (`gwtf bootstrap`, `join`, `status`) before they start a DHT.
 """
@@ -16,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -67,8 +70,7 @@ def _watch_from_forked_child() -> None:
 
 def _end_with_children() -> None:
     for pid in children(os.getpid()):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        kill_quietly(pid)
     os._exit(1)
 
 
@@ -84,3 +86,38 @@ def children(pid: int) -> list[int]:
         if len(fields) > 1 and fields[1] == str(pid):
             found.append(int(stat.parent.name))
     return found
+
+
+# The watchdog: it reads one line from the pipe. "stop" (a clean stop, written by `release`) ends it quietly; the end
+# of the pipe without it (this process is gone) makes it SIGKILL the daemon whose pid is its $0.
+_WATCHDOG = 'read -r said; [ "$said" = stop ] || kill -KILL "$0" 2>/dev/null'
+
+
+def end_with_this_process(pid: int) -> Callable[[], None]:
+    """SIGKILL process `pid` (a daemon this process started: p2pd) once this process is gone, SIGKILL included (see
+    the module docstring). Returns `release`, for a clean stop: the watchdog exits without killing and is reaped."""
+    read_end, write_end = os.pipe()  # both non-inheritable: only this process holds the write end
+    try:
+        watchdog = subprocess.Popen(["sh", "-c", _WATCHDOG, str(pid)], stdin=read_end, start_new_session=True)
+    finally:
+        os.close(read_end)
+    released = threading.Lock()
+
+    def release() -> None:
+        if not released.acquire(blocking=False):
+            return
+        with contextlib.suppress(OSError):
+            os.write(write_end, b"stop\n")
+        os.close(write_end)
+        try:
+            watchdog.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # it cannot be stuck on anything but the pipe; end it
+            watchdog.kill()
+            watchdog.wait()
+
+    return release
+
+
+def kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ RUN_TTL_S = 7 * 24 * 3600.0  # the run record outlives any node; bootstrap may p
 DHT_TIMEOUT_S = 10.0  # bound on one DHT store or lookup
 STORE_ATTEMPTS = 2  # a store that no peer kept is tried once more before it is reported
 DHT_OPS_ENV = "GWTF_DHT_OPS"  # a folder: each process keeps its count of DHT reads and writes there (benchmarks)
+DHT_PROCESS_ENV = "GWTF_DHT_PROCESS"  # "1": hivemind.DHT's forked process, not gwtf.dht (a benchmark's baseline)
 SHARING_ENV = "HIVEMIND_MEMORY_SHARING_STRATEGY"  # hivemind's name: torch's tensor sharing between its processes
 LOOPBACK_KW: dict[str, Any] = {
     "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
@@ -114,7 +116,7 @@ class DhtOps:
     def __init__(self, every: float = 0.25) -> None:
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._every, self._written = every, 0.0
+        self._every, self._written = every, float("-inf")  # the first count is written at once
         self._folder = os.environ.get(DHT_OPS_ENV)
         if self._folder:
             atexit.register(self.write)
@@ -372,20 +374,22 @@ def run_dht_keys(run_id: str) -> list[str]:
 
 
 def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: RunAccess | None = None, **kw: Any) -> Any:
-    """A started hivemind.DHT whose libp2p identity is its record-signing RSA key (for `DHTMembership`).
+    """A started DHT peer (gwtf.dht.ThreadDHT: hivemind's DHTNode on a thread of this process) whose libp2p identity
+    is its record-signing RSA key (for `DHTMembership`).
 
     `loopback` keeps it on 127.0.0.1 without NAT traversal or relays (tests, demo, benchmarks); a person joining a
     real network passes loopback=False and their own host_maddrs. `access`: the run and its key, if keyed (its
-    records then carry the key's MAC). Other keyword arguments go to hivemind.DHT.
+    records then carry the key's MAC). Other keyword arguments go to hivemind's DHTNode and P2P.
     """
-    import hivemind
     import torch.multiprocessing
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.utils.crypto import RSAPrivateKey
 
-    # Importing hivemind switched torch to "file_system" sharing for the shared state of its futures, which starts a
-    # torch_shm_manager daemon beside every node (58 MB PSS measured here); those few bytes go over pipes to the DHT
-    # process just as well as file descriptors (torch's own default, no daemon). Set before the DHT's first future.
+    from gwtf.dht import ThreadDHT
+
+    # Importing hivemind switched torch to "file_system" sharing (for its MPFutures between processes), which starts
+    # a torch_shm_manager daemon (58 MB PSS measured here) beside any process that shares a tensor; torch's own
+    # default, file descriptors, needs no daemon. The DHT needs neither now, but a node should not carry the daemon.
     torch.multiprocessing.set_sharing_strategy(os.environ.get(SHARING_ENV, "file_descriptor"))
 
     private_key = RSAPrivateKey()  # not the process-wide key: several nodes may share a process
@@ -396,10 +400,15 @@ def make_dht(initial_peers: list[str] | None, loopback: bool = True, access: Run
     options = {**(LOOPBACK_KW if loopback else {}), **kw}
     with tempfile.TemporaryDirectory(prefix="gwtf-id-") as tmp:  # the daemon reads it at start, then it can go
         identity = _write_identity(private_key, os.path.join(tmp, "identity.key"))
+        if os.environ.get(DHT_PROCESS_ENV) == "1":  # hivemind's own: the DHTNode in a forked process
+            import hivemind
+
+            make: Any = functools.partial(hivemind.DHT, start=True)
+        else:
+            make = ThreadDHT
         try:
-            dht = hivemind.DHT(
+            dht = make(
                 initial_peers=initial_peers or None,
-                start=True,
                 record_validators=validators,
                 identity_path=identity,
                 check_if_identity_free=False,  # a fresh key: nobody else has it

@@ -136,10 +136,6 @@ def test_outsider_gets_no_activations_weights_or_averaging_slot() -> None:
     run(main())
 
 
-# hivemind's MPFuture shares memory through torch_shm_manager, which torch starts once per process; reaping it with
-# this test's processes breaks every later in-process DHT of the session (RuntimeError: Broken pipe). The DHTs are
-# shut down below; the session sweep reaps the manager.
-@pytest.mark.shared_procs
 def test_dht_records_need_the_key_and_are_bound_to_peer_ids() -> None:
     access = keyed()
     owner = make_dht(None, access=access)

@@ -15,7 +15,8 @@ def test_process_kinds() -> None:
     assert process_kind("relay-s1") == "node"
     assert process_kind("relay-s1/p2pd") == "p2pd"
     assert process_kind("data-0/torch_shm_manager") == "torch_shm_manager"
-    assert process_kind("relay-s2/python3.11") == "DHT process"  # hivemind's DHT: a fork of the node
+    assert process_kind("relay-s1/sh") == "watchdog"  # gwtf.lifecycle's, for p2pd
+    assert process_kind("relay-s2/python3.11") == "DHT process"  # hivemind.DHT's: a fork of the node
 
 
 def test_dht_ops_by_node_kind_are_means_per_node() -> None:

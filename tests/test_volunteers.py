@@ -27,9 +27,6 @@ QUICK = ["--set", "membership.heartbeat_s=0.5", "--set", "membership.record_ttl_
 # ---- strangers -------------------------------------------------------------------------------------------------
 
 
-# hivemind's MPFuture shares memory through torch_shm_manager (see tests/test_auth.py): shared_procs keeps the
-# per-test reaper off it; the DHTs are shut down below.
-@pytest.mark.shared_procs
 def test_check_invitation_refuses_strangers_before_they_join_the_dht() -> None:
     access = RunAccess(RUN, secrets.token_bytes(32))
     keyed_owner = make_dht(None, access=access)
@@ -563,6 +560,37 @@ def test_a_forked_helper_and_what_it_started_end_when_the_node_is_sigkilled() ->
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     helpers = [psutil.Process(int(pid)) for pid in done.stdout.split()]
     assert not _wait_gone(helpers, timeout=10), f"orphans: {_alive(helpers)}"
+
+
+DHT_CHILD = """
+import os, signal
+from gwtf import lifecycle
+from gwtf.membership import make_dht
+lifecycle.install()
+dht = make_dht(None)
+print(dht._node.p2p._child.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_nodes_p2p_daemon_ends_when_the_node_is_sigkilled_and_a_clean_stop_leaves_no_child() -> None:
+    """The DHT runs on a thread of the node (gwtf.dht): its p2pd is the node's child, and the watchdog from
+    gwtf.lifecycle.end_with_this_process SIGKILLs it once the node is gone. A clean shutdown ends p2pd and reaps
+    the watchdog."""
+    done = subprocess.run([sys.executable, "-c", DHT_CHILD], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    p2pd = psutil.Process(int(done.stdout.split()[0]))  # still there: its parent was SIGKILLed a moment ago
+    assert not _wait_gone([p2pd], timeout=10), f"orphan: {_alive([p2pd])}"
+
+    before = set(psutil.Process().children(recursive=True))
+    dht = make_dht(None)
+    started = set(psutil.Process().children(recursive=True)) - before
+    assert sorted(p.name() for p in started) == ["p2pd", "sh"]  # the daemon and its watchdog
+    dht.shutdown()
+    dht.shutdown()  # idempotent
+    assert not _alive(list(started)), _alive(list(started))
+    with pytest.raises(RuntimeError, match="shut down"):
+        dht.get("gwtf/anything")
 
 
 def test_the_demos_last_line_says_what_was_asked_and_what_happened() -> None:

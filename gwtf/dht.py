@@ -16,8 +16,10 @@ gwtf.lifecycle installs in forked children).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
@@ -34,6 +36,12 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:  # pragma: no cover - uvloop comes with hivemind
         return asyncio.new_event_loop()
+
+
+def _shutdown_at_exit(ref: weakref.ref[ThreadDHT]) -> None:
+    dht = ref()
+    if dht is not None:
+        dht.shutdown()
 
 
 class ThreadDHT:
@@ -61,6 +69,7 @@ class ThreadDHT:
             self._stop_loop()
             raise
         self.peer_id = self._node.peer_id
+        atexit.register(_shutdown_at_exit, weakref.ref(self))  # a process that exits on an error still stops it
         child = getattr(self._node.p2p, "_child", None)  # p2pd, started by P2P.create
         self._release_p2pd: Callable[[], None] = (
             lifecycle.end_with_this_process(child.pid) if child is not None else (lambda: None)
@@ -100,13 +109,22 @@ class ThreadDHT:
             return
         self._release_p2pd()  # a clean stop: the watchdog leaves p2pd to the shutdown below
         try:
-            self._submit(self._node.shutdown()).result(timeout=SHUTDOWN_TIMEOUT_S)
+            self._submit(self._stop_node()).result(timeout=SHUTDOWN_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - a daemon that will not stop is killed below
             child = getattr(self._node.p2p, "_child", None)
             if child is not None and child.returncode is None:
                 lifecycle.kill_quietly(child.pid)
         finally:
             self._stop_loop()
+
+    async def _stop_node(self) -> None:
+        """The node and its daemon, then whatever it left running on the loop (its pending RPCs), cancelled and
+        awaited: a loop closed with tasks pending logs "Task was destroyed but it is pending" at exit."""
+        await self._node.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _stop_loop(self) -> None:
         self._closed = True

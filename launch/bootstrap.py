@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     from gwtf.auth import bootstrap_access
     from gwtf.membership import DHTMembership
 
-    lifecycle.install()  # its DHT process and p2pd end with it, whatever ends it
+    lifecycle.install()  # its p2pd ends with it, whatever ends it
     record = build_record(args)
     access = bootstrap_access(args.run, args.key, args.open)
     record.key_id = access.key_id

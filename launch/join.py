@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "join") -> Non
 def run(args: argparse.Namespace) -> int:
     from gwtf import lifecycle
 
-    lifecycle.install()  # its DHT process and p2pd end with it, whatever ends it
+    lifecycle.install()  # its p2pd ends with it, whatever ends it
     signal.signal(signal.SIGTERM, _interrupt)  # a clean stop (a serving relay handles SIGTERM itself)
     return asyncio.run(_main(args))
 

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from gwtf import lifecycle
 
-    lifecycle.install()  # its DHT client's process and p2pd end with it
+    lifecycle.install()  # its DHT client's p2pd ends with it
     interval = check_watch(getattr(args, "watch", None))
     access = join_access(args.run, getattr(args, "key", None))
     dht = make_dht(args.initial_peers, loopback=not args.public, access=access, client_mode=True)

@@ -593,6 +593,33 @@ def test_a_nodes_p2p_daemon_ends_when_the_node_is_sigkilled_and_a_clean_stop_lea
         dht.get("gwtf/anything")
 
 
+REFUSED = """
+import secrets, sys
+from gwtf.auth import RunAccess
+from gwtf.errors import UserError
+from gwtf.membership import DHTMembership, RunRecord, check_invitation, dht_addresses, make_dht
+access = RunAccess("vol", secrets.token_bytes(32))
+owner = make_dht(None, access=access)
+DHTMembership(owner, "vol").publish_run(RunRecord("vol", {}, "h", {}, key_id=access.key_id))
+try:
+    check_invitation(dht_addresses(owner), RunAccess("vol", secrets.token_bytes(32)), timeout=5)
+except UserError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+if sys.argv[1] == "shutdown":
+    owner.shutdown()
+"""
+
+
+@pytest.mark.parametrize("end", ["shutdown", "exit without shutdown"])
+def test_a_refused_joiner_says_one_line_whether_or_not_its_dht_was_shut_down(end: str) -> None:
+    """A DHT on a thread leaves no pending task behind to be logged at exit ("Task was destroyed but it is
+    pending!": a refused joiner printed three such lines after its one-line error), shut down or not (atexit)."""
+    done = subprocess.run([sys.executable, "-c", REFUSED, end.split()[0]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr.strip().splitlines() == [
+        "error: this key is not the key of run 'vol'; ask its owner for the right key file"
+    ], done.stderr[-2000:]
+
+
 def test_the_demos_last_line_says_what_was_asked_and_what_happened() -> None:
     import argparse
 

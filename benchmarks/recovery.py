@@ -33,6 +33,11 @@ Modelled time is the deployment's: executed iterations x iter_time, plus
     after its snapshot). A loss costs `--restart-s` (fixed: processes restart and rejoin) + every stage loading its
     own shard in parallel (the largest shard's download) + every step since the checkpoint, re-done. K defaults
     to Young's optimum sqrt(2 x stall x MTBF), at least the upload's steps (`--checkpoint-every N` to fix it).
+Strategies that train exactly as the failure-free run until their first failure (checkfree, copy, random: the
+default stage order, no extra forward, nothing done after a step) share that part: the first to reach the
+schedule's first failure keeps a copy of its whole training state (weights, Adam moments, clock, curve), and the
+others start from it (`--no-shared-prefix` trains each from step 0; the results are the same, bit for bit, on CPU).
+
 The target loss is the `none` run's validation loss at 80 % of the steps (`--target-loss` to fix it). The
 ratios `vs_checkpoint` and `vs_redundant` are THAT strategy's modelled time to target divided by this one's
 (above 1: this one is faster). `--seeds N` repeats everything with seeds seed..seed+N-1 (model, data order,
@@ -42,6 +47,7 @@ failures) and reports each figure's mean and 95 % t-interval.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -105,6 +111,7 @@ class BenchConfig:
     checkfree_lr_scale: float = 1.2
     checkfree_lr_decay: int = 50
     strategies: list[str] = field(default_factory=lambda: [*STRATEGIES, NO_FAILURES])
+    shared_prefix: bool = True  # strategies that train as `none` until the first failure start from one copy
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.strategies if s not in STRATEGIES and s != NO_FAILURES]
@@ -203,6 +210,16 @@ class Clock:
 # training
 
 
+def trains_plainly(strategy: RecoveryStrategy | None) -> bool:
+    """Whether `strategy` trains exactly as the failure-free run until its first failure: the default stage order,
+    no extra forward, nothing done after a step (checkfree, copy, random; not checkfree+, checkpoint, redundant)."""
+    if strategy is None:
+        return True
+    cls = type(strategy)
+    return (cls.stage_order is RecoveryStrategy.stage_order and cls.after_step is RecoveryStrategy.after_step
+            and strategy.extra_forward_fraction == 0)  # fmt: skip
+
+
 def _lr_scales(boosts: dict[int, tuple[RebuiltStage, int]], step: int) -> dict[int, float]:
     return {k: rebuilt.lr_scale_at(step - at) for k, (rebuilt, at) in boosts.items()}
 
@@ -263,6 +280,9 @@ class Run:
     wall_s: float = 0.0
 
 
+RUN_PROGRESS = ("grad_norms", "step", "clock", "curve", "history", "wall_s")  # what a shared prefix carries
+
+
 class Bench:
     def __init__(self, bench: BenchConfig) -> None:
         self.b = bench
@@ -280,6 +300,9 @@ class Bench:
         self.costs = CostModel.build(bench, self.cfg, self.iter_time_s)
         self.checkpoint_every = bench.checkpoint_every or self.costs.young_interval(bench.failure_rate, bench.stages)
         self.tokens_per_step = bench.microbatch_size * bench.microbatches * self.cfg.seq_len
+        events = self.failures.events(5 * bench.steps)
+        self.first_failure = events[0][0] if events else None
+        self._prefix: dict[str, Any] | None = None  # the training state at the first failure (shared_prefix)
 
     def measure_iteration(self, warmup: int = 2, timed: int = 5) -> float:
         """This model's seconds per training iteration in this process (`--iter-time 0`): CPU time of its one
@@ -324,13 +347,38 @@ class Bench:
         run = Run(name, strategy, modules, opts, self.optim_cfg, Clock())
         if strategy is not None:
             strategy.after_step(0, modules, opts)
+        shares = self.b.shared_prefix and self.first_failure is not None and trains_plainly(strategy)
+        if shares and self._prefix is not None:
+            self._restore(run, self._prefix)
         max_iterations = 5 * self.b.steps  # a checkpoint run that rolls back more than it advances gives up
         while run.step < self.b.steps and run.clock.executed < max_iterations:
+            if shares and self._prefix is None and run.clock.executed == self.first_failure:
+                self._prefix = self._snapshot(run)
             lost = self.failures.lost_at(run.clock.executed) if strategy is not None else []
             if lost:
                 self.recover(run, lost)
             self.iterate(run)
         return run
+
+    @staticmethod
+    def _snapshot(run: Run) -> dict[str, Any]:
+        return {
+            "modules": {k: copy.deepcopy(m.state_dict()) for k, m in run.modules.items()},
+            "opts": {k: copy.deepcopy(o.state_dict()) for k, o in run.opts.items()},
+            "rng": torch.get_rng_state(),
+            **copy.deepcopy({f: getattr(run, f) for f in RUN_PROGRESS}),
+        }
+
+    @staticmethod
+    def _restore(run: Run, prefix: dict[str, Any]) -> None:
+        for k, state in prefix["modules"].items():
+            run.modules[k].load_state_dict(state)
+        for k, state in prefix["opts"].items():
+            run.opts[k].load_state_dict(copy.deepcopy(state))
+        torch.set_rng_state(prefix["rng"])
+        for f in RUN_PROGRESS:
+            setattr(run, f, copy.deepcopy(prefix[f]))
+        log.info("%s starts from the shared run at iteration %d", run.name, run.clock.executed)
 
     def iterate(self, run: Run) -> None:
         start = time.perf_counter()
@@ -591,6 +639,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
     p.add_argument("--weighting", default=d.checkfree_weighting, help="checkfree: norm | squared")
     p.add_argument("--lr-boost", type=float, default=d.checkfree_lr_scale, help="checkfree lr scale")
     p.add_argument("--lr-boost-decay", type=int, default=d.checkfree_lr_decay, help="steps back to 1x (0: never)")
+    p.add_argument("--no-shared-prefix", action="store_true", help="train every strategy from step 0")
     p.add_argument("--json")
     a = p.parse_args(argv)
     cfg = BenchConfig(preset=a.preset, stages=a.stages, steps=a.steps, seed=a.seed, microbatch_size=a.microbatch_size,
@@ -600,7 +649,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, str | None]:
                       storage_mbps=a.storage_mbps, restart_s=a.restart_s, overrides=a.set, seeds=a.seeds,
                       modelled_preset=a.modelled_preset, redundant_overhead=a.redundant_overhead,
                       target_loss=a.target_loss, checkfree_weighting=a.weighting, checkfree_lr_scale=a.lr_boost,
-                      checkfree_lr_decay=a.lr_boost_decay,
+                      checkfree_lr_decay=a.lr_boost_decay, shared_prefix=not a.no_shared_prefix,
                       strategies=[s.strip() for s in a.strategies.split(",") if s.strip()])  # fmt: skip
     return cfg, a.json
 

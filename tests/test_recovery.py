@@ -2,6 +2,7 @@
 and a tiny training run where CheckFree rebuilds a lost middle stage better than copying a neighbour."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -276,3 +277,24 @@ def test_the_fair_checkpoint_cost_model_saves_in_the_background_and_restores_in_
     assert c.restore_s == 60.0  # fixed restart + the parallel loads
     assert c.young_interval(10.0, 6) >= c.upload_lag
     assert c.transfer_s(2.0) == pytest.approx(2 * (100e6 / 3) / 50e6)
+
+
+def test_strategies_that_train_plainly_share_the_run_until_the_first_failure_and_end_the_same():
+    """benchmarks.recovery's shared prefix: checkfree, copy and random start from one copy of the failure-free run's
+    state at the first failure; every figure is the same as when each trains from step 0. checkfree+ (swapped order)
+    and checkpoint (saves after steps) train their own way from step 0."""
+    from gwtf.benchmarks.recovery import Bench, BenchConfig, trains_plainly
+    from gwtf.recovery import make_strategy
+
+    assert [trains_plainly(make_strategy(n)) for n in ("checkfree", "copy", "random")] == [True] * 3
+    assert not trains_plainly(make_strategy("checkfree+")) and not trains_plainly(make_strategy("checkpoint"))
+    cfg = BenchConfig(stages=3, steps=6, eval_every=3, val_batches=1, max_bytes=60_000, failures_at="4",
+                      failure_rate=0.0, iter_time_s=1.0,
+                      strategies=["none", "checkfree", "copy", "random"])  # fmt: skip
+    figures = {}
+    for shared in (True, False):
+        bench = Bench(replace(cfg, shared_prefix=shared))
+        runs = [bench.run(name) for name in cfg.strategies]
+        assert (bench._prefix is not None) == shared
+        figures[shared] = [(r.curve, r.recoveries, r.clock.modelled_s, r.clock.executed, r.step) for r in runs]
+    assert figures[True] == figures[False]

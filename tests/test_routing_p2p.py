@@ -362,3 +362,30 @@ def test_after_the_only_data_node_dies_the_relays_room_returns_and_a_new_one_get
                 await r.close()
 
     asyncio.run(asyncio.wait_for(go(), timeout=60))
+
+
+def test_an_agent_starts_once_its_own_record_shows_and_says_so_in_one_line_if_it_never_does(monkeypatch):
+    """One read of a loaded DHT can miss the record a node stored just before (a geo-wide relay exited on it):
+    the agent reads again until its own record is there, for a bounded time, then fails with one line."""
+    import gwtf.routing.p2p as p2p
+
+    infos = {"d0": DataInfo("d0", "Japan", 0.01), "r1": RelayInfo("r1", 1, 2, 0.1, "Japan")}
+
+    async def go():
+        network = InProcessNetwork()
+        records = {"d0": SimpleNamespace(room=-1)}  # r1's own record is not readable yet
+        node = StubNode(network, "r1", records, n_stages=1)
+        router = make_router(RoutingConfig(router="gwtf-p2p", round_s=0.01), seed=1)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, records.__setitem__, "r1", SimpleNamespace(room=-1))
+        await router.start(node, 1, views_of(infos), 0)
+        assert router.service.agent is not None and router.service.agent.card.peer_id == "r1"
+        await router.close()
+
+        monkeypatch.setattr(p2p, "OWN_RECORD_WAIT_S", 0.5)
+        lonely = StubNode(network, "r2", {"d0": SimpleNamespace(room=-1)}, n_stages=1)
+        with pytest.raises(PeerError, match="its own record was not in the DHT 0.5s after it was announced"):
+            await make_router(RoutingConfig(router="gwtf-p2p", round_s=0.01), seed=1).start(lonely, 1, views_of(
+                {**infos, "r2": RelayInfo("r2", 1, 2, 0.1, "Japan")}), 0)  # fmt: skip
+
+    asyncio.run(asyncio.wait_for(go(), timeout=30))

@@ -43,6 +43,7 @@ HANDLER = "gwtf_route"
 MAX_MESSAGES = 256  # agent messages per call
 MAX_CALL_BYTES = 24 << 10  # and about this much JSON (a call's meta may hold 64 KiB: gwtf.transport.MessageLimits)
 MAX_INBOX = 4096  # agent messages waiting for the next round; beyond, calls are refused (the sender retries)
+OWN_RECORD_WAIT_S = 30.0  # a starting agent re-reads the records this long for its own (a loaded DHT lags a store)
 MAX_QUEUE = 4096  # agent messages waiting to go to one peer; beyond, the oldest are dropped (as the wire may)
 
 
@@ -103,11 +104,20 @@ class AgentService:
         return self.node.peer_id
 
     async def start(self, units: int = 0) -> None:
-        """Read the records, make the agent (a data node with `units` microbatches per iteration), start rounds."""
+        """Read the records, make the agent (a data node with `units` microbatches per iteration), start rounds.
+        The records are read again until they hold this node's own (announced before; its heartbeat writes it
+        again), for at most OWN_RECORD_WAIT_S: one read of a DHT under load can miss a store made just before."""
+        loop = asyncio.get_running_loop()
+        deadline, delay = loop.time() + OWN_RECORD_WAIT_S, 0.1
         await self._refresh(max_age=0)
-        card = self.cards.get(self.me)
-        if card is None:
-            raise PeerError(f"{self.me}: its own record is not in the DHT yet; announce before starting routing")
+        while (card := self.cards.get(self.me)) is None:
+            if loop.time() + delay > deadline:
+                raise PeerError(f"{self.me}: its own record was not in the DHT {OWN_RECORD_WAIT_S:g}s after it was "
+                                "announced; the DHT is unreachable or refuses this node's records")  # fmt: skip
+            log.info("%s: the records lack this node's own yet; reading them again in %.1fs", self.me[:8], delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, self.node.run.membership.heartbeat_s)
+            await self._refresh(max_age=0)
         assert self.directory is not None
         agent = Agent(
             card, self.n_stages, self.directory.costs, self.bus, self.sinks, self.cfg, self.rng.randrange(2**31)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every shipped scenario with its comparisons, one after the other (about 70 minutes on a 2-core machine, without
+# Every shipped scenario with its comparisons, one after the other (about 80 minutes on a 2-core machine, without
 # geo-wide; REPEATS=3 triples it and adds each ratio's 95 % interval):
 #     bash benchmarks/all_scenarios.sh [OUT]        # OUT/<scenario>.json, OUT/<scenario>.out; plots in docs/plots
 #     WIDE=1 bash benchmarks/all_scenarios.sh OUT   # also geo-wide (24 processes: give it 4+ free cores)
@@ -24,6 +24,7 @@ run geo10 --compare router=gwtf,swarm,round-robin --compare system=gwtf,deepspee
 run stage-loss --compare recovery=checkfree,copy,redundant --compare system=gwtf,deepspeed
 run geo10-heavy --compare router=gwtf,swarm --compare system=gwtf,deepspeed
 run join-wave --compare router=gwtf,swarm --compare system=gwtf,deepspeed
+run geo-wide-12 --compare router=gwtf,swarm
 if [ "${WIDE:-0}" = 1 ]; then
     run geo-wide --compare router=gwtf-p2p,gwtf,swarm
 fi

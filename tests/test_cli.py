@@ -148,7 +148,13 @@ def test_bootstrap_puts_every_section_into_the_run_record():
     record = build_record(_bootstrap_args("--stages", "2", *(x for s in sets for x in ("--set", s))))
     run = record.config["run"]
     assert run["transport"]["call_timeout"] == 7.5 and run["membership"]["heartbeat_s"] == 0.5
-    assert run["routing"] == {"router": "gwtf-p2p", "round_s": 0.25}  # the launchers' default router
+    assert run["routing"] == {
+        "router": "gwtf-p2p",
+        "round_s": 0.25,
+        "moves": 0,
+        "exchange": False,
+        "takeover": False,
+    }  # the launchers' default router, the agent's moves off
     assert run["recovery"]["strategy"] == "copy" and run["iteration"]["max_attempts"] == 5
     assert run["averaging"]["timeout"] == 3.0 and run["train"]["steps"] == 9 and run["stages"] == 2
     assert "swarm" not in record.config  # no settings outside the run config

@@ -2,6 +2,7 @@
 negotiate their paths with their own agents over the in-process transport."""
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -387,5 +388,26 @@ def test_an_agent_starts_once_its_own_record_shows_and_says_so_in_one_line_if_it
         with pytest.raises(PeerError, match="its own record was not in the DHT 0.5s after it was announced"):
             await make_router(RoutingConfig(router="gwtf-p2p", round_s=0.01), seed=1).start(lonely, 1, views_of(
                 {**infos, "r2": RelayInfo("r2", 1, 2, 0.1, "Japan")}), 0)  # fmt: skip
+
+    asyncio.run(asyncio.wait_for(go(), timeout=30))
+
+
+def test_the_agents_optional_moves_are_run_settings_for_both_gwtf_routers():
+    from gwtf.config import load_config
+
+    routing = load_config(None, ["routing.router=gwtf-p2p", "routing.moves=2", "routing.exchange=true",
+                                 "routing.takeover=true"]).routing  # fmt: skip
+    assert make_router(dataclasses.replace(routing, router="gwtf")).cfg.moves == 2  # type: ignore[attr-defined]
+    with pytest.raises(UserError, match="routing.moves=-1 must be >= 0"):
+        RoutingConfig(moves=-1)
+    infos = {"d0": DataInfo("d0", "Japan", 0.01), "r1": RelayInfo("r1", 1, 2, 0.1, "Japan")}
+
+    async def go():
+        records = {p: SimpleNamespace(room=-1) for p in infos}
+        router = make_router(routing, seed=1)
+        await router.start(StubNode(InProcessNetwork(), "r1", records, n_stages=1), 1, views_of(infos), 0)
+        cfg = router.service.agent.cfg
+        assert (cfg.moves, cfg.exchange, cfg.takeover, cfg.routes, cfg.evict) == (2, True, True, True, True)
+        await router.close()
 
     asyncio.run(asyncio.wait_for(go(), timeout=30))

@@ -34,7 +34,7 @@ class GWTFRouter(Router):
     ):
         super().__init__(seed, routing)
         self.rounds, self.reconverge_rounds = rounds, reconverge_rounds
-        self.cfg = cfg or AgentConfig()
+        self.cfg = cfg or AgentConfig(**self.routing.agent_moves())
         self.run: ProtocolRun | None = None
         self._demands: dict[str, int] = {}
         self.trace: list[tuple[int, float]] = []

@@ -299,7 +299,8 @@ class P2PRouter(Router):
         """This node's own agent (a relay's, or a data node's with `units` microbatches per iteration), in rounds
         until the node closes."""
         n_stages = node.spec.model.n_stages
-        service = AgentService(node, stage, n_stages, views, round_s=self.routing.round_s, seed=self.seed)
+        service = AgentService(node, stage, n_stages, views, cfg=AgentConfig(**self.routing.agent_moves()),
+                               round_s=self.routing.round_s, seed=self.seed)  # fmt: skip
         await service.start(units)
         self.attach(service)
 

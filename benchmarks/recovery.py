@@ -300,8 +300,8 @@ class Bench:
         self.costs = CostModel.build(bench, self.cfg, self.iter_time_s)
         self.checkpoint_every = bench.checkpoint_every or self.costs.young_interval(bench.failure_rate, bench.stages)
         self.tokens_per_step = bench.microbatch_size * bench.microbatches * self.cfg.seq_len
-        events = self.failures.events(5 * bench.steps)
-        self.first_failure = events[0][0] if events else None
+        self.events = self.failures.events(5 * bench.steps)  # (executed iteration, stages lost), in order
+        self.first_failure = self.events[0][0] if self.events else None
         self._prefix: dict[str, Any] | None = None  # the training state at the first failure (shared_prefix)
 
     def measure_iteration(self, warmup: int = 2, timed: int = 5) -> float:
@@ -520,7 +520,7 @@ def run_bench(bench_cfg: BenchConfig, json_out: str | None = None) -> dict[str, 
     if bench_cfg.target_loss is None and NO_FAILURES not in names:
         names.append(NO_FAILURES)  # the target comes from the failure-free run
     names.sort(key=lambda n: n != NO_FAILURES)
-    events = bench.failures.events(5 * bench_cfg.steps)
+    events = bench.events
     print(f"p_iter {bench.failures.p_iter:.5f} per stage; failures (iteration: stages) "
           f"{[(i, s) for i, s in events if i < 2 * bench_cfg.steps]}; checkpoint every {bench.checkpoint_every} "
           f"(upload {bench.costs.upload_s:.2f} s, stall {bench.costs.save_stall_s(bench.checkpoint_every):.3f} s, "

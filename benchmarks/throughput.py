@@ -386,7 +386,7 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
             "gwtf_dht_process": s.stages + 2,
             "deepspeed": s.stages,
             "single_process": 1,
-        },  # fmt: skip
+        },
         "device": s.device,
         "precision": s.precision,
         "placement": {

@@ -70,9 +70,9 @@ class ThreadDHT:
             raise
         self.peer_id = self._node.peer_id
         atexit.register(_shutdown_at_exit, weakref.ref(self))  # a process that exits on an error still stops it
-        child = getattr(self._node.p2p, "_child", None)  # p2pd, started by P2P.create
+        self._p2pd = getattr(self._node.p2p, "_child", None)  # the daemon P2P.create started (an asyncio Process)
         self._release_p2pd: Callable[[], None] = (
-            lifecycle.end_with_this_process(child.pid) if child is not None else (lambda: None)
+            lifecycle.end_with_this_process(self._p2pd.pid) if self._p2pd is not None else (lambda: None)
         )
 
     def _submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
@@ -110,10 +110,9 @@ class ThreadDHT:
         self._release_p2pd()  # a clean stop: the watchdog leaves p2pd to the shutdown below
         try:
             self._submit(self._stop_node()).result(timeout=SHUTDOWN_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - a daemon that will not stop is killed below
-            child = getattr(self._node.p2p, "_child", None)
-            if child is not None and child.returncode is None:
-                lifecycle.kill_quietly(child.pid)
+        except Exception:  # noqa: BLE001 - a daemon that will not stop is killed here
+            if self._p2pd is not None and self._p2pd.returncode is None:
+                lifecycle.kill_quietly(self._p2pd.pid)
         finally:
             self._stop_loop()
 

@@ -25,6 +25,7 @@ Files:
     memory.py        per preset, a relay stage's parameters, optimizer state, measured bytes kept per held
                      microbatch (fp32/bf16, checkpointing off/on) and the capacity derived for a device memory
     churn.py         the crash-injection harness's command (`python -m gwtf.benchmarks.churn`)
+    results_table.py the README's results table from the harness's JSON reports: ratios with intervals, commands
     harness/         the crash-injection harness: scenarios, the swarm under churn, the DeepSpeed baseline, reports
     scenarios/       the harness's scenario TOML files (local, geo10, geo10-heavy, stage-loss, join-wave)
     all_scenarios.sh every scenario with its comparisons, one after the other

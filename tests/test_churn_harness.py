@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gwtf.benchmarks import results_table
 from gwtf.benchmarks.harness.compare import run_scenario, variants
 from gwtf.benchmarks.harness.events import draw_events
 from gwtf.benchmarks.harness.report import (
@@ -180,6 +181,25 @@ def test_repeats_give_each_ratio_a_t_interval_over_the_valid_repeats_only():
     assert tpi["high"] - tpi["mean"] == pytest.approx(4.303 * 0.1258 / 3**0.5, rel=0.01)
     assert summary["invalid_runs"] == [{"seed": 3, "label": "router=swarm", "reasons": ["lost 2 microbatch(es)"]}]
     assert summary["variants"]["router=swarm"]["raw_tokens_per_s"]["n"] == 3
+
+
+def test_the_results_table_is_made_from_the_reports_with_intervals_and_the_invalid_pairs_counted(tmp_path):
+    def repeat(seed: int, swarm_s: float, lost: int = 0) -> dict:
+        ds = fake_run("deepspeed", 2.0 * swarm_s)
+        ds.variant = {"system": "deepspeed"}
+        return build_report(fake_scenario(seed), [fake_run("gwtf", 1.0), fake_run("swarm", swarm_s, lost=lost), ds])
+
+    reports = [repeat(0, 2.0), repeat(1, 2.5), repeat(2, 4.0), repeat(3, 2.0, lost=1)]
+    path = tmp_path / "fake.json"
+    path.write_text(json.dumps({"repeats": repeat_summary(reports), "reports": reports}))
+    md, command = results_table.row(path)
+    _, scenario, swarm, deepspeed, other, runs, _ = md.split("|")
+    assert scenario.strip() == "fake" and other.strip() == ""
+    assert "s/iteration 0.38 [" in swarm and "(n=3, 1 invalid left out)" in swarm  # seed 3's swarm run lost one
+    assert "raw tokens/s" not in swarm and "raw tokens/s" in deepspeed and "(n=4)" in deepspeed
+    assert "4 repeats, seeds [0, 1, 2, 3]; lost 1" in runs
+    assert command.endswith("fake.toml --compare router=gwtf,swarm --repeats 4")  # a report without its command
+    assert results_table.table([path]).count("\n| fake |") == 1
 
 
 def test_live_relays_come_from_the_harness_kill_and_serve_times():

@@ -227,6 +227,7 @@ def to_full_throughput(rows: list[dict], per_iter: list[float], t_crash: float) 
 
 
 RATIOS = ("time_to_target", "useful_throughput", "raw_throughput", "time_per_iteration")
+RESTARTS_SCALED = "time_to_target_restarts_scaled"  # only where DeepSpeed restarted (module docstring)
 FIGURES = ("time_to_target_s", "useful_tokens_per_s", "raw_tokens_per_s")  # a run's, summarised over repeats
 
 
@@ -254,7 +255,7 @@ def ratios(runs: list[dict]) -> list[dict[str, Any]]:
         if "restarts_scaled" in a or "restarts_scaled" in b:
             ttt = [r.get("restarts_scaled", {}).get("time_to_target_s_restarts_scaled", r["time_to_target_s"])
                    for r in (a, b)]  # fmt: skip
-            out[-1]["time_to_target_restarts_scaled"] = _ratio(*ttt)
+            out[-1][RESTARTS_SCALED] = _ratio(*ttt)
     return out
 
 
@@ -264,8 +265,8 @@ def repeat_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
     pairs: dict[tuple[str, str], dict[str, list[float]]] = {}
     for rep in reports:
         for r in rep["ratios"]:
-            figures = pairs.setdefault((r["a"], r["b"]), {k: [] for k in RATIOS})
-            for k in RATIOS:
+            figures = pairs.setdefault((r["a"], r["b"]), {k: [] for k in (*RATIOS, RESTARTS_SCALED)})
+            for k in (*RATIOS, RESTARTS_SCALED):
                 if r.get(k) is not None:
                     figures[k].append(r[k])
     per_variant: dict[str, dict[str, list[float]]] = {}
@@ -281,7 +282,10 @@ def repeat_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "repeats": len(reports),
         "seeds": [rep["settings"]["seed"] for rep in reports],
-        "ratios": [{"a": a, "b": b, **{k: mean_ci(v) for k, v in figs.items()}} for (a, b), figs in pairs.items()],
+        "ratios": [
+            {"a": a, "b": b, **{k: mean_ci(v) for k, v in figs.items() if v or k != RESTARTS_SCALED}}
+            for (a, b), figs in pairs.items()
+        ],  # fmt: skip
         "variants": {name: {k: mean_ci(v) for k, v in figs.items()} for name, figs in per_variant.items()},
         "invalid_runs": [
             {"seed": rep["settings"]["seed"], "label": run["label"], "reasons": run["invalid_reasons"]}
@@ -335,7 +339,7 @@ def print_summary(report: dict[str, Any]) -> None:
 def print_repeats(summary: dict[str, Any]) -> None:
     print(f"\nover {summary['repeats']} repeats (seeds {summary['seeds']}); mean [95 % t-interval] (n valid pairs)")
     for r in summary["ratios"]:
-        print(f"{r['a']} / {r['b']}: " + ", ".join(f"{k} {fmt(r[k], 3)}" for k in RATIOS))
+        print(f"{r['a']} / {r['b']}: " + ", ".join(f"{k} {fmt(r[k], 3)}" for k in (*RATIOS, RESTARTS_SCALED) if k in r))
     for run in summary["invalid_runs"]:
         print(f"invalid (left out): seed {run['seed']} {run['label']}: {'; '.join(run['reasons'])}")
 

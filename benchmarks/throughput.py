@@ -21,9 +21,12 @@ CPU processes over gloo in fp32, so it is compared only at `--device cpu --preci
 Besides tokens/s, for the swarm: CPU seconds per step by process kind (the nodes with their DHT threads, the p2pd
 daemons and their watchdogs), each node's DHT reads and writes per step by record kind (gwtf.membership.DhtOps,
 counted in each node process), and the PSS of one node of each kind by process, with each process's private pages,
-read from /proc/PID/smaps_rollup after the warm-up. The same swarm runs again with every node's DHT in hivemind.DHT's
-forked process (what gwtf.dht replaced; `--dht-process 0` leaves it out), and the ratios of each repeat's pair are
-given with 95 % intervals.
+read from /proc/PID/smaps_rollup after the warm-up. The swarm's nodes are forked from one zygote that has imported
+everything once, as `gwtf demo` starts them (gwtf/launch/zygote.py; `--preload 0`: each its own Python process); a
+node's PSS then includes its share of the zygote's (the zygote's PSS split evenly among the nodes). The same swarm
+runs again as `--baseline` says: `gwtf_plain` (default: every node its own Python process, as a volunteer's
+machine runs one), `gwtf_dht_process` (plain processes whose DHT runs in hivemind.DHT's forked process: what
+gwtf.dht replaced) or "" (none); the ratios of each repeat's pair are given with 95 % intervals.
 
 Every process is pinned to one intra-op thread (OMP_NUM_THREADS=1). On a machine with fewer cores than pipeline
 processes the comparison is CPU-bound: it compares software overheads like for like, not what a pipeline gains
@@ -51,6 +54,13 @@ from gwtf.membership import DHT_OPS_ENV, DHT_PROCESS_ENV
 TARGET_RATIO = 1.0  # issue 17: at least DeepSpeed's tokens/s
 
 
+# The swarm run again otherwise, as a baseline in the same run: (what it is, run_gwtf's keyword arguments)
+BASELINES: dict[str, tuple[str, dict[str, bool]]] = {
+    "gwtf_plain": ("  the same, each node its own process", {"preload": False}),
+    "gwtf_dht_process": ("  the same, DHT in forked processes", {"preload": False, "dht_process": True}),
+}
+
+
 @dataclass
 class BenchSettings:
     preset: str = "debug"
@@ -64,9 +74,15 @@ class BenchSettings:
     repeats: int = 1  # runs of each system, interleaved; the medians are reported
     device: str = "cpu"  # every swarm node's --device and the single process's: auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # train.precision of the swarm and the single process: fp32 | bf16
-    dht_process: int = 1  # 1: also the swarm with hivemind.DHT's forked process per node (the DHT gwtf.dht replaced)
+    preload: int = 1  # 1: the swarm's nodes are forked from a zygote, as `gwtf demo` starts them (module doc)
+    baseline: str = "gwtf_plain"  # the same swarm started otherwise, in the same run: a BASELINES key, or ""
 
     def __post_init__(self) -> None:
+        if self.baseline and self.baseline not in BASELINES:
+            raise ValueError(f"baseline {self.baseline!r}: one of {', '.join(BASELINES)}, or '' for none")
+        self._check()
+
+    def _check(self) -> None:
         from gwtf.device import check_device, check_precision
 
         self.device, self.precision = check_device(self.device), check_precision(self.precision)
@@ -91,9 +107,12 @@ class BenchSettings:
 
 
 def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeout: float = 600.0,
-             dht_process: bool = False) -> dict[str, Any]:  # fmt: skip
+             dht_process: bool = False, preload: bool | None = None) -> dict[str, Any]:  # fmt: skip
     """A swarm of 1 bootstrap + S relays + 1 data node; steady-state tokens/s from the data node's metrics.
-    `dht_process`: every node runs its DHT in hivemind.DHT's forked process (membership.DHT_PROCESS_ENV)."""
+    `dht_process`: every node runs its DHT in hivemind.DHT's forked process (membership.DHT_PROCESS_ENV);
+    `preload`: fork the nodes from a zygote (default: `s.preload`; never under cProfile, which needs its own
+    process)."""
+    preload = bool(s.preload) if preload is None else preload
     out.mkdir(parents=True, exist_ok=True)
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +122,7 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
         stale.unlink(missing_ok=True)
     # Nothing is crashed on purpose here: any signal death is a failure. The nodes stay in this session: with Linux's
     # autogroup scheduling a session of their own each would change how they share the CPU with the other systems.
-    procs = ProcessGroup(out, ok_exits=(0,), own_sessions=False)
+    procs = ProcessGroup(out, ok_exits=(0,), own_sessions=False, preload=preload)
 
     ops_dir = out / "dht_ops"  # each node process counts its DHT reads and writes there (gwtf.membership.DhtOps)
     shutil.rmtree(ops_dir, ignore_errors=True)
@@ -156,7 +175,8 @@ def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
     """Each node's proportional set size in MB (shared pages split among the processes that map them: the honest
     per-process share, from /proc/PID/smaps_rollup) by process kind, and the node's total ("all"); and, as
     "private KIND", each kind's private pages (what that process alone costs: for hivemind's DHT process, a fork of
-    the node, what a DHT in the node's own process (gwtf.dht) does not need, less its own state)."""
+    the node, what a DHT in the node's own process (gwtf.dht) does not need, less its own state). Nodes forked from
+    a zygote (gwtf.launch.zygote) each carry an even share of its PSS ("zygote share"), counted in "all"."""
     out: dict[str, dict[str, float]] = {}
     for name, family in _families(procs):
         sizes: dict[str, float] = {}
@@ -169,6 +189,12 @@ def pss_by_node(procs: ProcessGroup) -> dict[str, dict[str, float]]:
                 mine = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
                 private[f"private {kind}"] = round(private.get(f"private {kind}", 0.0) + mine / 1024, 1)
         out[name] = {**sizes, "all": round(sum(sizes.values()), 1), **private}
+    zygote = _smaps_kb(procs.zygote_pid) if procs.zygote_pid else {}
+    if zygote and out:  # the nodes were forked from it: its pages are theirs too, split evenly
+        share = round(zygote["Pss"] / 1024 / len(out), 1)
+        for sizes in out.values():
+            sizes["zygote share"] = share
+            sizes["all"] = round(sizes["all"] + share, 1)
     return out
 
 
@@ -352,15 +378,14 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
     os.environ["OMP_NUM_THREADS"] = "1"
     ds_settings = DSSettings(preset=s.preset, stages=s.stages, steps=s.steps, warmup=s.warmup,
                              microbatch_size=s.microbatch_size, microbatches=s.microbatches, seed=s.seed)  # fmt: skip
-    runs: dict[str, list[dict[str, Any]]] = {"gwtf": [], "gwtf_dht_process": [], "deepspeed": [], "single_process": []}
+    runs: dict[str, list[dict[str, Any]]] = {"gwtf": [], s.baseline: [], "deepspeed": [], "single_process": []}
     if not s.with_deepspeed():
         del runs["deepspeed"]
-    if not s.dht_process:
-        del runs["gwtf_dht_process"]
+    runs.pop("", None)
     for _ in range(s.repeats):
         runs["gwtf"].append(run_gwtf(s, work / "swarm", profile_dir))
-        if "gwtf_dht_process" in runs:
-            runs["gwtf_dht_process"].append(run_gwtf(s, work / "swarm-dht-process", dht_process=True))
+        if s.baseline:
+            runs[s.baseline].append(run_gwtf(s, work / s.baseline, **BASELINES[s.baseline][1]))
         if "deepspeed" in runs:
             runs["deepspeed"].append(_deepspeed_once_more_on_crash(ds_settings, work / "ds_pipeline.json"))
         runs["single_process"].append(run_single(s))
@@ -378,12 +403,12 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
         "gwtf_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in runs["gwtf"]]),
         "gwtf_dht_ops_per_step_by_node": _median_dicts([dht_ops_by_kind(r["dht_ops_per_step"]) for r in runs["gwtf"]]),
         "gwtf_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in runs["gwtf"]]),
-        **_dht_process_figures(runs, tps),
+        **_baseline_figures(runs, tps, s.baseline),
         "settings": asdict(s),
         "cpu_cores": os.cpu_count(),
         "processes": {
             "gwtf": s.stages + 2,
-            "gwtf_dht_process": s.stages + 2,
+            **({s.baseline: s.stages + 2} if s.baseline else {}),
             "deepspeed": s.stages,
             "single_process": 1,
         },
@@ -410,17 +435,18 @@ def _paired_ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str,
     }
 
 
-def _dht_process_figures(runs: dict[str, list[dict[str, Any]]], tps: dict[str, float]) -> dict[str, Any]:
-    """The swarm whose nodes fork hivemind.DHT's process, as measured in the same run: tokens/s, the ratio of the
-    in-process DHT's (gwtf.dht) to it, CPU by process kind and PSS per node."""
-    if not runs.get("gwtf_dht_process"):
+def _baseline_figures(runs: dict[str, list[dict[str, Any]]], tps: dict[str, float], key: str) -> dict[str, Any]:
+    """The baseline swarm (BASELINES[key]) as measured in the same run: tokens/s, gwtf's ratio to it, CPU by
+    process kind and PSS per node."""
+    if not key or not runs.get(key):
         return {}
-    other = runs["gwtf_dht_process"]
+    other = runs[key]
     return {
-        "gwtf_dht_process_tokens_per_s": tps["gwtf_dht_process"],
-        "ratio_dht_thread_vs_process": tps["gwtf"] / tps["gwtf_dht_process"],
-        "gwtf_dht_process_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in other]),
-        "gwtf_dht_process_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in other]),
+        "baseline": key,
+        f"{key}_tokens_per_s": tps[key],
+        f"ratio_gwtf_vs_{key}": tps["gwtf"] / tps[key],
+        f"{key}_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in other]),
+        f"{key}_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in other]),
     }
 
 
@@ -470,10 +496,10 @@ def print_table(r: dict[str, Any]) -> None:
           f"microbatches per step, {s['steps'] - s['warmup']} timed steps after {s['warmup']} warm-up; "
           f"{r['cpu_cores']} CPU cores; {s['device']}, {s['precision']}")  # fmt: skip
     print(f"{'system':<34}{'processes':>10}{'tokens/s':>12}{'vs gwtf':>10}{'CPU s/step':>12}")
-    for name, key in (("gwtf swarm (hivemind)", "gwtf"), ("  the same, DHT in forked processes", "gwtf_dht_process"),
-                      ("deepspeed pipeline (1F1B)", "deepspeed"), ("single process", "single_process")):  # fmt: skip
-        if key == "gwtf_dht_process" and key not in r["cpu_seconds_per_step"]:
-            continue
+    base = r.get("baseline")
+    systems = [("gwtf swarm (hivemind)", "gwtf"), *([(BASELINES[base][0], base)] if base else []),
+               ("deepspeed pipeline (1F1B)", "deepspeed"), ("single process", "single_process")]  # fmt: skip
+    for name, key in systems:
         tps = r[f"{key}_tokens_per_s"]
         if tps is None:
             print(f"{name:<34}  not run: its baseline here is CPU processes over gloo, fp32")
@@ -496,15 +522,15 @@ def print_table(r: dict[str, Any]) -> None:
     for kind, ops in r["gwtf_dht_ops_per_step_by_node"].items():
         print(f"DHT operations per step, one {kind} node: {ops['all']:g} ("
               + ", ".join(f"{op} {n:g}" for op, n in ops.items() if op != "all") + ")")  # fmt: skip
-    for label, key in (("", "gwtf"), (" (DHT in a forked process)", "gwtf_dht_process")):
+    for label, key in (("", "gwtf"), *([(f" ({base})", base)] if base else [])):
         for kind, sizes in r.get(f"{key}_pss_mb_per_node", {}).items():
             print(f"PSS of one {kind} node{label}: {sizes['all']:.0f} MB ("
                   + ", ".join(f"{k} {v:.0f}" for k, v in sizes.items() if k != "all") + ")")  # fmt: skip
-    if "ratio_dht_thread_vs_process" in r:
-        other = r["gwtf_dht_process_cpu_seconds_per_step_by_process"]
+    if base:
+        other = r[f"{base}_cpu_seconds_per_step_by_process"]
         cpu = r["cpu_seconds_per_step"]
-        print(f"ratio DHT on a thread / DHT in a forked process: tokens/s {r['ratio_dht_thread_vs_process']:.3f}; "
-              f"CPU s/step {cpu['gwtf']:.3f} vs {cpu['gwtf_dht_process']:.3f} (forked: "
+        print(f"ratio gwtf / {base}: tokens/s {r[f'ratio_gwtf_vs_{base}']:.3f}; "
+              f"CPU s/step {cpu['gwtf']:.3f} vs {cpu[base]:.3f} ({base}: "
               + ", ".join(f"{k} {v:.3f}" for k, v in sorted(other.items())) + ")")  # fmt: skip
     print(r["note"])
 

@@ -111,30 +111,40 @@ def serving(nodes: dict[str, NodeRecord], role: str, stage: int | None = None) -
 class DhtOps:
     """This process's DHT reads and writes, by operation and record kind ("read nodes", "write telemetry", ...):
     what a node's membership costs its DHT peer. With DHT_OPS_ENV set, the counts are also written (at most every
-    `every` seconds, and at exit) to `<folder>/<pid>.json`, which benchmarks.throughput reads per process."""
+    `every` seconds, and at exit) to `<folder>/<pid>.json`, which benchmarks.throughput reads per process. The
+    variable is read at the first count, not at import: a node forked from a zygote (gwtf.launch.zygote) imported
+    this module before its environment was set."""
 
     def __init__(self, every: float = 0.25) -> None:
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
         self._every, self._written = every, float("-inf")  # the first count is written at once
-        self._folder = os.environ.get(DHT_OPS_ENV)
-        if self._folder:
-            atexit.register(self.write)
+        self._folder: str | None = None
+        self._folder_read = False
+
+    def _target(self) -> str | None:
+        if not self._folder_read:
+            self._folder_read = True
+            self._folder = os.environ.get(DHT_OPS_ENV)
+            if self._folder:
+                atexit.register(self.write)
+        return self._folder
 
     def add(self, op: str, key: str) -> None:
         name = f"{op} {key.rsplit('/', 1)[-1]}"
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
-        if self._folder and time.monotonic() - self._written >= self._every:
+        if self._target() and time.monotonic() - self._written >= self._every:
             self.write()
 
     def write(self) -> None:
-        if not self._folder:
+        folder = self._target()
+        if not folder:
             return
         self._written = time.monotonic()
         with self._lock:
             data = json.dumps({"time": time.time(), "counts": self.counts})
-        path = os.path.join(self._folder, f"{os.getpid()}.json")
+        path = os.path.join(folder, f"{os.getpid()}.json")
         try:
             with open(path + ".tmp", "w") as f:
                 f.write(data)

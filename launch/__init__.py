@@ -20,5 +20,6 @@ Files:
     network.py     the address flags of bootstrap, join and doctor (--host-maddrs, --announce-maddrs, --use-relay)
     doctor.py      `gwtf doctor`: whether the peers of a run can reach this machine (direct TCP dial-back)
     processes.py   the one process launcher: start `gwtf` processes with their logs, bounded waits, stop and reap
+    zygote.py      the process a launcher forks nodes from, torch, transformers and hivemind imported once
     local_swarm.py `gwtf demo`: a whole swarm of processes on 127.0.0.1 with a crash (finetune and the tests use it)
 """

@@ -54,13 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "demo") -> Non
                         help=f"serve the live dashboard on 127.0.0.1:PORT (default {DEFAULT_PORT}; 0: any free port) "
                         "and print its URL")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=600.0, help="the whole run, seconds")
+    parser.add_argument("--plain-processes", action="store_true",
+                        help="start each node as its own Python process (default: fork the nodes from one process "
+                        "that has imported torch, transformers and hivemind once; they start faster and share that "
+                        "memory; gwtf/launch/zygote.py)")  # fmt: skip
 
 
 def run(args: argparse.Namespace, extra: SwarmExtras | None = None) -> int:
     extra = extra or SwarmExtras()
     check_args(args, pretrained="--from-pretrained" in extra.bootstrap)  # one line, before any process starts
     out = _out_dir(args.out)
-    group = ProcessGroup(out)
+    group = ProcessGroup(out, preload=not getattr(args, "plain_processes", False))
     try:
         summary = _run_swarm(args, group, out, extra)
         if extra.after_done is None:  # no node lingers for later work: each ends by itself at the run's end

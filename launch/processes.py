@@ -19,12 +19,20 @@ autogroup scheduling the CPU is shared per session, which a throughput measureme
 each by its own pid only. Every wait here is bounded and gives up (UserError) as soon as a child exits early.
 `gwtf demo`, `gwtf finetune`, the benchmarks (throughput, soak, the churn harness) and the tests start their
 processes through this module.
+
+A group made with `preload=True` forks each `-m gwtf...` child from one zygote process that has imported torch,
+transformers' layers, hivemind and gwtf already (gwtf/launch/zygote.py): a node then starts in well under a second
+and shares those imports' memory with the other nodes of this machine. Such a child is not this launcher's child but
+the zygote's; `ForkedProcess` offers what the launcher uses of `subprocess.Popen` (pid, poll, wait, signals,
+returncode), its exit reported by the zygote. If the zygote cannot start, the group says so in one line and starts
+plain processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -34,10 +42,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
 from gwtf.errors import UserError
 from gwtf.lifecycle import PARENT_ENV
+
+log = logging.getLogger(__name__)
 
 CLI = ("-m", "gwtf.launch.cli")  # what a child runs unless `entry` says otherwise
 BASE_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -46,6 +56,18 @@ NOT_FAILED = (0, -signal.SIGKILL, -signal.SIGTERM)
 # gwtf.launch.cli's exit after KeyboardInterrupt: a node maps SIGTERM to it, so a child `stop_all` stopped exits so
 INTERRUPTED_EXIT = 130
 REAP_TIMEOUT_S = 10.0  # how long a SIGKILLed child may take to be reaped
+ZYGOTE_START_S = 180.0  # how long the zygote may take to import everything (a loaded 2-core machine: ~30 s)
+
+
+class Child(Protocol):
+    """What the launcher uses of a child: `subprocess.Popen` and `ForkedProcess` both are one."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
 
 
 def profiled(path: Path) -> tuple[str, ...]:
@@ -57,12 +79,15 @@ def profiled(path: Path) -> tuple[str, ...]:
 class ProcessGroup:
     """Child processes started by this launcher, each in its own process group, ended by pid (SIGTERM, then
     SIGKILL) whatever happens. `ok_exits`: the exit codes `failed()` does not report. `own_sessions`: each child
-    leads its own session and process group, signalled as a whole (else it stays in ours, signalled by its pid)."""
+    leads its own session and process group, signalled as a whole (else it stays in ours, signalled by its pid).
+    `preload`: children running a gwtf module are forked from a zygote (module doc)."""
 
     log_dir: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, Child] = field(default_factory=dict)
     ok_exits: tuple[int, ...] = NOT_FAILED
     own_sessions: bool = True
+    preload: bool = False  # fork `-m gwtf...` children from a zygote that has imported everything (module doc)
+    _zygote: Zygote | None = field(default=None, init=False, repr=False)
     _sigterm: Any = field(default=None, init=False, repr=False)  # the SIGTERM handler before the first start
     _stopped: set[str] = field(default_factory=set, init=False, repr=False)  # children running when stop_all came
 
@@ -72,16 +97,36 @@ class ProcessGroup:
     ) -> subprocess.Popen:
         """`python ENTRY ARGV` as `name`, logging to `LOG_DIR/NAME.log` (truncated); `env` adds to the environment."""
         self._trap_sigterm()
-        with open(self.log_dir / f"{name}.log", "w") as out:  # the child holds its own copy
-            proc = subprocess.Popen(
-                [sys.executable, *entry, *argv],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **BASE_ENV, PARENT_ENV: str(os.getpid()), **(env or {})},
-                start_new_session=self.own_sessions,
-            )
+        log_path = self.log_dir / f"{name}.log"
+        zygote = self._zygote_for(entry)
+        if zygote is not None:
+            log_path.write_text("")  # truncated here, appended to by the child
+            child_env = {**os.environ, **BASE_ENV, PARENT_ENV: str(zygote.pid), **(env or {})}
+            proc: Child = zygote.spawn(entry[1], [*entry[2:], *argv], child_env, log_path, self.own_sessions)
+        else:
+            with open(log_path, "w") as out:  # the child holds its own copy
+                proc = subprocess.Popen(
+                    [sys.executable, *entry, *argv],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **BASE_ENV, PARENT_ENV: str(os.getpid()), **(env or {})},
+                    start_new_session=self.own_sessions,
+                )
         self.procs[name] = proc
         return proc
+
+    def _zygote_for(self, entry: Sequence[str]) -> Zygote | None:
+        """The zygote that forks this entry (started on first use), or None: a plain process."""
+        if not (self.preload and len(entry) >= 2 and entry[0] == "-m" and entry[1].startswith("gwtf.")):
+            return None
+        if self._zygote is None:
+            try:
+                self._zygote = Zygote(self.log_dir / "zygote.log", self.own_sessions)
+            except UserError as exc:
+                log.warning("%s; starting every node as a plain process instead", exc)
+                self.preload = False
+                return None
+        return self._zygote
 
     # ---- stop --------------------------------------------------------------------------------------------------
     def kill(self, *names: str) -> None:
@@ -114,6 +159,9 @@ class ProcessGroup:
         for proc in self.procs.values():  # leftovers of a group (p2pd) after its leader exited
             if self.own_sessions:
                 self._signal(proc, signal.SIGKILL)
+        if self._zygote is not None:  # after its children: it reports their exits
+            self._zygote.close()
+            self._zygote = None
         if self._sigterm is not None:
             signal.signal(signal.SIGTERM, self._sigterm)
             self._sigterm = None
@@ -127,13 +175,18 @@ class ProcessGroup:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
 
-    def _signal(self, proc: subprocess.Popen, sig: int) -> None:
+    def _signal(self, proc: Child, sig: int) -> None:
         if self.own_sessions:
             signal_group(proc, sig)
         elif proc.poll() is None:  # not yet reaped: its pid is still its own
             proc.send_signal(sig)
 
     # ---- state -------------------------------------------------------------------------------------------------
+    @property
+    def zygote_pid(self) -> int | None:
+        """The zygote this group's children were forked from (None: plain processes)."""
+        return self._zygote.pid if self._zygote is not None else None
+
     def failed(self) -> list[str]:
         """Children that exited with an exit code outside `ok_exits`; a child this group stopped may also have ended
         as interrupted (INTERRUPTED_EXIT): that is the stop, not a failure."""
@@ -150,7 +203,9 @@ class ProcessGroup:
 
     def pgids(self) -> set[int]:
         """The children's process groups (none without `own_sessions`: they share ours)."""
-        return {p.pid for p in self.procs.values()} if self.own_sessions else set()
+        if not self.own_sessions:
+            return set()
+        return {p.pid for p in self.procs.values()} | ({self._zygote.pid} if self._zygote else set())
 
     def leftovers(self) -> list[int]:
         return leftovers(self.pgids())
@@ -191,7 +246,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def signal_group(proc: subprocess.Popen, sig: int) -> None:
+def signal_group(proc: Child, sig: int) -> None:
     """Signal the process group this launcher created for `proc` (its pid is the group id), by that pid."""
     with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
         os.killpg(proc.pid, sig)
@@ -207,6 +262,144 @@ def leftovers(pgids: set[int]) -> list[int]:
             if os.getpgid(proc.pid) in pgids and proc.status() != psutil.STATUS_ZOMBIE:
                 alive.append(proc.pid)
     return alive
+
+
+class ForkedProcess:
+    """A child the zygote forked: the part of `subprocess.Popen` the launcher uses. Its exit comes from the zygote
+    (which reaps it); signals go to its pid while it has not been reported gone."""
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+        self._ended = threading.Event()
+
+    def ended(self, code: int) -> None:
+        self.returncode = code
+        self._ended.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+class Zygote:
+    """The launcher's end of gwtf.launch.zygote: start it (bounded wait for its imports), ask it for children, read
+    their exits. Its stderr goes to `log_path`. If it dies, its children end by themselves (their parent is gone);
+    each is reported ended with exit code 1, an unknown failure, once its pid is gone."""
+
+    def __init__(self, log_path: Path, own_session: bool) -> None:
+        with open(log_path, "w") as err:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "gwtf.launch.zygote"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env={**os.environ, **BASE_ENV},
+                start_new_session=own_session,
+            )
+        self.pid = self._proc.pid
+        self._children: dict[int, ForkedProcess] = {}
+        self._started: dict[int, int] = {}  # request id -> pid, until its requester takes it
+        self._cond = threading.Condition()
+        self._next_id = 0
+        self._gone = False
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        self._stdin: IO[bytes] = self._proc.stdin
+        first = _read_line_within(self._proc.stdout, ZYGOTE_START_S)
+        if not first or "ready" not in first:
+            why = (first or {}).get("refused") or f"no answer within {ZYGOTE_START_S:.0f} s (see {log_path})"
+            self.close()
+            raise UserError(f"the zygote that forks nodes did not start: {why}")
+        threading.Thread(target=self._read, args=(self._proc.stdout,), name="gwtf-zygote", daemon=True).start()
+
+    def spawn(self, module: str, argv: list[str], env: dict[str, str], log_path: Path, session: bool) -> Child:
+        with self._cond:
+            if self._gone:
+                raise UserError(f"the zygote that forks nodes is gone (exit {self._proc.poll()}); see its log")
+            request_id = self._next_id
+            self._next_id += 1
+            request = {"id": request_id, "module": module, "argv": argv, "env": env, "cwd": os.getcwd(),
+                       "log": str(log_path), "session": session}  # fmt: skip
+            self._stdin.write(json.dumps(request).encode() + b"\n")
+            self._stdin.flush()
+            if not self._cond.wait_for(lambda: request_id in self._started or self._gone, ZYGOTE_START_S):
+                raise UserError(f"the zygote did not fork {module} within {ZYGOTE_START_S:.0f} s")
+            if request_id not in self._started:
+                raise UserError(f"the zygote that forks nodes died (exit {self._proc.poll()}); see its log")
+            pid = self._started.pop(request_id)
+            return self._children[pid]
+
+    def _read(self, stdout: IO[bytes]) -> None:
+        for raw in stdout:
+            message = json.loads(raw)
+            with self._cond:
+                if "started" in message:
+                    pid = message["started"]
+                    self._children[pid] = ForkedProcess(pid, [message.get("module", "gwtf")])
+                    self._started[message["id"]] = pid
+                    self._cond.notify_all()
+                elif "exit" in message and message["exit"] in self._children:
+                    self._children[message["exit"]].ended(message["code"])
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+        # The zygote is gone: its children see their parent change and stop; report each once its pid is gone.
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        waiting = [c for c in self._children.values() if c.returncode is None]
+        while waiting and time.monotonic() < deadline:
+            for child in list(waiting):
+                if not _pid_alive(child.pid):
+                    child.ended(1)
+                    waiting.remove(child)
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        """EOF to the zygote (it exits; a child still running then stops by itself), and reap it, bounded."""
+        with contextlib.suppress(OSError, ValueError):
+            self._proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self._proc.wait(timeout=REAP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=REAP_TIMEOUT_S)
+
+
+def _read_line_within(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:
+    """One JSON line from `stream`, or None at EOF or after `timeout` seconds."""
+    import select
+
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        return None
+    line = stream.readline()
+    return json.loads(line) if line else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_jsonl(path: Path) -> list[dict]:

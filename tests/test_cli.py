@@ -19,6 +19,7 @@ SURFACE = {
         "--data-nodes",
         "--device",
         "--out",
+        "--plain-processes",
         "--preset",
         "--replicas",
         "--router",

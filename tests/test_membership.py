@@ -232,8 +232,8 @@ def test_dht_ops_are_written_for_a_benchmark_to_read(tmp_path, monkeypatch) -> N
     import json
     import os
 
+    ops = DhtOps(every=3600.0)  # made before the variable is set, as in a node forked from a zygote
     monkeypatch.setenv(DHT_OPS_ENV, str(tmp_path))
-    ops = DhtOps(every=3600.0)
     ops.add("read", f"gwtf/{RUN}/nodes")  # the first one is written at once
     ops.add("read", f"gwtf/{RUN}/nodes")  # then at most every `every` seconds, and at exit
     ops.add("write", f"gwtf/{RUN}/telemetry")

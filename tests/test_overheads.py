@@ -8,6 +8,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from gwtf.benchmarks.throughput import _median_dicts, _pss_by_kind, dht_ops_by_kind, process_kind, pss_by_node
 
 
@@ -35,7 +37,7 @@ def test_median_over_repeats_nested() -> None:
 def test_pss_of_a_node_and_its_children_from_proc() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        procs = SimpleNamespace(procs={"relay-s1": SimpleNamespace(pid=os.getpid())})
+        procs = SimpleNamespace(procs={"relay-s1": SimpleNamespace(pid=os.getpid())}, zygote_pid=None)
         sizes = pss_by_node(procs)["relay-s1"]  # type: ignore[arg-type]
         assert sizes["node"] > 1 and sizes["DHT process"] > 1  # the child counts as a forked helper process
         pss = {k: v for k, v in sizes.items() if k != "all" and not k.startswith("private ")}
@@ -44,6 +46,14 @@ def test_pss_of_a_node_and_its_children_from_proc() -> None:
         assert _pss_by_kind({"relay-s1": sizes, "relay-s2": {"node": 0.0, "all": 0.0}})["relay"]["all"] == round(
             sizes["all"] / 2, 1
         )
+        # nodes forked from a zygote carry an even share of its PSS (here the child stands in for the zygote)
+        procs.zygote_pid = child.pid
+        procs.procs["relay-s2"] = SimpleNamespace(pid=os.getpid())
+        forked = pss_by_node(procs)  # type: ignore[arg-type]
+        share = forked["relay-s1"]["zygote share"]
+        assert share > 0 and forked["relay-s2"]["zygote share"] == share
+        assert forked["relay-s1"]["all"] == pytest.approx(forked["relay-s1"]["node"] + forked["relay-s1"].get(
+            "DHT process", 0) + share, abs=0.5)  # fmt: skip
     finally:
         child.kill()
         child.wait()

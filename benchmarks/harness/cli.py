@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the report here")
     parser.add_argument("--plots", default=None, help="write PNG plots into this folder")
     parser.add_argument("--logs", default="runs/churn", help="node logs and metrics, one folder per run")
+    parser.add_argument("--preload", action="store_true",
+                        help="fork the gwtf nodes from one process that has imported torch, transformers and "
+                        "hivemind (gwtf.launch.zygote), as `gwtf demo` does: a swarm of 20+ nodes then starts on a "
+                        "small machine without importing torch 20 times at once")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="override the scenario's steps")
     parser.add_argument("--repeats", type=int, default=1, help="run every variant N times, seeds seed..seed+N-1")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
@@ -83,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             rep = dataclasses.replace(sc, seed=sc.seed + r)
             logs = Path(args.logs) / f"repeat-{r}" if args.repeats > 1 else Path(args.logs)
-            out = run_scenario(rep, args.compare, logs, tensorboard=board, dashboard=args.dashboard)
+            out = run_scenario(rep, args.compare, logs, tensorboard=board, dashboard=args.dashboard,
+                               preload=args.preload)  # fmt: skip
             results += out
             reports.append(build_report(rep, out))
             print_summary(reports[-1])
         report = reports[0] if args.repeats == 1 else {"repeats": repeat_summary(reports), "reports": reports}
+        report["command"] = "python -m gwtf.benchmarks.churn " + shlex.join(argv)  # benchmarks.results_table shows it
+        report["commit"] = _commit()
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
@@ -102,3 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
     return 0 if all(r.done and not r.leftover_pids for r in results) else 1
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with "+changes" if its tracked files differ from it), None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True, timeout=10).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")

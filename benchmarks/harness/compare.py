@@ -45,10 +45,17 @@ def variants(compares: list[str]) -> list[dict[str, str]]:
 
 
 def run_scenario(
-    sc: Scenario, compares: list[str], log_root: Path, tensorboard: Path | None = None, dashboard: int | None = None
+    sc: Scenario,
+    compares: list[str],
+    log_root: Path,
+    tensorboard: Path | None = None,
+    dashboard: int | None = None,
+    preload: bool = False,
 ) -> list[RunResult]:
     """Every variant in turn; with `tensorboard`, one TensorBoard run per variant in tensorboard/<scenario>/<label>;
-    with `dashboard`, each gwtf variant's live dashboard on that port (gwtf.launch.dashboard)."""
+    with `dashboard`, each gwtf variant's live dashboard on that port (gwtf.launch.dashboard); with `preload`, the
+    gwtf variants' nodes are forked from a zygote (gwtf.launch.zygote; DeepSpeed's ranks stay plain processes, and
+    its restarts' fixed costs are scaled in the report)."""
     for name in {recovery_of(sc, v) for v in variants(compares)}:
         RecoveryConfig(strategy=name)  # refused here, not as a node that exits in the middle of a run
     events = draw_events(sc, sc.timeout_s)
@@ -70,7 +77,8 @@ def run_scenario(
                     for row in results[-1].rows:
                         scalars.iteration(row, walltime=row["time"])
         else:  # its data nodes write the scalars as they go (with the routing's gap to the optimum)
-            results.append(SwarmRun(sc, variant, log_dir, events, tensorboard=board, dashboard=dashboard).execute())
+            run = SwarmRun(sc, variant, log_dir, events, tensorboard=board, dashboard=dashboard, preload=preload)
+            results.append(run.execute())
     return results
 
 

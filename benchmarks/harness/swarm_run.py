@@ -50,12 +50,13 @@ class SwarmRun:
         events: list[Event],
         tensorboard: Path | None = None,
         dashboard: int | None = None,
+        preload: bool = False,
     ):
         self.sc, self.variant, self.log_dir = sc, variant, log_dir
         self.tensorboard = tensorboard  # data node 0's TensorBoard run (the others' in its data-R subfolders)
         self.dashboard = dashboard  # the port of this run's live dashboard (gwtf.launch.dashboard), if any
         self.pending = [dataclasses.replace(e) for e in events]
-        self.group = ProcessGroup(log_dir)
+        self.group = ProcessGroup(log_dir, preload=preload)  # preload: nodes forked from a zygote
         self.relays: dict[str, Relay] = {}
         self.done_events: list[dict] = []
         self.joiners = 0

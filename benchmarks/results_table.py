@@ -27,6 +27,7 @@ FIGURES = (
     ("time_per_iteration", "s/iteration"),
 )
 SWARM, DEEPSPEED = "swarm", "deepspeed"
+OLD_NAMES = {"useful_throughput": "throughput"}  # reports written before raw and useful tokens/s were told apart
 
 
 def _reports(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -53,8 +54,9 @@ def pairs(data: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
                 pair["invalid"] += 1
                 continue
             for key, _ in FIGURES:
-                if r.get(key) is not None:
-                    pair["values"][key].append(r[key])
+                value = r.get(key, r.get(OLD_NAMES.get(key, "")))
+                if value is not None:
+                    pair["values"][key].append(value)
     for pair in out.values():
         pair["ci"] = {k: mean_ci(v) for k, v in pair.pop("values").items() if v}
     return out
@@ -88,7 +90,9 @@ def row(path: Path) -> tuple[str, str]:
     leftovers = sum(len(run.get("leftover_pids", [])) for rep in reports for run in rep["runs"])
     lost = sum(run["microbatches"]["lost"] for rep in reports for run in rep["runs"])
     seeds = [rep["settings"]["seed"] for rep in reports]
-    note = f"{len(reports)} repeat{'s' * (len(reports) > 1)}, seeds {seeds}; lost {lost}, processes left {leftovers}"
+    commit = data.get("commit") or "not recorded"
+    note = (f"{len(reports)} repeat{'s' * (len(reports) > 1)}, seeds {seeds}; lost {lost}, processes left "
+            f"{leftovers}; commit {commit}")  # fmt: skip
     md = f"| {scenario} | {'<br>'.join(cells[SWARM])} | {'<br>'.join(cells[DEEPSPEED])} | " \
          f"{'<br>'.join(cells['other'])} | {note} |"  # fmt: skip
     return md, data.get("command") or _command(scenario, reports)

@@ -80,12 +80,22 @@ class NodeBase:
     async def live_nodes(self, max_age: float | None = None) -> dict[str, NodeRecord]:
         """The live records, cached for `max_age` seconds (default: a heartbeat, as records change no faster):
         many waits poll it, and a DHT read costs every peer's DHT process CPU (it checks every record's signature).
-        Peers found gone (`found_gone`) are left out until their record is renewed or expires."""
+        Peers found gone (`found_gone`) are left out until their record is renewed or expires. A read that fails
+        (a DHT lookup timing out on a loaded machine) keeps the last view, said in one line, for a caller that takes
+        a cached one; the next call reads again. A caller that asked for a fresh view (max_age=0) gets the error."""
         now = time.monotonic()
         if max_age is None:
             max_age = self.run.membership.heartbeat_s
         if self._view is None or now - self._view[0] > max_age:
-            self._view = (now, self._without_gone(await asyncio.to_thread(self.membership.live_records)))
+            try:
+                records = await asyncio.to_thread(self.membership.live_records)
+            except (TimeoutError, OSError) as exc:
+                if self._view is None or max_age <= 0:
+                    raise
+                log.warning("%s: reading the node records failed (%s); the view of %.0f s ago is kept",
+                            self.peer_id[:8], type(exc).__name__, now - self._view[0])  # fmt: skip
+                return self._view[1]
+            self._view = (now, self._without_gone(records))
         return self._view[1]
 
     def found_gone(self, peers) -> None:

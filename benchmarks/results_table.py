@@ -79,7 +79,8 @@ def _cell_text(pair: dict[str, Any], b: str, column: str) -> str:
 
 
 def row(path: Path) -> tuple[str, str]:
-    """(the markdown row, the command that made it) of one report file."""
+    """(the markdown row, the command that made it) of one report file: as the report recorded it, or, for a report
+    that predates that, rebuilt from what it compared (writing to `path`)."""
     data = json.loads(path.read_text())
     reports = _reports(data)
     scenario = reports[0]["scenario"]
@@ -95,7 +96,7 @@ def row(path: Path) -> tuple[str, str]:
             f"{leftovers}; commit {commit}")  # fmt: skip
     md = f"| {scenario} | {'<br>'.join(cells[SWARM])} | {'<br>'.join(cells[DEEPSPEED])} | " \
          f"{'<br>'.join(cells['other'])} | {note} |"  # fmt: skip
-    return md, data.get("command") or _command(scenario, reports)
+    return md, data.get("command") or f"{_command(scenario, reports)} --json {path}"
 
 
 def _command(scenario: str, reports: list[dict[str, Any]]) -> str:
@@ -122,7 +123,7 @@ def table(paths: list[Path]) -> str:
     for path in paths:
         md, command = row(path)
         lines.append(md)
-        commands.append(f"- {path.name}: `{command} --json {path}`")
+        commands.append(f"- {path.name}: `{command}`")
     return "\n".join(lines + ["", *commands])
 
 

@@ -198,7 +198,7 @@ def test_the_results_table_is_made_from_the_reports_with_intervals_and_the_inval
     assert "s/iteration 0.38 [" in swarm and "(n=3, 1 invalid left out)" in swarm  # seed 3's swarm run lost one
     assert "raw tokens/s" not in swarm and "raw tokens/s" in deepspeed and "(n=4)" in deepspeed
     assert "4 repeats, seeds [0, 1, 2, 3]; lost 1" in runs
-    assert command.endswith("fake.toml --compare router=gwtf,swarm --repeats 4")  # a report without its command
+    assert command.endswith(f"fake.toml --compare router=gwtf,swarm --repeats 4 --json {path}")  # rebuilt
     assert results_table.table([path]).count("\n| fake |") == 1
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from gwtf.benchmarks.ds_pipeline import DSSettings, run_deepspeed
+from gwtf.errors import UserError
 from gwtf.launch.processes import CLI, ProcessGroup, profiled, read_jsonl
 from gwtf.membership import DHT_OPS_ENV, DHT_PROCESS_ENV
 
@@ -78,13 +79,12 @@ class BenchSettings:
     baseline: str = "gwtf_plain"  # the same swarm started otherwise, in the same run: a BASELINES key, or ""
 
     def __post_init__(self) -> None:
-        if self.baseline and self.baseline not in BASELINES:
-            raise ValueError(f"baseline {self.baseline!r}: one of {', '.join(BASELINES)}, or '' for none")
-        self._check()
-
-    def _check(self) -> None:
         from gwtf.device import check_device, check_precision
 
+        if self.baseline and self.baseline not in BASELINES:
+            raise UserError(f"--baseline {self.baseline!r}: one of {', '.join(BASELINES)}, or '' for none")
+        if self.preload not in (0, 1):
+            raise UserError(f"--preload {self.preload}: 1 forks the swarm's nodes from a zygote, 0 does not")
         self.device, self.precision = check_device(self.device), check_precision(self.precision)
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
@@ -544,7 +544,10 @@ def main() -> int:
     parser.add_argument("--profile", default=None, help="cProfile every swarm process into this folder")
     args = vars(parser.parse_args())
     json_out, work, profile = args.pop("json"), args.pop("work"), args.pop("profile")
-    settings = BenchSettings(**args)
+    try:
+        settings = BenchSettings(**args)
+    except (UserError, ValueError) as exc:
+        parser.error(str(exc))  # one line and exit 2, before any process starts
     with tempfile.TemporaryDirectory(prefix="gwtf-throughput-") as tmp:
         result = run_benchmark(settings, Path(work or tmp), Path(profile) if profile else None)
     print_table(result)

@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -94,14 +95,15 @@ class ProcessGroup:
     # ---- start -------------------------------------------------------------------------------------------------
     def start(
         self, name: str, argv: Sequence[str], *, entry: Sequence[str] = CLI, env: Mapping[str, str] | None = None
-    ) -> subprocess.Popen:
+    ) -> Child:
         """`python ENTRY ARGV` as `name`, logging to `LOG_DIR/NAME.log` (truncated); `env` adds to the environment."""
         self._trap_sigterm()
         log_path = self.log_dir / f"{name}.log"
         zygote = self._zygote_for(entry)
+        parent = zygote.pid if zygote is not None else os.getpid()  # the process whose end ends the child
+        child_env = {**os.environ, **BASE_ENV, PARENT_ENV: str(parent), **(env or {})}
         if zygote is not None:
             log_path.write_text("")  # truncated here, appended to by the child
-            child_env = {**os.environ, **BASE_ENV, PARENT_ENV: str(zygote.pid), **(env or {})}
             proc: Child = zygote.spawn(entry[1], [*entry[2:], *argv], child_env, log_path, self.own_sessions)
         else:
             with open(log_path, "w") as out:  # the child holds its own copy
@@ -109,7 +111,7 @@ class ProcessGroup:
                     [sys.executable, *entry, *argv],
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env={**os.environ, **BASE_ENV, PARENT_ENV: str(os.getpid()), **(env or {})},
+                    env=child_env,
                     start_new_session=self.own_sessions,
                 )
         self.procs[name] = proc
@@ -343,8 +345,9 @@ class Zygote:
                 raise UserError(f"the zygote did not fork {module} within {ZYGOTE_START_S:.0f} s")
             if request_id not in self._started:
                 raise UserError(f"the zygote that forks nodes died (exit {self._proc.poll()}); see its log")
-            pid = self._started.pop(request_id)
-            return self._children[pid]
+            child = self._children[self._started.pop(request_id)]
+            child.args = [module, *argv]
+            return child
 
     def _read(self, stdout: IO[bytes]) -> None:
         for raw in stdout:
@@ -352,7 +355,7 @@ class Zygote:
             with self._cond:
                 if "started" in message:
                     pid = message["started"]
-                    self._children[pid] = ForkedProcess(pid, [message.get("module", "gwtf")])
+                    self._children[pid] = ForkedProcess(pid, [])  # its args: spawn's
                     self._started[message["id"]] = pid
                     self._cond.notify_all()
                 elif "exit" in message and message["exit"] in self._children:
@@ -383,8 +386,6 @@ class Zygote:
 
 def _read_line_within(stream: IO[bytes], timeout: float) -> dict[str, Any] | None:
     """One JSON line from `stream`, or None at EOF or after `timeout` seconds."""
-    import select
-
     ready, _, _ = select.select([stream], [], [], timeout)
     if not ready:
         return None

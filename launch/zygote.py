@@ -50,8 +50,6 @@ PRELOAD = (
     "gwtf.transport",
     "gwtf.models.staged",
 )
-
-
 PRELOAD_ENV = "GWTF_PRELOAD_MODULES"  # comma-separated modules to preload instead of PRELOAD
 
 
@@ -61,7 +59,6 @@ def preload(modules: tuple[str, ...] | None = None) -> None:
     if modules is None:
         given = os.environ.get(PRELOAD_ENV)
         modules = tuple(m for m in given.split(",") if m) if given is not None else PRELOAD
-
     for name in modules:
         importlib.import_module(name)
     gc.collect()
@@ -163,8 +160,9 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - said in one line; the launcher falls back to plain processes
         _reply(reply_fd, {"refused": f"preloading failed: {type(exc).__name__}: {exc}"})
         return 1
-    if threads() != 1:  # a fork copies only the calling thread: locks held by others would never be released
-        _reply(reply_fd, {"refused": f"{threads()} threads after preloading; forking is only safe with one"})
+    running = threads()
+    if running != 1:  # a fork copies only the calling thread: locks held by others would never be released
+        _reply(reply_fd, {"refused": f"{running} threads after preloading; forking is only safe with one"})
         return 1
     _reply(reply_fd, {"ready": os.getpid()})
     request = serve(0, reply_fd)

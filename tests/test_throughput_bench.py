@@ -46,3 +46,18 @@ def test_throughput_settings_carry_device_and_precision():
     for bad in ({"device": "gpu"}, {"precision": "fp16"}):
         with pytest.raises(UserError):
             BenchSettings(**bad)
+
+
+def test_a_bad_baseline_or_preload_is_one_line_before_any_process_starts(monkeypatch, capsys):
+    from gwtf.benchmarks import throughput
+    from gwtf.errors import UserError
+
+    for bad in ({"baseline": "gwtf_nope"}, {"preload": 2}):
+        with pytest.raises(UserError, match="--baseline 'gwtf_nope'|--preload 2"):
+            throughput.BenchSettings(**bad)
+    monkeypatch.setattr(sys, "argv", ["throughput", "--baseline", "gwtf_nope"])
+    with pytest.raises(SystemExit) as exit_:
+        throughput.main()
+    assert exit_.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "--baseline 'gwtf_nope': one of gwtf_plain, gwtf_dht_process, or '' for none" in line

@@ -4,6 +4,7 @@ group starting plain processes; nothing outlives a launcher that is SIGKILLed.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,6 +81,7 @@ LAUNCHER = """
 def test_nothing_outlives_a_sigkilled_launcher(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-c", textwrap.dedent(LAUNCHER), str(tmp_path)],
                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+    family: list[psutil.Process] = []
     try:
         line = launcher.stdout.readline() if launcher.stdout else ""
         zygote, node = (int(x) for x in line.split())
@@ -91,3 +93,6 @@ def test_nothing_outlives_a_sigkilled_launcher(tmp_path):
     finally:
         launcher.kill()
         launcher.wait(timeout=10)
+        for proc in family:  # orphaned once the launcher is gone: the conftest reaper no longer sees them
+            with contextlib.suppress(psutil.Error):
+                proc.kill()

@@ -201,6 +201,7 @@ async def answering_nodes(transport, membership) -> dict:
 
 
 async def _serve_relay(args, spec, opts, transport, membership) -> int:
+    from gwtf.recovery import RecoveryError
     from gwtf.runtime.assembly import module_builder
     from gwtf.runtime.relay import RelayNode
 
@@ -226,10 +227,13 @@ async def _serve_relay(args, spec, opts, transport, membership) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await node.start(module_builder(spec), timeout=args.join_timeout)
-    except (PeerError, BadMessage) as exc:
+    except (PeerError, BadMessage, RecoveryError) as exc:
         # The run may have ended while this node joined (its donors and neighbours exited at the last step): that is
         # not an error of this volunteer's; anything else is.
         if not await _run_is_over(membership, spec.total_steps):
+            if isinstance(exc, RecoveryError):  # every relay stage is gone: nothing left to rebuild this one from
+                await node.close()
+                raise UserError(f"stage {stage} lost every replica and cannot be rebuilt: {exc}") from None
             raise
         await node.close()
         print(f"relay {transport.peer_id}: the run reached its last step ({spec.total_steps}) while this node was "

@@ -189,12 +189,17 @@ class FlightLegs(NodeBase):
                 tensors=[fl.h0_host, msg.tensors[0]],
                 meta=meta,
             )
-            await self.call(new, "recompute", req)
+            peer, name = new, "recompute"
         else:
             req = self.message(
                 "resend", iteration=self.iteration, microbatch_id=fl.mb, stage=0, tensors=[msg.tensors[0]], meta=meta
             )
-            await self.call(fl.route[k - 1], "resend", req)
+            peer, name = fl.route[k - 1], "resend"
+        try:
+            await self.call(peer, name, req)
+        except PeerError as exc:  # the upstream replica died too (neighbouring stages lost together): a refusal,
+            # and the asking relay tells its upstream nothing more; this microbatch's backward ends partial
+            raise BadMessage(f"microbatch {fl.mb}: recovering stage {fl.order[k]} failed: {exc}") from None
         log.info("mb %d: stage %d recomputed on %s", fl.mb, fl.order[k], new[:8])
         return self.message("ack")
 

@@ -168,24 +168,32 @@ class RelayJoining(RelayBase):
         )
 
     async def neighbour_stages(self, build_module) -> tuple[dict[int, Any], dict[int, float], list[int]]:
-        """The live neighbouring relay stages' parameters (as modules), last gradient norms and versions: what a
-        strategy rebuilds this stage from."""
+        """The nearest live relay stage on each side of this one (the adjacent stage, or past a stage that lost every
+        replica too: when neighbouring stages are lost together, the first joiner would otherwise find nothing to
+        rebuild from and the run would stall until its data nodes gave up): their parameters (as modules), last
+        gradient norms and versions, what a strategy rebuilds this stage from. A stage none of whose replicas
+        answers (killed a moment ago, its record still live) counts as lost."""
         nodes = await self.live_nodes(max_age=0)
         modules, norms, versions = {}, {}, []
-        for j in (self.stage - 1, self.stage + 1):
-            donors = sorted(serving(nodes, "relay", j)) if 1 <= j <= self.spec.model.n_stages else []
-            for k, donor in enumerate(donors):  # a replica killed a moment ago is still in the records: the next one
-                try:
-                    modules[j], version, norms[j] = await self._neighbour(j, donor, build_module)
-                except PeerError as exc:
-                    if k == len(donors) - 1:
-                        raise
-                    log.warning("relay %s: stage %d's replica %s did not answer (%s); asking the next one",
-                                self.peer_id[:8], j, donor[:8], exc)  # fmt: skip
-                    continue
-                versions.append(version)
-                break
+        n = self.spec.model.n_stages
+        for side in (range(self.stage - 1, 0, -1), range(self.stage + 1, n + 1)):
+            for j in side:
+                got = await self._first_answering(j, sorted(serving(nodes, "relay", j)), build_module)
+                if got is not None:
+                    modules[j], version, norms[j] = got
+                    versions.append(version)
+                    break
         return modules, norms, versions
+
+    async def _first_answering(self, stage: int, donors: list[str], build_module) -> tuple[Any, int, float] | None:
+        """Stage `stage` from the first of its replicas that answers (None: no replica does)."""
+        for donor in donors:
+            try:
+                return await self._neighbour(stage, donor, build_module)
+            except PeerError as exc:
+                log.warning("relay %s: stage %d's replica %s did not answer (%s)", self.peer_id[:8], stage,
+                            donor[:8], exc)  # fmt: skip
+        return None
 
     async def _neighbour(self, stage: int, donor: str, build_module) -> tuple[Any, int, float]:
         """Stage `stage`'s current parameters from one of its replicas, as a module, with their version and the

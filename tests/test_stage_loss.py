@@ -118,6 +118,39 @@ def test_neighbouring_stages_lost_together_are_rebuilt_from_the_nearest_live_sta
     assert len(losses) == STEPS and all(loss == loss for loss in losses)
 
 
+def test_a_stage_lost_in_the_forward_is_waited_for_and_no_microbatch_is_lost():
+    """Every replica of stage 2 crashes in the forward of a step; their records live on for seconds. The restarts
+    must not go to the dead replicas (they were all spent within a second and the microbatches lost): the data node
+    probes the route, leaves the dead out, and waits for a joiner to rebuild the stage."""
+    cfg = small_config(steps=4, microbatches=4, stages=3)
+
+    async def go():
+        settings = fast_swarm("membership.record_ttl_s=4.0", "iteration.max_attempts=3")
+        swarm = InProcessSwarm(cfg, replicas=2, settings=settings)
+        await swarm.start()
+        try:
+            await swarm.step()
+            victims = [p for p, n in swarm.relays.items() if n.stage == 2]
+            swarm.faults.faults.extend(Fault(p, 1, "forward") for p in victims)
+            step = asyncio.ensure_future(swarm.step())
+            for _ in range(500):  # bounded wait for both crashes
+                if all(p not in swarm.relays for p in victims):
+                    break
+                await asyncio.sleep(0.01)
+            assert all(p not in swarm.relays for p in victims)
+            await asyncio.sleep(1.5)  # the restarts would all be spent by now
+            joiner = await swarm.add_relay(2)
+            result = await step
+            assert all(r.lost == 0 for r in result.reports), result.reports
+            assert joiner.rebuilt_source == "mean(1,3)"
+            result = await swarm.step()
+            assert all(r.lost == 0 and r.partial == 0 for r in result.reports), result.reports
+        finally:
+            await swarm.close()
+
+    run(go())
+
+
 def test_a_stage_with_no_replica_and_no_joiner_fails_clearly_and_bounded():
     cfg = small_config(steps=3, microbatches=2, stages=2)
 

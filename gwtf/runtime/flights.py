@@ -232,6 +232,7 @@ class FlightLegs(NodeBase):
             if attempt:
                 fl.reroutes += 1
                 await self._release(fl, attempt - 1)
+                await self._drop_dead_hops(fl)
                 await self._fresh_route(fl)
             fl.h0, fl.h0_host = await self.compute(self._embed, fl.x)
             try:
@@ -252,6 +253,16 @@ class FlightLegs(NodeBase):
         msg = self.message("release", iteration=self.iteration, microbatch_id=fl.mb, meta=meta)
         calls = [self.call(p, "release", msg, timeout=1.0) for p in set(fl.route)]
         await asyncio.gather(*calls, return_exceptions=True)
+
+    async def _drop_dead_hops(self, fl: Flight) -> None:
+        """Before a restart: probe the route's replicas and those that failed this microbatch, and leave the gone
+        ones out of every view. A stage that lost every replica a moment ago still has live records; without this the
+        restarts went to its dead replicas and were all spent within a second (microbatches lost), where the route
+        now waits, bounded by recovery.stage_timeout, for the stage to be rebuilt (`_replace`)."""
+        gone_now = await self.probes.gone(set(fl.route) | fl.avoid, timeout=PROBE_ROUTE_AFTER_S)
+        if gone_now:
+            self.telemetry.found_gone(sorted(gone_now), {p: k for p, k in zip(fl.route, fl.order)})
+            self.found_gone(gone_now)
 
     async def _fresh_route(self, fl: Flight) -> None:
         live = set(await self.live_nodes())

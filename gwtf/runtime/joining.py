@@ -168,21 +168,33 @@ class RelayJoining(RelayBase):
         )
 
     async def neighbour_stages(self, build_module) -> tuple[dict[int, Any], dict[int, float], list[int]]:
-        """The nearest live relay stage on each side of this one (the adjacent stage, or past a stage that lost every
-        replica too: when neighbouring stages are lost together, the first joiner would otherwise find nothing to
-        rebuild from and the run would stall until its data nodes gave up): their parameters (as modules), last
-        gradient norms and versions, what a strategy rebuilds this stage from. A stage none of whose replicas
-        answers (killed a moment ago, its record still live) counts as lost."""
+        """The live relay stages next to this one: their parameters (as modules), last gradient norms and versions,
+        what a strategy rebuilds this stage from. Where neither adjacent stage is live (neighbouring stages lost
+        together), the nearest live stage on each side past them: the first joiner would otherwise find nothing to
+        rebuild from, and the run stalled until its data nodes gave up. A stage none of whose replicas answers
+        (killed a moment ago, its record still live) counts as lost."""
         nodes = await self.live_nodes(max_age=0)
         modules, norms, versions = {}, {}, []
         n = self.spec.model.n_stages
-        for side in (range(self.stage - 1, 0, -1), range(self.stage + 1, n + 1)):
-            for j in side:
-                got = await self._first_answering(j, sorted(serving(nodes, "relay", j)), build_module)
-                if got is not None:
-                    modules[j], version, norms[j] = got
-                    versions.append(version)
-                    break
+        adjacent = [
+            range(self.stage - 1, max(self.stage - 2, 0), -1),
+            range(self.stage + 1, min(self.stage + 1, n) + 1),
+        ]
+        beyond = [range(self.stage - 1, 0, -1), range(self.stage + 1, n + 1)]
+        tried: set[int] = set()
+        for sides in (adjacent, beyond):
+            for side in sides:
+                for j in side:
+                    if j in tried:  # an adjacent stage that did not answer: lost
+                        continue
+                    tried.add(j)
+                    got = await self._first_answering(j, sorted(serving(nodes, "relay", j)), build_module)
+                    if got is not None:
+                        modules[j], version, norms[j] = got
+                        versions.append(version)
+                        break
+            if modules:
+                break
         return modules, norms, versions
 
     async def _first_answering(self, stage: int, donors: list[str], build_module) -> tuple[Any, int, float] | None:

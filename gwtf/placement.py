@@ -71,28 +71,49 @@ async def place_volunteer(
     live_nodes: Callable[[], Awaitable[dict[str, NodeRecord]]],
     settle_s: float = SETTLE_S,
     ttl: float = CHOICE_TTL_S,
+    gone: Callable[[set[str]], Awaitable[set[str]]] | None = None,
 ) -> int:
     """The stage a volunteer without --stage serves (see the module's docstring). `live_nodes()`: the records of
-    the nodes that answer now. A DHT write that fails is logged: the volunteer then places itself alone."""
+    the nodes that answer now. `gone(peers)`: those of `peers` certainly gone (a probe), whose announced choices
+    no longer count: a volunteer killed after it chose lives on in its choice for CHOICE_TTL_S, and a stage it had
+    chosen looked taken (a stage-loss run's two joiners both went to stage 1 while stage 3, whose two joiners had just
+    been killed, had no replica; the data node gave up on it). A DHT write that fails is logged: the volunteer then
+    places itself alone."""
     since = time.time()
-    first = assign(await live_nodes(), {**await _choices(membership), peer_id: {"since": since, "stage": 0}}, n_stages)
+    nodes = await live_nodes()
+    first = assign(
+        nodes, {**await _choices(membership, nodes, gone, peer_id), peer_id: {"since": since, "stage": 0}}, n_stages
+    )
     await _announce(membership, {"stage": first[peer_id], "since": since}, ttl)
     await asyncio.sleep(settle_s)
-    choices = await _choices(membership)
+    nodes = await live_nodes()
+    choices = await _choices(membership, nodes, gone, peer_id)
     choices[peer_id] = {"stage": first[peer_id], "since": since}  # its own, whether or not the read saw it
-    stage = assign(await live_nodes(), choices, n_stages)[peer_id]
+    stage = assign(nodes, choices, n_stages)[peer_id]
     await _announce(membership, {"stage": stage, "since": since, "final": True}, ttl)
     if stage != first[peer_id]:
         log.info("volunteers arrived together: stage %d instead of %d", stage, first[peer_id])
     return stage
 
 
-async def _choices(membership: Membership) -> dict[str, dict[str, Any]]:
+async def _choices(
+    membership: Membership,
+    nodes: dict[str, NodeRecord],
+    gone: Callable[[set[str]], Awaitable[set[str]]] | None,
+    me: str,
+) -> dict[str, dict[str, Any]]:
+    """The announced choices, less those of volunteers that `gone` finds gone (only the ones without a record of
+    their own, which are the ones a choice counts for: see `assign`)."""
     try:
-        return await asyncio.to_thread(membership.choices)
+        choices = await asyncio.to_thread(membership.choices)
     except Exception as exc:  # noqa: BLE001 (a DHT read that timed out: place by the records alone)
         log.warning("reading the volunteers' choices failed (%s: %s)", type(exc).__name__, exc)
         return {}
+    pending = {p for p in choices if p not in nodes and p != me}
+    dead = await gone(pending) if gone is not None and pending else set()
+    if dead:
+        log.info("not counting the choices of %d volunteer(s) that do not answer: %s", len(dead), sorted(dead))
+    return {p: c for p, c in choices.items() if p not in dead}
 
 
 async def _announce(membership: Membership, choice: dict[str, Any], ttl: float) -> None:

@@ -201,6 +201,7 @@ async def answering_nodes(transport, membership) -> dict:
 
 
 async def _serve_relay(args, spec, opts, transport, membership) -> int:
+    from gwtf import liveness
     from gwtf.recovery import RecoveryError
     from gwtf.runtime.assembly import module_builder
     from gwtf.runtime.relay import RelayNode
@@ -217,7 +218,11 @@ async def _serve_relay(args, spec, opts, transport, membership) -> int:
         print(f"standby volunteer: a replica of stage {stage} was lost; taking over", flush=True)
     else:
         stage = args.stage or await place_volunteer(  # announced before it loads: volunteers arriving together spread
-            membership, transport.peer_id, spec.model.n_stages, lambda: answering_nodes(transport, membership)
+            membership,
+            transport.peer_id,
+            spec.model.n_stages,
+            lambda: answering_nodes(transport, membership),
+            gone=lambda peers: liveness.gone(transport, peers),
         )
     node = RelayNode(spec, transport, membership, opts, stage)
     node.maddrs = dht_addresses(membership.dht)  # in its record: `gwtf status` hands them out to volunteers

@@ -265,6 +265,36 @@ def test_four_volunteers_arriving_together_on_two_stages_end_two_and_two() -> No
     assert Counter(stages) == {1: 2, 2: 2}, stages
 
 
+def test_a_killed_volunteers_choice_does_not_keep_its_stage_looking_taken() -> None:
+    """Stage 3's two joiners announced it, then were killed (their choices live on for CHOICE_TTL_S). A volunteer
+    arriving next must take stage 3, the one with no replica, not count the dead joiners there; a choice whose
+    volunteer still answers keeps counting."""
+    import asyncio
+
+    from gwtf.membership import InMemoryMembership, NodeRecord
+    from gwtf.placement import place_volunteer
+
+    def relay(peer: str, stage: int) -> NodeRecord:
+        return NodeRecord(peer, "relay", stage, "serving", 2, 0.1, None, 3, True, None, 0.0, 0)
+
+    async def main(dead: set[str]) -> int:
+        store = InMemoryMembership.shared_store()
+        for peer in ("k1", "k2"):  # the killed joiners' choices, still in the DHT
+            InMemoryMembership(store, RUN, peer).announce_choice({"stage": 3, "since": 1.0, "final": True}, 60.0)
+        records = {"a": relay("a", 1), "b": relay("b", 2)}  # stage 3: no relay left
+
+        async def live() -> dict:
+            return dict(records)
+
+        async def gone(peers: set[str]) -> set[str]:
+            return peers & dead
+
+        return await place_volunteer(InMemoryMembership(store, RUN, "new"), "new", 3, live, settle_s=0.05, gone=gone)
+
+    assert asyncio.run(main(dead={"k1", "k2"})) == 3
+    assert asyncio.run(main(dead=set())) == 1  # two volunteers loading stage 3 (alive): stage 1 is the emptiest
+
+
 def test_a_volunteer_counts_serving_relays_and_final_choices() -> None:
     from gwtf.membership import NodeRecord
     from gwtf.placement import assign

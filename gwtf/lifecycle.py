@@ -43,6 +43,11 @@ def install() -> None:
     launcher = os.environ.pop(PARENT_ENV, None)  # for this process only: what it starts has its own parent
     if launcher and launcher.isdigit():
         watch_parent(int(launcher), lambda: os.kill(os.getpid(), signal.SIGTERM))
+        # A launcher run from a shell without job control (a background `cmd &` in a script, CI) inherits SIGINT
+        # ignored, and so would its nodes: Ctrl-C sent to a node's process group did nothing and the node ran on.
+        # A node the launcher started takes SIGINT as Python does by default (KeyboardInterrupt: exit 130).
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def watch_parent(parent: int, on_gone: Callable[[], None]) -> threading.Thread:

@@ -16,17 +16,24 @@ def params(node) -> list[torch.Tensor]:
     return [p.detach().clone() for p in node.replica.module.parameters()]
 
 
-async def lose_stage_and_rebuild(swarm: InProcessSwarm, stage: int, iteration: int) -> dict:
-    """Every replica of `stage` crashes during its backward of `iteration` (the fault injector), so the iteration
-    cannot end and the neighbours cannot step; then a volunteer joins the stage and rebuilds it from them."""
+async def crash_stage_in_a_step(swarm: InProcessSwarm, stage: int, iteration: int, phase: str) -> asyncio.Future:
+    """Every replica of `stage` crashes at `phase` of `iteration` (the fault injector) in a step started here; returns
+    the step, still running, once all of them have crashed (bounded wait)."""
     victims = [p for p, n in swarm.relays.items() if n.stage == stage]
-    swarm.faults.faults.extend(Fault(p, iteration, "backward") for p in victims)
+    swarm.faults.faults.extend(Fault(p, iteration, phase) for p in victims)
     step = asyncio.ensure_future(swarm.step())
-    for _ in range(500):  # bounded wait for both crashes
+    for _ in range(500):  # bounded wait for every crash
         if all(p not in swarm.relays for p in victims):
             break
         await asyncio.sleep(0.01)
     assert all(p not in swarm.relays for p in victims)
+    return step
+
+
+async def lose_stage_and_rebuild(swarm: InProcessSwarm, stage: int, iteration: int) -> dict:
+    """Every replica of `stage` crashes during its backward of `iteration` (the fault injector), so the iteration
+    cannot end and the neighbours cannot step; then a volunteer joins the stage and rebuilds it from them."""
+    step = await crash_stage_in_a_step(swarm, stage, iteration, "backward")
     neighbours = {}
     for k in (stage - 1, stage + 1):
         node = next((n for n in swarm.relays.values() if n.stage == k), None)
@@ -130,14 +137,7 @@ def test_a_stage_lost_in_the_forward_is_waited_for_and_no_microbatch_is_lost():
         await swarm.start()
         try:
             await swarm.step()
-            victims = [p for p, n in swarm.relays.items() if n.stage == 2]
-            swarm.faults.faults.extend(Fault(p, 1, "forward") for p in victims)
-            step = asyncio.ensure_future(swarm.step())
-            for _ in range(500):  # bounded wait for both crashes
-                if all(p not in swarm.relays for p in victims):
-                    break
-                await asyncio.sleep(0.01)
-            assert all(p not in swarm.relays for p in victims)
+            step = await crash_stage_in_a_step(swarm, 2, 1, "forward")
             await asyncio.sleep(1.5)  # the restarts would all be spent by now
             joiner = await swarm.add_relay(2)
             result = await step

@@ -27,14 +27,22 @@ def _pair() -> tuple[SecureChannel, SecureChannel]:
 
 @pytest.mark.parametrize("nbytes", [10, RECORD_BYTES + 7, 5 * RECORD_BYTES + 3], ids=["small", "2 records", "big"])
 def test_sealed_frames_round_trip(nbytes: int) -> None:
+    """A frame (prefix, header, body) read back as the transport reads it: the prefix and header are a record of their
+    own, the body's records follow (so they open straight into the body's buffer), and the records of a send are
+    sealed into one reused buffer without mixing up the next send's."""
+
     async def run() -> None:
         caller, server = _pair()
         payload = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).numpy().tobytes()
-        for _ in range(2):  # the counters advance on both sides in step
-            sent = asyncio.ensure_future(caller.send([b"head", memoryview(payload)]))
-            got = await server.read_exactly(4 + nbytes)
+        for i in range(3):  # the counters advance on both sides in step; the send buffer is reused
+            body = bytes([i]) + payload
+            sent = asyncio.ensure_future(caller.send([b"pre", b"header", memoryview(body)]))
+            assert await server.read_exactly(3) == b"pre" and await server.read_exactly(6) == b"header"
+            got = memoryview(bytearray(len(body)))
+            await server.read_into(got)
             await sent
-            assert got == b"head" + payload
+            assert bytes(got) == body
+            assert caller._sent == (i + 1) * (1 + -(-len(body) // RECORD_BYTES))
         caller.sock.close(), server.sock.close()
 
     asyncio.run(run())
@@ -100,7 +108,7 @@ def test_bad_records_are_refused_in_one_line_and_the_node_goes_on(attack: str, c
         client.access, client._direct._run_key = server.access, server.access.key  # both members of the keyed run
         try:
             channel = await _raw_channel(client, server, secret=b"x" * 32 if attack == "wrong key" else None)
-            records = list(channel._records(_request(client, server)))
+            records = [bytes(r) for r in channel._sealed_records(_request(client, server))]  # copied: reused buffer
             loop = asyncio.get_running_loop()
             if attack == "tampered":
                 records[-1] = records[-1][:-20] + bytes([records[-1][-20] ^ 1]) + records[-1][-19:]

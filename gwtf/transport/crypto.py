@@ -16,6 +16,7 @@ sequence-number nonces), with records of up to 1 MiB since the frames here are m
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import struct
 from collections.abc import Iterator, Sequence
@@ -75,9 +76,10 @@ class SecureChannel:
 
     Per megabyte, allocating was what cost (measured on this project's 2-core VM: ChaCha20-Poly1305 into fresh
     bytes ~0.85 GB/s, into a buffer that is already mapped ~2 GB/s; a fresh 1 MiB bytearray ~1.2 GB/s), so records
-    are sealed into one reused send buffer (length prefix and sealed bytes, sent in one call), received into one
-    reused buffer, and opened straight into the reader's destination (`decrypt_into`), or into a reused buffer
-    when the destination ends inside a record. The buffers are made on a channel's first record."""
+    of every frame, small or large, are sealed into one reused send buffer (length prefix and sealed bytes, sent in
+    one call), received into one reused buffer, and opened straight into the reader's destination (`decrypt_into`),
+    or into a reused buffer when the destination ends inside a record. The buffers are made on a channel's first
+    record."""
 
     authenticated = True  # every record's tag is checked before a byte of it is handed on
 
@@ -88,6 +90,7 @@ class SecureChannel:
         self._sent = self._received = 0  # records so far in each direction: the next record's nonce
         self._plain = memoryview(b"")  # opened bytes not read yet (a view of _plain_buf)
         self._out: memoryview | None = None  # length prefix + sealed record, reused
+        self._staging = memoryview(b"")  # a record's plaintext gathered from several of the frame's buffers, reused
         self._sealed: memoryview | None = None  # a received sealed record, reused
         self._plain_buf: memoryview | None = None  # an opened record the destination could not take whole
 
@@ -96,27 +99,39 @@ class SecureChannel:
     async def send(self, frame: Sequence[bytes | memoryview]) -> None:
         if sum(len(b) for b in frame) >= THREAD_IO_BYTES:
             await in_thread(self.sock, lambda sock, _: self._send_blocking(frame), memoryview(b""))
-        else:
-            await asyncio.get_running_loop().sock_sendall(self.sock, b"".join(self._records(frame)))
+            return
+        loop = asyncio.get_running_loop()
+        for record in self._sealed_records(frame):  # sent before the next is sealed into the same buffer
+            await loop.sock_sendall(self.sock, record)
 
     def _send_blocking(self, frame: Sequence[bytes | memoryview]) -> None:
+        for record in self._sealed_records(frame):
+            self.sock.sendall(record)
+
+    def _sealed_records(self, frame: Sequence[bytes | memoryview]) -> Iterator[memoryview]:
+        """The frame's records, each sealed into the one reused send buffer (length prefix and sealed bytes): a
+        record is valid until the next is sealed. The frame's prefix and header are a record of their own, so the
+        receiver, which reads them first, opens the body's records straight into the body's buffer (a record that
+        held the header and the body's first bytes would be opened into a side buffer and copied). A record that
+        spans the body's buffers is gathered into a reused staging buffer first. Nothing is allocated per frame (the
+        allocator maps a fresh buffer of a megabyte anew, and its page faults cost more than the cipher). Measured on
+        this project's 2-core VM, a 1 MiB frame over a socket pair and a small reply back: 1.65 ms when frames were
+        sealed into fresh bytes with the header in the body's first record, 0.70 ms so (unencrypted 0.33 ms); at
+        128 KiB no change (0.15 ms, unencrypted 0.06 ms: the rest is Python's per-record work)."""
         if self._out is None:
             self._out = memoryview(bytearray(_LEN.size + RECORD_BYTES + _TAG))
+            self._staging = memoryview(bytearray(RECORD_BYTES))
         out = self._out
-        for chunk in _chunks(frame, RECORD_BYTES):
+        head, body = frame[:2], frame[2:]  # the prefix and header (small) apart, so the body's records open straight
+        for chunk in itertools.chain(
+            _chunks(head, RECORD_BYTES, self._staging), _chunks(body, RECORD_BYTES, self._staging)
+        ):
             end = _LEN.size + len(chunk) + _TAG
             length = _LEN.pack(len(chunk) + _TAG)
             out[: _LEN.size] = length
             self._seal.encrypt_into(_COUNTER.pack(self._sent), chunk, length, out[_LEN.size : end])
             self._sent += 1
-            self.sock.sendall(out[:end])
-
-    def _records(self, frame: Sequence[bytes | memoryview]) -> Iterator[bytes]:
-        for chunk in _chunks(frame, RECORD_BYTES):
-            length = _LEN.pack(len(chunk) + _TAG)
-            sealed = self._seal.encrypt(_COUNTER.pack(self._sent), chunk, length)
-            self._sent += 1
-            yield length + sealed
+            yield out[:end]
 
     # --- receiving (the Reader interface)
 
@@ -192,23 +207,23 @@ async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view:
         pos += got
 
 
-def _chunks(frame: Sequence[bytes | memoryview], size: int) -> Iterator[bytes | memoryview]:
-    """The frame's bytes in chunks of `size` (the last one shorter); a chunk inside one buffer is a view of it."""
-    pending: list[bytes | memoryview] = []
-    pending_len = 0
+def _chunks(frame: Sequence[bytes | memoryview], size: int, staging: memoryview) -> Iterator[memoryview]:
+    """The frame's bytes in chunks of `size` (the last one shorter): a chunk inside one buffer is a view of it, one
+    that spans buffers is gathered into `staging` (at least `size` bytes; valid until the next chunk is taken)."""
+    filled = 0
     for buf in frame:
         view = memoryview(buf).cast("B")
         while len(view):
-            if not pending and len(view) >= size:  # whole records straight from the buffer, no copy
+            if not filled and len(view) >= size:  # whole records straight from the buffer, no copy
                 yield view[:size]
                 view = view[size:]
                 continue
-            take = min(size - pending_len, len(view))
-            pending.append(view[:take])
-            pending_len += take
+            take = min(size - filled, len(view))
+            staging[filled : filled + take] = view[:take]
+            filled += take
             view = view[take:]
-            if pending_len == size:
-                yield b"".join(pending)
-                pending, pending_len = [], 0
-    if pending:
-        yield b"".join(pending)
+            if filled == size:
+                yield staging[:size]
+                filled = 0
+    if filled:
+        yield staging[:filled]

@@ -259,10 +259,16 @@ class FlightLegs(NodeBase):
         ones out of every view. A stage that lost every replica a moment ago still has live records; without this the
         restarts went to its dead replicas and were all spent within a second (microbatches lost), where the route
         now waits, bounded by recovery.stage_timeout, for the stage to be rebuilt (`_replace`)."""
-        gone_now = await self.probes.gone(set(fl.route) | fl.avoid, timeout=PROBE_ROUTE_AFTER_S)
+        await self._probe_gone(fl, set(fl.route) | fl.avoid)
+
+    async def _probe_gone(self, fl: Flight, peers: set[str]) -> set[str]:
+        """Probe `peers` (a flight's hops); those certainly gone are left out of every view and told to the telemetry
+        with their stage on the flight's route. Returns them."""
+        gone_now = await self.probes.gone(peers, timeout=PROBE_ROUTE_AFTER_S)
         if gone_now:
             self.telemetry.found_gone(sorted(gone_now), {p: k for p, k in zip(fl.route, fl.order)})
             self.found_gone(gone_now)
+        return gone_now
 
     async def _fresh_route(self, fl: Flight) -> None:
         live = set(await self.live_nodes())
@@ -314,10 +320,8 @@ class FlightLegs(NodeBase):
                 live = await self.live_nodes()
                 gone_now: set[str] = set()
                 if time.monotonic() >= next_probe:  # a crashed hop's DHT record outlives it by up to its TTL: ask
-                    gone_now = await self.probes.gone(set(fl.route), timeout=PROBE_ROUTE_AFTER_S)
+                    gone_now = await self._probe_gone(fl, set(fl.route))
                     next_probe = time.monotonic() + PROBE_ROUTE_AFTER_S
-                self.telemetry.found_gone(sorted(gone_now), {p: k for p, k in zip(fl.route, fl.order)})
-                self.found_gone(gone_now)
                 dead = [(pos, p) for pos, p in enumerate(fl.route) if p not in live or p in gone_now]
                 if dead:
                     await on_dead(*dead[-1])

@@ -18,9 +18,16 @@ import pytest
 from gwtf.auth import RunAccess
 from gwtf.errors import UserError
 from gwtf.launch.processes import ProcessGroup, read_jsonl
-from gwtf.membership import DHTMembership, RunRecord, check_invitation, dht_addresses, make_dht
+from gwtf.membership import DHTMembership, NodeRecord, RunRecord, check_invitation, dht_addresses, make_dht
 
 RUN = "vol"
+
+
+def serving_relay(peer: str, stage: int, version: int) -> NodeRecord:
+    """A serving relay's record at `version` (capacity 2, compute 0.1 s) for the placement and standby tests."""
+    return NodeRecord(peer, "relay", stage, "serving", 2, 0.1, None, version, True, None, 0.0, 0)
+
+
 QUICK = ["--set", "membership.heartbeat_s=0.5", "--set", "membership.record_ttl_s=4.0"]
 
 
@@ -271,17 +278,14 @@ def test_a_killed_volunteers_choice_does_not_keep_its_stage_looking_taken() -> N
     volunteer still answers keeps counting."""
     import asyncio
 
-    from gwtf.membership import InMemoryMembership, NodeRecord
+    from gwtf.membership import InMemoryMembership
     from gwtf.placement import place_volunteer
-
-    def relay(peer: str, stage: int) -> NodeRecord:
-        return NodeRecord(peer, "relay", stage, "serving", 2, 0.1, None, 3, True, None, 0.0, 0)
 
     async def main(dead: set[str]) -> int:
         store = InMemoryMembership.shared_store()
         for peer in ("k1", "k2"):  # the killed joiners' choices, still in the DHT
             InMemoryMembership(store, RUN, peer).announce_choice({"stage": 3, "since": 1.0, "final": True}, 60.0)
-        records = {"a": relay("a", 1), "b": relay("b", 2)}  # stage 3: no relay left
+        records = {"a": serving_relay("a", 1, version=3), "b": serving_relay("b", 2, version=3)}  # stage 3: none left
 
         async def live() -> dict:
             return dict(records)
@@ -296,10 +300,9 @@ def test_a_killed_volunteers_choice_does_not_keep_its_stage_looking_taken() -> N
 
 
 def test_a_volunteer_counts_serving_relays_and_final_choices() -> None:
-    from gwtf.membership import NodeRecord
     from gwtf.placement import assign
 
-    serving = {"r1": NodeRecord("r1", "relay", 1, "serving", 2, 0.1, None, 3, True, None, 0.0, 0)}
+    serving = {"r1": serving_relay("r1", 1, version=3)}
     choices = {
         "late": {"stage": 1, "since": 20.0},
         "settled": {"stage": 2, "since": 30.0, "final": True},  # final: counted where it said, whatever its time
@@ -329,12 +332,8 @@ def test_a_standby_takes_a_lost_replica_not_a_read_that_missed_one() -> None:
     import asyncio
 
     from gwtf.launch.join import LOSS_CONFIRM_READS, wait_for_a_loss
-    from gwtf.membership import NodeRecord
 
-    def relay(peer: str, stage: int) -> NodeRecord:
-        return NodeRecord(peer, "relay", stage, "serving", 2, 0.1, None, 0, True, None, 0.0, 0)
-
-    full = {p: relay(p, k) for p, k in (("a", 1), ("b", 1), ("c", 2), ("d", 2))}
+    full = {p: serving_relay(p, k, version=0) for p, k in (("a", 1), ("b", 1), ("c", 2), ("d", 2))}
     missed = {p: r for p, r in full.items() if p != "a"}
 
     class Reads:  # what membership.live_nodes returns, read after read (the last one again and again)
@@ -629,7 +628,7 @@ REFUSED = """
 import secrets, sys
 from gwtf.auth import RunAccess
 from gwtf.errors import UserError
-from gwtf.membership import DHTMembership, RunRecord, check_invitation, dht_addresses, make_dht
+from gwtf.membership import DHTMembership, NodeRecord, RunRecord, check_invitation, dht_addresses, make_dht
 access = RunAccess("vol", secrets.token_bytes(32))
 owner = make_dht(None, access=access)
 DHTMembership(owner, "vol").publish_run(RunRecord("vol", {}, "h", {}, key_id=access.key_id))

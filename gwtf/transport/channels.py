@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 THREAD_IO_BYTES = 4 << 20  # socket transfers from this size on run in a worker thread
+HEAD_PARTS = 2  # a frame (frame.encode_frame) is [prefix, header, *the body's buffers]: its head is the first two
 _THREAD_IO_TIMEOUT = 300.0  # bounds a worker thread stuck on a silent peer (callers time out much sooner)
 
 
@@ -110,8 +111,8 @@ async def in_thread(sock: socket.socket, fn: Callable[[socket.socket, memoryview
 
 async def sock_send(sock: socket.socket, frame: Sequence[bytes | memoryview]) -> None:
     loop = asyncio.get_running_loop()
-    await loop.sock_sendall(sock, b"".join(frame[:2]))  # prefix + header in one segment
-    for buf in frame[2:]:
+    await loop.sock_sendall(sock, b"".join(frame[:HEAD_PARTS]))  # prefix + header in one segment
+    for buf in frame[HEAD_PARTS:]:
         if len(buf) >= THREAD_IO_BYTES:
             await in_thread(sock, _send_all, memoryview(buf))
         elif len(buf):

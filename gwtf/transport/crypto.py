@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gwtf.transport.channels import THREAD_IO_BYTES, in_thread, recv_exactly
+from gwtf.transport.channels import HEAD_PARTS, THREAD_IO_BYTES, in_thread, recv_exactly
 
 CHACHA = "chacha20-poly1305"
 AES_GCM = "aes-256-gcm"
@@ -122,7 +122,7 @@ class SecureChannel:
             self._out = memoryview(bytearray(_LEN.size + RECORD_BYTES + _TAG))
             self._staging = memoryview(bytearray(RECORD_BYTES))
         out = self._out
-        head, body = frame[:2], frame[2:]  # the prefix and header (small) apart, so the body's records open straight
+        head, body = frame[:HEAD_PARTS], frame[HEAD_PARTS:]  # the small head apart: the body's records open straight
         for chunk in itertools.chain(
             _chunks(head, RECORD_BYTES, self._staging), _chunks(body, RECORD_BYTES, self._staging)
         ):

@@ -50,6 +50,7 @@ from typing import Any
 from gwtf.benchmarks.ds_pipeline import DSSettings, run_deepspeed
 from gwtf.errors import UserError
 from gwtf.launch.processes import CLI, ProcessGroup, profiled, read_jsonl
+from gwtf.lifecycle import BEAT_THREAD, COMPUTE_THREAD, DHT_THREAD
 from gwtf.membership import DHT_OPS_ENV, DHT_PROCESS_ENV
 
 TARGET_RATIO = 1.0  # issue 17: at least DeepSpeed's tokens/s
@@ -145,16 +146,19 @@ def run_gwtf(s: BenchSettings, out: Path, profile_dir: Path | None = None, timeo
         procs.wait_until("the warm-up iterations", lambda: n_iters() >= max(s.warmup, 1), timeout)
         tracker = _CpuTracker(procs)
         cpu_start, ops_start = tracker.read(), _dht_ops(procs, ops_dir)
+        threads_start = dict(tracker.threads)
         pss = pss_by_node(procs)  # after the warm-up steps (optimizer state made), every node and child still up
         procs.wait_until("the last iteration", lambda: tracker.poll() or n_iters() >= s.steps, timeout)
         cpu, ops = _cpu_delta(cpu_start, tracker.read()), _ops_delta(ops_start, _dht_ops(procs, ops_dir))
+        threads = _thread_delta(threads_start, tracker.threads)
         procs.procs["data-0"].wait(timeout=30)  # exits by itself after its last step (and writes its profile)
     finally:
         procs.stop_all(grace=20)  # cProfile writes its file on the way out
     iters = [r for r in read_jsonl(metrics) if r.get("event") == "iteration"]
     steady = _steady_state(iters, s)
     per_step = {name: {op: round(n / steady["timed_steps"], 2) for op, n in c.items()} for name, c in ops.items()}
-    return {**steady, "cpu_seconds_in_timed_steps": cpu, "dht_ops_per_step": per_step, "pss_mb": pss}
+    return {**steady, "cpu_seconds_in_timed_steps": cpu, "cpu_seconds_by_thread": threads, "dht_ops_per_step": per_step,
+            "pss_mb": pss}  # fmt: skip
 
 
 def process_kind(owner: str) -> str:
@@ -280,6 +284,47 @@ def _cpu_seconds(procs: ProcessGroup) -> dict[int, tuple[str, float]]:
     return out
 
 
+# A node process's threads by the names they give the operating system (gwtf.lifecycle.name_os_thread); its main
+# thread runs the node's asyncio event loop (transport, handlers, routing); the rest (asyncio's to_thread workers,
+# the parent watch) are "other".
+THREAD_KINDS = {COMPUTE_THREAD: "compute", DHT_THREAD: "DHT", BEAT_THREAD: "heartbeat"}
+
+
+def _thread_cpu_seconds(procs: ProcessGroup) -> dict[tuple[int, int], tuple[str, str, float]]:
+    """(pid, thread id) -> (node name, thread kind, user + system CPU seconds so far) for every thread of each node's
+    own process: "event loop" (its main thread), THREAD_KINDS by the thread's OS name, else "other". Read from
+    Linux's /proc/PID/task; empty where there is none."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[tuple[int, int], tuple[str, str, float]] = {}
+    for name, proc in procs.procs.items():
+        task = Path(f"/proc/{proc.pid}/task")
+        try:
+            tids = [int(t) for t in os.listdir(task)]
+        except (OSError, ValueError):
+            continue
+        for tid in tids:
+            try:
+                comm = (task / str(tid) / "comm").read_text().strip()
+                fields = (task / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (stat fields 14 and 15)
+            except (OSError, IndexError, ValueError):
+                continue  # the thread ended meanwhile
+            kind = "event loop" if tid == proc.pid else THREAD_KINDS.get(comm, "other")
+            out[(proc.pid, tid)] = (name, kind, seconds)
+    return out
+
+
+def _thread_delta(before: dict[tuple[int, int], tuple[str, str, float]],
+                  after: dict[tuple[int, int], tuple[str, str, float]]) -> dict[str, dict[str, float]]:  # fmt: skip
+    """CPU seconds per node and thread kind between two snapshots (a thread started meanwhile counts from 0)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, (name, kind, seconds) in after.items():
+        spent = seconds - (before[key][2] if key in before else 0.0)
+        node = out.setdefault(name, {})
+        node[kind] = round(node.get(kind, 0.0) + spent, 3)
+    return out
+
+
 class _CpuTracker:
     """CPU seconds per process of the swarm, read every `every` seconds and remembered after a process exits: the
     data node's p2pd exits with it right after its last step, before the final reading, and their
@@ -288,10 +333,12 @@ class _CpuTracker:
     def __init__(self, procs: ProcessGroup, every: float = 0.5) -> None:
         self.procs, self.every = procs, every
         self.last: dict[int, tuple[str, float]] = {}
+        self.threads: dict[tuple[int, int], tuple[str, str, float]] = {}  # the same per thread of the node processes
         self.read_at = 0.0
 
     def read(self) -> dict[int, tuple[str, float]]:
         self.last.update(_cpu_seconds(self.procs))
+        self.threads.update(_thread_cpu_seconds(self.procs))
         self.read_at = time.monotonic()
         return dict(self.last)
 
@@ -401,6 +448,7 @@ def run_benchmark(s: BenchSettings, work: Path, profile_dir: Path | None = None)
         "tokens_per_s_each_repeat": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
         "cpu_seconds_per_step": {k: statistics.median(_cpu_per_step(r) for r in v) for k, v in runs.items()},
         "gwtf_cpu_seconds_per_step_by_process": _median_dicts([_cpu_by_kind(r) for r in runs["gwtf"]]),
+        "gwtf_cpu_seconds_per_step_by_thread": _median_dicts([_cpu_by_thread(r) for r in runs["gwtf"]]),
         "gwtf_dht_ops_per_step_by_node": _median_dicts([dht_ops_by_kind(r["dht_ops_per_step"]) for r in runs["gwtf"]]),
         "gwtf_pss_mb_per_node": _median_dicts([_pss_by_kind(r["pss_mb"]) for r in runs["gwtf"]]),
         **_baseline_figures(runs, tps, s.baseline),
@@ -471,6 +519,16 @@ def _cpu_by_kind(result: dict[str, Any]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def _cpu_by_thread(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """CPU seconds per step of one node of each kind (bootstrap, relay, data) by thread kind (THREAD_KINDS), and
+    the compute threads of all nodes together ("all nodes": {"compute": ...})."""
+    steps = result["timed_steps"]
+    by_node = result["cpu_seconds_by_thread"]
+    per_node = {name: {k: v / steps for k, v in kinds.items()} for name, kinds in by_node.items()}
+    compute = sum(kinds.get("compute", 0.0) for kinds in per_node.values())
+    return {**_mean_by_node_kind(per_node, 4), "all nodes": {"compute": round(compute, 4)}}
+
+
 def _pss_by_kind(pss: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """The mean PSS of one node of each kind (bootstrap, relay, data), by process kind."""
     return _mean_by_node_kind(pss, 1)
@@ -519,6 +577,14 @@ def print_table(r: dict[str, Any]) -> None:
     total = sum(by_process.values()) or 1.0
     print("gwtf CPU s/step by process kind: "
           + ", ".join(f"{k} {v:.3f} ({100 * v / total:.0f} %)" for k, v in sorted(by_process.items())))  # fmt: skip
+    threads = r.get("gwtf_cpu_seconds_per_step_by_thread", {})
+    for kind, figures in threads.items():
+        if kind != "all nodes":
+            print(f"gwtf CPU s/step by thread, one {kind} node: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items(), key=lambda kv: -kv[1])))  # fmt: skip
+    if "all nodes" in threads:
+        print(f"gwtf compute threads, all nodes together: {threads['all nodes']['compute']:.3f} CPU s/step; the single "
+              f"process does the same model's work in {r['cpu_seconds_per_step']['single_process']:.3f}")  # fmt: skip
     for kind, ops in r["gwtf_dht_ops_per_step_by_node"].items():
         print(f"DHT operations per step, one {kind} node: {ops['all']:g} ("
               + ", ".join(f"{op} {n:g}" for op, n in ops.items() if op != "all") + ")")  # fmt: skip

@@ -57,7 +57,8 @@ class ThreadDHT:
         from hivemind.dht.validation import CompositeValidator
 
         self._loop = _new_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="gwtf-dht", daemon=True)
+        run = lifecycle.os_named(lifecycle.DHT_THREAD, self._loop.run_forever)
+        self._thread = threading.Thread(target=run, name="gwtf-dht", daemon=True)
         self._thread.start()
         self._closed = False
         self._p2p_replica: Any = None

@@ -10,6 +10,10 @@ it SIGKILLs the processes it started itself and exits. The same watch, on the la
 (set by gwtf.launch.processes), ends a node whose launcher (`gwtf demo`, the harness) was killed without stopping it.
 
 `install()` is called by the node commands (`gwtf bootstrap`, `join`, `status`) before they start a DHT.
+
+A node's threads carry their names to the operating system too (`name_os_thread`: `top -H`, `ps -L` and
+/proc/PID/task/TID/comm show gwtf-compute, gwtf-dht, gwtf-beat, gwtf-watch), so their CPU can be told apart from
+outside: benchmarks.throughput reports CPU per step by thread that way. The main thread keeps the process's name.
 """
 
 from __future__ import annotations
@@ -29,6 +33,26 @@ PARENT_ENV = "GWTF_PARENT_PID"  # the launcher's pid: a node it started ends (SI
 WATCH_S = 0.5  # how often a watchdog looks at its parent pid
 
 _installed = False
+# A node's threads as the operating system names them (name_os_thread); its main thread keeps the process's name.
+COMPUTE_THREAD, DHT_THREAD, BEAT_THREAD, WATCH_THREAD = "gwtf-compute", "gwtf-dht", "gwtf-beat", "gwtf-watch"
+OS_NAME_BYTES = 15  # Linux keeps a thread's name to 15 bytes (TASK_COMM_LEN 16, with its terminating zero)
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` as the operating system sees it (Linux: its /proc/self/task/TID/comm, which
+    a thread may write for itself; cut to 15 bytes). Best effort: elsewhere, or if /proc is not mounted, nothing."""
+    with contextlib.suppress(OSError), open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+        f.write(name.encode()[:OS_NAME_BYTES].decode(errors="ignore"))
+
+
+def os_named(name: str, target: Callable[[], object]) -> Callable[[], None]:
+    """`target` as a thread's run function that first names its thread `name` for the operating system."""
+
+    def run() -> None:
+        name_os_thread(name)
+        target()
+
+    return run
 
 
 def install() -> None:
@@ -61,7 +85,7 @@ def watch_parent(parent: int, on_gone: Callable[[], None]) -> threading.Thread:
                 on_gone()
                 return
 
-    thread = threading.Thread(target=run, name="gwtf-watch-parent", daemon=True)
+    thread = threading.Thread(target=os_named(WATCH_THREAD, run), name="gwtf-watch-parent", daemon=True)
     thread.start()
     return thread
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gwtf import lifecycle
 from gwtf.auth import RunAccess, RunKeyValidator, check_run_access
 from gwtf.errors import UserError
 
@@ -261,7 +262,8 @@ class Membership(ABC):
             raise ValueError("heartbeat needs 0 < period < ttl, or records expire between beats")
         if self._heartbeat is not None:
             raise RuntimeError("heartbeat already running")
-        self._heartbeat = threading.Thread(target=self._beat, args=(get_record, period, ttl), daemon=True)
+        beat = lifecycle.os_named(lifecycle.BEAT_THREAD, functools.partial(self._beat, get_record, period, ttl))
+        self._heartbeat = threading.Thread(target=beat, name="gwtf-beat", daemon=True)
         self._heartbeat.start()
 
     def _beat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:

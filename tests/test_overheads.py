@@ -1,16 +1,29 @@
 """What benchmarks.throughput reports about a swarm's overheads, from its parts: process kinds, DHT operations per
-step by node kind, PSS per node from /proc, medians over repeats."""
+step by node kind, PSS per node from /proc, CPU per thread kind from /proc (threads named by gwtf.lifecycle), medians
+over repeats."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from gwtf.benchmarks.throughput import _median_dicts, _pss_by_kind, dht_ops_by_kind, process_kind, pss_by_node
+from gwtf.benchmarks.throughput import (
+    _cpu_by_thread,
+    _median_dicts,
+    _pss_by_kind,
+    _thread_cpu_seconds,
+    _thread_delta,
+    dht_ops_by_kind,
+    process_kind,
+    pss_by_node,
+)
+from gwtf.lifecycle import COMPUTE_THREAD, DHT_THREAD, name_os_thread, os_named
 
 
 def test_process_kinds() -> None:
@@ -57,3 +70,57 @@ def test_pss_of_a_node_and_its_children_from_proc() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="threads' OS names: Linux's /proc")
+
+
+@LINUX_PROC
+def test_cpu_per_thread_kind_from_the_names_threads_give_the_os() -> None:
+    """A node's threads name themselves for the operating system; the benchmark reads each one's CPU from /proc and
+    sums it by kind: the main thread is the event loop, unnamed threads are "other"."""
+    burn, stop = threading.Event(), threading.Event()
+
+    def spin() -> None:  # CPU on a thread named as a node's compute thread
+        burn.set()
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=os_named(COMPUTE_THREAD, spin))
+    idle = threading.Thread(target=os_named(DHT_THREAD, stop.wait))
+    plain = threading.Thread(target=stop.wait)
+    procs = SimpleNamespace(procs={"relay-s1": SimpleNamespace(pid=os.getpid())})
+    for t in (worker, idle, plain):
+        t.start()
+    try:
+        burn.wait(5)
+        before = _thread_cpu_seconds(procs)  # type: ignore[arg-type]
+        kinds = {kind for _, kind, _ in before.values()}
+        assert {"event loop", "compute", "DHT", "other"} <= kinds
+        assert Path(f"/proc/self/task/{idle.native_id}/comm").read_text().strip() == DHT_THREAD
+        sum(range(3_000_000))  # the main thread's own share, while the worker spins on
+        after = _thread_cpu_seconds(procs)  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        for t in (worker, idle, plain):
+            t.join()
+    spent = _thread_delta(before, after)["relay-s1"]
+    assert spent["compute"] > 0 and spent.get("DHT", 0.0) < 0.05
+    per_step = _cpu_by_thread({"timed_steps": 2, "cpu_seconds_by_thread": {"relay-s1": spent, "relay-s2": {}}})
+    assert per_step["relay"]["compute"] == round(spent["compute"] / 2 / 2, 4)  # per step, mean over the 2 relays
+    assert per_step["all nodes"]["compute"] == round(spent["compute"] / 2, 4)
+
+
+@LINUX_PROC
+def test_naming_a_thread_is_best_effort() -> None:
+    names: list[str] = []
+
+    def run() -> None:
+        name_os_thread("")  # an empty name is refused by the kernel: nothing happens, nothing is raised
+        name_os_thread("x" * 100)  # cut to the 15 bytes Linux keeps
+        names.append(Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert names == ["x" * 15]

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gwtf.device import resolve_device
 from gwtf.faults import FaultInjector
+from gwtf.lifecycle import COMPUTE_THREAD, name_os_thread
 from gwtf.membership import Membership, NodeRecord, serving
 from gwtf.routing.base import Router, SwarmView
 from gwtf.routing.registry import make_router
@@ -40,7 +41,8 @@ class NodeBase:
         if self.device.type == "cuda":  # received tensors land in pinned buffers: host-to-device copies by DMA
             transport.pin_buffers()
         self.peer_id = transport.peer_id
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.peer_id[:6]}")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{self.peer_id[:6]}",
+                                           initializer=name_os_thread, initargs=(COMPUTE_THREAD,))  # fmt: skip
         self.status = "joining"
         self.started = time.time()
         self.closed = False

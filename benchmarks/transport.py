@@ -8,7 +8,9 @@ server that reads a length-prefixed payload into a preallocated buffer and acks 
 float32 tensor of each size per call, and the same bytes over the raw socket. Reported per size (1 MB = 2^20 bytes),
 median of the repeats, in MB/s: transport (the direct path, encrypted: as nodes use it), direct_plain (the direct path
 unencrypted), p2p_only (everything over hivemind's libp2p streams: the fallback for a peer whose direct port cannot be
-reached; libp2p always encrypts, so it has no unencrypted variant), tcp; and each one's ratio to tcp, as a mean
+reached; libp2p always encrypts, so it has no unencrypted variant), p2p_raw (the same bytes written to a bare libp2p
+stream of hivemind's, with no gwtf framing, handler or copy: the ceiling of the fallback, which is the p2p daemons'
+own), tcp; and each one's ratio to tcp, as a mean
 with its 95 % t-interval over the repeats (each repeat times every kind once, back to back: the ratios of one
 repeat share the machine's load of the moment).
 """
@@ -33,7 +35,8 @@ from gwtf.membership import LOOPBACK_KW
 
 RUN = "bench"
 RUN_PLAIN = "bench-plain"  # the server's transport whose direct path does not encrypt
-KINDS = ("transport", "direct_plain", "p2p_only", "tcp")  # what is timed, per size
+KINDS = ("transport", "direct_plain", "p2p_only", "p2p_raw", "tcp")  # what is timed, per size
+RAW_PROTOCOL = "gwtf-bench/raw"  # the bare libp2p stream: a length, the bytes, a one-byte ack
 P2P_KW: dict[str, Any] = LOOPBACK_KW  # loopback only, no NAT traversal or relays (as every node here)
 WAIT_S = 120.0
 
@@ -78,6 +81,7 @@ async def _serve(conn: Any, max_bytes: int) -> None:
             return Message("ack", msg.run_id, meta={"n": len(msg.tensors)})
 
         transport.add_handler("sink", sink)
+    await p2p.add_binary_stream_handler(RAW_PROTOCOL, _raw_stream_sink)
     raw = socket.create_server(("127.0.0.1", 0))
     threading.Thread(target=_raw_tcp_server, args=(raw, max_bytes), daemon=True).start()
     conn.send({"maddrs": [str(m) for m in await p2p.get_visible_maddrs()], "tcp_port": raw.getsockname()[1]})
@@ -85,6 +89,19 @@ async def _serve(conn: Any, max_bytes: int) -> None:
     for transport in transports:
         await transport.shutdown()
     await p2p.shutdown()
+
+
+async def _raw_stream_sink(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read a length-prefixed payload off a bare libp2p stream (chunks dropped as they come) and ack it."""
+    n = int.from_bytes(await reader.readexactly(8), "big")
+    while n > 0:
+        chunk = await reader.read(min(n, 1 << 22))
+        if not chunk:
+            break
+        n -= len(chunk)
+    writer.write(b"k")
+    await writer.drain()
+    writer.close()
 
 
 def _server_main(conn: Any, max_bytes: int) -> None:
@@ -104,10 +121,28 @@ def _time_raw(sock: socket.socket, payload: memoryview) -> float:
     return time.perf_counter() - start
 
 
+async def _time_raw_stream(p2p: Any, peer: str, payload: memoryview) -> float:
+    from hivemind.p2p import PeerID
+
+    start = time.perf_counter()
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), RAW_PROTOCOL)
+    try:
+        writer.write(len(payload).to_bytes(8, "big"))
+        writer.write(payload)
+        await writer.drain()
+        if await asyncio.wait_for(reader.readexactly(1), WAIT_S) != b"k":
+            raise RuntimeError("the bare libp2p stream's server did not ack")
+    finally:
+        writer.close()
+    return time.perf_counter() - start
+
+
 async def _time_kind(kind: str, raw: socket.socket, payload: memoryview, sealed: Any, plain: Any, peer: str,
                      tensor: torch.Tensor) -> float:  # fmt: skip
     if kind == "tcp":
         return _time_raw(raw, payload)
+    if kind == "p2p_raw":
+        return await _time_raw_stream(sealed.p2p, peer, payload)
     if kind != "p2p_only":
         return await _time_call(sealed if kind == "transport" else plain, peer, tensor)
     sealed.direct_tcp_min_bytes = None  # the fallback: everything over libp2p streams
@@ -183,10 +218,13 @@ async def _measure(info: dict[str, Any], sizes: list[int], repeats: int, server_
             for k in KINDS[:-1]:
                 row[f"{k}_ratio"] = mean_ci([tcp / t for tcp, t in zip(seconds["tcp"], seconds[k])])
             row["ratio"] = row["transport_ratio"]
+            row["p2p_only_vs_raw_stream"] = mean_ci([r / t for r, t in zip(seconds["p2p_raw"], seconds["p2p_only"])])
             row.update({f"{k}_cpu_ms_per_mb": 1000 * statistics.median(cpu[k]) / mb for k in KINDS})
             results[str(mb)] = row
             speeds = "  ".join(f"{k} {row[f'{k}_mb_per_s']:.0f}" for k in KINDS)
             ratios = "".join(f"\n    {k} / tcp: {fmt(row[f'{k}_ratio'])}" for k in KINDS[:-1])
+            ceiling = fmt(row["p2p_only_vs_raw_stream"])
+            ratios += f"\n    p2p_only / p2p_raw (the fallback against its daemons' ceiling): {ceiling}"
             cpu_ms = "  ".join(f"{k} {row[f'{k}_cpu_ms_per_mb']:.2f}" for k in KINDS)
             print(f"{mb:>3} MB, MB/s (median): {speeds}{ratios}\n    CPU ms per MB, both ends: {cpu_ms}", flush=True)
     finally:

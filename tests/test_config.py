@@ -169,6 +169,7 @@ CHOICES = {  # fields whose values are names: another valid name
     "data.val_fraction": 0.1,
     "optim.min_lr_ratio": 0.2,
     "averaging.trim": 0.3,
+    "iteration.stage0_copy_share": 1.0,
     "optim.schedule": "constant",
     "routing.router": "swarm",
     "recovery.strategy": "checkfree+",

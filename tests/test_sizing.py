@@ -41,6 +41,9 @@ def test_transfer_times_and_byte_chunks() -> None:
     assert chunk_by_bytes([1] * 10, max_bytes=100, max_items=4) == [range(0, 4), range(4, 8), range(8, 10)]
     with pytest.raises(UserError, match="floor_bandwidth_mbps"):
         IterationConfig(floor_bandwidth_mbps=0)
+    for share in (0.0, 1.5):
+        with pytest.raises(UserError, match="stage0_copy_share"):
+            IterationConfig(stage0_copy_share=share)
 
 
 def test_state_chunks_are_sized_in_bytes_not_parameter_counts() -> None:

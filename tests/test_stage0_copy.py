@@ -2,6 +2,7 @@
 at all, read back part by part by a new data node."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -116,3 +117,34 @@ def test_the_copy_outlives_every_data_node_and_every_replica_of_stage_1():
         assert meta["version"] == 4 and all(torch.equal(tensors[k], v4[k]) for k in v4)
 
     asyncio.run(asyncio.wait_for(go(), timeout=30))
+
+
+def test_copies_rest_so_they_take_at_most_their_share_of_the_links(monkeypatch):
+    """A copy that took T seconds is followed by (1 / share - 1) * T seconds in which every step's copy is skipped:
+    at real sizes copies are bigger than a step's traffic and would otherwise hold the data node's links."""
+    from types import SimpleNamespace
+
+    from gwtf.runtime import datanode
+    from gwtf.runtime.datanode import DataNode
+
+    async def slow_push(node, tensors, meta, nodes):
+        await asyncio.sleep(0.2)
+        return 2
+
+    monkeypatch.setattr(datanode, "push_copy", slow_push)
+
+    async def go():
+        fake = SimpleNamespace(run=SimpleNamespace(iteration=SimpleNamespace(stage0_copy_share=0.25)), copy_due=0.0,
+                               copying=None)  # fmt: skip
+        assert not DataNode._copy_busy(fake)  # type: ignore[arg-type]
+        fake.copying = asyncio.ensure_future(DataNode._push_and_rest(fake, ({}, {"version": 1}), {}))  # type: ignore
+        await asyncio.sleep(0.05)
+        assert DataNode._copy_busy(fake)  # type: ignore[arg-type]  # on its way
+        assert await fake.copying == 2
+        rest = fake.copy_due - time.monotonic()
+        assert 0.5 < rest <= 0.61  # 3 x 0.2 s: the copy had a quarter of the time
+        assert DataNode._copy_busy(fake)  # type: ignore[arg-type]  # resting
+        fake.copy_due = time.monotonic()
+        assert not DataNode._copy_busy(fake)  # type: ignore[arg-type]
+
+    asyncio.run(asyncio.wait_for(go(), timeout=10))

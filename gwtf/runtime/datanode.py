@@ -87,7 +87,8 @@ class DataNode(FlightLegs):
         self.publisher: asyncio.Task | None = None
         self.stage0_hashes = Stage0Hashes(self)  # stage 0 checked identical across data nodes after every step
         self.copying: asyncio.Future | None = None  # stage 0's copy on its way (gwtf.runtime.stage0_copy)
-        self.copies = {"sent": 0, "skipped": 0}  # copies pushed; steps whose copy was skipped (the last one was busy)
+        self.copies = {"sent": 0, "skipped": 0}  # copies pushed; steps whose copy was skipped (busy or resting)
+        self.copy_due = 0.0  # monotonic time from which the next copy may go (iteration.stage0_copy_share)
         self.copied_version = -1  # the version of the last copy pushed
         for name, fn in {
             "head": self.rpc_head,
@@ -348,9 +349,9 @@ class DataNode(FlightLegs):
         peers = sorted(serving(nodes, "data"))  # all of them: a record's version may lag behind a slow DHT
         result = await self.averager.average(i, self.stage0.grad_tensors(), self.stage0.count, peers)
         await self.compute(self.stage0.apply_averaged, result.grads, i)
-        if self.copying is not None and not self.copying.done():  # the last copy is still on its way: skip this one
-            self.copies["skipped"] += 1
-            log.debug("%s: stage 0's copy of v%d skipped (the last one is still on its way)", self.peer_id[:8], i)
+        if self._copy_busy():
+            self.copies["skipped"] += 1  # the last copy is still on its way, or resting
+            log.debug("%s: stage 0's copy of v%d skipped (the last one is on its way or resting)", self.peer_id[:8], i)
         else:  # its state copied (CPU, 340 MB for SmolLM2) only when it is handed on
             self._hand_on_copy(await self.compute(self.stage0.state), self._confirmed(nodes))
         live = serving(self._confirmed(nodes), "relay")
@@ -386,12 +387,27 @@ class DataNode(FlightLegs):
     def _hand_on_copy(self, state: tuple[dict[str, torch.Tensor], dict], nodes: dict[str, NodeRecord]) -> None:
         """Stage 0's state (CPU copies) to the keepers in the background, off the step's critical path: at real sizes
         the copy is the step's largest transfer (a 124m stage 0 with its Adam moments is 563 MB per keeper). While
-        the last copy is still on its way this step's is skipped, so the copies' cadence follows the data node's
-        bandwidth (`_finish_iteration` skips it); a new data node that takes an older copy takes the relays' step
-        without the updates in between (`_take_stage0`)."""
+        the last copy is still on its way, and for (1 / share - 1) times the time it took after it arrived
+        (iteration.stage0_copy_share), a step's copy is skipped (`_finish_iteration`), so the copies take at most
+        that share of the data node's links whatever their bandwidth; a new data node that takes an older copy takes
+        the relays' step without the updates in between (`_take_stage0`)."""
         self.copies["sent"] += 1
         self.copied_version = state[1]["version"]
-        self.copying = asyncio.ensure_future(push_copy(self, *state, nodes))
+        self.copying = asyncio.ensure_future(self._push_and_rest(state, nodes))
+
+    def _copy_busy(self) -> bool:
+        """Is the last copy still on its way, or resting (`_push_and_rest`)?"""
+        return (self.copying is not None and not self.copying.done()) or time.monotonic() < self.copy_due
+
+    async def _push_and_rest(self, state: tuple[dict[str, torch.Tensor], dict], nodes: dict[str, NodeRecord]) -> int:
+        """Push a copy; then it rests (1 / share - 1) times as long as it took, so copies take at most
+        `iteration.stage0_copy_share` of the wall time (a copy that failed rests too: its peers were busy or gone)."""
+        started = time.monotonic()
+        try:
+            return await push_copy(self, *state, nodes)
+        finally:
+            took = time.monotonic() - started
+            self.copy_due = time.monotonic() + (1 / self.run.iteration.stage0_copy_share - 1) * took
 
     async def hand_on_last_copy(self) -> int:
         """At the run's last step: the copy on its way finished, then the final version's copy pushed and awaited (if

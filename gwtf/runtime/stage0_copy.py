@@ -7,12 +7,14 @@ takes stage S's output), they hold no other copy of stage 0, and with both a run
 every replica of one of them at once (with stage 1 alone, that lost stage 0; the lost relay stage is rebuilt by the
 run's recovery). CheckFree+ keeps the embeddings on the edge stages too, but trains them there; this keeps them exact.
 The copy is handed on in the background after the data node's optimizer step, off the step's critical path, and a
-step's copy is skipped while the last one is still on its way (DataNode._hand_on_copy): at real sizes it is the
-step's largest transfer (a 124m stage 0 and its two Adam moments are 563 MB per keeper: 30 s at 150 Mbit/s, longer
-than a step), so awaiting it made every step wait for it. The price: a copy may lag the relays by the steps its
-transfer took. A new data node that takes a copy older than the relays' version takes their version without the
-updates in between (StageReplica.skip_to: stage 0 loses those optimizer steps, as a relay stage does when no replica
-of a step's update is left, DataNode._advance_stale); the loss goes on from there. At most KEEPERS_PER_STAGE replicas
+step's copy is skipped while the last one is still on its way, and after it for as long as keeps the copies to
+`iteration.stage0_copy_share` of the wall time (DataNode._hand_on_copy): at real sizes it is the step's largest
+transfer (a 124m stage 0 and its two Adam moments are 563 MB per keeper: 30 s at 150 Mbit/s, longer than a step), so
+awaiting it made every step wait for it, and sent back to back the copies held half of the data node's links all the
+time. The price: a copy may lag the relays by the steps its transfer and its rest took. A new data node that takes
+a copy older than the relays' version takes their version without the updates in between (StageReplica.skip_to:
+stage 0 loses those optimizer steps, as a relay stage does when no replica of a step's update is left,
+DataNode._advance_stale); the loss goes on from there. At most KEEPERS_PER_STAGE replicas
 of each edge stage keep it, so its cost does not grow with the replicas. Cost: stage 0's state (parameters and two
 Adam moments, fp32) per copy to each keeper (sent to all at once).
 

@@ -292,25 +292,23 @@ THREAD_KINDS = {COMPUTE_THREAD: "compute", DHT_THREAD: "DHT", BEAT_THREAD: "hear
 
 def _thread_cpu_seconds(procs: ProcessGroup) -> dict[tuple[int, int], tuple[str, str, float]]:
     """(pid, thread id) -> (node name, thread kind, user + system CPU seconds so far) for every thread of each node's
-    own process: "event loop" (its main thread), THREAD_KINDS by the thread's OS name, else "other". Read from
-    Linux's /proc/PID/task; empty where there is none."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    own process (psutil's per-thread times): "event loop" (its main thread), THREAD_KINDS by the thread's OS name
+    (Linux's /proc/PID/task/TID/comm), else "other"."""
+    import psutil
+
     out: dict[tuple[int, int], tuple[str, str, float]] = {}
     for name, proc in procs.procs.items():
-        task = Path(f"/proc/{proc.pid}/task")
         try:
-            tids = [int(t) for t in os.listdir(task)]
-        except (OSError, ValueError):
+            threads = psutil.Process(proc.pid).threads()
+        except (psutil.Error, NotImplementedError):
             continue
-        for tid in tids:
+        for t in threads:
             try:
-                comm = (task / str(tid) / "comm").read_text().strip()
-                fields = (task / str(tid) / "stat").read_text().rsplit(")", 1)[1].split()
-                seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (stat fields 14 and 15)
-            except (OSError, IndexError, ValueError):
+                comm = Path(f"/proc/{proc.pid}/task/{t.id}/comm").read_text().strip()
+            except OSError:
                 continue  # the thread ended meanwhile
-            kind = "event loop" if tid == proc.pid else THREAD_KINDS.get(comm, "other")
-            out[(proc.pid, tid)] = (name, kind, seconds)
+            kind = "event loop" if t.id == proc.pid else THREAD_KINDS.get(comm, "other")
+            out[(proc.pid, t.id)] = (name, kind, t.user_time + t.system_time)
     return out
 
 

@@ -58,7 +58,7 @@ class ThreadDHT:
 
         self._loop = _new_loop()
         run = lifecycle.os_named(lifecycle.DHT_THREAD, self._loop.run_forever)
-        self._thread = threading.Thread(target=run, name="gwtf-dht", daemon=True)
+        self._thread = threading.Thread(target=run, name=lifecycle.DHT_THREAD, daemon=True)
         self._thread.start()
         self._closed = False
         self._p2p_replica: Any = None

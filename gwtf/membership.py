@@ -263,7 +263,7 @@ class Membership(ABC):
         if self._heartbeat is not None:
             raise RuntimeError("heartbeat already running")
         beat = lifecycle.os_named(lifecycle.BEAT_THREAD, functools.partial(self._beat, get_record, period, ttl))
-        self._heartbeat = threading.Thread(target=beat, name="gwtf-beat", daemon=True)
+        self._heartbeat = threading.Thread(target=beat, name=lifecycle.BEAT_THREAD, daemon=True)
         self._heartbeat.start()
 
     def _beat(self, get_record: Callable[[], NodeRecord], period: float, ttl: float) -> None:

@@ -406,8 +406,8 @@ class DataNode(FlightLegs):
         try:
             return await push_copy(self, *state, nodes)
         finally:
-            took = time.monotonic() - started
-            self.copy_due = time.monotonic() + (1 / self.run.iteration.stage0_copy_share - 1) * took
+            now = time.monotonic()
+            self.copy_due = now + (1 / self.run.iteration.stage0_copy_share - 1) * (now - started)
 
     async def hand_on_last_copy(self) -> int:
         """At the run's last step: the copy on its way finished, then the final version's copy pushed and awaited (if

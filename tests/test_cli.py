@@ -172,6 +172,7 @@ def test_bootstrap_puts_every_section_into_the_run_record():
         (["--set", "train.steps=0"], "train.steps=0"),
         (["--set", "recovery.strategy=checkpoint"], "not a live swarm mode"),
         (["--set", "iteration.floor_bandwidth_mbps=0"], "iteration.floor_bandwidth_mbps=0.0 must be positive"),
+        (["--set", "iteration.stage0_copy_share=1.5"], r"iteration.stage0_copy_share=1.5 must be in \(0, 1\]"),
         (["--set", "averaging.bucket_mb=0"], "averaging.bucket_mb=0.0 must be in .0, 1024. .MiB."),
         (["--set", "train.precision=fp16"], "train.precision='fp16': choose one of fp32, bf16"),
         (["--set", "wire.activations=int4"], "wire.activations='int4': choose one of"),
